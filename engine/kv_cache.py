@@ -1,0 +1,71 @@
+"""The preallocated tensors that hold K and V for every block, and the
+layout tag that a KV hand-off carries."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What must match for KV written by one engine to be read by another."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # "float32", "bfloat16", ...
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token across all layers."""
+        itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    def mismatches(self, other: "KVLayout") -> list[str]:
+        """``["field: mine != theirs", ...]`` for every differing field."""
+        a, b = asdict(self), asdict(other)
+        return [f"{k}: {b[k]!r} != {a[k]!r}" for k in a if a[k] != b[k]]
+
+
+class PagedKVCache:
+    """K/V storage for ``num_blocks`` blocks of ``block_size`` tokens.
+
+    One tensor per layer holds K and V for every slot (``[2, slots, kv_heads,
+    head_dim]``), allocated once: requests never grow or allocate tensors.
+    Slot ``s`` belongs to block ``s // block_size``.
+    """
+
+    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, device: str | torch.device = "cpu") -> None:
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        dtype = getattr(torch, layout.dtype)
+        slots = num_blocks * block_size
+        self.layers = [
+            torch.zeros(2, slots, layout.num_kv_heads, layout.head_dim, dtype=dtype, device=device)
+            for _ in range(layout.num_layers)
+        ]
+
+    @staticmethod
+    def bytes_per_block(layout: KVLayout, block_size: int) -> int:
+        return layout.bytes_per_token * block_size
+
+    @classmethod
+    def num_blocks_for_budget(cls, layout: KVLayout, block_size: int, budget_bytes: int) -> int:
+        return budget_bytes // cls.bytes_per_block(layout, block_size)
+
+    def blocks_view(self, layer: int) -> torch.Tensor:
+        """``[2, num_blocks, block_size, kv_heads, head_dim]`` view of one layer."""
+        t = self.layers[layer]
+        return t.view(2, self.num_blocks, self.block_size, t.shape[2], t.shape[3])
+
+    def read_tokens(self, slots: torch.Tensor) -> torch.Tensor:
+        """Copy out ``[layers, 2, len(slots), kv_heads, head_dim]``."""
+        return torch.stack([t[:, slots] for t in self.layers])
+
+    def write_tokens(self, slots: torch.Tensor, data: torch.Tensor) -> None:
+        """Inverse of :meth:`read_tokens`."""
+        for t, d in zip(self.layers, data):
+            t[:, slots] = d

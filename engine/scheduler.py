@@ -1,0 +1,135 @@
+"""Continuous-batching scheduler (torch-free).
+
+Each step it decides which tokens of which sequences the model computes:
+
+1. Running sequences, oldest first, get their uncomputed tokens (one for a
+   decoding sequence, a chunk for one still prefilling), within the per-step
+   token budget. When the block pool cannot hold a sequence's new tokens, the
+   most recently admitted running sequence is preempted: its blocks are freed
+   and it goes back to the front of the queue, to be recomputed later from
+   prompt + tokens generated so far. Preemption can always make progress,
+   because the engine refuses any request that could not fit the pool alone.
+2. If nothing was preempted, waiting sequences are admitted in arrival order
+   while the budget, ``max_running`` and free blocks allow. A prompt longer
+   than the budget is admitted with its first chunk and continues next step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_pool import KVCacheManager
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Compute ``seq.token_ids[start:start + num_tokens]`` this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the sequence's last token."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    """Owns the waiting queue and the running batch; see the module docstring."""
+
+    def __init__(self, kv: KVCacheManager, max_running: int, max_batched_tokens: int) -> None:
+        if max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {max_running}")
+        if max_batched_tokens < 1:
+            raise ValueError(f"max_batched_tokens must be >= 1, got {max_batched_tokens}")
+        self.kv = kv
+        self.max_running = max_running
+        self.max_batched_tokens = max_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> bool:
+        """Join a sequence whose KV is already in its blocks (an import)."""
+        if len(self.running) >= self.max_running:
+            return False
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the queues and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq.request_id)
+
+    def detach(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the running batch but keep its blocks (export)."""
+        self.running.remove(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_batched_tokens
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            seq = self.running[idx]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if self._allocate_or_preempt(seq, seq.num_computed_tokens + n, out):
+                out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+                budget -= n
+                idx += 1
+            # else: seq itself was preempted; it was the tail, so the loop ends.
+        if out.preempted:
+            # Admitting now would only take the blocks just freed for the
+            # sequences that were already running.
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.kv.allocate_slots(seq.request_id, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+        return out
+
+    def _allocate_or_preempt(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        while not self.kv.allocate_slots(seq.request_id, num_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq.request_id)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

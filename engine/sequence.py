@@ -1,0 +1,75 @@
+"""One request's state inside an engine (torch-free)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.IntEnum):
+    """Lifecycle of a sequence. Everything >= FINISHED_STOPPED is finished."""
+
+    WAITING = 0          # queued (new, or preempted and waiting to recompute)
+    RUNNING = 1          # admitted: holds KV blocks, scheduled every step
+    PARKED = 2           # prefilled for export; holds blocks until released
+    FINISHED_STOPPED = 3  # EOS, stop token or stop string
+    FINISHED_LENGTH = 4  # max_tokens or the model's context reached
+    FINISHED_ABORTED = 5  # cancelled by the caller
+
+    @property
+    def finished(self) -> bool:
+        return self >= SequenceStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {
+            SequenceStatus.FINISHED_STOPPED: "stop",
+            SequenceStatus.FINISHED_LENGTH: "length",
+            SequenceStatus.FINISHED_ABORTED: "abort",
+        }.get(self)
+
+
+@dataclass
+class Sequence:
+    """Token state of one request.
+
+    The one scheduling rule the engine uses: a step computes the tokens
+    ``token_ids[num_computed_tokens:]`` (possibly only a chunk of them) and
+    samples a new token only when that brings ``num_computed_tokens`` up to
+    ``len(token_ids)``. Prefill, chunked prefill, decode and recompute after
+    preemption are all this rule.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    export_after_prefill: bool = False
+    num_preemptions: int = 0
+    stop_reason: str | int | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while more than the last sampled token remains to compute."""
+        return self.num_uncomputed_tokens > 1
+
+    @property
+    def max_total_tokens(self) -> int:
+        return len(self.prompt_token_ids) + self.params.max_tokens
