@@ -53,6 +53,10 @@ class IncrementalDetokenizer:
         self.add_token(token_id)
         self._emitted = len(self.text)
 
+    def mark_emitted(self, num_chars: int) -> None:
+        """Say that the first ``num_chars`` characters were already streamed."""
+        self._emitted = min(num_chars, len(self.text))
+
     def flush(self) -> str:
         """The held-back text, at the end of generation."""
         return self._take(final=True)

@@ -99,6 +99,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, max_running, max_batched_tokens)
         self._requests: dict[str, _Request] = {}
         self._parked: dict[str, _Request] = {}
+        self._reserved: set[str] = set()
         self._arrivals = 0
         self.num_steps = 0
 
@@ -131,7 +132,7 @@ class LLMEngine:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         if prompt_token_ids is None:
             prompt_token_ids = self.tokenize(prompt, messages)
-        self._check_prompt(prompt_token_ids, params)
+        self._check_prompt(prompt_token_ids, params, export_after_prefill)
         seq = Sequence(request_id, list(prompt_token_ids), params, arrival=self._arrivals,
                        export_after_prefill=export_after_prefill)
         self._arrivals += 1
@@ -140,7 +141,7 @@ class LLMEngine:
         self._requests[request_id] = _Request(seq, detok, seed)
         self.scheduler.add(seq)
 
-    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+    def _check_prompt(self, ids: list[int], params: SamplingParams, prefill_only: bool = False) -> None:
         if not ids:
             raise InvalidRequestError("prompt", "must not be empty")
         if len(ids) >= self.max_model_len:
@@ -150,7 +151,8 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(t < 0 or t >= vocab for t in ids):
             raise InvalidRequestError("prompt_token_ids", f"token ids must be in [0, {vocab})")
-        total = min(len(ids) + params.max_tokens, self.max_model_len)
+        # A prefill-only engine holds just the prompt and its first token.
+        total = len(ids) + 1 if prefill_only else min(len(ids) + params.max_tokens, self.max_model_len)
         if blocks_needed(total, self.kv.block_size) > self.kv.num_blocks:
             raise InvalidRequestError(
                 "max_tokens",
@@ -159,6 +161,8 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request wherever it is; its blocks are free on return."""
+        if self.cancel_reservation(request_id):
+            return True
         req = self._requests.pop(request_id, None) or self._parked.pop(request_id, None)
         if req is None:
             return False
@@ -233,19 +237,49 @@ class LLMEngine:
         self._parked.pop(request_id)
         self.kv.free(request_id)
 
-    def import_kv(self, handoff: KVHandoff, params: SamplingParams, request_id: str | None = None) -> bool:
+    def reserve(self, request_id: str, num_tokens: int) -> bool:
+        """Hold blocks for ``num_tokens`` tokens of a request that will be imported.
+
+        Counts against ``max_running``; ``False`` when there is no room now.
+        """
+        if self._in_use(request_id):
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        if len(self.scheduler.running) + len(self._reserved) >= self.scheduler.max_running:
+            return False
+        if not self.kv.allocate_slots(request_id, num_tokens):
+            return False
+        self._reserved.add(request_id)
+        return True
+
+    def cancel_reservation(self, request_id: str) -> bool:
+        """Free a reservation that will not be imported (lease expired, transfer failed)."""
+        if request_id not in self._reserved:
+            return False
+        self._reserved.discard(request_id)
+        self.kv.free(request_id)
+        return True
+
+    def _in_use(self, request_id: str) -> bool:
+        return request_id in self._requests or request_id in self._parked or request_id in self._reserved
+
+    def import_kv(self, handoff: KVHandoff, params: SamplingParams, request_id: str | None = None,
+                  emitted_text: str | None = None) -> bool:
         """Continue decoding a request prefilled elsewhere.
 
-        Returns ``False`` when there is no room now (blocks or running slots);
-        raises :class:`KVLayoutMismatchError` when the KV was computed with
-        another layout. The first token(s) in the hand-off are not streamed
-        again: outputs continue with the next token.
+        Uses the blocks of a :meth:`reserve` made under ``request_id`` if
+        there is one. Returns ``False`` when there is no room now (blocks or
+        running slots); raises :class:`KVLayoutMismatchError` when the KV was
+        computed with another layout. Tokens already in the hand-off are not
+        streamed again; ``emitted_text`` (the text the sender already
+        streamed for them, when it held some back for stop strings) keeps the
+        text stream seamless.
         """
         diffs = self.layout.mismatches(handoff.layout)
         if diffs:
             raise KVLayoutMismatchError("KV layout mismatch (theirs != ours): " + "; ".join(diffs))
         params.validate()
         request_id = request_id or handoff.request_id
+        reserved = request_id in self._reserved
         if request_id in self._requests or request_id in self._parked:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         self._check_prompt(handoff.prompt_token_ids, params)
@@ -253,18 +287,22 @@ class LLMEngine:
                        output_token_ids=list(handoff.output_token_ids), num_computed_tokens=handoff.num_tokens)
         if seq.num_uncomputed_tokens != 1:
             raise ValueError(f"hand-off covers {handoff.num_tokens} of {seq.num_tokens} tokens; expected all but the last")
-        if len(self.scheduler.running) >= self.scheduler.max_running:
+        if not reserved and len(self.scheduler.running) + len(self._reserved) >= self.scheduler.max_running:
             return False
         if not self.kv.allocate_slots(request_id, seq.num_tokens):
             return False
+        self._reserved.discard(request_id)
         slots = torch.tensor([self.kv.slot(request_id, p) for p in range(handoff.num_tokens)], dtype=torch.long)
         self.cache.write_tokens(slots, handoff.data)
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
         for t in seq.output_token_ids:
             detok.skip_token(t)
+        if emitted_text is not None:
+            detok.mark_emitted(len(emitted_text))
         self._arrivals += 1
         self._requests[request_id] = _Request(seq, detok, handoff.seed)
-        self.scheduler.add_running(seq)
+        self.scheduler.running.append(seq)
+        seq.status = SequenceStatus.RUNNING
         return True
 
     # ------------------------------------------------------------ utilities
@@ -276,6 +314,7 @@ class LLMEngine:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "parked": len(self._parked),
+            "reserved": len(self._reserved),
             "preemptions": self.scheduler.num_preemptions,
         }
 

@@ -95,7 +95,23 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", max_model_len:
     return LoadedModel(name, model, tokenizer, limit, _eos_token_ids(model, tokenizer))
 
 
-def _load_hf_dir(path: Path, torch_dtype: torch.dtype):
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """Only the tokenizer (with its chat template) of ``name``: what the router needs."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if name == TINY_MODEL:
+        from engine.tiny_model import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    if name == DEFAULT_MODEL:
+        gguf = smollm2_gguf_path()
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if name.startswith("builtin:"):
+        raise ModelNotFoundError(f"unknown built-in model {name!r}; built-ins are {DEFAULT_MODEL!r} and {TINY_MODEL!r}")
+    _check_hf_dir(Path(name))
+    return AutoTokenizer.from_pretrained(name, local_files_only=True)
+
+
+def _check_hf_dir(path: Path) -> None:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelNotFoundError(
@@ -105,6 +121,10 @@ def _load_hf_dir(path: Path, torch_dtype: torch.dtype):
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelNotFoundError(f"{path}: model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+
+
+def _load_hf_dir(path: Path, torch_dtype: torch.dtype):
+    _check_hf_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     return model, tokenizer

@@ -66,14 +66,6 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def add_running(self, seq: Sequence) -> bool:
-        """Join a sequence whose KV is already in its blocks (an import)."""
-        if len(self.running) >= self.max_running:
-            return False
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
-        return True
-
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -96,3 +96,22 @@ def test_corrupt_buffers_are_refused(tiny_model):
         KVHandoff.from_bytes(b"XXXX" + wire[4:])
     with pytest.raises(ValueError, match="bytes"):
         KVHandoff.from_bytes(wire[:-3])
+
+
+def test_import_into_a_reservation(tiny_model):
+    src = LLMEngine(tiny_model)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompt = list(range(30))
+    h = prefill_and_export(src, [prompt], params)["h0"]
+    dst = LLMEngine(tiny_model, block_size=4, num_blocks=10, max_running=2)
+    assert dst.reserve("x", len(prompt) + 1)  # 8 blocks
+    assert dst.stats()["used_blocks"] == 8 and dst.stats()["reserved"] == 1
+    assert not dst.reserve("y", 12)  # 3 more blocks: no room
+    assert dst.reserve("z", 4) and not dst.reserve("w", 4)  # max_running = 2 counts reservations
+    assert dst.cancel_reservation("z") and not dst.cancel_reservation("z")
+    assert dst.import_kv(h, params, request_id="x")
+    assert dst.stats()["reserved"] == 0 and dst.stats()["running"] == 1
+    out = run_to_completion(dst)["x"].token_ids
+    assert h.output_token_ids + out == LLMEngine(tiny_model).generate([prompt], params)[0].token_ids
+    assert dst.stats()["free_blocks"] == 10
+    assert dst.reserve("q", 5) and dst.abort_request("q") and dst.stats()["free_blocks"] == 10

@@ -1,0 +1,76 @@
+"""Entry point of a deployment: ``python -m cluster.launch --config deploy/local.yaml``.
+
+Submitted with ``ray job submit`` it joins that Ray cluster; run bare, it
+joins a running local cluster or starts one. It creates the pools, starts
+the router, and serves until SIGTERM/SIGINT (``ray job stop``), then stops
+admitting, lets in-flight requests finish and stops the actors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from cluster.config import ClusterConfig, ConfigError, RayConfig, load_config
+
+log = logging.getLogger("splitserve.launch")
+
+
+def connect_ray(rc: RayConfig) -> None:
+    """Join the configured / ambient Ray cluster, or start a local one on 127.0.0.1."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+
+    if rc.address:
+        ray.init(address=rc.address, namespace=rc.namespace)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(namespace=rc.namespace)  # inside `ray job submit`
+    else:
+        try:
+            ray.init(address="auto", namespace=rc.namespace)
+        except ConnectionError:
+            ray.init(num_cpus=rc.num_cpus, namespace=rc.namespace, include_dashboard=False,
+                     _node_ip_address="127.0.0.1")
+
+
+async def serve(cfg: ClusterConfig, grace_s: float = 30.0) -> None:
+    from cluster.deployment import Deployment
+
+    deployment = Deployment(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        address = await deployment.start()
+        print(f"splitserve: serving {cfg.model.name} on {address} "
+              f"({cfg.pools.counts()[0]} prefill + {cfg.pools.counts()[1]} decode, kvtransfer={cfg.kvtransfer.backend})",
+              flush=True)
+        await stop.wait()
+        print("splitserve: stopping (draining in-flight requests)", flush=True)
+    finally:
+        await deployment.stop(grace_s)
+    print("splitserve: stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="deployment YAML (default: built-in defaults)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config) if args.config else ClusterConfig()
+    except ConfigError as e:
+        print(f"splitserve: invalid config\n{e}", file=sys.stderr)
+        return 2
+    connect_ray(cfg.ray)
+    asyncio.run(serve(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

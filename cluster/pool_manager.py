@@ -1,0 +1,216 @@
+"""The pool manager: creates, health-checks, replaces and scales the actor
+pools at the configured prefill:decode ratio.
+
+It runs as a named Ray actor (``<namespace>/pool_manager``) so that the
+router in the launch process and the ``cluster.scale`` CLI both reach it.
+
+- ``start()`` creates ``P`` prefill and ``D`` decode actors and waits until
+  each answers a ping.
+- A health loop pings every actor (with a timeout); one that is dead or
+  unresponsive is replaced by a fresh actor under a new id.
+- ``scale(total)`` moves to the counts for ``total`` at the ratio. New
+  actors join as soon as they are ready; removed ones first leave the
+  routing table, then are drained (no running, reserved, queued or held
+  request for two consecutive checks) before they are killed, so no request
+  is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from decode_worker.worker import DecodeWorker
+from prefill_worker.worker import PrefillWorker
+
+log = logging.getLogger(__name__)
+
+KINDS = ("prefill", "decode")
+PING_TIMEOUT_S = 10.0
+READY_TIMEOUT_S = 600.0  # model loading on a busy 2-core machine is slow
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """How to build the actors of one pool."""
+
+    kind: str  # "prefill" | "decode"
+    worker_kwargs: dict[str, Any]  # constructor arguments of the worker class
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class WorkerEntry:
+    worker_id: str
+    kind: str
+    handle: Any
+    endpoint: dict
+    node_id: str
+    draining: bool = False
+
+
+def counts_for_total(ratio: tuple[int, int], total: int) -> tuple[int, int]:
+    """(prefill, decode) counts for ``total`` actors at ``ratio``."""
+    p, d = ratio
+    if total < p + d or total % (p + d):
+        raise ValueError(f"total {total} is not a positive multiple of {p + d} = {p}+{d} (ratio {p}:{d})")
+    k = total // (p + d)
+    return p * k, d * k
+
+
+class PoolManager:
+    """Plain class; launched with ``ray.remote(PoolManager).options(name=...)``."""
+
+    def __init__(self, prefill: PoolSpec, decode: PoolSpec, ratio: tuple[int, int], *, namespace: str,
+                 health_interval_s: float = 2.0, drain_timeout_s: float = 120.0) -> None:
+        self.specs = {"prefill": prefill, "decode": decode}
+        self.ratio = ratio
+        self.namespace = namespace
+        self.health_interval_s = health_interval_s
+        self.drain_timeout_s = drain_timeout_s
+        self.workers: dict[str, WorkerEntry] = {}
+        self.targets = {"prefill": 0, "decode": 0}
+        self.version = 0  # bumps whenever the routing table changes
+        self.replacements = 0
+        self._next_index = {"prefill": 0, "decode": 0}
+        self._health: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------- creation
+    async def start(self, prefill_count: int, decode_count: int) -> dict:
+        async with self._lock:
+            self.targets = {"prefill": prefill_count, "decode": decode_count}
+            await self._reconcile()
+        if self._health is None:
+            self._health = asyncio.get_running_loop().create_task(self._health_loop())
+        return self.table()
+
+    async def _create(self, kind: str) -> WorkerEntry:
+        spec = self.specs[kind]
+        index = self._next_index[kind]
+        self._next_index[kind] += 1
+        worker_id = f"{kind}-{index}"
+        cls = PrefillWorker if kind == "prefill" else DecodeWorker
+        handle = ray.remote(cls).options(
+            name=worker_id, namespace=self.namespace, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
+            resources=spec.resources or None, max_restarts=0,
+        ).remote(worker_id, **spec.worker_kwargs)
+        await asyncio.wait_for(handle.ping.remote(), timeout=READY_TIMEOUT_S)
+        endpoint, node = await asyncio.wait_for(
+            asyncio.gather(handle.endpoint.remote(), handle.node_id.remote()), timeout=PING_TIMEOUT_S)
+        return WorkerEntry(worker_id, kind, handle, endpoint, node)
+
+    async def _reconcile(self) -> None:
+        """Create or drain actors until each pool matches its target."""
+        adds = []
+        for kind in KINDS:
+            live = [w for w in self.workers.values() if w.kind == kind and not w.draining]
+            missing = self.targets[kind] - len(live)
+            adds += [self._create(kind) for _ in range(max(missing, 0))]
+            for w in sorted(live, key=lambda w: w.worker_id, reverse=True)[:max(-missing, 0)]:
+                w.draining = True
+                self.version += 1
+                asyncio.get_running_loop().create_task(self._drain_and_kill(w))
+        for entry in await asyncio.gather(*adds):
+            self.workers[entry.worker_id] = entry
+            self.version += 1
+
+    # -------------------------------------------------------------- queries
+    def table(self) -> dict:
+        """The routing table: live, non-draining workers and their endpoints."""
+        return {
+            "version": self.version,
+            "targets": dict(self.targets),
+            "workers": [
+                {"worker_id": w.worker_id, "kind": w.kind, "handle": w.handle, "endpoint": w.endpoint,
+                 "node_id": w.node_id}
+                for w in self.workers.values() if not w.draining
+            ],
+        }
+
+    def counts(self) -> dict[str, int]:
+        live = [w for w in self.workers.values() if not w.draining]
+        return {kind: sum(w.kind == kind for w in live) for kind in KINDS}
+
+    def stats(self) -> dict:
+        return {"replacements": self.replacements, "draining": sum(w.draining for w in self.workers.values())}
+
+    # -------------------------------------------------------------- scaling
+    async def scale(self, total: int) -> dict[str, int]:
+        """Resize both pools to ``total`` actors at the ratio; returns the new counts."""
+        p, d = counts_for_total(self.ratio, total)
+        async with self._lock:
+            self.targets = {"prefill": p, "decode": d}
+            await self._reconcile()
+        return self.counts()
+
+    async def _drain_and_kill(self, w: WorkerEntry) -> None:
+        deadline = time.monotonic() + self.drain_timeout_s
+        idle_checks = 0
+        while idle_checks < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(1.0)  # longer than the router's table refresh
+            try:
+                s = await asyncio.wait_for(w.handle.status.remote(), timeout=PING_TIMEOUT_S)
+            except Exception:
+                break  # already dead
+            busy = s["running"] + s["waiting"] + s.get("reserved", 0) + s.get("held", 0) + s["outstanding_tokens"]
+            idle_checks = idle_checks + 1 if busy == 0 else 0
+        try:
+            await asyncio.wait_for(w.handle.shutdown.remote(), timeout=PING_TIMEOUT_S)
+        except Exception:
+            pass
+        ray.kill(w.handle)
+        self.workers.pop(w.worker_id, None)
+
+    # --------------------------------------------------------------- health
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            try:
+                await self.check_health()
+            except Exception:
+                log.exception("health check failed")
+
+    async def check_health(self) -> list[str]:
+        """Ping every worker; replace the dead. Returns the ids replaced."""
+        async with self._lock:
+            live = [w for w in self.workers.values() if not w.draining]
+
+            async def alive(w: WorkerEntry) -> bool:
+                try:
+                    await asyncio.wait_for(w.handle.ping.remote(), timeout=PING_TIMEOUT_S)
+                    return True
+                except Exception:
+                    return False
+
+            results = await asyncio.gather(*(alive(w) for w in live))
+            dead = [w for w, ok in zip(live, results) if not ok]
+            for w in dead:
+                log.warning("worker %s is dead; replacing it", w.worker_id)
+                self.workers.pop(w.worker_id, None)
+                ray.kill(w.handle)
+                self.version += 1
+                self.replacements += 1
+            if dead:
+                await self._reconcile()
+            return [w.worker_id for w in dead]
+
+    async def stop(self) -> None:
+        """Kill every actor (after the router stopped sending work)."""
+        if self._health is not None:
+            self._health.cancel()
+        for w in list(self.workers.values()):
+            try:
+                await asyncio.wait_for(w.handle.shutdown.remote(), timeout=PING_TIMEOUT_S)
+            except Exception:
+                pass
+            ray.kill(w.handle)
+        self.workers.clear()
+        self.version += 1

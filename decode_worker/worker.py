@@ -1,0 +1,189 @@
+"""The decode worker: a Ray actor that receives KV and streams tokens.
+
+Lifecycle of one request here (DESIGN.md section 2, steps 3 and 5):
+
+1. ``reserve`` (from the router): blocks for the prompt plus one token are
+   held under a lease, and the transport is told to expect the KV from the
+   named prefill worker. No room → ``None``, and the router tries elsewhere.
+2. The prefill worker pushes the KV straight into this worker's transport.
+3. ``generate`` (a streaming call from the router) waits for the transfer,
+   imports the KV into the reserved blocks, yields an acknowledgement (the
+   router then lets the prefill worker free its copy), and joins the request
+   to the continuous batch; every step's tokens are yielded as they come.
+4. A lease that expires before its KV arrives frees its blocks; a cancelled
+   stream aborts the request and frees its blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from engine.async_engine import AsyncEngine
+from engine.kv_cache import KVLayout
+from engine.kv_handoff import KVHandoff
+from engine.llm_engine import LLMEngine
+from engine.model_loader import load_model
+from engine.sampling_params import SamplingParams
+from kvtransfer.base import TransferStatus
+from kvtransfer.factory import make_transport
+from prefill_worker.worker import wait_transfer
+
+
+class DecodeWorker:
+    """Plain class; the pool manager wraps it with ``ray.remote``."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        *,
+        model: str,
+        dtype: str = "float32",
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = 2048,
+        kv_cache_bytes: int | None = None,
+        max_running: int = 64,
+        max_batched_tokens: int = 2048,
+        lease_s: float = 30.0,
+        transport_backend: str = "gloo",
+        transport_kwargs: dict | None = None,
+    ) -> None:
+        self.worker_id = worker_id
+        loaded = load_model(model, dtype=dtype, max_model_len=max_model_len)
+        self._limits = {"name": model, "max_model_len": loaded.max_model_len,
+                        "vocab_size": int(loaded.config.vocab_size)}
+        engine = LLMEngine(loaded, block_size=block_size, num_blocks=num_blocks, kv_cache_bytes=kv_cache_bytes,
+                           max_running=max_running, max_batched_tokens=max_batched_tokens)
+        self.layout = engine.layout
+        self.engine = AsyncEngine(engine)
+        self.transport = make_transport(transport_backend, worker_id, **(transport_kwargs or {}))
+        self.lease_s = lease_s
+        self._leases: dict[str, float] = {}  # transfer_id -> deadline, until imported
+        self._reaper: asyncio.Task | None = None
+        self.requests_served = 0
+        self.tokens_generated = 0
+        self.outstanding_tokens = 0
+
+    # ------------------------------------------------------------- control
+    def ping(self) -> str:
+        return self.worker_id
+
+    def limits(self) -> dict:
+        """The served model's name and limits, for the router's validation."""
+        return dict(self._limits)
+
+    def endpoint(self) -> dict:
+        return self.transport.endpoint()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else os.uname().nodename
+
+    def status(self) -> dict[str, Any]:
+        stats = self.engine.engine.stats()
+        return {
+            "worker_id": self.worker_id,
+            "kind": "decode",
+            "running": stats["running"],
+            "waiting": stats["waiting"],
+            "reserved": stats["reserved"],
+            "outstanding_tokens": self.outstanding_tokens,
+            "free_blocks": stats["free_blocks"],
+            "used_blocks": stats["used_blocks"],
+            "num_blocks": stats["num_blocks"],
+            "requests_served": self.requests_served,
+            "tokens_generated": self.tokens_generated,
+        }
+
+    # ------------------------------------------------------------ requests
+    async def reserve(self, transfer_id: str, num_prompt_tokens: int, sender: dict,
+                      timeout_s: float = 30.0) -> dict | None:
+        """Hold blocks for an incoming KV; return this worker's endpoint, or ``None`` if full."""
+        self._start_reaper()
+        ok = await self.engine.call(lambda e: e.reserve(transfer_id, num_prompt_tokens + 1))
+        if not ok:
+            return None
+        lay = self.layout
+        shape = (lay.num_layers, 2, num_prompt_tokens, lay.num_kv_heads, lay.head_dim)
+        self.transport.expect(transfer_id, shape, getattr(torch, lay.dtype), sender, timeout_s)
+        self._leases[transfer_id] = time.monotonic() + self.lease_s
+        return self.transport.endpoint()
+
+    async def generate(self, transfer_id: str, handoff: dict[str, Any], params: SamplingParams,
+                       timeout_s: float = 30.0) -> AsyncIterator[dict[str, Any]]:
+        """Wait for the KV, import it, acknowledge, then stream tokens.
+
+        ``handoff`` is the prefill worker's result (token ids, seed, layout,
+        the text already streamed). Yields ``{"ack": True}`` first, then
+        ``{"token_ids", "text", "finished", "finish_reason"}`` per step.
+        """
+        status = await wait_transfer(self.transport, transfer_id, timeout_s)
+        if status != TransferStatus.SUCCESS:
+            error = self.transport.error(transfer_id)
+            self.transport.forget(transfer_id)
+            await self._drop_lease(transfer_id)
+            yield {"error": f"KV transfer failed: {error or status.name}"}
+            return
+        data = self.transport.result(transfer_id)
+        self._leases.pop(transfer_id, None)
+        kv = KVHandoff(transfer_id, KVLayout(**handoff["layout"]), handoff["prompt_token_ids"],
+                       handoff["output_token_ids"], handoff["seed"], data)
+        n_prompt = len(kv.prompt_token_ids)
+        self.outstanding_tokens += params.max_tokens
+        produced = 0
+        try:
+            stream = self.engine.stream(
+                transfer_id, lambda e: e.import_kv(kv, params, request_id=transfer_id, emitted_text=handoff["text"])
+            )
+            first = True
+            async for out in stream:
+                if first:
+                    first = False
+                    yield {"ack": True, "num_prompt_tokens": n_prompt}
+                produced += len(out.new_token_ids)
+                yield {"token_ids": out.new_token_ids, "text": out.new_text, "finished": out.finished,
+                       "finish_reason": out.finish_reason}
+        finally:
+            self.outstanding_tokens -= params.max_tokens
+            self.tokens_generated += produced
+            self.requests_served += 1
+
+    async def abort(self, transfer_id: str) -> bool:
+        """Cancel wherever the request is (reserved, in transfer, decoding)."""
+        self.transport.abort(transfer_id)
+        self.transport.forget(transfer_id)
+        self._leases.pop(transfer_id, None)
+        return await self.engine.call(lambda e: e.abort_request(transfer_id))
+
+    async def _drop_lease(self, transfer_id: str) -> None:
+        self._leases.pop(transfer_id, None)
+        await self.engine.call(lambda e: e.cancel_reservation(transfer_id))
+
+    def kvtransfer_deliver(self, transfer_id: str, refs: list) -> None:
+        """Entry point of the Ray object-store backend (receiver side)."""
+        self.transport.deliver(transfer_id, refs)
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_leases())
+
+    async def _reap_leases(self) -> None:
+        """Free reservations whose KV never came within the lease."""
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for tid in [t for t, deadline in self._leases.items() if deadline <= now]:
+                self.transport.abort(tid)
+                self.transport.forget(tid)
+                await self._drop_lease(tid)
+
+    def shutdown(self) -> None:
+        self.engine.close()
+        self.transport.close()

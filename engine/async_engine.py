@@ -1,0 +1,136 @@
+"""Drive an :class:`~engine.llm_engine.LLMEngine` from asyncio code.
+
+A background thread steps the engine whenever it has work (torch releases
+the GIL inside the forward, so the event loop stays responsive); each
+request's outputs reach its caller through an ``asyncio.Queue``. Every
+other engine call runs under the same lock, off the event loop.
+
+Knows nothing of Ray or gRPC: both worker kinds wrap one of these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from engine.llm_engine import LLMEngine, RequestOutput
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineStepError(RuntimeError):
+    """The engine step failed; the requests of that step were aborted."""
+
+
+class AsyncEngine:
+    """Owns the stepping thread of one engine.
+
+    ``batch_wait_s``: when the engine wakes from idle, wait this long before
+    the first step so that requests arriving together share a batch.
+    """
+
+    def __init__(self, engine: LLMEngine, batch_wait_s: float = 0.0) -> None:
+        self.engine = engine
+        self.batch_wait_s = batch_wait_s
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    def _ensure_started(self) -> None:
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
+            self._thread.start()
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` under the engine lock, off the event loop."""
+        self._ensure_started()
+
+        def locked() -> T:
+            with self._lock:
+                return fn(self.engine)
+
+        result = await asyncio.to_thread(locked)
+        self._wake.set()
+        return result
+
+    async def stream(self, request_id: str, start: Callable[[LLMEngine], Any]) -> AsyncIterator[RequestOutput]:
+        """Run ``start(engine)`` (which adds ``request_id``), then yield its outputs.
+
+        The stream ends after an output that is ``finished`` or ``kv_ready``.
+        If the consumer stops early (cancel, error), the request is aborted
+        and its blocks freed.
+        """
+        self._ensure_started()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        done = False
+        try:
+            accepted = await self.call(start)
+            if accepted is False:
+                raise RuntimeError(f"engine had no room for {request_id}")
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    done = True
+                    raise item
+                yield item
+                if item.finished or item.kv_ready:
+                    done = True
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not done:
+                await asyncio.shield(self.call(lambda e: e.abort_request(request_id)))
+
+    def _run(self) -> None:
+        idle = True
+        while not self._stop.is_set():
+            with self._lock:
+                has_work = self.engine.scheduler.has_work()
+            if not has_work:
+                idle = True
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+                continue
+            if idle and self.batch_wait_s > 0:
+                time.sleep(self.batch_wait_s)  # let concurrent arrivals join this batch
+            idle = False
+            try:
+                with self._lock:
+                    outputs = self.engine.step()
+                    self.steps += 1
+            except Exception as exc:  # never let one bad step kill the loop
+                log.exception("engine step failed")
+                self._fail_all(exc)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        queue = self._queues.get(request_id)
+        if queue is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self._lock:
+            ids = [s.request_id for s in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting)]
+            for rid in ids:
+                self.engine.abort_request(rid)
+        for rid in ids:
+            self._deliver(rid, EngineStepError(f"engine step failed: {exc!r}"))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

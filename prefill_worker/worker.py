@@ -1,0 +1,208 @@
+"""The prefill worker: a Ray actor that prefills prompts and pushes their KV.
+
+Lifecycle of one request here (DESIGN.md section 2, step 4):
+
+1. ``prefill`` arrives from the router with the prompt's token ids, the
+   sampling parameters, a ``transfer_id`` and the endpoint of the decode
+   worker that has reserved blocks for it.
+2. The request joins this worker's engine, which batches concurrent prompts
+   (within ``max_batch_tokens``, after waiting ``batch_wait_ms`` for company
+   when idle) and runs prefill; exactly one token is sampled.
+3. If that token already ends the request (EOS, ``max_tokens`` 1), the
+   result says so and no KV moves. Otherwise the KV is exported and pushed to
+   the reserved destination through the configured ``kvtransfer`` backend.
+4. When the push has succeeded, the first token and the hand-off metadata
+   go back to the router. The blocks stay held until the router's
+   ``release`` (sent once the decode side acknowledged) or until the hold's
+   lease expires, whichever comes first.
+5. On any failure (transfer, timeout, cancel) the blocks are freed before
+   the error is returned: a failure is a value, never a dead worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+from engine.async_engine import AsyncEngine
+from engine.llm_engine import LLMEngine
+from engine.model_loader import load_model
+from engine.sampling_params import SamplingParams
+from kvtransfer.base import TransferStatus
+from kvtransfer.factory import make_transport
+
+
+async def wait_transfer(transport, transfer_id: str, timeout_s: float) -> TransferStatus:
+    """Poll a transfer until it is done or ``timeout_s`` passes (then abort it)."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.0005
+    while True:
+        status = transport.poll(transfer_id)
+        if status.done:
+            return status
+        if time.monotonic() >= deadline:
+            transport.abort(transfer_id)
+            return TransferStatus.FAILED
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.01)
+
+
+class PrefillWorker:
+    """Plain class; the pool manager wraps it with ``ray.remote``."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        *,
+        model: str,
+        dtype: str = "float32",
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        num_blocks: int = 1024,
+        max_running: int = 64,
+        max_batch_tokens: int = 2048,
+        batch_wait_ms: float = 2.0,
+        hold_lease_s: float = 30.0,
+        transport_backend: str = "gloo",
+        transport_kwargs: dict | None = None,
+    ) -> None:
+        self.worker_id = worker_id
+        loaded = load_model(model, dtype=dtype, max_model_len=max_model_len)
+        self._limits = {"name": model, "max_model_len": loaded.max_model_len,
+                        "vocab_size": int(loaded.config.vocab_size)}
+        engine = LLMEngine(loaded, block_size=block_size, num_blocks=num_blocks, max_running=max_running,
+                           max_batched_tokens=max_batch_tokens)
+        self.engine = AsyncEngine(engine, batch_wait_s=batch_wait_ms / 1000)
+        self.transport = make_transport(transport_backend, worker_id, **(transport_kwargs or {}))
+        self.hold_lease_s = hold_lease_s
+        self._holds: dict[str, float] = {}  # transfer_id -> lease deadline
+        self._reaper: asyncio.Task | None = None
+        self.requests_served = 0
+        self.tokens_prefilled = 0
+        self.outstanding_tokens = 0
+
+    # ------------------------------------------------------------- control
+    def ping(self) -> str:
+        return self.worker_id
+
+    def limits(self) -> dict:
+        """The served model's name and limits, for the router's validation."""
+        return dict(self._limits)
+
+    def endpoint(self) -> dict:
+        return self.transport.endpoint()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else os.uname().nodename
+
+    def status(self) -> dict[str, Any]:
+        stats = self.engine.engine.stats()
+        return {
+            "worker_id": self.worker_id,
+            "kind": "prefill",
+            "running": stats["running"],
+            "waiting": stats["waiting"],
+            "held": len(self._holds),
+            "outstanding_tokens": self.outstanding_tokens,
+            "free_blocks": stats["free_blocks"],
+            "used_blocks": stats["used_blocks"],
+            "num_blocks": stats["num_blocks"],
+            "requests_served": self.requests_served,
+            "tokens_prefilled": self.tokens_prefilled,
+        }
+
+    # ------------------------------------------------------------ requests
+    async def prefill(
+        self,
+        transfer_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        decode_endpoint: dict,
+        timeout_s: float = 30.0,
+    ) -> dict[str, Any]:
+        """Prefill one prompt and push its KV; see the module docstring."""
+        self._start_reaper()
+        t0 = time.perf_counter()
+        self.outstanding_tokens += len(prompt_token_ids)
+        try:
+            first = None
+            async for out in self.engine.stream(
+                transfer_id,
+                lambda e: e.add_request(transfer_id, params=params, prompt_token_ids=prompt_token_ids,
+                                        export_after_prefill=True),
+            ):
+                first = out
+        finally:
+            self.outstanding_tokens -= len(prompt_token_ids)
+        t_prefilled = time.perf_counter()
+        self.requests_served += 1
+        self.tokens_prefilled += len(prompt_token_ids)
+        result: dict[str, Any] = {
+            "token_ids": first.new_token_ids,
+            "text": first.new_text,
+            "finished": first.finished,
+            "finish_reason": first.finish_reason,
+            "prefill_ms": (t_prefilled - t0) * 1000,
+            "transfer_ms": 0.0,
+            "transfer_bytes": 0,
+            "worker_id": self.worker_id,
+        }
+        if first.finished:
+            return result
+        handoff = await self.engine.call(lambda e: e.export_kv(transfer_id))
+        self.transport.send(transfer_id, handoff.data, decode_endpoint, timeout_s)
+        status = await wait_transfer(self.transport, transfer_id, timeout_s)
+        error = self.transport.error(transfer_id)
+        self.transport.forget(transfer_id)
+        if status != TransferStatus.SUCCESS:
+            await self.engine.call(lambda e: e.abort_request(transfer_id))
+            return {**result, "error": f"KV transfer failed: {error or status.name}"}
+        self._holds[transfer_id] = time.monotonic() + self.hold_lease_s
+        result.update(
+            transfer_ms=(time.perf_counter() - t_prefilled) * 1000,
+            transfer_bytes=handoff.nbytes,
+            layout=asdict(handoff.layout),
+            prompt_token_ids=handoff.prompt_token_ids,
+            output_token_ids=handoff.output_token_ids,
+            seed=handoff.seed,
+        )
+        return result
+
+    async def release(self, transfer_id: str) -> bool:
+        """The decode side has the KV: free this side's blocks."""
+        if self._holds.pop(transfer_id, None) is None:
+            return False
+        await self.engine.call(lambda e: e.abort_request(transfer_id))
+        return True
+
+    async def abort(self, transfer_id: str) -> bool:
+        """Cancel wherever the request is (queued, prefilling, pushing, held)."""
+        self._holds.pop(transfer_id, None)
+        self.transport.abort(transfer_id)
+        return await self.engine.call(lambda e: e.abort_request(transfer_id))
+
+    def kvtransfer_deliver(self, transfer_id: str, refs: list) -> None:
+        """Entry point of the Ray object-store backend (receiver side)."""
+        self.transport.deliver(transfer_id, refs)
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_holds())
+
+    async def _reap_holds(self) -> None:
+        """Free holds whose acknowledgement never came (router died, stream lost)."""
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for tid in [t for t, deadline in self._holds.items() if deadline <= now]:
+                self._holds.pop(tid, None)
+                await self.engine.call(lambda e, tid=tid: e.abort_request(tid))
+
+    def shutdown(self) -> None:
+        self.engine.close()
+        self.transport.close()

@@ -1,0 +1,171 @@
+"""Client library (sync and async) and CLI for the splitserve router.
+
+    python -m router.client "Why is the sky blue?"          # chat message, streamed
+    python -m router.client --raw "Once upon a time"        # raw prompt
+    python -m router.client --status                        # pools and workers
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import serving_pb2, serving_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+FINISH_NAMES = {serving_pb2.FINISH_REASON_STOP: "stop", serving_pb2.FINISH_REASON_LENGTH: "length",
+                serving_pb2.FINISH_REASON_ABORT: "abort", serving_pb2.FINISH_REASON_UNSPECIFIED: None}
+
+
+@dataclass
+class Completion:
+    """A whole answer, assembled from the stream."""
+
+    request_id: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    usage: serving_pb2.Usage | None = None
+    timings: serving_pb2.Timings | None = None
+
+    def add(self, resp: serving_pb2.GenerateResponse) -> None:
+        self.request_id = resp.request_id
+        self.token_ids += list(resp.token_ids)
+        self.text += resp.text
+        if resp.finish_reason:
+            self.finish_reason = FINISH_NAMES[resp.finish_reason]
+            self.usage, self.timings = resp.usage, resp.timings
+
+
+def build_request(prompt: str | None = None, messages: list[dict] | None = None, *, request_id: str = "",
+                  model: str = "", max_tokens: int = 0, temperature: float | None = None, top_k: int = 0,
+                  top_p: float | None = None, seed: int | None = None, stop: list[str] | tuple = (),
+                  stop_token_ids: list[int] | tuple = (), ignore_eos: bool = False) -> serving_pb2.GenerateRequest:
+    """A ``GenerateRequest`` from a raw prompt or chat ``messages`` (``[{"role", "content"}]``)."""
+    sp = serving_pb2.SamplingParams(max_tokens=max_tokens, top_k=top_k, stop=list(stop),
+                                    stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
+    if temperature is not None:
+        sp.temperature = temperature
+    if top_p is not None:
+        sp.top_p = top_p
+    if seed is not None:
+        sp.seed = seed
+    req = serving_pb2.GenerateRequest(request_id=request_id, model=model, sampling=sp)
+    if messages is not None:
+        req.chat.messages.extend(serving_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+        req.chat.SetInParent()  # an empty list still selects the chat form
+    elif prompt is not None:
+        req.prompt = prompt
+    return req
+
+
+class Client:
+    """Blocking client; every call has a deadline."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 600.0) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = serving_pb2_grpc.ServingStub(self.channel)
+        self.timeout_s = timeout_s
+
+    def stream(self, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> Iterator[serving_pb2.GenerateResponse]:
+        return self.stub.Generate(build_request(prompt, messages, **kw), timeout=self.timeout_s)
+
+    def generate(self, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> Completion:
+        c = Completion()
+        for resp in self.stream(prompt, messages, **kw):
+            c.add(resp)
+        return c
+
+    def status(self) -> serving_pb2.ClusterStatusResponse:
+        return self.stub.ClusterStatus(serving_pb2.ClusterStatusRequest(), timeout=30)
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Block until the health service reports SERVING."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"router not SERVING after {timeout_s:.0f} s")
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class AsyncClient:
+    """``grpc.aio`` client."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 600.0) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = serving_pb2_grpc.ServingStub(self.channel)
+        self.timeout_s = timeout_s
+
+    async def stream(self, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> AsyncIterator[serving_pb2.GenerateResponse]:
+        async for resp in self.stub.Generate(build_request(prompt, messages, **kw), timeout=self.timeout_s):
+            yield resp
+
+    async def generate(self, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> Completion:
+        c = Completion()
+        async for resp in self.stream(prompt, messages, **kw):
+            c.add(resp)
+        return c
+
+    async def status(self) -> serving_pb2.ClusterStatusResponse:
+        return await self.stub.ClusterStatus(serving_pb2.ClusterStatusRequest(), timeout=30)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("prompt", nargs="?")
+    ap.add_argument("--address", default=DEFAULT_ADDRESS)
+    ap.add_argument("--raw", action="store_true", help="send the prompt as raw text, not as a chat message")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--status", action="store_true", help="print the pools and workers and exit")
+    args = ap.parse_args(argv)
+    client = Client(args.address)
+    try:
+        if args.status:
+            print(client.status())
+            return 0
+        if not args.prompt:
+            ap.error("a prompt is required (or --status)")
+        kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  seed=args.seed)
+        stream = client.stream(args.prompt, **kw) if args.raw else client.stream(
+            messages=[{"role": "user", "content": args.prompt}], **kw)
+        c = Completion()
+        for resp in stream:
+            c.add(resp)
+            print(resp.text, end="", flush=True)
+        t = c.timings
+        print(f"\n[{c.usage.completion_tokens} tokens, finish={c.finish_reason}, TTFT {t.ttft_ms:.0f} ms, "
+              f"TPOT {t.tpot_ms:.1f} ms, prefill {t.prefill_worker} -> decode {t.decode_worker}]", file=sys.stderr)
+        return 0
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

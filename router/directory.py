@@ -1,0 +1,88 @@
+"""The router's view of the pools: worker handles, endpoints and load,
+refreshed from the pool manager and from the workers' own status."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.policy import WorkerLoad
+
+log = logging.getLogger(__name__)
+STATUS_TIMEOUT_S = 5.0
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    kind: str
+    handle: Any
+    endpoint: dict
+    node_id: str
+    status: dict = field(default_factory=dict)
+    # Tokens the router itself has sent and not yet seen finish: fresher than
+    # the polled status, so bursts spread out before the next poll.
+    inflight_tokens: int = 0
+
+    def load(self) -> WorkerLoad:
+        return WorkerLoad(
+            self.worker_id,
+            outstanding_tokens=self.inflight_tokens,
+            free_blocks=int(self.status.get("free_blocks", 0)),
+            num_blocks=int(self.status.get("num_blocks", 1)),
+        )
+
+
+class WorkerDirectory:
+    """Refreshes from the pool manager every ``refresh_s`` seconds."""
+
+    def __init__(self, pool_manager: Any, refresh_s: float = 0.5) -> None:
+        self.pool_manager = pool_manager
+        self.refresh_s = refresh_s
+        self.workers: dict[str, WorkerInfo] = {}
+        self.targets: dict[str, int] = {}
+        self.version = -1
+        self._task: asyncio.Task | None = None
+
+    def of_kind(self, kind: str) -> list[WorkerInfo]:
+        return [w for w in self.workers.values() if w.kind == kind]
+
+    async def refresh(self) -> None:
+        table = await asyncio.wait_for(self.pool_manager.table.remote(), timeout=STATUS_TIMEOUT_S)
+        self.targets = table["targets"]
+        if table["version"] != self.version:
+            fresh = {}
+            for w in table["workers"]:
+                old = self.workers.get(w["worker_id"])
+                fresh[w["worker_id"]] = old or WorkerInfo(w["worker_id"], w["kind"], w["handle"], w["endpoint"], w["node_id"])
+            self.workers = fresh
+            self.version = table["version"]
+        await self.poll_status()
+
+    async def poll_status(self) -> None:
+        async def one(w: WorkerInfo) -> None:
+            try:
+                w.status = await asyncio.wait_for(w.handle.status.remote(), timeout=STATUS_TIMEOUT_S)
+                w.status["alive"] = True
+            except Exception:
+                w.status = {**w.status, "alive": False}
+
+        await asyncio.gather(*(one(w) for w in list(self.workers.values())))
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("directory refresh failed")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
