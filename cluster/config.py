@@ -1,0 +1,310 @@
+"""The deployment config tree: one YAML file, validated with pydantic.
+
+    cfg = load_config("deploy/local.yaml")   # or YAML text, or parse_config(dict)
+    prefill_n, decode_n = cfg.pools.counts()
+
+Every model forbids unknown fields and is frozen, so a typo or a bad value is
+refused at start with its dotted path and the reason, never ignored or patched
+later. Every section has defaults: an empty file is a valid CPU config.
+Numbers are validated strictly (``"2"`` is not an int, ``true`` is not 1).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from cluster.config_yaml import FieldProblems, describe_error, read_yaml
+
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. ``problems`` holds one ``"<dotted.path>: <reason>"`` per entry."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"invalid config {source} ({len(problems)} {noun}):\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# Extra Ray resources an actor asks for (e.g. {"accelerator_type:H100": 0.001}).
+# CPU and GPU are refused here: Ray wants them as num_cpus / num_gpus.
+Resources = dict[str, Annotated[float, Field(ge=0)]]
+
+
+def _no_cpu_gpu(resources: dict[str, float]) -> dict[str, float]:
+    bad = sorted(set(resources) & {"CPU", "GPU"})
+    if bad:
+        raise ValueError(f"set CPU and GPU with num_cpus / num_gpus, not here (got {', '.join(bad)})")
+    return resources
+
+
+class ModelConfig(_Section):
+    """Which model every worker loads."""
+
+    name: str = "builtin:smollm2-135m-instruct"  # builtin:<name>, a local HF dir or a .gguf file
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int | None = Field(None, ge=2)  # None: the model's own context length
+
+
+class PrefillPoolConfig(_Section):
+    """One prefill actor's resources and batching knobs."""
+
+    replicas: int | None = Field(None, ge=1)  # explicit count; else derived from pools.ratio
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    resources: Resources = Field(default_factory=dict)
+    max_batch_tokens: int = Field(2048, ge=1)  # prompt tokens packed into one prefill forward
+    max_running: int = Field(64, ge=1)
+    batch_wait_ms: float = Field(2.0, ge=0)  # how long to wait to gather a batch before running it
+    block_size: int = Field(16, ge=1)
+    num_blocks: int = Field(1024, ge=1)  # KV kept only until decode acknowledges, so smaller than decode's
+
+    _check_resources = field_validator("resources")(_no_cpu_gpu)
+
+
+class DecodePoolConfig(_Section):
+    """One decode actor's resources, paged KV budget and batching knobs."""
+
+    replicas: int | None = Field(None, ge=1)
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    resources: Resources = Field(default_factory=dict)
+    block_size: int = Field(16, ge=1)
+    num_blocks: int | None = Field(2048, ge=1)  # exactly one of num_blocks / kv_cache_bytes
+    kv_cache_bytes: int | None = Field(None, ge=1)  # the worker turns bytes into blocks for its model
+    max_running: int = Field(64, ge=1)
+    max_batched_tokens: int = Field(2048, ge=1)
+    lease_s: float = Field(30.0, gt=0)  # how long reserved blocks wait for their KV before being freed
+
+    _check_resources = field_validator("resources")(_no_cpu_gpu)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bytes_replace_blocks(cls, data: Any) -> Any:
+        # num_blocks has a default, so a user who sets only kv_cache_bytes means
+        # "size by bytes": drop the default instead of reporting a conflict.
+        if isinstance(data, Mapping) and data.get("kv_cache_bytes") is not None and "num_blocks" not in data:
+            data = {**data, "num_blocks": None}
+        return data
+
+    @model_validator(mode="after")
+    def _one_kv_budget(self) -> DecodePoolConfig:
+        if self.num_blocks is not None and self.kv_cache_bytes is not None:
+            raise FieldProblems([("kv_cache_bytes", "set either num_blocks or kv_cache_bytes, not both")])
+        if self.num_blocks is None and self.kv_cache_bytes is None:
+            raise FieldProblems([("num_blocks", "set num_blocks or kv_cache_bytes")])
+        return self
+
+
+_RATIO = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*")
+
+
+def parse_ratio(text: str) -> tuple[int, int]:
+    """``"2:1"`` -> ``(2, 1)``; raises ValueError unless both sides are positive integers."""
+    m = _RATIO.fullmatch(text)
+    if m is None:
+        raise ValueError(f'must look like "P:D" (prefill:decode), e.g. "2:1"; got {text!r}')
+    p, d = int(m.group(1)), int(m.group(2))
+    if p < 1 or d < 1:
+        raise ValueError(f"both sides must be positive integers; got {text!r}")
+    return p, d
+
+
+def _replicas_of(pool: Any) -> Any:
+    """``replicas`` of a pool section given as a mapping (YAML) or a model (Python)."""
+    if isinstance(pool, Mapping):
+        return pool.get("replicas")
+    return getattr(pool, "replicas", None) if isinstance(pool, BaseModel) else None
+
+
+class PoolsConfig(_Section):
+    """Pool sizes, as ``ratio`` + total ``replicas`` or as explicit per-pool ``replicas``.
+
+    Neither form given means ratio "1:1" with 2 replicas; ``ratio`` alone means
+    one group (P+D replicas); ``replicas`` alone means ratio "1:1". When both
+    forms are given they must agree.
+    """
+
+    ratio: str | None = None  # "P:D"; None only when sized by explicit counts
+    replicas: int | None = Field(None, ge=1)  # total over both pools; a multiple of P+D
+    prefill: PrefillPoolConfig = Field(default_factory=PrefillPoolConfig)
+    decode: DecodePoolConfig = Field(default_factory=DecodePoolConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_sizing(cls, data: Any) -> Any:
+        # Fill the defaults on the input, not by mutating the frozen model, so
+        # the validated tree (and dump_config) states the sizes that will run.
+        if not isinstance(data, Mapping):
+            return data
+        if any(_replicas_of(data.get(k)) is not None for k in ("prefill", "decode")):
+            return data  # explicit counts: nothing to invent
+        data = dict(data)
+        if data.get("ratio") is None:
+            data["ratio"] = "1:1"
+        if data.get("replicas") is None and isinstance(data["ratio"], str):
+            try:
+                data["replicas"] = sum(parse_ratio(data["ratio"]))
+            except ValueError:
+                pass  # the field validator reports the bad ratio
+        return data
+
+    @field_validator("ratio", mode="before")
+    @classmethod
+    def _check_ratio(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f'must be a quoted string "P:D", e.g. "2:1"; got {value!r}')
+        p, d = parse_ratio(value)
+        return f"{p}:{d}"
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> PoolsConfig:
+        problems: list[tuple[str, str]] = []
+        p_n, d_n = self.prefill.replicas, self.decode.replicas
+        if (p_n is None) != (d_n is None):
+            missing = "decode" if d_n is None else "prefill"
+            problems.append((f"{missing}.replicas", "required when the other pool's replicas is set (or use ratio + replicas)"))
+        elif p_n is not None and d_n is not None:
+            if self.ratio is not None:
+                rp, rd = parse_ratio(self.ratio)
+                if p_n * rd != d_n * rp:
+                    problems.append(("ratio", f"{self.ratio} disagrees with prefill.replicas {p_n} and decode.replicas {d_n}"))
+            if self.replicas is not None and self.replicas != p_n + d_n:
+                problems.append(("replicas", f"{self.replicas} disagrees with prefill.replicas + decode.replicas = {p_n + d_n}"))
+        elif self.replicas is not None:
+            rp, rd = self.ratio_pair()
+            if self.replicas % (rp + rd):
+                problems.append(("replicas", f"{self.replicas} is not a multiple of {rp + rd} = {rp}+{rd} (ratio {rp}:{rd})"))
+        if problems:
+            raise FieldProblems(problems)
+        return self
+
+    def ratio_pair(self) -> tuple[int, int]:
+        """The prefill:decode ratio; from explicit counts reduced by their gcd when no ratio is set."""
+        if self.ratio is not None:
+            return parse_ratio(self.ratio)
+        p, d = self.prefill.replicas or 1, self.decode.replicas or 1
+        g = math.gcd(p, d)
+        return p // g, d // g
+
+    def counts(self) -> tuple[int, int]:
+        """(prefill replicas, decode replicas) to start."""
+        if self.prefill.replicas is not None and self.decode.replicas is not None:
+            return self.prefill.replicas, self.decode.replicas
+        return self.counts_for_total(self.replicas if self.replicas is not None else sum(self.ratio_pair()))
+
+    def counts_for_total(self, total: int) -> tuple[int, int]:
+        """Split ``total`` replicas at the ratio (for scaling); ValueError unless a positive multiple of P+D."""
+        p, d = self.ratio_pair()
+        if total < 1 or total % (p + d):
+            raise ValueError(f"{total} replicas cannot keep ratio {p}:{d}: the total must be a positive multiple of {p + d} = {p}+{d}")
+        k = total // (p + d)
+        return p * k, d * k
+
+
+class KVTransferConfig(_Section):
+    """How prompt KV moves from prefill to decode actors."""
+
+    backend: Literal["gloo", "nccl", "grpc", "ray", "inproc"] = "gloo"
+    timeout_s: float = Field(30, gt=0)  # bound on every transfer wait
+    chunk_bytes: int = Field(4 * MiB, ge=1)
+    host: str = "127.0.0.1"  # address this node's transport binds / advertises
+
+
+class RouterConfig(_Section):
+    """The client-facing gRPC server."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)  # 0: pick a free port
+    policy: Literal["round_robin", "least_loaded"] = "least_loaded"
+    max_queued: int = Field(256, ge=0)  # beyond this, new requests get RESOURCE_EXHAUSTED
+    request_timeout_s: float = Field(600, gt=0)
+
+
+class RayConfig(_Section):
+    """Where the launcher finds (or starts) Ray."""
+
+    address: str | None = None  # None: join a running cluster ("auto") if any, else start a local one
+    namespace: str = Field("splitserve", min_length=1)
+    num_cpus: int | None = Field(None, ge=1)  # CPUs of a local cluster started by the launcher
+
+
+class ClusterConfig(_Section):
+    """The whole deployment: the root of the YAML file."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pools: PoolsConfig = Field(default_factory=PoolsConfig)
+    kvtransfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    # A field validator (not a model validator) so these run even when another
+    # section is invalid: every problem is reported in one go.
+    @field_validator("kvtransfer")
+    @classmethod
+    def _backend_fits_cluster(cls, kv: KVTransferConfig, info: ValidationInfo) -> KVTransferConfig:
+        if kv.backend == "inproc":
+            raise FieldProblems([("backend", "inproc only works inside one process, not across a cluster; use gloo, grpc or ray")])
+        pools = info.data.get("pools")  # absent when pools itself failed validation
+        if kv.backend == "nccl" and pools is not None and (pools.prefill.num_gpus < 1 or pools.decode.num_gpus < 1):
+            raise FieldProblems([("backend", "nccl needs GPUs: set pools.prefill.num_gpus and pools.decode.num_gpus >= 1")])
+        return kv
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path_or_text: str | os.PathLike[str]) -> ClusterConfig:
+    """Load and validate a config from a file path or from YAML text.
+
+    A ``Path``, or a one-line ``str`` that ends in ``.yaml``/``.yml`` or names an
+    existing file, is read as a file; any other ``str`` is YAML text. Raises
+    ConfigError naming the file for an unreadable file, invalid YAML (duplicate
+    keys included), a top level that is not a mapping, and every invalid field.
+    """
+    text, source = str(path_or_text), "<text>"
+    is_file = isinstance(path_or_text, os.PathLike) or (
+        "\n" not in text and (text.endswith((".yaml", ".yml")) or (text.strip() != "" and os.path.isfile(text)))
+    )
+    if is_file:
+        source = str(path_or_text)
+        try:
+            text = Path(path_or_text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(source, [f"cannot read the file: {exc}"]) from exc
+    try:
+        data = read_yaml(text)
+    except ValueError as exc:
+        raise ConfigError(source, [str(exc)]) from exc
+    return parse_config({} if data is None else data, source=source)
+
+
+def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
+    """Validate an already-parsed mapping; raises ConfigError listing every problem."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, [f"top level must be a mapping of sections (model, pools, ...), got {type(data).__name__}"])
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [line for err in exc.errors() for line in describe_error(err, ClusterConfig)]) from None
+
+
+def dump_config(cfg: ClusterConfig) -> str:
+    """The config as YAML (every field, defaults included); ``load_config`` reads it back unchanged."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,61 @@
+"""Helpers for the integration tests: configs, deployments, requests."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from contextlib import contextmanager
+
+from cluster.config import ClusterConfig, parse_config
+from cluster.deployment import BackgroundDeployment
+from router.client import AsyncClient, Completion
+
+_namespaces = itertools.count()
+
+
+def make_config(model: str = "builtin:tiny-llama", backend: str = "gloo", ratio: str = "1:1", replicas: int = 2,
+                **pool_overrides) -> ClusterConfig:
+    """A small deployment for tests: random ports, its own namespace."""
+    data = {
+        "model": {"name": model, "max_model_len": 1024},
+        "pools": {
+            "ratio": ratio,
+            "replicas": replicas,
+            "prefill": {"num_cpus": 0.5, "num_blocks": 256, "batch_wait_ms": 2.0, **pool_overrides.get("prefill", {})},
+            "decode": {"num_cpus": 0.5, "num_blocks": 512, "max_running": 32, "lease_s": 30.0,
+                       **pool_overrides.get("decode", {})},
+        },
+        "kvtransfer": {"backend": backend, "timeout_s": 30},
+        "router": {"host": "127.0.0.1", "port": 0, "policy": "least_loaded"},
+        "ray": {"namespace": f"test-{backend}-{next(_namespaces)}"},
+    }
+    return parse_config(data)
+
+
+@contextmanager
+def running(cfg: ClusterConfig):
+    d = BackgroundDeployment(cfg)
+    try:
+        address = d.start()
+        yield d, address
+    finally:
+        d.stop()
+
+
+def generate_many(address: str, requests: list[dict]) -> list[Completion]:
+    """Send all ``requests`` (kwargs of ``AsyncClient.generate``) concurrently."""
+
+    async def go():
+        client = AsyncClient(address, timeout_s=600)
+        try:
+            return await asyncio.gather(*(client.generate(**r) for r in requests))
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+def chat_ids(tokenizer, question: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,96 @@
+"""Cluster shape on the fast tiny model: each CPU KV backend end to end,
+ratios, scaling while requests run, the scale CLI."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import threading
+
+import pytest
+import ray
+
+from router.client import Client
+from tests.integration.clusters import generate_many, make_config, running
+from tests.reference import Comparison, compare_greedy
+
+MAX_NEW = 12
+
+
+def prompts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "kv", "cache", "page", "block", "ray", "split"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randrange(2, 30))) for _ in range(n)]
+
+
+def check_exact(tiny_model, texts, outs) -> None:
+    total = Comparison()
+    for text, out in zip(texts, outs):
+        ids = tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(out.token_ids) == MAX_NEW and out.finish_reason == "length"
+        total.add(compare_greedy(tiny_model.model, ids, out.token_ids, MAX_NEW, ignore_eos=True))
+    assert total.exact + total.near_ties == len(texts) and total.near_ties <= 1
+
+
+def pool_sizes(address: str) -> dict[str, int]:
+    return {p.kind: len(p.workers) for p in Client(address).status().pools}
+
+
+@pytest.mark.parametrize("backend", ["gloo", "grpc", "ray"])
+def test_backend_end_to_end(ray_head, tiny_model, backend):
+    texts = prompts(8, seed=hash(backend) % 1000)
+    with running(make_config(backend=backend)) as (_, address):
+        outs = generate_many(address, [dict(prompt=t, max_tokens=MAX_NEW, ignore_eos=True) for t in texts])
+        status = Client(address).status()
+    check_exact(tiny_model, texts, outs)
+    for pool in status.pools:
+        assert all(w.requests_served > 0 for w in pool.workers), pool
+
+
+@pytest.mark.parametrize("ratio,expected", [("2:1", {"prefill": 2, "decode": 1}), ("1:2", {"prefill": 1, "decode": 2})])
+def test_ratio_sets_actor_counts(ray_head, tiny_model, ratio, expected):
+    texts = prompts(6, seed=3)
+    with running(make_config(ratio=ratio, replicas=3)) as (d, address):
+        assert pool_sizes(address) == expected
+        outs = generate_many(address, [dict(prompt=t, max_tokens=MAX_NEW, ignore_eos=True) for t in texts])
+    check_exact(tiny_model, texts, outs)
+
+
+def test_scaling_keeps_the_ratio_and_loses_no_request(ray_head, tiny_model):
+    cfg = make_config(ratio="1:1", replicas=2)
+    texts = prompts(24, seed=4)
+    with running(cfg) as (d, address):
+        results = {}
+
+        def traffic():
+            results["outs"] = generate_many(address, [dict(prompt=t, max_tokens=MAX_NEW, ignore_eos=True) for t in texts])
+
+        t = threading.Thread(target=traffic)
+        t.start()
+        pm = d.deployment.pool_manager
+        assert ray.get(pm.scale.remote(4), timeout=300) == {"prefill": 2, "decode": 2}
+        t.join(timeout=600)
+        check_exact(tiny_model, texts, results["outs"])
+        # Scale down through the CLI while another burst runs.
+        more = prompts(16, seed=5)
+        t2 = threading.Thread(target=lambda: results.update(more=generate_many(
+            address, [dict(prompt=x, max_tokens=MAX_NEW, ignore_eos=True) for x in more])))
+        t2.start()
+        cli = subprocess.run([sys.executable, "-m", "cluster.scale", "--total", "2", "--namespace", cfg.ray.namespace,
+                              "--address", ray_head.gcs_address], capture_output=True, text=True, timeout=300,
+                             env=ray_head.env())
+        assert cli.returncode == 0, cli.stderr
+        assert "prefill=1 decode=1" in cli.stdout
+        t2.join(timeout=600)
+        check_exact(tiny_model, more, results["more"])
+        bad = subprocess.run([sys.executable, "-m", "cluster.scale", "--total", "3", "--namespace", cfg.ray.namespace,
+                              "--address", ray_head.gcs_address], capture_output=True, text=True, timeout=300,
+                             env=ray_head.env())
+        assert bad.returncode == 2 and "not a positive multiple of 2" in bad.stderr
+        import time
+
+        deadline = time.monotonic() + 120
+        while pool_sizes(address) != {"prefill": 1, "decode": 1} and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert pool_sizes(address) == {"prefill": 1, "decode": 1}

@@ -1,0 +1,58 @@
+"""The launch path a user takes: `ray job submit -- python -m cluster.launch`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import grpc
+import yaml
+
+from router.client import Client
+from tests.ray_cluster import free_port, ray_bin
+from tests.reference import compare_greedy
+
+
+def job_cli(head, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([ray_bin(), "job", *args, "--address", head.dashboard_url], capture_output=True, text=True,
+                          timeout=timeout, env=head.env())
+
+
+def test_ray_job_submit_serves_and_stops(ray_head, tiny_model, tmp_path):
+    port = free_port()
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name": "builtin:tiny-llama"},
+        "pools": {"ratio": "1:1", "replicas": 2, "prefill": {"num_cpus": 0.5, "num_blocks": 128},
+                  "decode": {"num_cpus": 0.5, "num_blocks": 256}},
+        "kvtransfer": {"backend": "gloo"},
+        "router": {"host": "127.0.0.1", "port": port},
+        "ray": {"namespace": "test-job-submit"},
+    }))
+    sub = job_cli(ray_head, "submit", "--no-wait", "--", sys.executable, "-m", "cluster.launch", "--config", str(config))
+    assert sub.returncode == 0, sub.stderr
+    job_id = re.search(r"Job '([^']+)' submitted successfully", sub.stdout + sub.stderr).group(1)
+    client = Client(f"127.0.0.1:{port}")
+    try:
+        client.wait_ready(timeout_s=300)
+        out = client.generate("hello from a ray job", max_tokens=10, ignore_eos=True)
+        ids = tiny_model.tokenizer("hello from a ray job", add_special_tokens=False)["input_ids"]
+        compare_greedy(tiny_model.model, ids, out.token_ids, 10, ignore_eos=True)
+    finally:
+        stop = job_cli(ray_head, "stop", job_id, timeout=300)
+    assert stop.returncode == 0, stop.stderr
+    deadline = time.monotonic() + 120
+    while "STOPPED" not in job_cli(ray_head, "status", job_id).stdout and time.monotonic() < deadline:
+        time.sleep(1)
+    assert "STOPPED" in job_cli(ray_head, "status", job_id).stdout
+    try:
+        client.generate("anyone there?", max_tokens=2)
+        raise AssertionError("the router still answers after ray job stop")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        client.close()
+    logs = job_cli(ray_head, "logs", job_id).stdout
+    assert "splitserve: serving builtin:tiny-llama" in logs

@@ -1,0 +1,52 @@
+"""Run by test_two_node.py in a fresh process: a two-node local cluster
+(``ray.cluster_utils.Cluster``), prefill pool on one node, decode pool on
+the other; prints one JSON line with what it saw."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.pop("RAY_ADDRESS", None)
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from router.client import Client  # noqa: E402
+
+
+def main() -> int:
+    from cluster.deployment import BackgroundDeployment
+    from tests.integration.clusters import make_config
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "resources": {"prefill_node": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    cluster.add_node(num_cpus=1, resources={"decode_node": 1}, node_ip_address="127.0.0.1")
+    ray.init(address=cluster.address, logging_level="WARNING")
+    cfg = make_config(backend=sys.argv[1] if len(sys.argv) > 1 else "gloo",
+                      prefill={"resources": {"prefill_node": 0.1}}, decode={"resources": {"decode_node": 0.1}})
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    d = BackgroundDeployment(cfg)
+    try:
+        address = d.start()
+        client = Client(address)
+        out = client.generate("two nodes, one answer", max_tokens=10, ignore_eos=True)
+        status = client.status()
+        placement = {p.kind: [w.node_id for w in p.workers] for p in status.pools}
+        print(json.dumps({
+            "tokens": out.token_ids,
+            "prefill_nodes": [sorted(nodes[n]) for n in placement["prefill"]],
+            "decode_nodes": [sorted(nodes[n]) for n in placement["decode"]],
+            "distinct": set(placement["prefill"]).isdisjoint(placement["decode"]),
+        }), flush=True)
+    finally:
+        d.stop()
+        ray.shutdown()
+        cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
