@@ -29,7 +29,9 @@ POOL_MANAGER_NAME = "pool_manager"
 def pool_specs(cfg: ClusterConfig) -> tuple[PoolSpec, PoolSpec]:
     """Worker constructor arguments and Ray resources of both pools."""
     kv = cfg.kvtransfer
-    transport = {"host": kv.host, "chunk_bytes": kv.chunk_bytes, "namespace": cfg.ray.namespace}
+    # Ray's backend finds its peers by actor name; the others by address.
+    transport = ({"namespace": cfg.ray.namespace} if kv.backend == "ray"
+                 else {"host": kv.host, "chunk_bytes": kv.chunk_bytes})
     model = {"model": cfg.model.name, "dtype": cfg.model.dtype, "max_model_len": cfg.model.max_model_len}
     p, d = cfg.pools.prefill, cfg.pools.decode
     prefill = PoolSpec(

@@ -32,10 +32,11 @@ from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
 from kvtransfer.base import TransferStatus
 from kvtransfer.factory import make_transport
+from kvtransfer.ray_transport import KVTransferActorMixin
 from prefill_worker.worker import wait_transfer
 
 
-class DecodeWorker:
+class DecodeWorker(KVTransferActorMixin):
     """Plain class; the pool manager wraps it with ``ray.remote``."""
 
     def __init__(
@@ -62,7 +63,7 @@ class DecodeWorker:
                            max_running=max_running, max_batched_tokens=max_batched_tokens)
         self.layout = engine.layout
         self.engine = AsyncEngine(engine)
-        self.transport = make_transport(transport_backend, worker_id, **(transport_kwargs or {}))
+        self.kv_transport = make_transport(transport_backend, worker_id, **(transport_kwargs or {}))
         self.lease_s = lease_s
         self._leases: dict[str, float] = {}  # transfer_id -> deadline, until imported
         self._reaper: asyncio.Task | None = None
@@ -79,7 +80,7 @@ class DecodeWorker:
         return dict(self._limits)
 
     def endpoint(self) -> dict:
-        return self.transport.endpoint()
+        return self.kv_transport.endpoint()
 
     def node_id(self) -> str:
         import ray
@@ -112,9 +113,9 @@ class DecodeWorker:
             return None
         lay = self.layout
         shape = (lay.num_layers, 2, num_prompt_tokens, lay.num_kv_heads, lay.head_dim)
-        self.transport.expect(transfer_id, shape, getattr(torch, lay.dtype), sender, timeout_s)
+        self.kv_transport.expect(transfer_id, shape, getattr(torch, lay.dtype), sender, timeout_s)
         self._leases[transfer_id] = time.monotonic() + self.lease_s
-        return self.transport.endpoint()
+        return self.kv_transport.endpoint()
 
     async def generate(self, transfer_id: str, handoff: dict[str, Any], params: SamplingParams,
                        timeout_s: float = 30.0) -> AsyncIterator[dict[str, Any]]:
@@ -124,14 +125,14 @@ class DecodeWorker:
         the text already streamed). Yields ``{"ack": True}`` first, then
         ``{"token_ids", "text", "finished", "finish_reason"}`` per step.
         """
-        status = await wait_transfer(self.transport, transfer_id, timeout_s)
+        status = await wait_transfer(self.kv_transport, transfer_id, timeout_s)
         if status != TransferStatus.SUCCESS:
-            error = self.transport.error(transfer_id)
-            self.transport.forget(transfer_id)
+            error = self.kv_transport.error(transfer_id)
+            self.kv_transport.forget(transfer_id)
             await self._drop_lease(transfer_id)
             yield {"error": f"KV transfer failed: {error or status.name}"}
             return
-        data = self.transport.result(transfer_id)
+        data = self.kv_transport.result(transfer_id)
         self._leases.pop(transfer_id, None)
         kv = KVHandoff(transfer_id, KVLayout(**handoff["layout"]), handoff["prompt_token_ids"],
                        handoff["output_token_ids"], handoff["seed"], data)
@@ -157,8 +158,8 @@ class DecodeWorker:
 
     async def abort(self, transfer_id: str) -> bool:
         """Cancel wherever the request is (reserved, in transfer, decoding)."""
-        self.transport.abort(transfer_id)
-        self.transport.forget(transfer_id)
+        self.kv_transport.abort(transfer_id)
+        self.kv_transport.forget(transfer_id)
         self._leases.pop(transfer_id, None)
         return await self.engine.call(lambda e: e.abort_request(transfer_id))
 
@@ -166,9 +167,6 @@ class DecodeWorker:
         self._leases.pop(transfer_id, None)
         await self.engine.call(lambda e: e.cancel_reservation(transfer_id))
 
-    def kvtransfer_deliver(self, transfer_id: str, refs: list) -> None:
-        """Entry point of the Ray object-store backend (receiver side)."""
-        self.transport.deliver(transfer_id, refs)
 
     def _start_reaper(self) -> None:
         if self._reaper is None:
@@ -180,10 +178,10 @@ class DecodeWorker:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             for tid in [t for t, deadline in self._leases.items() if deadline <= now]:
-                self.transport.abort(tid)
-                self.transport.forget(tid)
+                self.kv_transport.abort(tid)
+                self.kv_transport.forget(tid)
                 await self._drop_lease(tid)
 
     def shutdown(self) -> None:
         self.engine.close()
-        self.transport.close()
+        self.kv_transport.close()

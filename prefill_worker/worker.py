@@ -31,11 +31,12 @@ from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
 from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
-from kvtransfer.base import TransferStatus
+from kvtransfer.base import KVTransport, TransferStatus
 from kvtransfer.factory import make_transport
+from kvtransfer.ray_transport import KVTransferActorMixin
 
 
-async def wait_transfer(transport, transfer_id: str, timeout_s: float) -> TransferStatus:
+async def wait_transfer(transport: KVTransport, transfer_id: str, timeout_s: float) -> TransferStatus:
     """Poll a transfer until it is done or ``timeout_s`` passes (then abort it)."""
     deadline = time.monotonic() + timeout_s
     delay = 0.0005
@@ -50,7 +51,7 @@ async def wait_transfer(transport, transfer_id: str, timeout_s: float) -> Transf
         delay = min(delay * 2, 0.01)
 
 
-class PrefillWorker:
+class PrefillWorker(KVTransferActorMixin):
     """Plain class; the pool manager wraps it with ``ray.remote``."""
 
     def __init__(
@@ -76,7 +77,7 @@ class PrefillWorker:
         engine = LLMEngine(loaded, block_size=block_size, num_blocks=num_blocks, max_running=max_running,
                            max_batched_tokens=max_batch_tokens)
         self.engine = AsyncEngine(engine, batch_wait_s=batch_wait_ms / 1000)
-        self.transport = make_transport(transport_backend, worker_id, **(transport_kwargs or {}))
+        self.kv_transport = make_transport(transport_backend, worker_id, **(transport_kwargs or {}))
         self.hold_lease_s = hold_lease_s
         self._holds: dict[str, float] = {}  # transfer_id -> lease deadline
         self._reaper: asyncio.Task | None = None
@@ -93,7 +94,7 @@ class PrefillWorker:
         return dict(self._limits)
 
     def endpoint(self) -> dict:
-        return self.transport.endpoint()
+        return self.kv_transport.endpoint()
 
     def node_id(self) -> str:
         import ray
@@ -155,10 +156,10 @@ class PrefillWorker:
         if first.finished:
             return result
         handoff = await self.engine.call(lambda e: e.export_kv(transfer_id))
-        self.transport.send(transfer_id, handoff.data, decode_endpoint, timeout_s)
-        status = await wait_transfer(self.transport, transfer_id, timeout_s)
-        error = self.transport.error(transfer_id)
-        self.transport.forget(transfer_id)
+        self.kv_transport.send(transfer_id, handoff.data, decode_endpoint, timeout_s)
+        status = await wait_transfer(self.kv_transport, transfer_id, timeout_s)
+        error = self.kv_transport.error(transfer_id)
+        self.kv_transport.forget(transfer_id)
         if status != TransferStatus.SUCCESS:
             await self.engine.call(lambda e: e.abort_request(transfer_id))
             return {**result, "error": f"KV transfer failed: {error or status.name}"}
@@ -183,12 +184,9 @@ class PrefillWorker:
     async def abort(self, transfer_id: str) -> bool:
         """Cancel wherever the request is (queued, prefilling, pushing, held)."""
         self._holds.pop(transfer_id, None)
-        self.transport.abort(transfer_id)
+        self.kv_transport.abort(transfer_id)
         return await self.engine.call(lambda e: e.abort_request(transfer_id))
 
-    def kvtransfer_deliver(self, transfer_id: str, refs: list) -> None:
-        """Entry point of the Ray object-store backend (receiver side)."""
-        self.transport.deliver(transfer_id, refs)
 
     def _start_reaper(self) -> None:
         if self._reaper is None:
@@ -205,4 +203,4 @@ class PrefillWorker:
 
     def shutdown(self) -> None:
         self.engine.close()
-        self.transport.close()
+        self.kv_transport.close()
