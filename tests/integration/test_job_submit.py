@@ -15,9 +15,9 @@ from tests.ray_cluster import free_port, ray_bin
 from tests.reference import compare_greedy
 
 
-def job_cli(head, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([ray_bin(), "job", *args, "--address", head.dashboard_url], capture_output=True, text=True,
-                          timeout=timeout, env=head.env())
+def job_cli(head, command: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([ray_bin(), "job", command, "--address", head.dashboard_url, *args], capture_output=True,
+                          text=True, timeout=timeout, env=head.env())
 
 
 def test_ray_job_submit_serves_and_stops(ray_head, tiny_model, tmp_path):
@@ -36,7 +36,10 @@ def test_ray_job_submit_serves_and_stops(ray_head, tiny_model, tmp_path):
     job_id = re.search(r"Job '([^']+)' submitted successfully", sub.stdout + sub.stderr).group(1)
     client = Client(f"127.0.0.1:{port}")
     try:
-        client.wait_ready(timeout_s=300)
+        try:
+            client.wait_ready(timeout_s=300)
+        except TimeoutError:
+            raise AssertionError("router never SERVING; job logs:\n" + job_cli(ray_head, "logs", job_id).stdout[-3000:])
         out = client.generate("hello from a ray job", max_tokens=10, ignore_eos=True)
         ids = tiny_model.tokenizer("hello from a ray job", add_special_tokens=False)["input_ids"]
         compare_greedy(tiny_model.model, ids, out.token_ids, 10, ignore_eos=True)
@@ -44,9 +47,9 @@ def test_ray_job_submit_serves_and_stops(ray_head, tiny_model, tmp_path):
         stop = job_cli(ray_head, "stop", job_id, timeout=300)
     assert stop.returncode == 0, stop.stderr
     deadline = time.monotonic() + 120
-    while "STOPPED" not in job_cli(ray_head, "status", job_id).stdout and time.monotonic() < deadline:
+    while "stopped" not in job_cli(ray_head, "status", job_id).stdout.lower() and time.monotonic() < deadline:
         time.sleep(1)
-    assert "STOPPED" in job_cli(ray_head, "status", job_id).stdout
+    assert "stopped" in job_cli(ray_head, "status", job_id).stdout.lower()
     try:
         client.generate("anyone there?", max_tokens=2)
         raise AssertionError("the router still answers after ray job stop")
@@ -56,3 +59,4 @@ def test_ray_job_submit_serves_and_stops(ray_head, tiny_model, tmp_path):
         client.close()
     logs = job_cli(ray_head, "logs", job_id).stdout
     assert "splitserve: serving builtin:tiny-llama" in logs
+    assert "splitserve: stopping" in logs, logs[-2000:]  # SIGTERM from `ray job stop` drained the router
