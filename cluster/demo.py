@@ -40,6 +40,8 @@ def ray_bin() -> str:
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e["RAY_AUTH_MODE"] = "token"
+    # A single-machine demo: keep Ray on 127.0.0.1 rather than the host's routable address.
+    e["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     e["RAY_ADDRESS"] = DASHBOARD  # for the job CLI
     return e
 

@@ -33,6 +33,8 @@ def connect_ray(rc: RayConfig) -> None:
         try:
             ray.init(address="auto", namespace=rc.namespace)
         except ConnectionError:
+            # A local cluster of our own; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set
+            # by `make run` and the tests) keeps it on 127.0.0.1.
             ray.init(num_cpus=rc.num_cpus, namespace=rc.namespace, include_dashboard=False,
                      _node_ip_address="127.0.0.1")
 

@@ -38,11 +38,12 @@ class RayHead:
 
 def start_head(num_cpus: int = 2) -> RayHead:
     os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only (see tests/conftest.py)
     gcs, dash = free_port(), free_port()
     cmd = [ray_bin(), "start", "--head", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
            "--disable-usage-stats"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=180, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    subprocess.run(cmd, check=True, capture_output=True, timeout=180, env=dict(os.environ))
     return RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}")
 
 
