@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ray_cluster import start_head, stop_head
+from tests.ray_cluster import start_head
 
 
 @pytest.fixture(scope="session")
@@ -15,4 +15,4 @@ def ray_head():
     ray.init(address=head.gcs_address, logging_level="WARNING")
     yield head
     ray.shutdown()
-    stop_head()
+    head.stop()
