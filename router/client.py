@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             c.add(resp)
             print(resp.text, end="", flush=True)
         t = c.timings
-        print(f"\n[{c.usage.completion_tokens} tokens, finish={c.finish_reason}, TTFT {t.ttft_ms:.0f} ms, "
+        print(flush=True)
+        print(f"[{c.usage.completion_tokens} tokens, finish={c.finish_reason}, TTFT {t.ttft_ms:.0f} ms, "
               f"TPOT {t.tpot_ms:.1f} ms, prefill {t.prefill_worker} -> decode {t.decode_worker}]", file=sys.stderr)
         return 0
     except grpc.RpcError as e:
