@@ -34,9 +34,9 @@ from kvtransfer.inproc import InProcHub, InProcTransport
 from kvtransfer.torch_dist import TorchDistTransport
 
 from .helpers import MakeTransport, needs_two_gpus
+from .ray_hosts import RAY_NAMESPACE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RAY_NAMESPACE = "kvtransfer-tests"
 N_HOSTS = 3
 ACTOR_START_TIMEOUT_S = 300.0
 

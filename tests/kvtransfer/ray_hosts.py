@@ -18,6 +18,10 @@ from kvtransfer.factory import make_transport
 from kvtransfer.ray_transport import KVTransferActorMixin
 
 CALL_TIMEOUT_S = 60.0
+# The namespace the hosts are created in. A RayTransport inside an actor would
+# otherwise advertise the driver's namespace, which differs when the session's
+# Ray connection was made by another fixture.
+RAY_NAMESPACE = "kvtransfer-tests"
 
 
 @ray.remote(num_cpus=0, max_concurrency=8)
@@ -29,6 +33,8 @@ class TransportHost(KVTransferActorMixin):
 
     def open(self, backend: str, worker_id: str, kwargs: dict[str, Any]) -> Endpoint:
         self.close()
+        if backend == "ray":
+            kwargs = {"namespace": RAY_NAMESPACE, **kwargs}
         self.kv_transport = make_transport(backend, worker_id, **kwargs)
         return self.kv_transport.endpoint()
 
