@@ -1,0 +1,704 @@
+"""Engine benchmark: decode, prefill and a mixed workload against on-the-spot rooflines.
+
+Run from the repository root::
+
+    python -m benchmarks.engine [--json PATH] [--quick] [--wait-quiet SECONDS]
+
+Everything runs in one process on SmolLM2-135M-Instruct (float32, CPU),
+loaded once. The vocabulary is DESIGN.md section 4 (MBU / MFU against peaks
+measured in the same run, never a spec sheet).
+
+What it measures, in order:
+
+1. **Machine peaks.** Memory bandwidth is the best of a few ``dst.copy_(src)``
+   of a 256 MB tensor, counting read + write (2x the size) as bytes moved.
+   Float32 FLOP/s is the best of a few 2048x2048 @ 2048x2048 matmuls. Both use
+   torch's default thread count. Shared machines drift, so both are measured
+   again at the end; the rooflines use the higher of the two (the stricter
+   bound), and both samples are reported.
+2. **Decode** at batch 1, 8, 32 and 64 with ~256 tokens of context: B
+   requests with 256 random (seeded) prompt tokens are prefilled, a couple of
+   untimed decode steps warm up, then N decode steps are timed one by one.
+   ms/step is the median step; tokens/s is B / median. Per step, the roofline
+   counts
+     bytes = weights read once (the tied embedding / lm_head matrix once, plus
+             the B embedding rows looked up) + KV read (B * ctx * KV bytes/token)
+     FLOPs = 2 * (non-embedding params + lm_head params) * B
+             + attention 4 * B * ctx * layers * heads * head_dim
+   where ctx is the mean number of keys each sequence attends to over the
+   timed steps. Reported: the roofline time max(bytes/bw, FLOPs/rate), which
+   bound applies, and the achieved fraction of the roofline, of the bandwidth
+   roofline alone and of the compute roofline alone.
+3. **Prefill** of 512-token prompts, batch 1 and 4, each batch in one engine
+   step (``max_tokens=1``, so the step that prefills also finishes them). The
+   median of a few repetitions is timed. FLOPs = 2 * non-embedding params *
+   tokens + 2 * lm_head params * prompts (the engine, like ``generate()``,
+   computes logits only for each prompt's last row) + causal attention
+   2 * n^2 * layers * heads * head_dim per prompt; bytes = weights + KV written.
+4. **Mixed workload.** ``random.Random(seed)`` draws prompt lengths uniform in
+   [32, 512] and output lengths uniform in [16, 256] for N requests.
+   (a) The engine takes them all at once (``ignore_eos``, ``max_running`` = B)
+   and runs to completion. (b) The baseline is ``transformers``
+   ``generate()`` (greedy, ``inference_mode``) over static batches of the same
+   B, left-padded, generating the batch's longest output for every member
+   (``min_new_tokens`` = ``max_new_tokens``). Useful tokens are each request's
+   own output length for both, so the baseline's tokens past a request's own
+   length count as waste, which is what continuous batching removes.
+
+Targets (printed as met / not met): decode at batch 1 reaches >= 60% of its
+bandwidth roofline, decode at batch 64 >= 40% of its compute roofline, and the
+mixed workload runs >= 3x the throughput of ``generate()``.
+
+Contention: every measurement records ``other_cpu_cores``, the cores' worth
+of CPU other processes used meanwhile (``/proc/stat`` minus this process's
+own time). With torch's OpenMP threads on every core, a busy neighbour can
+stretch a step 10-100x, so the report warns about any figure taken with more
+than ``CONTENTION_WARN_CORES`` busy elsewhere; ``--wait-quiet`` waits (up to a
+limit) for a quiet machine before each measurement. Absolute numbers on a
+shared CPU are noisy; compare figures from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
+
+import torch
+
+from engine.block_pool import blocks_needed
+from engine.llm_engine import LLMEngine, RequestOutput, run_to_completion
+from engine.model_loader import DEFAULT_MODEL, LoadedModel, load_model
+from engine.model_runner import kv_layout_of
+from engine.sampling_params import SamplingParams
+
+BLOCK_SIZE = 16
+
+COPY_BYTES = 256 * 1024 * 1024
+MATMUL_N = 2048
+
+DECODE_BATCHES = (1, 8, 32, 64)
+DECODE_PROMPT_LEN = 256
+DECODE_WARMUP_STEPS = 2
+
+PREFILL_LEN = 512
+PREFILL_BATCHES = (1, 4)
+
+MIXED_SEED = 0
+MIXED_PROMPT_LENS = (32, 512)
+MIXED_OUTPUT_LENS = (16, 256)
+
+TARGET_DECODE_B1_BANDWIDTH = 0.60   # decode batch 1: fraction of its bandwidth roofline
+TARGET_DECODE_B64_COMPUTE = 0.40    # decode batch 64: fraction of its compute roofline
+TARGET_MIXED_RATIO = 3.0            # engine / generate() useful tokens per second
+
+CONTENTION_WARN_CORES = 0.25  # other processes' CPU use (in cores) above which a figure is flagged
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much work one run does (``--quick`` shrinks it)."""
+
+    decode_steps: int
+    prefill_reps: int
+    mixed_requests: int
+    mixed_batch: int
+    peak_reps: int
+    quiet_wait_s: float = 0.0  # before each measurement, wait up to this long for other processes to go quiet
+
+
+FULL = Settings(decode_steps=16, prefill_reps=3, mixed_requests=64, mixed_batch=32, peak_reps=5)
+QUICK = Settings(decode_steps=8, prefill_reps=2, mixed_requests=16, mixed_batch=8, peak_reps=3)
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, so stdout holds only the report."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ contention
+def _busy_cpu_seconds() -> float | None:
+    """CPU time all processes have used so far (Linux ``/proc/stat``), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class Contention:
+    """Measures how many cores' worth of CPU *other* processes used during a ``with`` block.
+
+    On a shared machine another process's threads fight torch's OpenMP
+    threads and can slow a step many-fold; a figure taken while ``cores`` is
+    well above zero is not trustworthy. ``cores`` is None where ``/proc/stat``
+    is unavailable.
+    """
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+
+    def __enter__(self) -> "Contention":
+        self._t0, self._busy0, self._own0 = time.perf_counter(), _busy_cpu_seconds(), _own_cpu_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy = _busy_cpu_seconds()
+        if busy is None or self._busy0 is None:
+            return
+        others = (busy - self._busy0) - (_own_cpu_seconds() - self._own0)
+        self.cores = max(0.0, others) / max(time.perf_counter() - self._t0, 1e-9)
+
+
+def wait_for_quiet(max_wait_s: float, probe_s: float = 2.0) -> float:
+    """Wait up to ``max_wait_s`` until other processes use under ``CONTENTION_WARN_CORES``; return seconds waited."""
+    t0 = time.perf_counter()
+    if max_wait_s <= 0:
+        return 0.0
+    while time.perf_counter() - t0 < max_wait_s:
+        with Contention() as busy:
+            time.sleep(probe_s)
+        if busy.cores is None or busy.cores < CONTENTION_WARN_CORES:
+            break
+    waited = time.perf_counter() - t0
+    if waited > 1.5 * probe_s:  # more than the one probe
+        log(f"waited {waited:.0f} s for other processes to go quiet")
+    return waited
+
+
+# --------------------------------------------------------------- machine peaks
+def best_time(fn: Callable[[], Any], reps: int) -> float:
+    """Fastest of ``reps`` timed calls of ``fn``, after one untimed warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_copy_gbps(size_bytes: int = COPY_BYTES, reps: int = 5) -> float:
+    """Memory bandwidth of a large ``dst.copy_(src)``: (read + write) bytes / time."""
+    src = torch.ones(size_bytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    seconds = best_time(lambda: dst.copy_(src), reps)
+    return 2 * size_bytes / seconds / 1e9
+
+
+def measure_matmul_gflops(n: int = MATMUL_N, reps: int = 5) -> float:
+    """Float32 FLOP/s of an ``n x n @ n x n`` matmul (2 n^3 FLOPs)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen)
+    b = torch.randn(n, n, generator=gen)
+    out = torch.empty(n, n)
+    seconds = best_time(lambda: torch.mm(a, b, out=out), reps)
+    return 2 * n**3 / seconds / 1e9
+
+
+def measure_peaks(reps: int, quiet_wait_s: float = 0.0) -> dict[str, float | None]:
+    """Copy bandwidth and matmul FLOP/s now, with the other processes' CPU use meanwhile."""
+    wait_for_quiet(quiet_wait_s)
+    with Contention() as busy:
+        peaks = {"bandwidth_gbps": measure_copy_gbps(reps=reps), "matmul_gflops": measure_matmul_gflops(reps=reps)}
+    return {**peaks, "other_cpu_cores": busy.cores}
+
+
+# ------------------------------------------------------------------ model cost
+@dataclass(frozen=True)
+class ModelCost:
+    """The sizes the roofline formulas need, read off the loaded model."""
+
+    num_params: int             # unique parameters (a tied matrix counted once)
+    non_embedding_params: int   # everything but the input embedding table
+    lm_head_params: int
+    hidden_size: int
+    itemsize: int               # bytes per parameter
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    kv_bytes_per_token: int
+
+    @classmethod
+    def of(cls, loaded: LoadedModel, kv_bytes_per_token: int) -> "ModelCost":
+        model, cfg = loaded.model, loaded.config
+        unique = {p.data_ptr(): p for p in model.parameters()}
+        num_params = sum(p.numel() for p in unique.values())
+        embed = model.get_input_embeddings().weight
+        lm_head = model.get_output_embeddings().weight
+        tied = lm_head.data_ptr() == embed.data_ptr()
+        return cls(
+            num_params=num_params,
+            non_embedding_params=num_params - embed.numel() - (0 if tied else lm_head.numel()),
+            lm_head_params=lm_head.numel(),
+            hidden_size=cfg.hidden_size,
+            itemsize=embed.element_size(),
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            kv_bytes_per_token=kv_bytes_per_token,
+        )
+
+    def weight_bytes(self, rows_looked_up: int) -> int:
+        """Weights one forward reads: every matrix once, plus the embedding rows it looks up."""
+        return (self.non_embedding_params + self.lm_head_params + rows_looked_up * self.hidden_size) * self.itemsize
+
+    def decode_step(self, batch: int, ctx: float) -> tuple[float, float]:
+        """(bytes, FLOPs) of one decode step of ``batch`` sequences attending to ``ctx`` keys each."""
+        nbytes = self.weight_bytes(batch) + batch * ctx * self.kv_bytes_per_token
+        attn = 4 * batch * ctx * self.num_layers * self.num_heads * self.head_dim
+        flops = 2 * (self.non_embedding_params + self.lm_head_params) * batch + attn
+        return nbytes, flops
+
+    def prefill(self, prompt_lens: list[int]) -> tuple[float, float]:
+        """(bytes, FLOPs) of prefilling ``prompt_lens`` in one step, logits for each last row only."""
+        tokens = sum(prompt_lens)
+        nbytes = self.weight_bytes(tokens) + tokens * self.kv_bytes_per_token
+        attn = sum(2 * n * n for n in prompt_lens) * self.num_layers * self.num_heads * self.head_dim
+        flops = 2 * self.non_embedding_params * tokens + 2 * self.lm_head_params * len(prompt_lens) + attn
+        return nbytes, flops
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "num_params": self.num_params,
+            "non_embedding_params": self.non_embedding_params,
+            "lm_head_params": self.lm_head_params,
+            "param_bytes": self.num_params * self.itemsize,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+        }
+
+
+def roofline(nbytes: float, flops: float, seconds: float, peaks: dict[str, float]) -> dict[str, Any]:
+    """Roofline time of (bytes, FLOPs) on ``peaks`` and the fraction ``seconds`` achieves."""
+    bw_s = nbytes / (peaks["bandwidth_gbps"] * 1e9)
+    compute_s = flops / (peaks["matmul_gflops"] * 1e9)
+    return {
+        "bytes": nbytes,
+        "flops": flops,
+        "roofline_ms": 1e3 * max(bw_s, compute_s),
+        "bound": "bandwidth" if bw_s >= compute_s else "compute",
+        "fraction_of_roofline": max(bw_s, compute_s) / seconds,
+        "fraction_of_bandwidth_roofline": bw_s / seconds,
+        "fraction_of_compute_roofline": compute_s / seconds,
+        "achieved_gbps": nbytes / seconds / 1e9,
+        "achieved_gflops": flops / seconds / 1e9,
+    }
+
+
+# -------------------------------------------------------------------- helpers
+def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
+    return [rng.randrange(vocab_size) for _ in range(length)]
+
+
+def make_engine(loaded: LoadedModel, max_running: int, max_tokens_per_seq: int, max_batched_tokens: int) -> LLMEngine:
+    """An engine whose KV cache holds ``max_running`` sequences of ``max_tokens_per_seq`` tokens."""
+    num_blocks = max_running * blocks_needed(max_tokens_per_seq, BLOCK_SIZE) + 1
+    return LLMEngine(loaded, block_size=BLOCK_SIZE, num_blocks=num_blocks, max_running=max_running,
+                     max_batched_tokens=max(max_batched_tokens, 2048))
+
+
+def watched(quiet_wait_s: float, fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``fn(*args, **kwargs)``, after waiting up to ``quiet_wait_s`` for a quiet machine.
+
+    Unless ``fn`` measured it over its timed part itself, the other processes'
+    CPU use during the whole call is added as ``other_cpu_cores``.
+    """
+    wait_for_quiet(quiet_wait_s)
+    with Contention() as busy:
+        result = fn(*args, **kwargs)
+    result.setdefault("other_cpu_cores", busy.cores)
+    return result
+
+
+def settle() -> None:
+    """Collect garbage between sections, so one section's KV cache is gone before the next allocates."""
+    gc.collect()
+
+
+# --------------------------------------------------------------------- decode
+def bench_decode(loaded: LoadedModel, cost: ModelCost, batch: int, steps: int, seed: int) -> dict[str, Any]:
+    """Time ``steps`` decode steps of ``batch`` sequences after a 256-token prefill."""
+    rng = random.Random(seed)
+    max_tokens = 1 + DECODE_WARMUP_STEPS + steps
+    engine = make_engine(loaded, batch, DECODE_PROMPT_LEN + max_tokens, batch * DECODE_PROMPT_LEN)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"d{batch}-{i}", params=params,
+                           prompt_token_ids=random_prompt(rng, DECODE_PROMPT_LEN, loaded.config.vocab_size))
+    lengths: dict[str, int] = {}  # prompt + output tokens: the keys the next decode step attends to
+
+    def step() -> list[RequestOutput]:
+        outs = engine.step()
+        for o in outs:
+            lengths[o.request_id] = o.num_prompt_tokens + o.num_output_tokens
+        return outs
+
+    t0 = time.perf_counter()
+    while len(lengths) < batch:  # prefill: every request has its first token
+        step()
+    prefill_s = time.perf_counter() - t0
+    for _ in range(DECODE_WARMUP_STEPS):
+        step()
+
+    times, ctxs = [], []
+    with Contention() as busy:
+        for _ in range(steps):
+            ctxs.append(sum(lengths.values()) / batch)
+            t0 = time.perf_counter()
+            outs = step()
+            times.append(time.perf_counter() - t0)
+            if len(outs) != batch:
+                raise RuntimeError(f"decode step at batch {batch} produced {len(outs)} tokens")
+    if engine.has_unfinished():
+        raise RuntimeError("decode requests did not finish when expected")
+
+    step_s = statistics.median(times)
+    ctx = statistics.fmean(ctxs)
+    nbytes, flops = cost.decode_step(batch, ctx)
+    return {
+        "batch": batch,
+        "context": ctx,
+        "steps": steps,
+        "ms_per_step": 1e3 * step_s,
+        "ms_per_step_mean": 1e3 * statistics.fmean(times),
+        "ms_per_step_min": 1e3 * min(times),
+        "ms_per_step_max": 1e3 * max(times),
+        "tokens_per_s": batch / step_s,
+        "prefill_s": prefill_s,
+        "other_cpu_cores": busy.cores,
+        "_cost": (nbytes, flops, step_s),
+    }
+
+
+# -------------------------------------------------------------------- prefill
+def bench_prefill(loaded: LoadedModel, cost: ModelCost, batch: int, reps: int, seed: int) -> dict[str, Any]:
+    """Median time of one engine step that prefills ``batch`` prompts of 512 tokens."""
+    rng = random.Random(seed)
+    engine = make_engine(loaded, batch, PREFILL_LEN + 1, batch * PREFILL_LEN)
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    times = []
+    for rep in range(reps + 1):  # rep 0 warms up
+        for i in range(batch):
+            engine.add_request(f"p{batch}-{rep}-{i}", params=params,
+                               prompt_token_ids=random_prompt(rng, PREFILL_LEN, loaded.config.vocab_size))
+        t0 = time.perf_counter()
+        outs = engine.step()
+        elapsed = time.perf_counter() - t0
+        if len(outs) != batch or engine.has_unfinished():
+            raise RuntimeError(f"prefill of {batch} x {PREFILL_LEN} tokens did not fit one step")
+        if rep:
+            times.append(elapsed)
+
+    step_s = statistics.median(times)
+    nbytes, flops = cost.prefill([PREFILL_LEN] * batch)
+    return {
+        "batch": batch,
+        "prompt_len": PREFILL_LEN,
+        "reps": reps,
+        "ms": 1e3 * step_s,
+        "ms_min": 1e3 * min(times),
+        "tokens_per_s": batch * PREFILL_LEN / step_s,
+        "_cost": (nbytes, flops, step_s),
+    }
+
+
+# ---------------------------------------------------------------------- mixed
+@dataclass(frozen=True)
+class MixedRequest:
+    prompt_token_ids: list[int]
+    output_len: int
+
+
+def mixed_requests(n: int, seed: int, vocab_size: int) -> list[MixedRequest]:
+    """``n`` requests with prompt and output lengths drawn uniformly by ``random.Random(seed)``."""
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(n):
+        plen = rng.randint(*MIXED_PROMPT_LENS)
+        olen = rng.randint(*MIXED_OUTPUT_LENS)
+        reqs.append(MixedRequest(random_prompt(rng, plen, vocab_size), olen))
+    return reqs
+
+
+def run_engine_mixed(loaded: LoadedModel, reqs: list[MixedRequest], batch: int) -> dict[str, Any]:
+    """All requests at once into an engine with ``max_running = batch``; wall time to the last token."""
+    longest = max(len(r.prompt_token_ids) + r.output_len for r in reqs)
+    engine = make_engine(loaded, batch, longest, 2048)
+    t0 = time.perf_counter()
+    for i, r in enumerate(reqs):
+        engine.add_request(f"m{i}", params=SamplingParams(max_tokens=r.output_len, ignore_eos=True),
+                           prompt_token_ids=r.prompt_token_ids)
+    done = run_to_completion(engine)
+    wall = time.perf_counter() - t0
+    for i, r in enumerate(reqs):
+        got = len(done[f"m{i}"].token_ids)
+        if got != r.output_len:
+            raise RuntimeError(f"engine request m{i} produced {got} tokens, expected {r.output_len}")
+    useful = sum(r.output_len for r in reqs)
+    stats = engine.stats()
+    result = {"wall_s": wall, "useful_tokens": useful, "tokens_per_s": useful / wall,
+              "steps": engine.num_steps, "preemptions": stats["preemptions"], "num_blocks": stats["num_blocks"]}
+    return result
+
+
+@torch.inference_mode()
+def run_generate_mixed(loaded: LoadedModel, reqs: list[MixedRequest], batch: int) -> dict[str, Any]:
+    """``generate()`` over static, left-padded batches of ``batch`` requests, in arrival order."""
+    model = loaded.model
+    pad = loaded.eos_token_ids[0]
+    generated = 0
+    t0 = time.perf_counter()
+    for start in range(0, len(reqs), batch):
+        group = reqs[start:start + batch]
+        width = max(len(r.prompt_token_ids) for r in group)
+        new_tokens = max(r.output_len for r in group)
+        input_ids = torch.full((len(group), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, r in enumerate(group):
+            n = len(r.prompt_token_ids)
+            input_ids[row, width - n:] = torch.tensor(r.prompt_token_ids)
+            attention_mask[row, width - n:] = 1
+        out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        if out.shape != (len(group), width + new_tokens):
+            raise RuntimeError(f"generate() returned {tuple(out.shape)}, expected {(len(group), width + new_tokens)}")
+        generated += len(group) * new_tokens
+    wall = time.perf_counter() - t0
+    useful = sum(r.output_len for r in reqs)
+    return {"wall_s": wall, "useful_tokens": useful, "generated_tokens": generated,
+            "wasted_fraction": 1 - useful / generated, "tokens_per_s": useful / wall}
+
+
+def bench_mixed(loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
+    """The same seeded requests through the engine, then through ``generate()``; their throughput ratio."""
+    reqs = mixed_requests(settings.mixed_requests, MIXED_SEED, loaded.config.vocab_size)
+    batch = settings.mixed_batch
+    log(f"mixed: engine, {len(reqs)} requests, max_running={batch}")
+    engine = watched(settings.quiet_wait_s, run_engine_mixed, loaded, reqs, batch)
+    settle()
+    log(f"mixed: generate(), static batches of {batch}")
+    generate = watched(settings.quiet_wait_s, run_generate_mixed, loaded, reqs, batch)
+    ratio = engine["tokens_per_s"] / generate["tokens_per_s"]
+    return {
+        "n_requests": len(reqs),
+        "batch_size": batch,
+        "seed": MIXED_SEED,
+        "prompt_len_range": list(MIXED_PROMPT_LENS),
+        "output_len_range": list(MIXED_OUTPUT_LENS),
+        "prompt_tokens": sum(len(r.prompt_token_ids) for r in reqs),
+        "engine": engine,
+        "generate": generate,
+        "ratio": ratio,
+        "target_ratio": TARGET_MIXED_RATIO,
+        "meets_target": ratio >= TARGET_MIXED_RATIO,
+    }
+
+
+# ---------------------------------------------------------------------- report
+def finish_roofline(entries: list[dict[str, Any]], peaks: dict[str, float]) -> None:
+    """Replace each entry's raw ``_cost`` by its roofline figures against ``peaks``."""
+    for e in entries:
+        nbytes, flops, seconds = e.pop("_cost")
+        e.update(roofline(nbytes, flops, seconds, peaks))
+
+
+def mark_decode_targets(decode: list[dict[str, Any]]) -> None:
+    for e in decode:
+        if e["batch"] == 1:
+            e["target"] = {"metric": "fraction_of_bandwidth_roofline", "threshold": TARGET_DECODE_B1_BANDWIDTH}
+        elif e["batch"] == 64:
+            e["target"] = {"metric": "fraction_of_compute_roofline", "threshold": TARGET_DECODE_B64_COMPUTE}
+        else:
+            continue
+        e["target"]["met"] = e[e["target"]["metric"]] >= e["target"]["threshold"]
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def cores(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def contention_warning(result: dict[str, Any]) -> str | None:
+    """A warning line when other processes used a noticeable share of the CPUs during any measurement."""
+    m = result["machine"]
+    figures = [s["other_cpu_cores"] for s in m["samples"]]
+    figures += [e["other_cpu_cores"] for e in result["decode"] + result["prefill"]]
+    figures += [result["mixed"]["engine"]["other_cpu_cores"], result["mixed"]["generate"]["other_cpu_cores"]]
+    worst = max((f for f in figures if f is not None), default=None)
+    if worst is None or worst < CONTENTION_WARN_CORES:
+        return None
+    return (f"WARNING: other processes used up to {worst:.2f} of {m['cpu_count']} cores during a measurement "
+            "(column 'others'); those figures are contended and not trustworthy.")
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def target_note(e: dict[str, Any]) -> str:
+    t = e.get("target")
+    if t is None:
+        return ""
+    kind = "bw" if "bandwidth" in t["metric"] else "compute"
+    return f"{kind} >= {pct(t['threshold'])}: {'met' if t['met'] else 'NOT met'}"
+
+
+def render(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    mdl = m["model"]
+    out = [
+        f"Machine: {m['cpu_count']} CPUs, torch {m['torch_version']} with {m['torch_threads']} threads",
+        f"  copy bandwidth {m['bandwidth_gbps']:.1f} GB/s (start {m['samples'][0]['bandwidth_gbps']:.1f}, "
+        f"end {m['samples'][1]['bandwidth_gbps']:.1f}); "
+        f"fp32 matmul {m['matmul_gflops']:.1f} GFLOP/s (start {m['samples'][0]['matmul_gflops']:.1f}, "
+        f"end {m['samples'][1]['matmul_gflops']:.1f})",
+        f"  other processes' CPU use: {cores(m['other_cpu_cores'])} cores over the run, "
+        f"{cores(m['samples'][0]['other_cpu_cores'])} / {cores(m['samples'][1]['other_cpu_cores'])} "
+        "during the start / end peak measurements",
+        f"Model: {mdl['name']}, {mdl['num_params'] / 1e6:.1f}M params ({mdl['param_bytes'] / 1e6:.0f} MB), "
+        f"KV {mdl['kv_bytes_per_token']} B/token",
+        "",
+        f"Decode (prompt {DECODE_PROMPT_LEN} tokens; median of timed steps)",
+        format_table(
+            ["batch", "ctx", "ms/step", "tok/s", "roofline ms", "bound", "of roofline", "of bw", "of compute",
+             "GB/s", "GFLOP/s", "others", "target"],
+            [[str(e["batch"]), f"{e['context']:.0f}", f"{e['ms_per_step']:.1f}", f"{e['tokens_per_s']:.1f}",
+              f"{e['roofline_ms']:.1f}", e["bound"], pct(e["fraction_of_roofline"]),
+              pct(e["fraction_of_bandwidth_roofline"]), pct(e["fraction_of_compute_roofline"]),
+              f"{e['achieved_gbps']:.1f}", f"{e['achieved_gflops']:.1f}", cores(e["other_cpu_cores"]),
+              target_note(e)]
+             for e in result["decode"]],
+        ),
+        "",
+        f"Prefill ({PREFILL_LEN}-token prompts, one step; median of reps)",
+        format_table(
+            ["batch", "tokens", "ms", "tok/s", "roofline ms", "bound", "of roofline", "of bw", "of compute",
+             "GFLOP/s", "others"],
+            [[str(e["batch"]), str(e["batch"] * e["prompt_len"]), f"{e['ms']:.0f}", f"{e['tokens_per_s']:.0f}",
+              f"{e['roofline_ms']:.0f}", e["bound"], pct(e["fraction_of_roofline"]),
+              pct(e["fraction_of_bandwidth_roofline"]), pct(e["fraction_of_compute_roofline"]),
+              f"{e['achieved_gflops']:.1f}", cores(e["other_cpu_cores"])]
+             for e in result["prefill"]],
+        ),
+    ]
+    mx = result["mixed"]
+    eng, gen = mx["engine"], mx["generate"]
+    out += [
+        "",
+        f"Mixed workload: {mx['n_requests']} requests, seed {mx['seed']}, prompts {mx['prompt_len_range']}, "
+        f"outputs {mx['output_len_range']}, batch {mx['batch_size']}",
+        format_table(
+            ["system", "wall s", "useful tok", "tok/s", "others", "notes"],
+            [["engine", f"{eng['wall_s']:.1f}", str(eng["useful_tokens"]), f"{eng['tokens_per_s']:.1f}",
+              cores(eng["other_cpu_cores"]), f"{eng['steps']} steps, {eng['preemptions']} preemptions"],
+             ["generate()", f"{gen['wall_s']:.1f}", str(gen["useful_tokens"]), f"{gen['tokens_per_s']:.1f}",
+              cores(gen["other_cpu_cores"]), f"{gen['generated_tokens']} generated, {pct(gen['wasted_fraction'])} wasted"]],
+        ),
+        f"  engine / generate() = {mx['ratio']:.2f}x (target >= {mx['target_ratio']:.0f}x: "
+        f"{'met' if mx['meets_target'] else 'NOT met'})",
+    ]
+    warning = contention_warning(result)
+    if warning:
+        out += ["", warning]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------ main
+def run(settings: Settings) -> dict[str, Any]:
+    with Contention() as busy:
+        result = run_sections(settings)
+    result["machine"]["other_cpu_cores"] = busy.cores
+    return result
+
+
+def run_sections(settings: Settings) -> dict[str, Any]:
+    log(f"measuring machine peaks ({settings.peak_reps} reps)")
+    start_peaks = measure_peaks(settings.peak_reps, settings.quiet_wait_s)
+    log(f"peaks: {start_peaks}")
+    log(f"loading {DEFAULT_MODEL}")
+    loaded = load_model(DEFAULT_MODEL)
+    cost = ModelCost.of(loaded, kv_layout_of(loaded.model).bytes_per_token)
+
+    decode = []
+    for batch in DECODE_BATCHES:
+        log(f"decode: batch {batch}")
+        decode.append(watched(settings.quiet_wait_s, bench_decode, loaded, cost, batch, settings.decode_steps,
+                              seed=batch))
+        settle()
+    prefill = []
+    for batch in PREFILL_BATCHES:
+        log(f"prefill: batch {batch} x {PREFILL_LEN}")
+        prefill.append(watched(settings.quiet_wait_s, bench_prefill, loaded, cost, batch, settings.prefill_reps,
+                               seed=1000 + batch))
+        settle()
+    mixed = bench_mixed(loaded, settings)
+
+    log("measuring machine peaks again")
+    end_peaks = measure_peaks(settings.peak_reps, settings.quiet_wait_s)
+    peaks = {k: max(start_peaks[k], end_peaks[k]) for k in ("bandwidth_gbps", "matmul_gflops")}
+    finish_roofline(decode, peaks)
+    finish_roofline(prefill, peaks)
+    mark_decode_targets(decode)
+    machine = {
+        **peaks,
+        "samples": [start_peaks, end_peaks],
+        "copy_bytes": COPY_BYTES,
+        "matmul_n": MATMUL_N,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "model": {"name": DEFAULT_MODEL, "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+                  **cost.as_dict()},
+        "settings": asdict(settings),
+    }
+    return {"machine": machine, "decode": decode, "prefill": prefill, "mixed": mixed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"fewer decode steps and a {QUICK.mixed_requests}-request mixed workload")
+    parser.add_argument("--wait-quiet", metavar="SECONDS", type=float, default=0.0,
+                        help="before each measurement, wait up to SECONDS for other processes to stop using "
+                             f"the CPUs (more than {CONTENTION_WARN_CORES} cores); default 0: do not wait")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    settings = replace(QUICK if args.quick else FULL, quiet_wait_s=args.wait_quiet)
+    result = run(settings)
+    log(f"done in {time.perf_counter() - started:.0f} s")
+    print(render(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
