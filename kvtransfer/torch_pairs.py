@@ -35,7 +35,7 @@ T = TypeVar("T")
 # writes and returns the current value, or _ABSENT when the key is missing,
 # which makes it a read that cannot block (TCPStore.get waits for the key).
 _ABSENT = "\x00absent"
-_POLL_MIN_S, _POLL_MAX_S = 0.0005, 0.005
+_POLL_MIN_S, _POLL_MAX_S = 0.0002, 0.001  # completion is noticed within ~1 ms: it adds to TTFT
 
 
 def store_read(store: dist.Store, key: str) -> dict[str, Any] | None:

@@ -39,7 +39,7 @@ from kvtransfer.ray_transport import KVTransferActorMixin
 async def wait_transfer(transport: KVTransport, transfer_id: str, timeout_s: float) -> TransferStatus:
     """Poll a transfer until it is done or ``timeout_s`` passes (then abort it)."""
     deadline = time.monotonic() + timeout_s
-    delay = 0.0005
+    delay = 0.0002
     while True:
         status = transport.poll(transfer_id)
         if status.done:
@@ -48,7 +48,7 @@ async def wait_transfer(transport: KVTransport, transfer_id: str, timeout_s: flo
             transport.abort(transfer_id)
             return TransferStatus.FAILED
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.01)
+        delay = min(delay * 2, 0.001)  # a late look at a finished transfer adds straight to TTFT
 
 
 class PrefillWorker(KVTransferActorMixin):
