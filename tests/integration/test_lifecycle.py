@@ -1,0 +1,108 @@
+"""Request lifecycle on a live tiny cluster: client cancel reaches both
+workers, expired leases free their blocks, dead actors are replaced, the
+CLI client streams."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import ray
+
+from router.client import Client
+from tests.integration.clusters import make_config, running
+
+
+@pytest.fixture(scope="module")
+def tiny_cluster(ray_head):
+    cfg = make_config(decode={"lease_s": 1.0})
+    with running(cfg) as (d, address):
+        yield d, address
+
+
+def used_blocks(address: str) -> dict[str, int]:
+    return {w.worker_id: w.used_blocks for p in Client(address).status().pools for w in p.workers}
+
+
+def wait_for(predicate, timeout_s: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_client_cancel_frees_blocks_on_both_workers(tiny_cluster):
+    _, address = tiny_cluster
+    client = Client(address)
+    stream = client.stream("a long answer please", max_tokens=900, ignore_eos=True)
+    got = 0
+    for resp in stream:
+        got += len(resp.token_ids)
+        if got >= 5:
+            break
+    assert max(used_blocks(address).values()) > 0  # the request holds KV mid-stream
+    stream.cancel()
+    t0 = time.monotonic()
+    wait_for(lambda: set(used_blocks(address).values()) == {0}, 5.0, "blocks freed after cancel")
+    assert time.monotonic() - t0 < 2.0
+    assert client.generate("still serving", max_tokens=3).finish_reason == "length"
+
+
+def test_expired_lease_frees_a_reservation(tiny_cluster):
+    d, address = tiny_cluster
+    decode = next(w for w in d.deployment.router.servicer.directory.of_kind("decode"))
+    prefill = next(w for w in d.deployment.router.servicer.directory.of_kind("prefill"))
+    endpoint = ray.get(decode.handle.reserve.remote("orphan", 100, prefill.endpoint, 5.0), timeout=30)
+    assert endpoint is not None
+    assert used_blocks(address)[decode.worker_id] > 0  # held, but no KV will ever come
+    wait_for(lambda: used_blocks(address)[decode.worker_id] == 0, 10.0, "the lease to expire")
+
+
+def test_dead_actor_is_replaced_and_pools_return_to_size(tiny_cluster):
+    d, address = tiny_cluster
+    pm = d.deployment.pool_manager
+    victim = ray.get_actor("decode-0", namespace=d.deployment.cfg.ray.namespace)
+    ray.kill(victim)
+    replaced = ray.get(pm.check_health.remote(), timeout=300)
+    assert replaced == ["decode-0"]
+    assert ray.get(pm.counts.remote(), timeout=30) == {"prefill": 1, "decode": 1}
+    wait_for(lambda: {p.kind: [w.worker_id for w in p.workers] for p in Client(address).status().pools}
+             == {"prefill": ["prefill-0"], "decode": ["decode-1"]}, 10.0, "the router to see the new actor")
+    out = Client(address).generate("after the replacement", max_tokens=4, ignore_eos=True)
+    assert len(out.token_ids) == 4 and out.timings.decode_worker == "decode-1"
+
+
+def test_cli_client_streams_and_reports_status(tiny_cluster):
+    _, address = tiny_cluster
+    run = subprocess.run([sys.executable, "-m", "router.client", "--raw", "--max-tokens", "6", "--address", address,
+                          "hello"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "6 tokens, finish=length" in run.stderr and "TTFT" in run.stderr
+    status = subprocess.run([sys.executable, "-m", "router.client", "--status", "--address", address],
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and 'kind: "decode"' in status.stdout
+
+
+def test_bad_input_gets_invalid_argument_naming_the_field(tiny_cluster):
+    _, address = tiny_cluster
+    client = Client(address)
+    cases = [
+        (dict(prompt=""), "prompt"),
+        (dict(prompt="x", temperature=-1.0), "temperature"),
+        (dict(prompt="x", top_p=1.5), "top_p"),
+        (dict(prompt="x", max_tokens=-2), "max_tokens"),
+        (dict(messages=[]), "chat.messages"),
+        (dict(messages=[{"role": "wizard", "content": "hi"}]), "role"),
+    ]
+    for kwargs, field in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate(**kwargs)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kwargs
+        assert field in e.value.details(), (field, e.value.details())
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate("x", model="some-other-model")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
