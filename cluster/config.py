@@ -211,11 +211,16 @@ class PoolsConfig(_Section):
 
     def counts_for_total(self, total: int) -> tuple[int, int]:
         """Split ``total`` replicas at the ratio (for scaling); ValueError unless a positive multiple of P+D."""
-        p, d = self.ratio_pair()
-        if total < 1 or total % (p + d):
-            raise ValueError(f"{total} replicas cannot keep ratio {p}:{d}: the total must be a positive multiple of {p + d} = {p}+{d}")
-        k = total // (p + d)
-        return p * k, d * k
+        return split_at_ratio(self.ratio_pair(), total)
+
+
+def split_at_ratio(ratio: tuple[int, int], total: int) -> tuple[int, int]:
+    """(prefill, decode) counts for ``total`` replicas at ``ratio``: 2:1 → 3 → (2, 1), 6 → (4, 2)."""
+    p, d = ratio
+    if total < 1 or total % (p + d):
+        raise ValueError(f"{total} replicas cannot keep ratio {p}:{d}: the total must be a positive multiple of {p + d} = {p}+{d}")
+    k = total // (p + d)
+    return p * k, d * k
 
 
 class KVTransferConfig(_Section):

@@ -25,6 +25,7 @@ from typing import Any
 
 import ray
 
+from cluster.config import split_at_ratio
 from decode_worker.worker import DecodeWorker
 from prefill_worker.worker import PrefillWorker
 
@@ -54,15 +55,6 @@ class WorkerEntry:
     endpoint: dict
     node_id: str
     draining: bool = False
-
-
-def counts_for_total(ratio: tuple[int, int], total: int) -> tuple[int, int]:
-    """(prefill, decode) counts for ``total`` actors at ``ratio``."""
-    p, d = ratio
-    if total < p + d or total % (p + d):
-        raise ValueError(f"total {total} is not a positive multiple of {p + d} = {p}+{d} (ratio {p}:{d})")
-    k = total // (p + d)
-    return p * k, d * k
 
 
 class PoolManager:
@@ -145,7 +137,7 @@ class PoolManager:
     # -------------------------------------------------------------- scaling
     async def scale(self, total: int) -> dict[str, int]:
         """Resize both pools to ``total`` actors at the ratio; returns the new counts."""
-        p, d = counts_for_total(self.ratio, total)
+        p, d = split_at_ratio(self.ratio, total)
         async with self._lock:
             self.targets = {"prefill": p, "decode": d}
             await self._reconcile()

@@ -64,12 +64,3 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
-
-    @property
-    def in_prefill(self) -> bool:
-        """True while more than the last sampled token remains to compute."""
-        return self.num_uncomputed_tokens > 1
-
-    @property
-    def max_total_tokens(self) -> int:
-        return len(self.prompt_token_ids) + self.params.max_tokens

@@ -87,7 +87,7 @@ def test_scaling_keeps_the_ratio_and_loses_no_request(ray_head, tiny_model):
         bad = subprocess.run([sys.executable, "-m", "cluster.scale", "--total", "3", "--namespace", cfg.ray.namespace,
                               "--address", ray_head.gcs_address], capture_output=True, text=True, timeout=300,
                              env=ray_head.env())
-        assert bad.returncode == 2 and "not a positive multiple of 2" in bad.stderr
+        assert bad.returncode == 2 and "must be a positive multiple of 2" in bad.stderr
         import time
 
         deadline = time.monotonic() + 120
