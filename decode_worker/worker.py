@@ -16,28 +16,24 @@ Lifecycle of one request here (DESIGN.md section 2, steps 3 and 5):
 
 from __future__ import annotations
 
-import asyncio
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 
-from engine.async_engine import AsyncEngine
+from cluster.worker_base import WorkerBase
 from engine.kv_cache import KVLayout
 from engine.kv_handoff import KVHandoff
-from engine.llm_engine import LLMEngine
-from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
 from kvtransfer.base import TransferStatus
-from kvtransfer.factory import make_transport
-from kvtransfer.ray_transport import KVTransferActorMixin
 from prefill_worker.worker import wait_transfer
 
 
-class DecodeWorker(KVTransferActorMixin):
+class DecodeWorker(WorkerBase):
     """Plain class; the pool manager wraps it with ``ray.remote``."""
+
+    kind = "decode"
 
     def __init__(
         self,
@@ -55,59 +51,23 @@ class DecodeWorker(KVTransferActorMixin):
         transport_backend: str = "gloo",
         transport_kwargs: dict | None = None,
     ) -> None:
-        self.worker_id = worker_id
-        loaded = load_model(model, dtype=dtype, max_model_len=max_model_len)
-        self._limits = {"name": model, "max_model_len": loaded.max_model_len,
-                        "vocab_size": int(loaded.config.vocab_size)}
-        engine = LLMEngine(loaded, block_size=block_size, num_blocks=num_blocks, kv_cache_bytes=kv_cache_bytes,
-                           max_running=max_running, max_batched_tokens=max_batched_tokens)
-        self.layout = engine.layout
-        self.engine = AsyncEngine(engine)
-        self.kv_transport = make_transport(transport_backend, worker_id, **(transport_kwargs or {}))
+        super().__init__(worker_id, model=model, dtype=dtype, max_model_len=max_model_len,
+                         engine_kwargs={"block_size": block_size, "num_blocks": num_blocks,
+                                        "kv_cache_bytes": kv_cache_bytes, "max_running": max_running,
+                                        "max_batched_tokens": max_batched_tokens},
+                         batch_wait_s=0.0, transport_backend=transport_backend, transport_kwargs=transport_kwargs)
         self.lease_s = lease_s
         self._leases: dict[str, float] = {}  # transfer_id -> deadline, until imported
-        self._reaper: asyncio.Task | None = None
-        self.requests_served = 0
         self.tokens_generated = 0
-        self.outstanding_tokens = 0
-
-    # ------------------------------------------------------------- control
-    def ping(self) -> str:
-        return self.worker_id
-
-    def limits(self) -> dict:
-        """The served model's name and limits, for the router's validation."""
-        return dict(self._limits)
-
-    def endpoint(self) -> dict:
-        return self.kv_transport.endpoint()
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else os.uname().nodename
 
     def status(self) -> dict[str, Any]:
-        stats = self.engine.engine.stats()
-        return {
-            "worker_id": self.worker_id,
-            "kind": "decode",
-            "running": stats["running"],
-            "waiting": stats["waiting"],
-            "reserved": stats["reserved"],
-            "outstanding_tokens": self.outstanding_tokens,
-            "free_blocks": stats["free_blocks"],
-            "used_blocks": stats["used_blocks"],
-            "num_blocks": stats["num_blocks"],
-            "requests_served": self.requests_served,
-            "tokens_generated": self.tokens_generated,
-        }
+        return {**super().status(), "tokens_generated": self.tokens_generated}
 
     # ------------------------------------------------------------ requests
     async def reserve(self, transfer_id: str, num_prompt_tokens: int, sender: dict,
                       timeout_s: float = 30.0) -> dict | None:
         """Hold blocks for an incoming KV; return this worker's endpoint, or ``None`` if full."""
-        self._start_reaper()
+        self._reap(self._leases, self._expire)
         ok = await self.engine.call(lambda e: e.reserve(transfer_id, num_prompt_tokens + 1))
         if not ok:
             return None
@@ -167,21 +127,8 @@ class DecodeWorker(KVTransferActorMixin):
         self._leases.pop(transfer_id, None)
         await self.engine.call(lambda e: e.cancel_reservation(transfer_id))
 
-
-    def _start_reaper(self) -> None:
-        if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().create_task(self._reap_leases())
-
-    async def _reap_leases(self) -> None:
-        """Free reservations whose KV never came within the lease."""
-        while True:
-            await asyncio.sleep(0.5)
-            now = time.monotonic()
-            for tid in [t for t, deadline in self._leases.items() if deadline <= now]:
-                self.kv_transport.abort(tid)
-                self.kv_transport.forget(tid)
-                await self._drop_lease(tid)
-
-    def shutdown(self) -> None:
-        self.engine.close()
-        self.kv_transport.close()
+    async def _expire(self, transfer_id: str) -> None:
+        """A reservation whose KV never came within the lease."""
+        self.kv_transport.abort(transfer_id)
+        self.kv_transport.forget(transfer_id)
+        await self._drop_lease(transfer_id)

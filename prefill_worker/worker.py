@@ -22,18 +22,13 @@ Lifecycle of one request here (DESIGN.md section 2, step 4):
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from dataclasses import asdict
 from typing import Any
 
-from engine.async_engine import AsyncEngine
-from engine.llm_engine import LLMEngine
-from engine.model_loader import load_model
+from cluster.worker_base import WorkerBase
 from engine.sampling_params import SamplingParams
 from kvtransfer.base import KVTransport, TransferStatus
-from kvtransfer.factory import make_transport
-from kvtransfer.ray_transport import KVTransferActorMixin
 
 
 async def wait_transfer(transport: KVTransport, transfer_id: str, timeout_s: float) -> TransferStatus:
@@ -51,8 +46,10 @@ async def wait_transfer(transport: KVTransport, transfer_id: str, timeout_s: flo
         delay = min(delay * 2, 0.001)  # a late look at a finished transfer adds straight to TTFT
 
 
-class PrefillWorker(KVTransferActorMixin):
+class PrefillWorker(WorkerBase):
     """Plain class; the pool manager wraps it with ``ray.remote``."""
+
+    kind = "prefill"
 
     def __init__(
         self,
@@ -70,52 +67,17 @@ class PrefillWorker(KVTransferActorMixin):
         transport_backend: str = "gloo",
         transport_kwargs: dict | None = None,
     ) -> None:
-        self.worker_id = worker_id
-        loaded = load_model(model, dtype=dtype, max_model_len=max_model_len)
-        self._limits = {"name": model, "max_model_len": loaded.max_model_len,
-                        "vocab_size": int(loaded.config.vocab_size)}
-        engine = LLMEngine(loaded, block_size=block_size, num_blocks=num_blocks, max_running=max_running,
-                           max_batched_tokens=max_batch_tokens)
-        self.engine = AsyncEngine(engine, batch_wait_s=batch_wait_ms / 1000)
-        self.kv_transport = make_transport(transport_backend, worker_id, **(transport_kwargs or {}))
+        super().__init__(worker_id, model=model, dtype=dtype, max_model_len=max_model_len,
+                         engine_kwargs={"block_size": block_size, "num_blocks": num_blocks,
+                                        "max_running": max_running, "max_batched_tokens": max_batch_tokens},
+                         batch_wait_s=batch_wait_ms / 1000, transport_backend=transport_backend,
+                         transport_kwargs=transport_kwargs)
         self.hold_lease_s = hold_lease_s
         self._holds: dict[str, float] = {}  # transfer_id -> lease deadline
-        self._reaper: asyncio.Task | None = None
-        self.requests_served = 0
         self.tokens_prefilled = 0
-        self.outstanding_tokens = 0
-
-    # ------------------------------------------------------------- control
-    def ping(self) -> str:
-        return self.worker_id
-
-    def limits(self) -> dict:
-        """The served model's name and limits, for the router's validation."""
-        return dict(self._limits)
-
-    def endpoint(self) -> dict:
-        return self.kv_transport.endpoint()
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else os.uname().nodename
 
     def status(self) -> dict[str, Any]:
-        stats = self.engine.engine.stats()
-        return {
-            "worker_id": self.worker_id,
-            "kind": "prefill",
-            "running": stats["running"],
-            "waiting": stats["waiting"],
-            "held": len(self._holds),
-            "outstanding_tokens": self.outstanding_tokens,
-            "free_blocks": stats["free_blocks"],
-            "used_blocks": stats["used_blocks"],
-            "num_blocks": stats["num_blocks"],
-            "requests_served": self.requests_served,
-            "tokens_prefilled": self.tokens_prefilled,
-        }
+        return {**super().status(), "held": len(self._holds), "tokens_prefilled": self.tokens_prefilled}
 
     # ------------------------------------------------------------ requests
     async def prefill(
@@ -127,7 +89,7 @@ class PrefillWorker(KVTransferActorMixin):
         timeout_s: float = 30.0,
     ) -> dict[str, Any]:
         """Prefill one prompt and push its KV; see the module docstring."""
-        self._start_reaper()
+        self._reap(self._holds, self._drop)
         t0 = time.perf_counter()
         self.outstanding_tokens += len(prompt_token_ids)
         try:
@@ -187,20 +149,6 @@ class PrefillWorker(KVTransferActorMixin):
         self.kv_transport.abort(transfer_id)
         return await self.engine.call(lambda e: e.abort_request(transfer_id))
 
-
-    def _start_reaper(self) -> None:
-        if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().create_task(self._reap_holds())
-
-    async def _reap_holds(self) -> None:
-        """Free holds whose acknowledgement never came (router died, stream lost)."""
-        while True:
-            await asyncio.sleep(0.5)
-            now = time.monotonic()
-            for tid in [t for t, deadline in self._holds.items() if deadline <= now]:
-                self._holds.pop(tid, None)
-                await self.engine.call(lambda e, tid=tid: e.abort_request(tid))
-
-    def shutdown(self) -> None:
-        self.engine.close()
-        self.kv_transport.close()
+    async def _drop(self, transfer_id: str) -> None:
+        """A hold whose acknowledgement never came (router died, stream lost)."""
+        await self.engine.call(lambda e: e.abort_request(transfer_id))

@@ -1,0 +1,96 @@
+"""What the prefill and decode workers share: a model in an engine on its
+stepping thread, a KV transport, the control calls the pool manager and
+router use, and lease reaping."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from engine.async_engine import AsyncEngine
+from engine.llm_engine import LLMEngine
+from engine.model_loader import load_model
+from kvtransfer.factory import make_transport
+from kvtransfer.ray_transport import KVTransferActorMixin
+
+REAP_INTERVAL_S = 0.5
+
+
+class WorkerBase(KVTransferActorMixin):
+    """Base of both worker kinds (plain classes the pool manager wraps with ``ray.remote``)."""
+
+    kind = "worker"
+
+    def __init__(self, worker_id: str, *, model: str, dtype: str, max_model_len: int | None,
+                 engine_kwargs: dict[str, Any], batch_wait_s: float, transport_backend: str,
+                 transport_kwargs: dict | None) -> None:
+        self.worker_id = worker_id
+        loaded = load_model(model, dtype=dtype, max_model_len=max_model_len)
+        self._limits = {"name": model, "max_model_len": loaded.max_model_len,
+                        "vocab_size": int(loaded.config.vocab_size)}
+        engine = LLMEngine(loaded, **engine_kwargs)
+        self.layout = engine.layout
+        self.engine = AsyncEngine(engine, batch_wait_s=batch_wait_s)
+        self.kv_transport = make_transport(transport_backend, worker_id, **(transport_kwargs or {}))
+        self.requests_served = 0
+        self.outstanding_tokens = 0
+        self._reapers: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------- control
+    def ping(self) -> str:
+        return self.worker_id
+
+    def limits(self) -> dict:
+        """The served model's name and limits, for the router's validation."""
+        return dict(self._limits)
+
+    def endpoint(self) -> dict:
+        return self.kv_transport.endpoint()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else os.uname().nodename
+
+    def status(self) -> dict[str, Any]:
+        """Load and KV occupancy (the kind adds its own counters)."""
+        stats = self.engine.engine.stats()
+        return {
+            "worker_id": self.worker_id,
+            "kind": self.kind,
+            "running": stats["running"],
+            "waiting": stats["waiting"],
+            "reserved": stats["reserved"],
+            "outstanding_tokens": self.outstanding_tokens,
+            "free_blocks": stats["free_blocks"],
+            "used_blocks": stats["used_blocks"],
+            "num_blocks": stats["num_blocks"],
+            "requests_served": self.requests_served,
+        }
+
+    def shutdown(self) -> None:
+        for task in self._reapers:
+            task.cancel()
+        self.engine.close()
+        self.kv_transport.close()
+
+    # -------------------------------------------------------------- leases
+    def _reap(self, deadlines: dict[str, float], on_expire: Callable[[str], Awaitable[Any]]) -> None:
+        """Start (once per ``deadlines``) a task that calls ``on_expire`` for each id past its deadline."""
+        if any(getattr(t, "deadlines", None) is deadlines for t in self._reapers):
+            return
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(REAP_INTERVAL_S)
+                now = time.monotonic()
+                for key in [k for k, deadline in deadlines.items() if deadline <= now]:
+                    deadlines.pop(key, None)
+                    await on_expire(key)
+
+        task = asyncio.get_running_loop().create_task(loop())
+        task.deadlines = deadlines  # type: ignore[attr-defined]
+        self._reapers.append(task)
