@@ -86,6 +86,7 @@ from typing import Any  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.engine import busy_cpu_seconds  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.model_loader import DEFAULT_MODEL, load_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -144,18 +145,9 @@ def median(xs: list[float]) -> float:
 def busy_cores(probe_s: float = 1.0) -> float | None:
     """How many cores' worth of CPU the whole machine used over ``probe_s`` (``/proc/stat``)."""
 
-    def busy() -> float | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = f.readline().split()
-        except OSError:
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-    a = busy()
+    a = busy_cpu_seconds()
     time.sleep(probe_s)
-    b = busy()
+    b = busy_cpu_seconds()
     return None if a is None or b is None else round((b - a) / probe_s, 2)
 
 

@@ -125,7 +125,7 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ contention
-def _busy_cpu_seconds() -> float | None:
+def busy_cpu_seconds() -> float | None:
     """CPU time all processes have used so far (Linux ``/proc/stat``), or None elsewhere."""
     try:
         with open("/proc/stat") as f:
@@ -154,11 +154,11 @@ class Contention:
         self.cores: float | None = None
 
     def __enter__(self) -> "Contention":
-        self._t0, self._busy0, self._own0 = time.perf_counter(), _busy_cpu_seconds(), _own_cpu_seconds()
+        self._t0, self._busy0, self._own0 = time.perf_counter(), busy_cpu_seconds(), _own_cpu_seconds()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        busy = _busy_cpu_seconds()
+        busy = busy_cpu_seconds()
         if busy is None or self._busy0 is None:
             return
         others = (busy - self._busy0) - (_own_cpu_seconds() - self._own0)
