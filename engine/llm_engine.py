@@ -124,20 +124,35 @@ class LLMEngine:
         prompt_token_ids: list[int] | None = None,
         messages: list[dict] | None = None,
         export_after_prefill: bool = False,
+        output_token_ids: list[int] | None = None,
+        emitted_text: str | None = None,
     ) -> None:
-        """Queue a request; raises :class:`InvalidRequestError` (naming the field) before any state changes."""
+        """Queue a request; raises :class:`InvalidRequestError` (naming the field) before any state changes.
+
+        ``output_token_ids`` resumes a request whose first outputs were
+        produced elsewhere (a worker that died): they are recomputed with the
+        prompt, count towards ``max_tokens`` and are not streamed again;
+        ``emitted_text`` is the text already streamed for them.
+        """
         params = params or SamplingParams()
         params.validate()
         if request_id in self._requests or request_id in self._parked:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         if prompt_token_ids is None:
             prompt_token_ids = self.tokenize(prompt, messages)
-        self._check_prompt(prompt_token_ids, params, export_after_prefill)
+        prior = list(output_token_ids or [])
+        if prior and len(prior) >= params.max_tokens:
+            raise InvalidRequestError("output_token_ids", f"{len(prior)} outputs already reach max_tokens={params.max_tokens}")
+        self._check_prompt(list(prompt_token_ids) + prior, params, export_after_prefill)
         seq = Sequence(request_id, list(prompt_token_ids), params, arrival=self._arrivals,
-                       export_after_prefill=export_after_prefill)
+                       output_token_ids=prior, export_after_prefill=export_after_prefill)
         self._arrivals += 1
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
+        for t in prior:
+            detok.skip_token(t)
+        if emitted_text is not None:
+            detok.mark_emitted(len(emitted_text))
         self._requests[request_id] = _Request(seq, detok, seed)
         self.scheduler.add(seq)
 
