@@ -1,0 +1,302 @@
+"""Prometheus metrics: the router's request timings and every worker's load.
+
+Everything registers on a :class:`~prometheus_client.CollectorRegistry`
+passed in explicitly (never the global one), so several deployments and
+tests can live in one process. Two halves:
+
+1. :class:`RouterMetrics`: histograms of TTFT, TPOT, ITL, E2E and of each
+   request stage, counters of requests by outcome and of tokens, a gauge of
+   requests in flight. The router calls it with plain numbers.
+2. :class:`WorkerStatusCollector`: a custom collector that turns the status
+   dicts the router polls from its workers into per-worker gauges and
+   counters (labels ``worker_id`` and ``kind``) at scrape time. The keys it
+   reads are listed on the class.
+
+The metric names are module constants; ``cluster.dashboard`` builds the
+Grafana dashboard from the same constants, so the two cannot drift apart.
+Names follow the Prometheus conventions: a ``splitserve_`` prefix, base
+units (seconds, bytes) in the name, ``_total`` on counters, ``_ratio`` on
+fractions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------ router
+TTFT = "splitserve_time_to_first_token_seconds"
+TPOT = "splitserve_time_per_output_token_seconds"
+ITL = "splitserve_inter_token_latency_seconds"
+E2E = "splitserve_e2e_request_latency_seconds"
+STAGE = "splitserve_request_stage_seconds"
+REQUESTS = "splitserve_requests_total"
+PROMPT_TOKENS = "splitserve_prompt_tokens_total"
+GENERATION_TOKENS = "splitserve_generation_tokens_total"
+IN_FLIGHT = "splitserve_requests_in_flight"
+
+ROUTER_HISTOGRAMS = (TTFT, TPOT, ITL, E2E, STAGE)
+
+#: Request stages, in order: router admitted -> decode worker reserved
+#: (``queue``), then on the prefill worker (queued, computing), the KV
+#: transfer, then on the decode worker (queued, decoding).
+STAGES = ("queue", "prefill_queue", "prefill", "transfer", "decode_queue", "decode")
+
+#: How a request ended. ``rejected``: refused at admission (queues full);
+#: ``invalid``: bad input; ``deadline``: the client's deadline passed.
+OUTCOMES = ("ok", "cancelled", "deadline", "error", "rejected", "invalid")
+
+#: Whole-request and per-stage latencies: 1 ms to 5 minutes.
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+#: Per-token gaps: 0.5 ms to 30 s (a preempted or stalled stream).
+TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15,
+                 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class RouterMetrics:
+    """The router's request metrics on ``registry``.
+
+    Call :meth:`observe_request` once per request that reached a worker,
+    :meth:`observe_token_gap` for each gap between two streamed tokens, and
+    :meth:`count_outcome` alone for requests that ended before any timing
+    (rejected, invalid). Wrap each request in :meth:`track_in_flight`.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ttft = Histogram(TTFT, "Time from the router receiving a request to its first token leaving it.",
+                              buckets=REQUEST_BUCKETS, registry=registry)
+        self.tpot = Histogram(TPOT, "Mean time per output token after the first, per request.",
+                              buckets=TOKEN_BUCKETS, registry=registry)
+        self.itl = Histogram(ITL, "Gap between two consecutive tokens of one stream.",
+                             buckets=TOKEN_BUCKETS, registry=registry)
+        self.e2e = Histogram(E2E, "Whole request, router receipt to last token, of successful requests.",
+                             buckets=REQUEST_BUCKETS, registry=registry)
+        self.stage = Histogram(STAGE, "Time a request spent in each stage of its lifecycle.", ["stage"],
+                               buckets=REQUEST_BUCKETS, registry=registry)
+        self.requests = Counter(REQUESTS, "Requests by how they ended.", ["outcome"], registry=registry)
+        self.prompt_tokens = Counter(PROMPT_TOKENS, "Prompt tokens of requests that reached a worker.",
+                                     registry=registry)
+        self.generation_tokens = Counter(GENERATION_TOKENS, "Tokens streamed to clients.", registry=registry)
+        self.in_flight = Gauge(IN_FLIGHT, "Requests admitted and not yet finished.", registry=registry)
+        # Known label values start at 0, so rate() sees the first request.
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome=outcome)
+        for stage in STAGES:
+            self.stage.labels(stage=stage)
+
+    def track_in_flight(self):
+        """Context manager (or decorator) counting the request in flight while it runs."""
+        return self.in_flight.track_inprogress()
+
+    def count_outcome(self, outcome: str) -> None:
+        """Count one finished request; ``outcome`` is one of :data:`OUTCOMES`."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}")
+        self.requests.labels(outcome=outcome).inc()
+
+    def observe_request(
+        self,
+        outcome: str,
+        *,
+        num_prompt_tokens: int,
+        num_output_tokens: int,
+        ttft_s: float | None = None,
+        e2e_s: float | None = None,
+        stages: Mapping[str, float] | None = None,
+    ) -> None:
+        """Record one finished request.
+
+        Counts the outcome and the tokens; observes TTFT when there was a
+        first token, and — for ``ok`` requests only, as a cancelled request's
+        duration is the client's choice — E2E and TPOT (``(e2e - ttft) /
+        (num_output_tokens - 1)``, when there were at least two tokens).
+        ``stages`` maps names from :data:`STAGES` to seconds; the stages a
+        request never reached are simply left out.
+        """
+        self.count_outcome(outcome)
+        for name in stages or {}:
+            if name not in STAGES:
+                raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
+        self.prompt_tokens.inc(num_prompt_tokens)
+        self.generation_tokens.inc(num_output_tokens)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+        if outcome == "ok" and e2e_s is not None:
+            self.e2e.observe(e2e_s)
+            if ttft_s is not None and num_output_tokens > 1:
+                self.tpot.observe((e2e_s - ttft_s) / (num_output_tokens - 1))
+        for name, seconds in (stages or {}).items():
+            self.stage.labels(stage=name).observe(seconds)
+
+    def observe_token_gap(self, seconds: float) -> None:
+        """One inter-token latency: the gap between two consecutive tokens of a stream."""
+        self.itl.observe(seconds)
+
+
+# ------------------------------------------------------------------ workers
+WORKER_LABELS = ("worker_id", "kind")
+
+W_WAITING = "splitserve_worker_waiting_sequences"
+W_RUNNING = "splitserve_worker_running_sequences"
+W_RESERVED = "splitserve_worker_reserved_sequences"
+W_OUTSTANDING = "splitserve_worker_outstanding_tokens"
+W_KV_BLOCKS = "splitserve_worker_kv_cache_blocks"  # label state=used|free
+W_KV_CAPACITY = "splitserve_worker_kv_cache_capacity_blocks"
+W_SERVED = "splitserve_worker_requests_served_total"
+W_BATCH = "splitserve_worker_batch_size"
+W_MBU = "splitserve_worker_model_bandwidth_utilization_ratio"
+W_MFU = "splitserve_worker_model_flops_utilization_ratio"
+W_STEPS = "splitserve_worker_steps_total"
+W_BUSY = "splitserve_worker_busy_seconds_total"
+W_TOKENS = "splitserve_worker_computed_tokens_total"  # label phase=prefill|decode
+W_MODEL_BYTES = "splitserve_worker_model_memory_bytes_total"
+W_MODEL_FLOPS = "splitserve_worker_model_flops_total"
+W_PEAK_BW = "splitserve_worker_peak_memory_bandwidth_bytes_per_second"
+W_PEAK_FLOPS = "splitserve_worker_peak_flops_per_second"
+W_XFER_BYTES = "splitserve_worker_kv_transfer_bytes_total"  # label direction=sent|received
+W_XFER_CHUNKS = "splitserve_worker_kv_transfer_chunks_total"
+W_XFER_SECONDS = "splitserve_worker_kv_transfer_seconds_total"
+W_PREFIX_HITS = "splitserve_worker_prefix_cache_hit_tokens_total"
+W_PREFIX_QUERIES = "splitserve_worker_prefix_cache_query_tokens_total"
+
+_GAUGE, _COUNTER = "gauge", "counter"
+
+# (metric, type, help, extra label name or None, [(extra label value, path)]).
+# A path is a key of the status dict, or (sub-dict key, key).
+_WORKER_METRICS: tuple[tuple[str, str, str, str | None, tuple[tuple[str | None, Any], ...]], ...] = (
+    (W_WAITING, _GAUGE, "Sequences queued in the worker's engine.", None, ((None, "waiting"),)),
+    (W_RUNNING, _GAUGE, "Sequences in the running batch.", None, ((None, "running"),)),
+    (W_RESERVED, _GAUGE, "KV reservations awaiting their transfer.", None, ((None, "reserved"),)),
+    (W_OUTSTANDING, _GAUGE, "Tokens of requests accepted and not finished.", None, ((None, "outstanding_tokens"),)),
+    (W_KV_BLOCKS, _GAUGE, "KV cache blocks by state.", "state", (("used", "used_blocks"), ("free", "free_blocks"))),
+    (W_KV_CAPACITY, _GAUGE, "KV cache blocks in all.", None, ((None, "num_blocks"),)),
+    (W_SERVED, _COUNTER, "Requests this worker finished.", None, ((None, "requests_served"),)),
+    (W_BATCH, _GAUGE, "Mean sequences per engine step over the recent window.", None,
+     ((None, ("step_stats", "recent_batch_size")),)),
+    (W_MBU, _GAUGE, "Model bandwidth utilization over the recent window: modelled bytes / busy time / peak.",
+     None, ((None, ("step_stats", "recent_mbu")),)),
+    (W_MFU, _GAUGE, "Model FLOPs utilization over the recent window: modelled FLOPs / busy time / peak.",
+     None, ((None, ("step_stats", "recent_mfu")),)),
+    (W_STEPS, _COUNTER, "Engine steps run.", None, ((None, ("step_stats", "steps")),)),
+    (W_BUSY, _COUNTER, "Seconds spent inside engine steps.", None, ((None, ("step_stats", "busy_seconds")),)),
+    (W_TOKENS, _COUNTER, "Tokens the model computed, by phase (recompute after preemption included).", "phase",
+     (("prefill", ("step_stats", "prefill_tokens")), ("decode", ("step_stats", "decode_tokens")))),
+    (W_MODEL_BYTES, _COUNTER, "Bytes the engine steps moved, by the cost model (weights + KV).", None,
+     ((None, ("step_stats", "bytes")),)),
+    (W_MODEL_FLOPS, _COUNTER, "FLOPs the engine steps computed, by the cost model.", None,
+     ((None, ("step_stats", "flops")),)),
+    (W_PEAK_BW, _GAUGE, "Memory bandwidth peak measured when the worker started.", None,
+     ((None, ("step_stats", "peak_bandwidth_bytes_per_s")),)),
+    (W_PEAK_FLOPS, _GAUGE, "FLOP/s peak measured when the worker started.", None,
+     ((None, ("step_stats", "peak_flops_per_s")),)),
+    (W_XFER_BYTES, _COUNTER, "KV bytes moved by the transfer backend.", "direction",
+     (("sent", ("kv_transfer", "bytes_sent")), ("received", ("kv_transfer", "bytes_received")))),
+    (W_XFER_CHUNKS, _COUNTER, "KV transfer chunks moved.", "direction",
+     (("sent", ("kv_transfer", "chunks_sent")), ("received", ("kv_transfer", "chunks_received")))),
+    (W_XFER_SECONDS, _COUNTER, "Seconds spent moving KV (first byte to done, summed over transfers).", "direction",
+     (("sent", ("kv_transfer", "seconds_sent")), ("received", ("kv_transfer", "seconds_received")))),
+    (W_PREFIX_HITS, _COUNTER, "Prompt tokens found in the prefix cache.", None,
+     ((None, "prefix_cache_hit_tokens"),)),
+    (W_PREFIX_QUERIES, _COUNTER, "Prompt tokens looked up in the prefix cache.", None,
+     ((None, "prefix_cache_query_tokens"),)),
+)
+
+WORKER_METRIC_NAMES = tuple(m[0] for m in _WORKER_METRICS)
+
+
+def _lookup(status: Mapping[str, Any], path: Any) -> float | None:
+    """The number at ``path`` in ``status``, or ``None`` if absent, ``None`` or not a finite number."""
+    if isinstance(path, tuple):
+        sub = status.get(path[0])
+        value = sub.get(path[1]) if isinstance(sub, Mapping) else None
+    else:
+        value = status.get(path)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+class WorkerStatusCollector(Collector):
+    """Per-worker gauges and counters, read from status dicts at scrape time.
+
+    ``source`` returns the latest status dict of every live worker (the
+    router's poll cache; it must be cheap and must not block). Keys read,
+    all optional except ``worker_id``; a metric whose key is absent (or
+    ``None``) is not emitted for that worker — no fake zeros:
+
+    - ``worker_id`` (str), ``kind`` (str, "prefill"/"decode"): the labels
+    - ``waiting``, ``running``, ``reserved``, ``outstanding_tokens``: gauges
+    - ``used_blocks``, ``free_blocks``, ``num_blocks``: KV cache gauges
+    - ``requests_served``: counter
+    - ``prefix_cache_hit_tokens``, ``prefix_cache_query_tokens``: counters
+    - ``step_stats``: the dict of :meth:`engine.step_stats.StepStats.snapshot`;
+      reads ``steps``, ``busy_seconds``, ``prefill_tokens``,
+      ``decode_tokens``, ``bytes``, ``flops`` (counters),
+      ``recent_batch_size``, ``recent_mbu``, ``recent_mfu``,
+      ``peak_bandwidth_bytes_per_s``, ``peak_flops_per_s`` (gauges)
+    - ``kv_transfer``: the dict of ``kv_transport.stats()``; reads
+      ``bytes_sent``, ``bytes_received``, ``chunks_sent``,
+      ``chunks_received``, and ``seconds_sent``, ``seconds_received`` if
+      the worker adds them (counters)
+
+    Counters restart from zero when a worker is replaced; Prometheus'
+    ``rate()`` handles that reset.
+    """
+
+    def __init__(self, source: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[Metric]:
+        # Lets the registry check for duplicate names without calling source.
+        for name, kind, doc, extra, _ in _WORKER_METRICS:
+            yield self._family(name, kind, doc, extra)
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            statuses = list(self._source())
+        except Exception:
+            # A scrape must not fail because one poll did.
+            log.exception("worker status source failed; no worker metrics this scrape")
+            return
+        for name, kind, doc, extra, series in _WORKER_METRICS:
+            family = self._family(name, kind, doc, extra)
+            for status in statuses:
+                worker_id = status.get("worker_id")
+                if not worker_id:
+                    continue
+                labels = [str(worker_id), str(status.get("kind", ""))]
+                for label_value, path in series:
+                    value = _lookup(status, path)
+                    if value is not None:
+                        family.add_metric(labels + ([label_value] if extra else []), value)
+            if family.samples:
+                yield family
+
+    @staticmethod
+    def _family(name: str, kind: str, doc: str, extra: str | None) -> Metric:
+        labels = list(WORKER_LABELS) + ([extra] if extra else [])
+        if kind == _COUNTER:
+            return CounterMetricFamily(name, doc, labels=labels)
+        return GaugeMetricFamily(name, doc, labels=labels)
+
+
+# ------------------------------------------------------------------ serving
+def start_metrics_server(registry: CollectorRegistry, host: str = "127.0.0.1",
+                         port: int = 0) -> tuple[WSGIServer, int]:
+    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread.
+
+    ``port=0`` picks a free port; the bound port is returned. Stop it with
+    ``server.shutdown(); server.server_close()``.
+    """
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server, int(server.server_address[1])
