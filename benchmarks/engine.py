@@ -13,17 +13,17 @@ What it measures, in order:
 1. **Machine peaks.** Memory bandwidth is the best of a few ``dst.copy_(src)``
    of a 256 MB tensor, counting read + write (2x the size) as bytes moved.
    Float32 FLOP/s is the best of a few 2048x2048 @ 2048x2048 matmuls. Both use
-   torch's default thread count. Shared machines drift, so both are measured
-   again at the end; the rooflines use the higher of the two (the stricter
-   bound), and both samples are reported.
+   torch's default thread count (:mod:`engine.peaks`). Shared machines drift,
+   so both are measured again at the end; the rooflines use the higher of the
+   two (the stricter bound), and both samples are reported.
 2. **Decode** at batch 1, 8, 32 and 64 with ~256 tokens of context: B
    requests with 256 random (seeded) prompt tokens are prefilled, a couple of
    untimed decode steps warm up, then N decode steps are timed one by one.
    ms/step is the median step; tokens/s is B / median. Per step, the roofline
-   counts
+   counts (:mod:`engine.cost_model`, from the model's dimensions)
      bytes = weights read once (the tied embedding / lm_head matrix once, plus
              the B embedding rows looked up) + KV read (B * ctx * KV bytes/token)
-     FLOPs = 2 * (non-embedding params + lm_head params) * B
+     FLOPs = 2 * (the layers' projection matrices + lm_head) * B
              + attention 4 * B * ctx * layers * heads * head_dim
    where ctx is the mean number of keys each sequence attends to over the
    timed steps. Reported: the roofline time max(bytes/bw, FLOPs/rate), which
@@ -31,10 +31,11 @@ What it measures, in order:
    roofline alone and of the compute roofline alone.
 3. **Prefill** of 512-token prompts, batch 1 and 4, each batch in one engine
    step (``max_tokens=1``, so the step that prefills also finishes them). The
-   median of a few repetitions is timed. FLOPs = 2 * non-embedding params *
-   tokens + 2 * lm_head params * prompts (the engine, like ``generate()``,
-   computes logits only for each prompt's last row) + causal attention
-   2 * n^2 * layers * heads * head_dim per prompt; bytes = weights + KV written.
+   median of a few repetitions is timed. FLOPs = 2 * the layers' projection
+   matrices * tokens + 2 * lm_head params * prompts (the engine, like
+   ``generate()``, computes logits only for each prompt's last row) + causal
+   attention 4 * n(n+1)/2 * layers * heads * head_dim per prompt; bytes =
+   weights + KV written.
 4. **Mixed workload.** ``random.Random(seed)`` draws prompt lengths uniform in
    [32, 512] and output lengths uniform in [16, 256] for N requests.
    (a) The engine takes them all at once (``ignore_eos``, ``max_running`` = B)
@@ -75,15 +76,15 @@ from typing import Any, Callable
 import torch
 
 from engine.block_pool import blocks_needed
+from engine.cost_model import ModelDims, roofline_seconds
 from engine.llm_engine import LLMEngine, RequestOutput, run_to_completion
 from engine.model_loader import DEFAULT_MODEL, LoadedModel, load_model
 from engine.model_runner import kv_layout_of
+from engine.peaks import COPY_BYTES, MATMUL_N
+from engine.peaks import measure_peaks as measure_machine_peaks
 from engine.sampling_params import SamplingParams
 
 BLOCK_SIZE = 16
-
-COPY_BYTES = 256 * 1024 * 1024
-MATMUL_N = 2048
 
 DECODE_BATCHES = (1, 8, 32, 64)
 DECODE_PROMPT_LEN = 256
@@ -182,107 +183,56 @@ def wait_for_quiet(max_wait_s: float, probe_s: float = 2.0) -> float:
 
 
 # --------------------------------------------------------------- machine peaks
-def best_time(fn: Callable[[], Any], reps: int) -> float:
-    """Fastest of ``reps`` timed calls of ``fn``, after one untimed warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def measure_copy_gbps(size_bytes: int = COPY_BYTES, reps: int = 5) -> float:
-    """Memory bandwidth of a large ``dst.copy_(src)``: (read + write) bytes / time."""
-    src = torch.ones(size_bytes // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    seconds = best_time(lambda: dst.copy_(src), reps)
-    return 2 * size_bytes / seconds / 1e9
-
-
-def measure_matmul_gflops(n: int = MATMUL_N, reps: int = 5) -> float:
-    """Float32 FLOP/s of an ``n x n @ n x n`` matmul (2 n^3 FLOPs)."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen)
-    b = torch.randn(n, n, generator=gen)
-    out = torch.empty(n, n)
-    seconds = best_time(lambda: torch.mm(a, b, out=out), reps)
-    return 2 * n**3 / seconds / 1e9
-
-
 def measure_peaks(reps: int, quiet_wait_s: float = 0.0) -> dict[str, float | None]:
     """Copy bandwidth and matmul FLOP/s now, with the other processes' CPU use meanwhile."""
     wait_for_quiet(quiet_wait_s)
     with Contention() as busy:
-        peaks = {"bandwidth_gbps": measure_copy_gbps(reps=reps), "matmul_gflops": measure_matmul_gflops(reps=reps)}
-    return {**peaks, "other_cpu_cores": busy.cores}
+        peaks = measure_machine_peaks(reps=reps, copy_bytes=COPY_BYTES, matmul_n=MATMUL_N)
+    return {"bandwidth_gbps": peaks.bandwidth_bytes_per_s / 1e9, "matmul_gflops": peaks.flops_per_s / 1e9,
+            "other_cpu_cores": busy.cores}
 
 
 # ------------------------------------------------------------------ model cost
 @dataclass(frozen=True)
 class ModelCost:
-    """The sizes the roofline formulas need, read off the loaded model."""
+    """The loaded model's dimensions and the bytes per parameter it runs in; formulas in :mod:`engine.cost_model`."""
 
-    num_params: int             # unique parameters (a tied matrix counted once)
-    non_embedding_params: int   # everything but the input embedding table
-    lm_head_params: int
-    hidden_size: int
-    itemsize: int               # bytes per parameter
-    num_layers: int
-    num_heads: int
-    head_dim: int
-    kv_bytes_per_token: int
+    dims: ModelDims
+    itemsize: int               # bytes per parameter (and per KV element: the cache uses the model's dtype)
 
     @classmethod
     def of(cls, loaded: LoadedModel, kv_bytes_per_token: int) -> "ModelCost":
-        model, cfg = loaded.model, loaded.config
-        unique = {p.data_ptr(): p for p in model.parameters()}
-        num_params = sum(p.numel() for p in unique.values())
-        embed = model.get_input_embeddings().weight
-        lm_head = model.get_output_embeddings().weight
-        tied = lm_head.data_ptr() == embed.data_ptr()
-        return cls(
-            num_params=num_params,
-            non_embedding_params=num_params - embed.numel() - (0 if tied else lm_head.numel()),
-            lm_head_params=lm_head.numel(),
-            hidden_size=cfg.hidden_size,
-            itemsize=embed.element_size(),
-            num_layers=cfg.num_hidden_layers,
-            num_heads=cfg.num_attention_heads,
-            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-            kv_bytes_per_token=kv_bytes_per_token,
-        )
-
-    def weight_bytes(self, rows_looked_up: int) -> int:
-        """Weights one forward reads: every matrix once, plus the embedding rows it looks up."""
-        return (self.non_embedding_params + self.lm_head_params + rows_looked_up * self.hidden_size) * self.itemsize
+        """Read the dims off ``loaded``; refuse if the formulas disagree with the real model."""
+        dims = ModelDims.from_hf_config(loaded.config)
+        itemsize = loaded.model.get_input_embeddings().weight.element_size()
+        unique = {p.data_ptr(): p.numel() for p in loaded.model.parameters()}
+        # A mismatch means the model is not the Llama shape the cost model counts: its rooflines would be wrong.
+        if dims.param_count() != sum(unique.values()):
+            raise RuntimeError(f"cost model counts {dims.param_count()} parameters, the model has {sum(unique.values())}")
+        if dims.kv_bytes_per_token(itemsize) != kv_bytes_per_token:
+            raise RuntimeError(f"cost model's KV bytes/token {dims.kv_bytes_per_token(itemsize)} != engine's "
+                               f"{kv_bytes_per_token}")
+        return cls(dims, itemsize)
 
     def decode_step(self, batch: int, ctx: float) -> tuple[float, float]:
         """(bytes, FLOPs) of one decode step of ``batch`` sequences attending to ``ctx`` keys each."""
-        nbytes = self.weight_bytes(batch) + batch * ctx * self.kv_bytes_per_token
-        attn = 4 * batch * ctx * self.num_layers * self.num_heads * self.head_dim
-        flops = 2 * (self.non_embedding_params + self.lm_head_params) * batch + attn
-        return nbytes, flops
+        return self.dims.decode_step(batch, ctx, self.itemsize)
 
     def prefill(self, prompt_lens: list[int]) -> tuple[float, float]:
         """(bytes, FLOPs) of prefilling ``prompt_lens`` in one step, logits for each last row only."""
-        tokens = sum(prompt_lens)
-        nbytes = self.weight_bytes(tokens) + tokens * self.kv_bytes_per_token
-        attn = sum(2 * n * n for n in prompt_lens) * self.num_layers * self.num_heads * self.head_dim
-        flops = 2 * self.non_embedding_params * tokens + 2 * self.lm_head_params * len(prompt_lens) + attn
-        return nbytes, flops
+        return self.dims.prefill(prompt_lens, self.itemsize)
 
     def as_dict(self) -> dict[str, int]:
+        d = self.dims
         return {
-            "num_params": self.num_params,
-            "non_embedding_params": self.non_embedding_params,
-            "lm_head_params": self.lm_head_params,
-            "param_bytes": self.num_params * self.itemsize,
-            "num_layers": self.num_layers,
-            "num_heads": self.num_heads,
-            "head_dim": self.head_dim,
-            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "num_params": d.param_count(),
+            "non_embedding_params": d.non_embedding_params(),
+            "lm_head_params": d.lm_head_params(),
+            "param_bytes": d.param_bytes(self.itemsize),
+            "num_layers": d.num_layers,
+            "num_heads": d.num_heads,
+            "head_dim": d.head_dim,
+            "kv_bytes_per_token": d.kv_bytes_per_token(self.itemsize),
         }
 
 
@@ -290,12 +240,13 @@ def roofline(nbytes: float, flops: float, seconds: float, peaks: dict[str, float
     """Roofline time of (bytes, FLOPs) on ``peaks`` and the fraction ``seconds`` achieves."""
     bw_s = nbytes / (peaks["bandwidth_gbps"] * 1e9)
     compute_s = flops / (peaks["matmul_gflops"] * 1e9)
+    roof_s, bound = roofline_seconds(nbytes, flops, peaks["bandwidth_gbps"] * 1e9, peaks["matmul_gflops"] * 1e9)
     return {
         "bytes": nbytes,
         "flops": flops,
-        "roofline_ms": 1e3 * max(bw_s, compute_s),
-        "bound": "bandwidth" if bw_s >= compute_s else "compute",
-        "fraction_of_roofline": max(bw_s, compute_s) / seconds,
+        "roofline_ms": 1e3 * roof_s,
+        "bound": bound,
+        "fraction_of_roofline": roof_s / seconds,
         "fraction_of_bandwidth_roofline": bw_s / seconds,
         "fraction_of_compute_roofline": compute_s / seconds,
         "achieved_gbps": nbytes / seconds / 1e9,
