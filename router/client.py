@@ -3,11 +3,18 @@
     python -m router.client "Why is the sky blue?"          # chat message, streamed
     python -m router.client --raw "Once upon a time"        # raw prompt
     python -m router.client --status                        # pools and workers
+    SPLITSERVE_TOKEN=... python -m router.client --tls-ca ca.pem --address host:50051 "Hi"
+
+With ``--tls-ca`` the channel is TLS and trusts that CA (or self-signed
+certificate); a token (``--token-file`` or the ``SPLITSERVE_TOKEN``
+environment variable) is sent as ``authorization: Bearer <token>`` on every
+call. A token sent without TLS is readable by anyone on the path.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,8 +24,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import serving_pb2, serving_pb2_grpc
+from router.security import auth_metadata, channel_credentials, load_secret
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+TOKEN_ENV = "SPLITSERVE_TOKEN"
 FINISH_NAMES = {serving_pb2.FINISH_REASON_STOP: "stop", serving_pb2.FINISH_REASON_LENGTH: "length",
                 serving_pb2.FINISH_REASON_ABORT: "abort", serving_pb2.FINISH_REASON_UNSPECIFIED: None}
 
@@ -65,16 +74,42 @@ def build_request(prompt: str | None = None, messages: list[dict] | None = None,
     return req
 
 
-class Client:
-    """Blocking client; every call has a deadline."""
+def _channel_options(server_name: str | None) -> list[tuple[str, str]]:
+    # Check the server's certificate against this name instead of the address's host.
+    return [("grpc.ssl_target_name_override", server_name)] if server_name else []
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 600.0) -> None:
-        self.channel = grpc.insecure_channel(address)
+
+def _open_channel(address: str, tls_ca: str | None, server_name: str | None, aio: bool) -> grpc.Channel:
+    """A plaintext channel, or a TLS one trusting ``tls_ca`` (a PEM path or PEM text)."""
+    options = _channel_options(server_name)
+    if tls_ca is None:
+        if server_name:
+            raise ValueError("server_name only applies to TLS: give tls_ca as well")
+        return grpc.aio.insecure_channel(address) if aio else grpc.insecure_channel(address)
+    creds = channel_credentials(tls_ca)
+    return (grpc.aio.secure_channel(address, creds, options=options) if aio
+            else grpc.secure_channel(address, creds, options=options))
+
+
+class Client:
+    """Blocking client; every call has a deadline.
+
+    ``tls_ca``: trust this CA / self-signed certificate (a PEM file path or
+    the PEM text) and speak TLS; ``server_name``: the name to check the
+    server's certificate against when it differs from the address's host;
+    ``token``: sent as ``authorization: Bearer <token>`` on every call.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 600.0, *, tls_ca: str | None = None,
+                 token: str | None = None, server_name: str | None = None) -> None:
+        self.metadata = auth_metadata(token)  # validated before a channel is opened
+        self.channel = _open_channel(address, tls_ca, server_name, aio=False)
         self.stub = serving_pb2_grpc.ServingStub(self.channel)
         self.timeout_s = timeout_s
 
     def stream(self, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> Iterator[serving_pb2.GenerateResponse]:
-        return self.stub.Generate(build_request(prompt, messages, **kw), timeout=self.timeout_s)
+        return self.stub.Generate(build_request(prompt, messages, **kw), timeout=self.timeout_s,
+                                  metadata=self.metadata)
 
     def generate(self, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> Completion:
         c = Completion()
@@ -83,16 +118,20 @@ class Client:
         return c
 
     def status(self) -> serving_pb2.ClusterStatusResponse:
-        return self.stub.ClusterStatus(serving_pb2.ClusterStatusRequest(), timeout=30)
+        return self.stub.ClusterStatus(serving_pb2.ClusterStatusRequest(), timeout=30, metadata=self.metadata)
+
+    def health(self, service: str = "", timeout_s: float = 2.0) -> int:
+        """One health ``Check``: the ``HealthCheckResponse`` status (SERVING is 1)."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s,
+                          metadata=self.metadata).status
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         """Block until the health service reports SERVING."""
-        stub = health_pb2_grpc.HealthStub(self.channel)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                if self.health() == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
@@ -105,15 +144,18 @@ class Client:
 
 
 class AsyncClient:
-    """``grpc.aio`` client."""
+    """``grpc.aio`` client; takes the same ``tls_ca``/``token``/``server_name`` as :class:`Client`."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 600.0) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 600.0, *, tls_ca: str | None = None,
+                 token: str | None = None, server_name: str | None = None) -> None:
+        self.metadata = auth_metadata(token)
+        self.channel = _open_channel(address, tls_ca, server_name, aio=True)
         self.stub = serving_pb2_grpc.ServingStub(self.channel)
         self.timeout_s = timeout_s
 
     async def stream(self, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> AsyncIterator[serving_pb2.GenerateResponse]:
-        async for resp in self.stub.Generate(build_request(prompt, messages, **kw), timeout=self.timeout_s):
+        async for resp in self.stub.Generate(build_request(prompt, messages, **kw), timeout=self.timeout_s,
+                                             metadata=self.metadata):
             yield resp
 
     async def generate(self, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> Completion:
@@ -123,10 +165,26 @@ class AsyncClient:
         return c
 
     async def status(self) -> serving_pb2.ClusterStatusResponse:
-        return await self.stub.ClusterStatus(serving_pb2.ClusterStatusRequest(), timeout=30)
+        return await self.stub.ClusterStatus(serving_pb2.ClusterStatusRequest(), timeout=30, metadata=self.metadata)
+
+    async def health(self, service: str = "", timeout_s: float = 2.0) -> int:
+        """One health ``Check``: the ``HealthCheckResponse`` status (SERVING is 1)."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s,
+                                metadata=self.metadata)
+        return resp.status
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+def cli_token(token_file: str | None) -> str | None:
+    """The CLI's token: ``--token-file``, else ``$SPLITSERVE_TOKEN`` if set, else None."""
+    if token_file is not None:
+        return load_secret(file=token_file)
+    if TOKEN_ENV in os.environ:
+        return load_secret(env=TOKEN_ENV)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--status", action="store_true", help="print the pools and workers and exit")
+    ap.add_argument("--tls-ca", metavar="PATH", help="speak TLS, trusting this CA / self-signed certificate (PEM)")
+    ap.add_argument("--server-name", help="the name in the server's certificate, when not the address's host")
+    ap.add_argument("--token-file", metavar="PATH",
+                    help=f"file holding the bearer token (default: ${TOKEN_ENV} if set)")
     args = ap.parse_args(argv)
-    client = Client(args.address)
+    try:
+        client = Client(args.address, tls_ca=args.tls_ca, token=cli_token(args.token_file),
+                        server_name=args.server_name)
+    except ValueError as e:  # SecurityConfigError included: a missing or bad token source
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.status:
             print(client.status())
