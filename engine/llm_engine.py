@@ -17,20 +17,24 @@ hands its KV to another engine, which continues with :meth:`import_kv`.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.block_pool import KVCacheManager, blocks_needed
+from engine.cost_model import ModelDims, dtype_bytes
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import PagedKVCache
 from engine.kv_handoff import KVHandoff, KVLayoutMismatchError
 from engine.model_loader import LoadedModel
 from engine.model_runner import ModelRunner, kv_layout_of
+from engine.peaks import MachinePeaks
 from engine.sampler import sample
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
+from engine.step_stats import StepStats
 
 DEFAULT_NUM_BLOCKS = 1024
 
@@ -41,6 +45,9 @@ class RequestOutput:
 
     ``kv_ready`` is set when an ``export_after_prefill`` request has its first
     token and its KV is waiting in :meth:`LLMEngine.export_kv`.
+    ``timestamps`` is set on the first output a request produces in this
+    engine only: its ``Sequence.timestamps`` (``added``, ``scheduled``,
+    ``first_token``; ``time.time()`` seconds).
     """
 
     request_id: str
@@ -51,6 +58,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     kv_ready: bool = False
+    timestamps: dict[str, float] | None = None
 
 
 @dataclass
@@ -78,6 +86,7 @@ class LLMEngine:
         kv_cache_bytes: int | None = None,
         max_running: int = 64,
         max_batched_tokens: int = 2048,
+        peaks: MachinePeaks | None = None,
     ) -> None:
         if num_blocks is not None and kv_cache_bytes is not None:
             raise ValueError("give num_blocks or kv_cache_bytes, not both")
@@ -102,6 +111,8 @@ class LLMEngine:
         self._reserved: set[str] = set()
         self._arrivals = 0
         self.num_steps = 0
+        # Per-step time, batch, tokens, modelled bytes/FLOPs; MBU/MFU against ``peaks``.
+        self.step_accounting = StepStats(ModelDims.from_hf_config(model.config), dtype_bytes(self.layout.dtype), peaks)
 
     # ----------------------------------------------------------------- input
     def tokenize(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
@@ -194,6 +205,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return what each touched request produced."""
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
@@ -208,7 +220,9 @@ class LLMEngine:
             [r.seed for r in reqs],
             [len(r.seq.output_token_ids) for r in reqs],
         )
-        return [self._postprocess(r, t) for r, t in zip(reqs, tokens)]
+        outs = [self._postprocess(r, t) for r, t in zip(reqs, tokens)]
+        self.step_accounting.record_chunks(plan.chunks, time.perf_counter() - t0)
+        return outs
 
     def _postprocess(self, req: _Request, token: int) -> RequestOutput:
         seq, params = req.seq, req.seq.params
@@ -226,6 +240,9 @@ class LLMEngine:
                 text += req.detok.flush()
         out = RequestOutput(seq.request_id, [token], text, num_prompt_tokens=len(seq.prompt_token_ids),
                             num_output_tokens=len(seq.output_token_ids))
+        if "first_token" not in seq.timestamps:
+            seq.timestamps["first_token"] = time.time()
+            out.timestamps = dict(seq.timestamps)
         if status is not None:
             self.scheduler.remove(seq)
             seq.status = status
@@ -332,6 +349,10 @@ class LLMEngine:
             "reserved": len(self._reserved),
             "preemptions": self.scheduler.num_preemptions,
         }
+
+    def step_stats(self) -> dict:
+        """Step accounting since start and over the recent window (:meth:`StepStats.snapshot`)."""
+        return self.step_accounting.snapshot()
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None) -> list["Completion"]:
         """Run ``prompts`` to completion together; return them in order."""

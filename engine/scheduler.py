@@ -16,6 +16,7 @@ Each step it decides which tokens of which sequences the model computes:
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -96,6 +97,7 @@ class Scheduler:
         if out.preempted:
             # Admitting now would only take the blocks just freed for the
             # sequences that were already running.
+            self._stamp_scheduled(out.chunks)
             return out
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
@@ -107,7 +109,15 @@ class Scheduler:
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
+        self._stamp_scheduled(out.chunks)
         return out
+
+    @staticmethod
+    def _stamp_scheduled(chunks: list[ScheduledChunk]) -> None:
+        """Stamp each sequence's first scheduling (imported ones join ``running`` directly)."""
+        now = time.time()
+        for c in chunks:
+            c.seq.timestamps.setdefault("scheduled", now)
 
     def _allocate_or_preempt(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         while not self.kv.allocate_slots(seq.request_id, num_tokens):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
@@ -40,6 +41,12 @@ class Sequence:
     samples a new token only when that brings ``num_computed_tokens`` up to
     ``len(token_ids)``. Prefill, chunked prefill, decode and recompute after
     preemption are all this rule.
+
+    ``timestamps`` holds ``time.time()`` wall-clock stamps (comparable
+    across the processes of one machine): ``added`` when the sequence was
+    created in this engine, ``scheduled`` when a step first computed any of
+    its tokens, ``first_token`` when this engine first sampled a token for
+    it. Preemption and recompute never move them.
     """
 
     request_id: str
@@ -52,6 +59,7 @@ class Sequence:
     export_after_prefill: bool = False
     num_preemptions: int = 0
     stop_reason: str | int | None = None
+    timestamps: dict[str, float] = field(default_factory=lambda: {"added": time.time()})
 
     @property
     def token_ids(self) -> list[int]:
