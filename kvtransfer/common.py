@@ -19,10 +19,32 @@ The rules it enforces:
 5. ``close`` fails every live transfer, joins our threads (bounded: a
    thread blocked in a C++ call we cannot interrupt is left to end by its
    own deadline; it is a daemon), then releases the backend's resources.
+
+The cluster secret (``secret=``, every backend): when the receiver has one,
+it accepts a transfer only from a sender that proves it knows the same
+secret. The proof is ``HMAC-SHA256(secret, [transfer_id, sender worker id,
+nbytes])`` (:func:`transfer_proof`), computed by the sender and carried with
+the transfer's first message (gRPC metadata, the store's "go" record, the
+Ray deliver call); the receiver checks it with ``hmac.compare_digest``
+before it writes a byte or fetches anything. A push without the right proof
+fails that transfer on the receiver (if it expects one of that id) with
+:data:`SECRET_REFUSED` and is refused to the sender; the transport itself
+goes on serving other transfers. A receiver without a secret accepts any
+sender (the behaviour without secrets), and the secret is never logged,
+sent or shown in an endpoint. What it does not do: encrypt or sign the KV
+bytes themselves (an attacker on the network path can read or change them;
+use a private network), or protect the backends' control channels (see
+:mod:`kvtransfer.torch_dist` on the ``TCPStore``). A proof is good for one
+(transfer id, sender, size) only, and a receiver accepts one delivery per
+expected id, so a replayed proof buys nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +59,16 @@ from kvtransfer.faults import FaultInjector, TransferFaults
 Role = Literal["send", "recv"]
 
 DEFAULT_CHUNK_BYTES = 4 << 20
+SECRET_REFUSED = "peer did not present the cluster secret"
+_PROOF_CONTEXT = b"splitserve-kvtransfer-proof-v1\0"  # domain separation: this key signs nothing else
+
+log = logging.getLogger(__name__)
+
+
+def transfer_proof(secret: bytes, transfer_id: str, sender_id: str, nbytes: int) -> str:
+    """Hex HMAC-SHA256 by which a sender proves it knows ``secret`` for one transfer."""
+    msg = json.dumps([transfer_id, sender_id, int(nbytes)], separators=(",", ":")).encode()
+    return hmac.new(secret, _PROOF_CONTEXT + msg, hashlib.sha256).hexdigest()
 
 
 @dataclass(eq=False)
@@ -91,16 +123,20 @@ class TransportBase(KVTransport):
     ``stats`` counts chunks and bytes so tests can see that chunking happened.
     """
 
-    def __init__(self, worker_id: str, faults: TransferFaults | None = None) -> None:
+    def __init__(self, worker_id: str, faults: TransferFaults | None = None, secret: str | None = None) -> None:
         if not worker_id:
             raise ValueError("worker_id must be a non-empty string")
+        if secret is not None and not secret:
+            raise ValueError("secret must be a non-empty string, or None for no secret")
         self.worker_id = worker_id
+        self._secret = secret.encode() if secret is not None else None  # never logged or published
         self._faults = FaultInjector(faults)
         self._lock = threading.RLock()
         self._transfers: dict[str, Transfer] = {}
         self._threads: set[threading.Thread] = set()
         self._closed = False
-        self._stats = {"chunks_sent": 0, "chunks_received": 0, "bytes_sent": 0, "bytes_received": 0}
+        self._stats = {"chunks_sent": 0, "chunks_received": 0, "bytes_sent": 0, "bytes_received": 0,
+                       "refused_unauthenticated": 0}
 
     # --------------------------------------------------------------- registry
     def _new_transfer(self, transfer_id: str, role: Role, peer: Endpoint, timeout_s: float,
@@ -161,6 +197,34 @@ class TransportBase(KVTransport):
         if not t.status.done and t.remaining() <= 0:
             self._fail(t, f"timed out after {t.timeout_s:g}s in {t.status.name}")
         return t.status == TransferStatus.FAILED
+
+    # ------------------------------------------------------------ the secret
+    def _proof(self, transfer_id: str, nbytes: int) -> str | None:
+        """Sender: this side's proof for a transfer (None without a secret)."""
+        if self._secret is None:
+            return None
+        return transfer_proof(self._secret, transfer_id, self.worker_id, nbytes)
+
+    def _authenticate(self, transfer_id: str, sender_id: str, nbytes: int, proof: object) -> str | None:
+        """Receiver: None if the push may go on, else why it is refused.
+
+        Checked before anything else about the push (the refusal of an
+        unauthenticated peer says nothing about which transfers exist). A refused push fails the
+        transfer of that id this side expects, if it is still running.
+        """
+        if self._secret is None:
+            return None
+        expected = transfer_proof(self._secret, transfer_id, sender_id, nbytes)
+        if isinstance(proof, str) and proof.isascii() and hmac.compare_digest(expected, proof):
+            return None
+        with self._lock:
+            self._stats["refused_unauthenticated"] += 1
+            t = self._transfers.get(transfer_id)
+        log.warning("%s refused a push of %r from %r: %s", self.worker_id, transfer_id[:128], sender_id[:128],
+                    SECRET_REFUSED)
+        if t is not None and t.role == "recv":
+            self._fail(t, f"{SECRET_REFUSED} (a push claiming to be from {sender_id[:128]!r})")
+        return f"refused by {self.worker_id}: {SECRET_REFUSED}"
 
     def _count(self, role: Role, nbytes: int, chunks: int = 1) -> None:
         with self._lock:

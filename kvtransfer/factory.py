@@ -17,8 +17,11 @@ def make_transport(backend: str, worker_id: str, **kwargs: Any) -> KVTransport:
     """A :class:`KVTransport` of ``backend`` for ``worker_id``.
 
     ``kwargs`` go to the backend's constructor: ``host``, ``port``,
-    ``chunk_bytes``, ``faults`` ... (``device`` for nccl, which defaults to
-    ``cuda``); ``inproc`` needs ``hub=InProcHub()`` shared by its peers.
+    ``chunk_bytes``, ``faults``, ``secret`` ... (``device`` for nccl, which
+    defaults to ``cuda``); ``inproc`` needs ``hub=InProcHub()`` shared by its
+    peers. ``secret`` (every backend): the cluster secret; with one, the
+    transport accepts only transfers whose sender proves it holds the same
+    secret (see :mod:`kvtransfer.common`). None (the default) accepts any.
     """
     if backend in ("gloo", "nccl"):
         from kvtransfer.torch_dist import TorchDistTransport

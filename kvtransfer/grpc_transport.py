@@ -18,6 +18,13 @@ keeps one channel per peer. Lifecycle of one transfer:
 4. At the end of the stream the receiver checks that every byte came
    (SUCCESS) and acknowledges; the sender is SUCCESS on ``ok=true``.
    A sender abort cancels the RPC; the receiver sees the broken stream.
+
+With a cluster secret (see :mod:`kvtransfer.common`) the sender's proof
+travels in the ``kv-proof`` metadata of the stream and the receiver checks
+it against the first chunk's transfer id and size before it looks at
+anything else; the chunks that follow belong to the same authenticated
+stream. The channel itself is plaintext: the secret authenticates pushes,
+it does not hide or sign the KV bytes.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 # Room for the KvChunk fields around `data` in one gRPC message.
 _MESSAGE_OVERHEAD = 64 << 10
 _SENDER_KEY = "kv-sender"  # metadata: who pushes, checked against expect(peer=...)
+_PROOF_KEY = "kv-proof"  # metadata: the sender's proof that it holds the cluster secret
 
 
 def _target(host: str, port: int) -> str:
@@ -50,12 +58,13 @@ class _Servicer(kvtransfer_pb2_grpc.KvTransferServicer):
 
     def Push(self, request_iterator: Iterator[kvtransfer_pb2.KvChunk],
              context: grpc.ServicerContext) -> kvtransfer_pb2.PushAck:
-        sender = dict(context.invocation_metadata()).get(_SENDER_KEY, "")
+        metadata = dict(context.invocation_metadata())
+        sender, proof = str(metadata.get(_SENDER_KEY, "")), metadata.get(_PROOF_KEY)
         t: Transfer | None = None
         try:
             for chunk in request_iterator:
                 if t is None:
-                    t, why = self._transport._begin(chunk, str(sender))
+                    t, why = self._transport._begin(chunk, sender, proof)
                 else:
                     why = self._transport._write(t, chunk)
                 if why is not None:
@@ -76,12 +85,13 @@ class GrpcTransport(TransportBase):
     ``host``/``port`` are where this transport's server listens (port 0 picks
     a free port; :meth:`endpoint` publishes the one bound). ``chunk_bytes``
     is both the largest chunk this side sends and the largest it accepts.
+    ``secret``: the cluster secret this side proves and demands (module doc).
     """
 
     def __init__(self, worker_id: str, host: str = "127.0.0.1", port: int = 0, *,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_workers: int = 16,
-                 faults: TransferFaults | None = None) -> None:
-        super().__init__(worker_id, faults)
+                 faults: TransferFaults | None = None, secret: str | None = None) -> None:
+        super().__init__(worker_id, faults, secret)
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be > 0")
         self.chunk_bytes = chunk_bytes
@@ -112,8 +122,12 @@ class GrpcTransport(TransportBase):
                                TransferStatus.WAITING)
         t.scratch["dst"] = byte_view(t.tensor).numpy()  # numpy view: a copy target with no torch warning
 
-    def _begin(self, chunk: kvtransfer_pb2.KvChunk, sender: str) -> tuple[Transfer | None, str | None]:
-        """First chunk of a stream: is this transfer expected, from this sender, of this size?"""
+    def _begin(self, chunk: kvtransfer_pb2.KvChunk, sender: str,
+               proof: object = None) -> tuple[Transfer | None, str | None]:
+        """First chunk of a stream: is the sender authenticated, and this transfer expected, from it, of this size?"""
+        why = self._authenticate(chunk.transfer_id, sender, chunk.total_bytes, proof)
+        if why is not None:
+            return None, why
         t = self._find(chunk.transfer_id)
         if t is None or t.role != "recv":
             return None, f"refused by {self.worker_id}: transfer {chunk.transfer_id!r} is not expected"
@@ -193,8 +207,12 @@ class GrpcTransport(TransportBase):
             self._advance(t, TransferStatus.TRANSFERRING)
             return  # nothing is pushed and no ack comes: the deadline fails both sides
         chunk = min(self.chunk_bytes, int(t.peer.get("max_chunk_bytes", self.chunk_bytes)))
+        metadata = [(_SENDER_KEY, self.worker_id)]
+        proof = self._proof(t.transfer_id, t.nbytes)
+        if proof is not None:
+            metadata.append((_PROOF_KEY, proof))
         call = stub.Push.future(self._chunks(t, chunk), timeout=max(t.remaining(), 0.001),
-                                metadata=((_SENDER_KEY, self.worker_id),), wait_for_ready=True)
+                                metadata=tuple(metadata), wait_for_ready=True)
         with self._lock:
             t.scratch["call"] = call
         if t.status.done:  # aborted between send() and here

@@ -7,7 +7,8 @@ backends. Lifecycle of one transfer:
 1. The receiver ``expect``\\ s: it allocates the destination (WAITING).
 2. The sender ``send``\\ s: a thread looks the receiver up in the hub
    (BOOTSTRAPPING), asks it to accept ``transfer_id`` (the receiver refuses
-   ids it does not expect, from another sender, or of another size).
+   a sender without the cluster secret's proof, ids it does not expect,
+   from another sender, or of another size).
 3. Chunks of ``chunk_bytes`` are copied straight into the destination
    (TRANSFERRING on both sides); either side's abort stops it at the next chunk.
 4. The receiver checks that every byte came and both sides end SUCCESS.
@@ -51,8 +52,8 @@ class InProcTransport(TransportBase):
     """A :class:`~kvtransfer.base.KVTransport` whose peers live in the same process."""
 
     def __init__(self, hub: InProcHub, worker_id: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 faults: TransferFaults | None = None) -> None:
-        super().__init__(worker_id, faults)
+                 faults: TransferFaults | None = None, secret: str | None = None) -> None:
+        super().__init__(worker_id, faults, secret)
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be > 0")
         self.chunk_bytes = chunk_bytes
@@ -78,7 +79,10 @@ class InProcTransport(TransportBase):
             return None, f"refused by {self.worker_id}: {transfer_id!r} is {t.status.name} ({t.error})"
         return t, None
 
-    def _accept(self, transfer_id: str, sender_id: str, nbytes: int) -> str | None:
+    def _accept(self, transfer_id: str, sender_id: str, nbytes: int, proof: str | None = None) -> str | None:
+        why = self._authenticate(transfer_id, sender_id, nbytes, proof)
+        if why is not None:
+            return why
         t, why = self._incoming(transfer_id, sender_id)
         if t is None:
             return why
@@ -86,6 +90,7 @@ class InProcTransport(TransportBase):
             why = f"size mismatch: sender has {nbytes} bytes, receiver expects {t.nbytes}"
             self._fail(t, why)
             return why
+        t.scratch["accepted"] = True
         self._advance(t, TransferStatus.TRANSFERRING)
         return None
 
@@ -93,6 +98,8 @@ class InProcTransport(TransportBase):
         t, why = self._incoming(transfer_id, sender_id)
         if t is None:
             return why
+        if not t.scratch.get("accepted"):  # only what _accept let in (and authenticated) is written
+            return f"refused by {self.worker_id}: {transfer_id!r} was not accepted"
         byte_view(t.tensor)[offset:offset + data.numel()].copy_(data)
         t.received += data.numel()
         self._count("recv", data.numel())
@@ -128,7 +135,7 @@ class InProcTransport(TransportBase):
         if t.scratch["drop"]:
             return  # nothing arrives, no ack comes: the deadline fails both sides
         tid, me = t.transfer_id, self.worker_id
-        why = receiver._accept(tid, me, t.nbytes)
+        why = receiver._accept(tid, me, t.nbytes, self._proof(tid, t.nbytes))
         data = byte_view(t.tensor)
         for off, n in chunk_ranges(t.nbytes, self.chunk_bytes):
             if why is not None:

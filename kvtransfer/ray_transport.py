@@ -19,6 +19,13 @@ carries the actor's name and namespace. Lifecycle of one transfer:
 
 Ray's own serialization carries the object (inside the cluster's trust
 boundary); we only ever put a plain uint8 array and check the type we get.
+
+With a cluster secret (see :mod:`kvtransfer.common`) the sender passes its
+proof to ``kvtransfer_deliver`` and the receiver checks it before anything
+else, in particular before ``ray.get`` deserializes the object. This is
+defence in depth: whoever may call a Ray actor's methods can already run
+code in the cluster, so Ray's own authentication (``RAY_AUTH_MODE=token``)
+and a private network are what guard this plane first.
 """
 
 from __future__ import annotations
@@ -42,12 +49,13 @@ class RayTransport(TransportBase):
 
     ``actor_name``/``namespace`` name the actor hosting this transport; inside
     a named actor they default to that actor's. Without a name the transport
-    can send but nobody can deliver to it.
+    can send but nobody can deliver to it. ``secret``: the cluster secret this
+    side proves and demands (module doc).
     """
 
     def __init__(self, worker_id: str, *, actor_name: str | None = None, namespace: str | None = None,
-                 faults: TransferFaults | None = None) -> None:
-        super().__init__(worker_id, faults)
+                 faults: TransferFaults | None = None, secret: str | None = None) -> None:
+        super().__init__(worker_id, faults, secret)
         if actor_name is None and ray.is_initialized():
             ctx = ray.get_runtime_context()
             actor_name = ctx.get_actor_name() if ctx.get_actor_id() else None
@@ -70,14 +78,18 @@ class RayTransport(TransportBase):
                            TransferStatus.WAITING)
 
     def deliver(self, transfer_id: str, refs: list[ray.ObjectRef], sender_id: str | None = None,
-                nbytes: int | None = None) -> None:
+                nbytes: int | None = None, proof: str | None = None) -> None:
         """Accept ``refs[0]`` for ``transfer_id`` and fetch it in the background.
 
         Raises :class:`TransferError` (which fails the sender's actor call) if
-        the transfer is not expected here, is expected from another sender,
-        has another size (this also fails the receiver's side), or is already
-        receiving or finished.
+        the sender's ``proof`` of the cluster secret is missing or wrong (this
+        also fails the receiver's side), the transfer is not expected here, is
+        expected from another sender, has another size (this also fails the
+        receiver's side), or is already receiving or finished.
         """
+        why = self._authenticate(transfer_id, str(sender_id or ""), -1 if nbytes is None else int(nbytes), proof)
+        if why is not None:
+            raise TransferError(why)
         t = self._find(transfer_id)
         if t is None or t.role != "recv":
             raise TransferError(f"refused by {self.worker_id}: transfer {transfer_id!r} is not expected")
@@ -138,7 +150,8 @@ class RayTransport(TransportBase):
         self._count("send", t.nbytes)
         if t.scratch["drop"]:
             return  # the object is never delivered: the deadline fails both sides
-        call = actor.kvtransfer_deliver.remote(t.transfer_id, [ref], self.worker_id, t.nbytes)
+        call = actor.kvtransfer_deliver.remote(t.transfer_id, [ref], self.worker_id, t.nbytes,
+                                               self._proof(t.transfer_id, t.nbytes))
         while not t.status.done and t.remaining() > 0:
             ready, _ = ray.wait([call], timeout=min(_POLL_S, max(t.remaining(), 0.0)))
             if not ready:
@@ -171,7 +184,7 @@ class KVTransferActorMixin:
     kv_transport: Any
 
     def kvtransfer_deliver(self, transfer_id: str, refs: list[ray.ObjectRef], sender_id: str | None = None,
-                           nbytes: int | None = None) -> None:
+                           nbytes: int | None = None, proof: str | None = None) -> None:
         if not isinstance(self.kv_transport, RayTransport):
             raise TransferError(f"this actor's transport is {type(self.kv_transport).__name__}, not RayTransport")
-        self.kv_transport.deliver(transfer_id, refs, sender_id, nbytes)
+        self.kv_transport.deliver(transfer_id, refs, sender_id, nbytes, proof)

@@ -24,6 +24,25 @@ of one transfer (every wait bounded by the transfer's deadline):
    generation broken on both sides (``kv/pair/<pair>/broken/<gen>``); the
    next transfer builds a new one. An abort after "go" cannot cancel a gloo op:
    the side gives up (FAILED) but its thread still drains the op.
+
+Before it joins a *new* pair group the sender waits for the receiver's
+``kv/pair/<pair>/accept/<gen>`` marker (or its refusal in ``kv/d/<id>``),
+so a refused sender fails at once instead of blocking in the group's
+rendezvous until its deadline.
+
+The cluster secret (``secret=``, see :mod:`kvtransfer.common`): the sender
+puts its proof in the "go" record of step 3; the receiver checks it before
+it joins a group or posts a recv. A wrong or missing proof fails the
+transfer on the receiver ("peer did not present the cluster secret"), is
+answered with ``rfail`` (the sender fails at once), and no byte moves.
+
+What the secret does *not* cover: the ``TCPStore`` itself (and the gloo /
+NCCL rendezvous over it) has no authentication. The secret decides which
+transfers this side accepts, but anyone who can reach the store's port can
+read the registrations, write or delete keys (and so refuse or stall
+transfers), or tie up the store. Keep ``host`` on 127.0.0.1 or a private
+cluster network that only the workers reach; that, not the secret, is the
+mitigation for an attacker on the network.
 """
 
 from __future__ import annotations
@@ -40,7 +59,8 @@ import torch.distributed as dist
 from kvtransfer.base import Endpoint, TransferStatus
 from kvtransfer.common import DEFAULT_CHUNK_BYTES, Transfer, TransportBase, byte_view, chunk_ranges
 from kvtransfer.faults import TransferFaults
-from kvtransfer.torch_pairs import RecvPair, SendPair, new_group, poll, store_claim, store_put, store_read, wait_works
+from kvtransfer.torch_pairs import (RecvPair, SendPair, await_accept, new_group, poll, store_claim, store_put,
+                                    store_read, wait_works)
 
 _PAIR_LOCK_POLL_S = 0.05
 
@@ -57,12 +77,14 @@ class TorchDistTransport(TransportBase):
     sockets bind. ``device``: where received tensors are allocated (a CUDA
     device for ``backend="nccl"``). ``expect_grace_s``: how long a sender
     waits for the receiver's ``expect`` before calling the transfer refused.
+    ``secret``: the cluster secret this side proves and demands (module doc).
     """
 
     def __init__(self, worker_id: str, backend: str = "gloo", host: str = "127.0.0.1", port: int = 0, *,
                  device: str | torch.device = "cpu", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 expect_grace_s: float = 2.0, faults: TransferFaults | None = None) -> None:
-        super().__init__(worker_id, faults)
+                 expect_grace_s: float = 2.0, faults: TransferFaults | None = None,
+                 secret: str | None = None) -> None:
+        super().__init__(worker_id, faults, secret)
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be 'gloo' or 'nccl', not {backend!r}")
         if chunk_bytes <= 0:
@@ -117,6 +139,11 @@ class TorchDistTransport(TransportBase):
             self._fail(t, f"sender gave up: {go.get('why')}")
             store.delete_key(dkey)
             return
+        why = self._authenticate(t.transfer_id, str(t.peer["worker_id"]), t.nbytes, go.get("proof"))
+        if why is not None:  # fails t; the sender reads the refusal before it joins a group or posts a send
+            self._fail(t, why)
+            store_put(store, dkey, {"s": "rfail", "why": why})
+            return
         # Committed: from here the recvs are posted (or the pair is broken) even
         # if this side aborts meanwhile, so the sender's ops never dangle.
         why = self._receive(t, go)
@@ -155,6 +182,7 @@ class TorchDistTransport(TransportBase):
         # Our turn: later transfers of this pair wait until our recvs are posted.
         try:
             if pair.group is None:
+                store_put(self._store, f"kv/pair/{sender}/accept/{gen}", {})  # the sender may join now
                 pair.group = new_group(self.backend, self.host, self.port, f"kv/pair/{sender}/g{gen}", 0,
                                        t.remaining(), self._gloo_device)
             self._advance(t, TransferStatus.TRANSFERRING)
@@ -279,8 +307,11 @@ class TorchDistTransport(TransportBase):
         if self._expire(t) or t.status.done:
             store_claim(store, f"kv/d/{t.transfer_id}", {"s": "sabort", "why": t.error})
             return None
-        won, now = store_claim(store, f"kv/d/{t.transfer_id}",
-                               {"s": "go", "gen": pair.gen, "seq": pair.seq, "chunk": self.chunk_bytes})
+        go: dict[str, Any] = {"s": "go", "gen": pair.gen, "seq": pair.seq, "chunk": self.chunk_bytes}
+        proof = self._proof(t.transfer_id, t.nbytes)
+        if proof is not None:
+            go["proof"] = proof
+        won, now = store_claim(store, f"kv/d/{t.transfer_id}", go)
         if not won:
             self._fail(t, f"receiver gave up: {now.get('why')}")
             return None
@@ -291,6 +322,18 @@ class TorchDistTransport(TransportBase):
             return None
         try:
             if pair.group is None:
+                # Committed, so no early exit on abort: wait for the receiver to join or refuse.
+                refusal = await_accept(store, f"{gen_key}/accept/{pair.gen}", f"kv/d/{t.transfer_id}", t.deadline,
+                                       lambda: self._closed)
+                if refusal is not None:
+                    why = f"receiver failed: {refusal.get('why')}"
+                    if refusal.get("s") == "rfail":  # the receiver never joined: a new generation next time
+                        pair.broken = why
+                        store.delete_key(f"kv/d/{t.transfer_id}")
+                    else:
+                        self._break_send_pair(store, pair, me, why)
+                    self._fail(t, why)
+                    return None
                 pair.group = new_group(self.backend, str(t.peer["host"]), int(t.peer["port"]), f"{gen_key}/g{pair.gen}",
                                        1, t.remaining(), self._gloo_device)
             self._advance(t, TransferStatus.TRANSFERRING)

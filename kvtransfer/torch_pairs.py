@@ -71,6 +71,32 @@ def poll(fn: Callable[[], T | None], t: Transfer, until: float) -> T | None:
         delay = min(delay * 2, _POLL_MAX_S)
 
 
+def await_accept(store: dist.Store, accept_key: str, dkey: str, deadline: float,
+                 closed: Callable[[], bool]) -> dict[str, Any] | None:
+    """Sender, before joining a new pair group: None once the receiver joins too.
+
+    The receiver writes ``accept_key`` right before it joins (we consume
+    it); if it fails the transfer instead, ``dkey`` leaves "go" and that
+    record is returned. ``{"s": "timeout"|"closed", "why": ...}`` when the
+    deadline passes or the transport closes first. Does not stop on abort:
+    the transfer is committed, and the receiver's ops must find their match.
+    """
+    delay = _POLL_MIN_S
+    while True:
+        if store.check([accept_key]):
+            store.delete_key(accept_key)
+            return None
+        value = store_read(store, dkey)
+        if value is not None and value.get("s") != "go":
+            return value
+        if closed():
+            return {"s": "closed", "why": "transport closed"}
+        if time.monotonic() >= deadline:
+            return {"s": "timeout", "why": "timed out waiting for the receiver to join the pair group"}
+        time.sleep(delay)
+        delay = min(delay * 2, _POLL_MAX_S)
+
+
 def new_group(backend: str, host: str, port: int, prefix: str, rank: int, timeout_s: float,
               gloo_device: Any = None) -> Any:
     """Build one 2-rank group over the store at host:port; blocks until the peer joins.
