@@ -166,6 +166,7 @@ W_PEAK_FLOPS = "splitserve_worker_peak_flops_per_second"
 W_XFER_BYTES = "splitserve_worker_kv_transfer_bytes_total"  # label direction=sent|received
 W_XFER_CHUNKS = "splitserve_worker_kv_transfer_chunks_total"
 W_XFER_SECONDS = "splitserve_worker_kv_transfer_seconds_total"
+W_XFER_REFUSED = "splitserve_worker_kv_transfer_refused_unauthenticated_total"
 W_PREFIX_HITS = "splitserve_worker_prefix_cache_hit_tokens_total"
 W_PREFIX_QUERIES = "splitserve_worker_prefix_cache_query_tokens_total"
 
@@ -205,6 +206,8 @@ _WORKER_METRICS: tuple[tuple[str, str, str, str | None, tuple[tuple[str | None, 
      (("sent", ("kv_transfer", "chunks_sent")), ("received", ("kv_transfer", "chunks_received")))),
     (W_XFER_SECONDS, _COUNTER, "Seconds spent moving KV (first byte to done, summed over transfers).", "direction",
      (("sent", ("kv_transfer", "seconds_sent")), ("received", ("kv_transfer", "seconds_received")))),
+    (W_XFER_REFUSED, _COUNTER, "KV transfer connections refused for a missing or wrong token.", None,
+     ((None, ("kv_transfer", "refused_unauthenticated")),)),
     (W_PREFIX_HITS, _COUNTER, "Prompt tokens found in the prefix cache.", None,
      ((None, "prefix_cache_hit_tokens"),)),
     (W_PREFIX_QUERIES, _COUNTER, "Prompt tokens looked up in the prefix cache.", None,
@@ -246,8 +249,9 @@ class WorkerStatusCollector(Collector):
       ``peak_bandwidth_bytes_per_s``, ``peak_flops_per_s`` (gauges)
     - ``kv_transfer``: the dict of ``kv_transport.stats()``; reads
       ``bytes_sent``, ``bytes_received``, ``chunks_sent``,
-      ``chunks_received``, and ``seconds_sent``, ``seconds_received`` if
-      the worker adds them (counters)
+      ``chunks_received``, ``refused_unauthenticated``, and
+      ``seconds_sent``, ``seconds_received`` if the worker adds them
+      (counters)
 
     Counters restart from zero when a worker is replaced; Prometheus'
     ``rate()`` handles that reset.

@@ -133,7 +133,7 @@ def full_status(worker_id: str, kind: str) -> dict:
             "peak_bandwidth_bytes_per_s": 2e10, "peak_flops_per_s": 5e11, "window_s": 10.0,
         },
         "kv_transfer": {"chunks_sent": 4, "chunks_received": 0, "bytes_sent": 4096, "bytes_received": 0,
-                        "seconds_sent": 0.01, "seconds_received": 0.0},
+                        "seconds_sent": 0.01, "seconds_received": 0.0, "refused_unauthenticated": 2},
     }
 
 
@@ -162,6 +162,7 @@ def test_worker_collector_emits_every_metric_with_labels():
     assert s[(m.W_XFER_BYTES, tuple(sorted(plab + (("direction", "sent"),))))] == 4096
     assert s[(m.W_XFER_CHUNKS, tuple(sorted(plab + (("direction", "sent"),))))] == 4
     assert s[(m.W_XFER_SECONDS, tuple(sorted(plab + (("direction", "sent"),))))] == 0.01
+    assert s[(m.W_XFER_REFUSED, plab)] == 2
     assert s[(m.W_PREFIX_HITS, plab)] == 30 and s[(m.W_PREFIX_QUERIES, plab)] == 120
     # Every declared metric appeared, with the declared type.
     types = families(reg)

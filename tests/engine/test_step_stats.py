@@ -140,6 +140,7 @@ def test_tiny_engine_counts_steps_tokens_and_stamps_first_outputs(tiny_model):
     peaks = MachinePeaks(bandwidth_bytes_per_s=1e10, flops_per_s=1e11)
     # A 16-token step budget chunks the 30-token prompt.
     engine = LLMEngine(tiny_model, block_size=4, num_blocks=64, max_batched_tokens=16, peaks=peaks)
+    engine.step_accounting.window_s = 3600.0   # a slow shared machine must not age steps out
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     prompts = {"a": list(range(1, 11)), "b": list(range(1, 31)), "c": [5]}
     for rid, ids in prompts.items():
