@@ -147,7 +147,8 @@ def _deny_handler(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMetho
     async def deny(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
 
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    # No deserializer: an unauthenticated request stays raw bytes and is never parsed.
+    kw: dict[str, Any] = {"request_deserializer": None, "response_serializer": None}
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(deny, **kw)
     if handler.request_streaming:

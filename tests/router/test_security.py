@@ -233,6 +233,20 @@ def test_other_schemes_and_shapes_are_refused(address: str, certs) -> None:
         channel.close()
 
 
+def test_unauthenticated_requests_are_not_parsed(address: str, certs) -> None:
+    channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(certs["server"][0]).read_bytes()))
+    raw = channel.unary_unary(f"/{SERVICE}/ClusterStatus")  # bytes in, bytes out
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            raw(b"\xff\xff not protobuf", timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED  # denied before any parsing
+        with pytest.raises(grpc.RpcError) as e:
+            raw(b"\xff\xff not protobuf", timeout=5, metadata=auth_metadata(TOKEN))
+        assert e.value.code() != grpc.StatusCode.UNAUTHENTICATED  # with the token it is parsed, and fails
+    finally:
+        channel.close()
+
+
 def test_health_and_reflection_need_no_token(address: str, certs) -> None:
     c = client(address, certs)
     try:
