@@ -2,9 +2,9 @@
 
 Server side (the entrypoint wires these in)::
 
-    token = load_secret(env="SPLITSERVE_TOKEN", file=None)
-    server = grpc.aio.server(interceptors=[BearerTokenInterceptor(token)] if token else [])
-    port = server.add_secure_port(address, server_credentials(cert_path, key_path))
+    token = load_secret(env="SPLITSERVE_TOKEN", file=None)      # None: no token required
+    server = grpc.aio.server(interceptors=auth_interceptors(token))
+    port = add_port(server, "0.0.0.0:50051", cert_path=cert, key_path=key)  # TLS; plaintext without them
 
 Client side: :func:`channel_credentials` (the CA to trust) and
 :func:`auth_metadata` (the ``authorization: Bearer <token>`` pair to send on
@@ -137,6 +137,19 @@ def channel_credentials(ca: str | None = None) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=pem)
 
 
+def add_port(server: grpc.aio.Server, address: str, *, cert_path: str | None = None,
+             key_path: str | None = None) -> int:
+    """Bind ``address``: TLS with ``cert_path``/``key_path`` (both or neither), else plaintext.
+
+    Returns the bound port (0 when gRPC could not bind), like ``add_*_port``.
+    """
+    if (cert_path is None) != (key_path is None):
+        raise SecurityConfigError("TLS needs both a certificate and a private key file (or neither)")
+    if cert_path is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, server_credentials(cert_path, key_path))  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------- interceptor
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
@@ -200,3 +213,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         log.info("denied %s: %s", method, why)
         return _deny_handler(handler, why)
+
+
+def auth_interceptors(token: str | None, *,
+                      public_methods: Iterable[str] = DEFAULT_PUBLIC_METHODS) -> list[grpc.aio.ServerInterceptor]:
+    """The server interceptors for ``token``: none when it is None (no authentication)."""
+    return [] if token is None else [BearerTokenInterceptor(token, public_methods=public_methods)]

@@ -23,8 +23,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from protos import serving_pb2, serving_pb2_grpc
 from router.client import AsyncClient, Client, cli_token
 from router.client import main as cli_main
-from router.security import (DEFAULT_PUBLIC_METHODS, BearerTokenInterceptor, SecurityConfigError, auth_metadata,
-                             load_secret, server_credentials)
+from router.security import (DEFAULT_PUBLIC_METHODS, BearerTokenInterceptor, SecurityConfigError, add_port,
+                             auth_interceptors, auth_metadata, load_secret, server_credentials)
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -83,7 +83,7 @@ class TinyServing(serving_pb2_grpc.ServingServicer):
 class ServerThread:
     """A grpc.aio server with the interceptor and TLS, on its own loop thread."""
 
-    def __init__(self, cert: str, key: str, token: str | None) -> None:
+    def __init__(self, cert: str | None, key: str | None, token: str | None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -92,13 +92,13 @@ class ServerThread:
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
 
-    async def _start(self, cert: str, key: str, token: str | None) -> int:
-        self.server = grpc.aio.server(interceptors=[BearerTokenInterceptor(token)] if token else [])
+    async def _start(self, cert: str | None, key: str | None, token: str | None) -> int:
+        self.server = grpc.aio.server(interceptors=auth_interceptors(token))
         serving_pb2_grpc.add_ServingServicer_to_server(TinyServing(), self.server)
         hs = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(hs, self.server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        port = self.server.add_secure_port("127.0.0.1:0", server_credentials(cert, key))
+        port = add_port(self.server, "127.0.0.1:0", cert_path=cert, key_path=key)
         await self.server.start()
         await hs.set("", health_pb2.HealthCheckResponse.SERVING)
         return port
@@ -178,6 +178,20 @@ def test_server_name_override(certs) -> None:
         c = Client(address, timeout_s=5, tls_ca=certs["named"][0], token=TOKEN, server_name="router.splitserve.test")
         assert c.status().model == "tiny"
         c.close()
+    finally:
+        s.stop()
+
+
+def test_token_over_plaintext_on_loopback() -> None:
+    s = ServerThread(None, None, TOKEN)
+    try:
+        good, anon = Client(f"127.0.0.1:{s.port}", timeout_s=5, token=TOKEN), Client(f"127.0.0.1:{s.port}", timeout_s=5)
+        assert good.status().model == "tiny"
+        with pytest.raises(grpc.RpcError) as e:
+            anon.status()
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        good.close()
+        anon.close()
     finally:
         s.stop()
 
@@ -307,6 +321,18 @@ def test_interceptor_arguments() -> None:
     assert i.verdict(auth_metadata(TOKEN)) is None
     assert i.verdict(()) == "missing authorization metadata"
     assert auth_metadata(None) == ()
+    assert auth_interceptors(None) == [] and isinstance(auth_interceptors(TOKEN)[0], BearerTokenInterceptor)
+
+
+def test_add_port_needs_both_cert_and_key(certs) -> None:
+    async def go() -> None:
+        server = grpc.aio.server()
+        with pytest.raises(SecurityConfigError, match="both"):
+            add_port(server, "127.0.0.1:0", cert_path=certs["server"][0])
+        assert add_port(server, "127.0.0.1:0") > 0  # plaintext
+        await server.stop(None)
+
+    asyncio.run(go())
 
 
 # -------------------------------------------------------------- load_secret
