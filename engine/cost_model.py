@@ -188,7 +188,8 @@ class ModelDims:
         """FLOPs to run one token through the model (with its logits) attending to ``context_len`` keys."""
         return 2 * self.matmul_params() + self.attention_flops(context_len)
 
-    def decode_step(self, batch: int, context_len: float, dtype_bytes: float) -> tuple[float, float]:
+    def decode_step(self, batch: int, context_len: float, dtype_bytes: float,
+                    kv_dtype_bytes: float | None = None) -> tuple[float, float]:
         """(bytes moved, FLOPs) of one decode step of ``batch`` sequences at mean ``context_len``.
 
         ``context_len`` is the number of keys each new token attends to (the
@@ -196,23 +197,28 @@ class ModelDims:
         ``batch`` embedding rows) + the whole KV cache read. FLOPs:
         ``2 * matmul_params`` per token (logits included) + attention
         ``4 * layers * heads * head_dim * context_len`` per token.
+        ``kv_dtype_bytes`` is the KV cache's element size when it differs
+        from the weights' (int4 weights with a bf16 cache); default the same.
         """
-        nbytes = self.weight_bytes_read(batch, dtype_bytes) + batch * context_len * self.kv_bytes_per_token(dtype_bytes)
+        kv_token = self.kv_bytes_per_token(dtype_bytes if kv_dtype_bytes is None else kv_dtype_bytes)
+        nbytes = self.weight_bytes_read(batch, dtype_bytes) + batch * context_len * kv_token
         flops = batch * self.flops_per_token(context_len)
         return nbytes, flops
 
-    def prefill(self, prompt_lens: Iterable[int], dtype_bytes: float) -> tuple[float, float]:
+    def prefill(self, prompt_lens: Iterable[int], dtype_bytes: float,
+                kv_dtype_bytes: float | None = None) -> tuple[float, float]:
         """(bytes moved, FLOPs) of one packed prefill forward of ``prompt_lens``, causal attention.
 
         Logits are computed for each prompt's last row only (what the engine
         and ``generate()`` do). Token ``i`` (1-based) of a prompt attends to
         ``i`` keys, so a prompt of ``n`` tokens has ``n (n + 1) / 2`` pairs.
         Bytes: weights once (plus one embedding row per token) + the prompt's
-        KV written once.
+        KV written once (at ``kv_dtype_bytes`` each, default ``dtype_bytes``).
         """
         lens = list(prompt_lens)
         tokens = sum(lens)
-        nbytes = self.weight_bytes_read(tokens, dtype_bytes) + tokens * self.kv_bytes_per_token(dtype_bytes)
+        kv_token = self.kv_bytes_per_token(dtype_bytes if kv_dtype_bytes is None else kv_dtype_bytes)
+        nbytes = self.weight_bytes_read(tokens, dtype_bytes) + tokens * kv_token
         pairs = sum(n * (n + 1) / 2 for n in lens)
         flops = (2 * self.num_layers * self.layer_matmul_params() * tokens
                  + 2 * self.lm_head_params() * len(lens)

@@ -89,6 +89,13 @@ def test_prefill_by_hand():
     assert flops == 9600 + 320 + 576
 
 
+def test_kv_in_its_own_dtype():
+    # int4 weights with an fp8 cache: KV 16 bytes/token instead of 32, weights unchanged
+    assert TOY.decode_step(3, 5, 2, kv_dtype_bytes=1)[0] == 2208 + 3 * 5 * 16
+    assert TOY.prefill([3, 2], 2, kv_dtype_bytes=1)[0] == 2240 + 5 * 16
+    assert TOY.decode_step(3, 5, 2, kv_dtype_bytes=1)[1] == TOY.decode_step(3, 5, 2)[1]   # FLOPs do not care
+
+
 def test_decode_context_matches_prefill_attention():
     # Prefilling 3 tokens = attention of token 1, 2 and 3 over 1, 2, 3 keys: the decode formula summed.
     _, p = TOY.prefill([3], 2)
