@@ -326,11 +326,12 @@ class TorchDistTransport(TransportBase):
                 refusal = await_accept(store, f"{gen_key}/accept/{pair.gen}", f"kv/d/{t.transfer_id}", t.deadline,
                                        lambda: self._closed)
                 if refusal is not None:
-                    why = f"receiver failed: {refusal.get('why')}"
-                    if refusal.get("s") == "rfail":  # the receiver never joined: a new generation next time
+                    if refusal.get("s") == "rfail":  # the receiver did not join: a new generation next time
+                        why = f"receiver failed: {refusal.get('why')}"
                         pair.broken = why
                         store.delete_key(f"kv/d/{t.transfer_id}")
-                    else:
+                    else:  # timed out or closed: tell the receiver this generation is dead
+                        why = str(refusal.get("why"))
                         self._break_send_pair(store, pair, me, why)
                     self._fail(t, why)
                     return None
