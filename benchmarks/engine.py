@@ -208,7 +208,8 @@ class ModelCost:
         unique = {p.data_ptr(): p.numel() for p in loaded.model.parameters()}
         # A mismatch means the model is not the Llama shape the cost model counts: its rooflines would be wrong.
         if dims.param_count() != sum(unique.values()):
-            raise RuntimeError(f"cost model counts {dims.param_count()} parameters, the model has {sum(unique.values())}")
+            raise RuntimeError(f"cost model counts {dims.param_count()} parameters, "
+                               f"the model has {sum(unique.values())}")
         if dims.kv_bytes_per_token(itemsize) != kv_bytes_per_token:
             raise RuntimeError(f"cost model's KV bytes/token {dims.kv_bytes_per_token(itemsize)} != engine's "
                                f"{kv_bytes_per_token}")

@@ -192,7 +192,8 @@ def analyze(model: str, dims: ModelDims, hw: HardwareProfile, dtype: str, kv_dty
     t_p = prefill["seconds"] / wl.prompts_per_prefill
     t_d = decode["seconds"] * (wl.output_len - 1) / wl.batch
     p, d = small_ratio(t_p / t_d)
-    ref_kv = {dt: dims.kv_cache_bytes(REFERENCE_BATCH, REFERENCE_CONTEXT, dtype_bytes(dt)) for dt in ("fp32", "bf16", "fp8")}
+    ref_kv = {dt: dims.kv_cache_bytes(REFERENCE_BATCH, REFERENCE_CONTEXT, dtype_bytes(dt))
+              for dt in ("fp32", "bf16", "fp8")}
     prompt_kv = wl.input_len * kv_token
     return {
         "model": {"name": model, **dims.as_dict()},
@@ -230,7 +231,6 @@ def analyze(model: str, dims: ModelDims, hw: HardwareProfile, dtype: str, kv_dty
                   "workers": None if wl.rate is None else
                   {"prefill": math.ceil(wl.rate * t_p), "decode": math.ceil(wl.rate * t_d)}},
     }
-
 
 
 # -------------------------------------------------------------------- report

@@ -247,7 +247,8 @@ def arithmetic_intensity(nbytes: float, flops: float) -> float:
     return flops / nbytes if nbytes else math.inf
 
 
-def roofline_seconds(nbytes: float, flops: float, bandwidth_bytes_per_s: float, flops_per_s: float) -> tuple[float, str]:
+def roofline_seconds(nbytes: float, flops: float, bandwidth_bytes_per_s: float,
+                     flops_per_s: float) -> tuple[float, str]:
     """Lower bound on the time of (bytes, FLOPs) on a machine, and which bound sets it.
 
     Returns ``(max(bytes / bandwidth, flops / flop_rate), "bandwidth" | "compute")``;
