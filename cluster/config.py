@@ -139,6 +139,10 @@ class PoolsConfig(_Section):
     forms are given they must agree.
     """
 
+    # disaggregated: prefill and decode pools at the ratio. colocated: every
+    # replica runs both phases (as a single engine does) with the decode
+    # section's settings; ratio and the prefill section do not apply.
+    mode: Literal["disaggregated", "colocated"] = "disaggregated"
     ratio: str | None = None  # "P:D"; None only when sized by explicit counts
     replicas: int | None = Field(None, ge=1)  # total over both pools; a multiple of P+D
     prefill: PrefillPoolConfig = Field(default_factory=PrefillPoolConfig)
@@ -176,6 +180,13 @@ class PoolsConfig(_Section):
     @model_validator(mode="after")
     def _check_sizes(self) -> PoolsConfig:
         problems: list[tuple[str, str]] = []
+        if self.mode == "colocated":
+            for k in ("prefill", "decode"):
+                if getattr(self, k).replicas is not None:
+                    problems.append((f"{k}.replicas", "does not apply with mode colocated; set pools.replicas"))
+            if problems:
+                raise FieldProblems(problems)
+            return self
         p_n, d_n = self.prefill.replicas, self.decode.replicas
         if (p_n is None) != (d_n is None):
             missing = "decode" if d_n is None else "prefill"
@@ -204,7 +215,9 @@ class PoolsConfig(_Section):
         return p // g, d // g
 
     def counts(self) -> tuple[int, int]:
-        """(prefill replicas, decode replicas) to start."""
+        """(prefill replicas, decode replicas) to start; colocated: (0, replicas)."""
+        if self.mode == "colocated":
+            return 0, self.replicas if self.replicas is not None else 2
         if self.prefill.replicas is not None and self.decode.replicas is not None:
             return self.prefill.replicas, self.decode.replicas
         return self.counts_for_total(self.replicas if self.replicas is not None else sum(self.ratio_pair()))
@@ -230,6 +243,11 @@ class KVTransferConfig(_Section):
     timeout_s: float = Field(30, gt=0)  # bound on every transfer wait
     chunk_bytes: int = Field(4 * MiB, ge=1)
     host: str = "127.0.0.1"  # address this node's transport binds / advertises
+    # The cluster's KV-plane secret: receivers accept only transfers whose
+    # sender proves it (HMAC). From an environment variable or a file; unset
+    # means no check (fine on loopback, not on a shared network).
+    secret_env: str | None = None
+    secret_file: str | None = None
 
 
 class RouterConfig(_Section):
@@ -240,6 +258,28 @@ class RouterConfig(_Section):
     policy: Literal["round_robin", "least_loaded"] = "least_loaded"
     max_queued: int = Field(256, ge=0)  # beyond this, new requests get RESOURCE_EXHAUSTED
     request_timeout_s: float = Field(600, gt=0)
+    queue_timeout_s: float = Field(30, gt=0)  # longest wait for KV room before RESOURCE_EXHAUSTED
+    max_request_bytes: int = Field(1 * MiB, ge=1024)  # larger requests get RESOURCE_EXHAUSTED
+    max_attempts: int = Field(3, ge=1)  # a request whose worker dies is retried / resumed up to this
+    transfer_retries: int = Field(1, ge=0)  # pushes of one KV again before recomputing it elsewhere
+    drain_grace_s: float = Field(30, ge=0)  # on stop: how long in-flight requests may take to finish
+    metrics_port: int | None = Field(9464, ge=0, le=65535)  # Prometheus /metrics on router.host; None: off
+    # TLS for clients: both paths or neither.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # Bearer-token auth: the token from an environment variable or a file
+    # (never from the YAML itself, which gets committed and logged).
+    auth_token_env: str | None = None
+    auth_token_file: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> RouterConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise FieldProblems([(missing, "set both tls_cert and tls_key, or neither")])
+        if self.auth_token_env is not None and self.auth_token_file is not None:
+            raise FieldProblems([("auth_token_file", "set auth_token_env or auth_token_file, not both")])
+        return self
 
 
 class RayConfig(_Section):

@@ -39,7 +39,7 @@ def connect_ray(rc: RayConfig) -> None:
                      _node_ip_address="127.0.0.1")
 
 
-async def serve(cfg: ClusterConfig, grace_s: float = 30.0) -> None:
+async def serve(cfg: ClusterConfig) -> None:
     from cluster.deployment import Deployment
 
     deployment = Deployment(cfg)
@@ -49,13 +49,17 @@ async def serve(cfg: ClusterConfig, grace_s: float = 30.0) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         address = await deployment.start()
-        print(f"splitserve: serving {cfg.model.name} on {address} "
-              f"({cfg.pools.counts()[0]} prefill + {cfg.pools.counts()[1]} decode, kvtransfer={cfg.kvtransfer.backend})",
-              flush=True)
+        p, d = cfg.pools.counts()
+        pools = (f"{d} colocated" if cfg.pools.mode == "colocated"
+                 else f"{p} prefill + {d} decode, kvtransfer={cfg.kvtransfer.backend}")
+        metrics = (f"; metrics on http://{cfg.router.host}:{deployment.metrics_port}/metrics"
+                   if deployment.metrics_port is not None else "")
+        print(f"splitserve: serving {cfg.model.name} on {address} ({pools}){metrics}", flush=True)
         await stop.wait()
-        print("splitserve: stopping (draining in-flight requests)", flush=True)
+        print(f"splitserve: stopping (draining in-flight requests for up to {cfg.router.drain_grace_s:.0f} s)",
+              flush=True)
     finally:
-        await deployment.stop(grace_s)
+        await deployment.stop()
     print("splitserve: stopped", flush=True)
 
 

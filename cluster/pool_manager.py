@@ -26,12 +26,12 @@ from typing import Any
 import ray
 
 from cluster.config import split_at_ratio
-from decode_worker.worker import DecodeWorker
+from decode_worker.worker import ColocatedWorker, DecodeWorker
 from prefill_worker.worker import PrefillWorker
 
 log = logging.getLogger(__name__)
 
-KINDS = ("prefill", "decode")
+WORKER_CLASSES = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}
 PING_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 600.0  # model loading on a busy 2-core machine is slow
 
@@ -40,7 +40,7 @@ READY_TIMEOUT_S = 600.0  # model loading on a busy 2-core machine is slow
 class PoolSpec:
     """How to build the actors of one pool."""
 
-    kind: str  # "prefill" | "decode"
+    kind: str  # "prefill" | "decode" | "colocated"
     worker_kwargs: dict[str, Any]  # constructor arguments of the worker class
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -60,25 +60,31 @@ class WorkerEntry:
 class PoolManager:
     """Plain class; launched with ``ray.remote(PoolManager).options(name=...)``."""
 
-    def __init__(self, prefill: PoolSpec, decode: PoolSpec, ratio: tuple[int, int], *, namespace: str,
+    def __init__(self, specs: list[PoolSpec], ratio: tuple[int, ...], *, namespace: str,
                  health_interval_s: float = 2.0, drain_timeout_s: float = 120.0) -> None:
-        self.specs = {"prefill": prefill, "decode": decode}
+        """``specs``: the pools, prefill then decode (or one colocated pool);
+        ``ratio``: their replica ratio, one entry per spec."""
+        if len(specs) != len(ratio):
+            raise ValueError(f"{len(specs)} pools but a ratio of {len(ratio)} parts")
+        self.specs = {spec.kind: spec for spec in specs}
+        self.kinds = tuple(self.specs)
         self.ratio = ratio
         self.namespace = namespace
         self.health_interval_s = health_interval_s
         self.drain_timeout_s = drain_timeout_s
         self.workers: dict[str, WorkerEntry] = {}
-        self.targets = {"prefill": 0, "decode": 0}
+        self.targets = {kind: 0 for kind in self.kinds}
         self.version = 0  # bumps whenever the routing table changes
         self.replacements = 0
-        self._next_index = {"prefill": 0, "decode": 0}
+        self._next_index = {kind: 0 for kind in self.kinds}
         self._health: asyncio.Task | None = None
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------- creation
-    async def start(self, prefill_count: int, decode_count: int) -> dict:
+    async def start(self, *counts: int) -> dict:
+        """Create the pools with ``counts`` actors (one count per pool) and wait until all answer."""
         async with self._lock:
-            self.targets = {"prefill": prefill_count, "decode": decode_count}
+            self.targets = dict(zip(self.kinds, counts, strict=True))
             await self._reconcile()
         if self._health is None:
             self._health = asyncio.get_running_loop().create_task(self._health_loop())
@@ -89,8 +95,7 @@ class PoolManager:
         index = self._next_index[kind]
         self._next_index[kind] += 1
         worker_id = f"{kind}-{index}"
-        cls = PrefillWorker if kind == "prefill" else DecodeWorker
-        handle = ray.remote(cls).options(
+        handle = ray.remote(WORKER_CLASSES[kind]).options(
             name=worker_id, namespace=self.namespace, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
             resources=spec.resources or None, max_restarts=0,
         ).remote(worker_id, **spec.worker_kwargs)
@@ -102,7 +107,7 @@ class PoolManager:
     async def _reconcile(self) -> None:
         """Create or drain actors until each pool matches its target."""
         adds = []
-        for kind in KINDS:
+        for kind in self.kinds:
             live = [w for w in self.workers.values() if w.kind == kind and not w.draining]
             missing = self.targets[kind] - len(live)
             adds += [self._create(kind) for _ in range(max(missing, 0))]
@@ -129,17 +134,19 @@ class PoolManager:
 
     def counts(self) -> dict[str, int]:
         live = [w for w in self.workers.values() if not w.draining]
-        return {kind: sum(w.kind == kind for w in live) for kind in KINDS}
+        return {kind: sum(w.kind == kind for w in live) for kind in self.kinds}
 
     def stats(self) -> dict:
         return {"replacements": self.replacements, "draining": sum(w.draining for w in self.workers.values())}
 
     # -------------------------------------------------------------- scaling
     async def scale(self, total: int) -> dict[str, int]:
-        """Resize both pools to ``total`` actors at the ratio; returns the new counts."""
-        p, d = split_at_ratio(self.ratio, total)
+        """Resize the pools to ``total`` actors at the ratio; returns the new counts."""
+        counts = split_at_ratio(self.ratio, total) if len(self.kinds) == 2 else (total,)
+        if total < 1:
+            raise ValueError(f"total must be >= 1, got {total}")
         async with self._lock:
-            self.targets = {"prefill": p, "decode": d}
+            self.targets = dict(zip(self.kinds, counts))
             await self._reconcile()
         return self.counts()
 

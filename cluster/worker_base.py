@@ -13,10 +13,12 @@ from typing import Any
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
 from engine.model_loader import load_model
+from engine.peaks import measure_peaks_fast
 from kvtransfer.factory import make_transport
 from kvtransfer.ray_transport import KVTransferActorMixin
 
 REAP_INTERVAL_S = 0.5
+TOMBSTONE_S = 120.0  # how long an aborted id stays refused (longer than any call in flight)
 
 
 class WorkerBase(KVTransferActorMixin):
@@ -26,18 +28,22 @@ class WorkerBase(KVTransferActorMixin):
 
     def __init__(self, worker_id: str, *, model: str, dtype: str, max_model_len: int | None,
                  engine_kwargs: dict[str, Any], batch_wait_s: float, transport_backend: str,
-                 transport_kwargs: dict | None) -> None:
+                 transport_kwargs: dict | None, measure_peaks: bool = True) -> None:
         self.worker_id = worker_id
         loaded = load_model(model, dtype=dtype, max_model_len=max_model_len)
         self._limits = {"name": model, "max_model_len": loaded.max_model_len,
                         "vocab_size": int(loaded.config.vocab_size)}
-        engine = LLMEngine(loaded, **engine_kwargs)
+        # Peaks measured here, on this worker's own cores, so its MBU/MFU compare like with like.
+        engine = LLMEngine(loaded, peaks=measure_peaks_fast() if measure_peaks else None, **engine_kwargs)
         self.layout = engine.layout
         self.engine = AsyncEngine(engine, batch_wait_s=batch_wait_s)
         self.kv_transport = make_transport(transport_backend, worker_id, **(transport_kwargs or {}))
         self.requests_served = 0
         self.outstanding_tokens = 0
         self._reapers: list[asyncio.Task] = []
+        # Ids the router aborted: a call for one of them that arrives late
+        # (after the abort) is refused instead of holding blocks nobody wants.
+        self._aborted: dict[str, float] = {}
 
     # ------------------------------------------------------------- control
     def ping(self) -> str:
@@ -69,6 +75,9 @@ class WorkerBase(KVTransferActorMixin):
             "used_blocks": stats["used_blocks"],
             "num_blocks": stats["num_blocks"],
             "requests_served": self.requests_served,
+            "preemptions": stats["preemptions"],
+            "step_stats": self.engine.engine.step_stats(),
+            "kv_transfer": self.kv_transport.stats(),
         }
 
     def shutdown(self) -> None:
@@ -76,6 +85,18 @@ class WorkerBase(KVTransferActorMixin):
             task.cancel()
         self.engine.close()
         self.kv_transport.close()
+
+    # ------------------------------------------------------------ aborting
+    def _tombstone(self, request_id: str) -> None:
+        now = time.monotonic()
+        if len(self._aborted) > 10_000:  # bounded: forget the expired ones
+            for key in [k for k, t in self._aborted.items() if t <= now]:
+                del self._aborted[key]
+        self._aborted[request_id] = now + TOMBSTONE_S
+
+    def _was_aborted(self, request_id: str) -> bool:
+        deadline = self._aborted.get(request_id)
+        return deadline is not None and deadline > time.monotonic()
 
     # -------------------------------------------------------------- leases
     def _reap(self, deadlines: dict[str, float], on_expire: Callable[[str], Awaitable[Any]]) -> None:

@@ -11,7 +11,12 @@ Lifecycle of one request here (DESIGN.md section 2, steps 3 and 5):
    router then lets the prefill worker free its copy), and joins the request
    to the continuous batch; every step's tokens are yielded as they come.
 4. A lease that expires before its KV arrives frees its blocks; a cancelled
-   stream aborts the request and frees its blocks at once.
+   stream aborts the request and frees its blocks at once, and a call for an
+   aborted id that arrives late is refused.
+5. ``rearm`` expects the KV again after a failed push (the router then asks
+   the prefill worker to resend); ``serve`` runs a whole request here,
+   prefill included: colocated serving, or a recompute when the KV could not
+   be moved, or a resume after another decode worker died.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from cluster.worker_base import WorkerBase
 from engine.kv_cache import KVLayout
 from engine.kv_handoff import KVHandoff
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import InvalidRequestError, SamplingParams
 from kvtransfer.base import TransferStatus
 from prefill_worker.worker import wait_transfer
 
@@ -64,50 +69,97 @@ class DecodeWorker(WorkerBase):
         return {**super().status(), "tokens_generated": self.tokens_generated}
 
     # ------------------------------------------------------------ requests
-    async def reserve(self, transfer_id: str, num_prompt_tokens: int, sender: dict,
+    async def reserve(self, transfer_id: str, num_kv_tokens: int, sender: dict,
                       timeout_s: float = 30.0) -> dict | None:
-        """Hold blocks for an incoming KV; return this worker's endpoint, or ``None`` if full."""
+        """Hold blocks for an incoming KV of ``num_kv_tokens`` tokens (plus the
+        next one); return this worker's endpoint, or ``None`` if full."""
         self._reap(self._leases, self._expire)
-        ok = await self.engine.call(lambda e: e.reserve(transfer_id, num_prompt_tokens + 1))
+        if self._was_aborted(transfer_id):
+            return None
+        ok = await self.engine.call(lambda e: e.reserve(transfer_id, num_kv_tokens + 1))
         if not ok:
             return None
-        lay = self.layout
-        shape = (lay.num_layers, 2, num_prompt_tokens, lay.num_kv_heads, lay.head_dim)
-        self.kv_transport.expect(transfer_id, shape, getattr(torch, lay.dtype), sender, timeout_s)
-        self._leases[transfer_id] = time.monotonic() + self.lease_s
+        self._expect(transfer_id, num_kv_tokens, sender, timeout_s)
         return self.kv_transport.endpoint()
 
+    async def rearm(self, transfer_id: str, num_kv_tokens: int, sender: dict, timeout_s: float = 30.0) -> dict | None:
+        """After a failed transfer: expect the KV again into the same reservation (``None`` if it is gone)."""
+        if transfer_id not in self._leases or self._was_aborted(transfer_id):
+            return None
+        self.kv_transport.abort(transfer_id)
+        self.kv_transport.forget(transfer_id)
+        self._expect(transfer_id, num_kv_tokens, sender, timeout_s)
+        return self.kv_transport.endpoint()
+
+    def _expect(self, transfer_id: str, num_kv_tokens: int, sender: dict, timeout_s: float) -> None:
+        lay = self.layout
+        shape = (lay.num_layers, 2, num_kv_tokens, lay.num_kv_heads, lay.head_dim)
+        self.kv_transport.expect(transfer_id, shape, getattr(torch, lay.dtype), sender, timeout_s)
+        self._leases[transfer_id] = time.monotonic() + self.lease_s
+
     async def generate(self, transfer_id: str, handoff: dict[str, Any], params: SamplingParams,
-                       timeout_s: float = 30.0) -> AsyncIterator[dict[str, Any]]:
+                       timeout_s: float = 30.0, emitted_text: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Wait for the KV, import it, acknowledge, then stream tokens.
 
-        ``handoff`` is the prefill worker's result (token ids, seed, layout,
-        the text already streamed). Yields ``{"ack": True}`` first, then
-        ``{"token_ids", "text", "finished", "finish_reason"}`` per step.
+        ``handoff`` is the prefill worker's result (token ids, seed, layout);
+        ``emitted_text`` is all the text the client has been sent so far
+        (default: the prefill's first text). Yields ``{"ack": True, ...}``
+        first (with wall-clock stamps for the timeline), then ``{"token_ids",
+        "text", "finished", "finish_reason"}`` per step.
         """
+        t_called = time.time()
         status = await wait_transfer(self.kv_transport, transfer_id, timeout_s)
-        if status != TransferStatus.SUCCESS:
+        if status != TransferStatus.SUCCESS or self._was_aborted(transfer_id):
             error = self.kv_transport.error(transfer_id)
             self.kv_transport.forget(transfer_id)
             await self._drop_lease(transfer_id)
             yield {"error": f"KV transfer failed: {error or status.name}"}
             return
         data = self.kv_transport.result(transfer_id)
+        self.kv_transport.forget(transfer_id)
         self._leases.pop(transfer_id, None)
         kv = KVHandoff(transfer_id, KVLayout(**handoff["layout"]), handoff["prompt_token_ids"],
                        handoff["output_token_ids"], handoff["seed"], data)
-        n_prompt = len(kv.prompt_token_ids)
+        text = handoff["text"] if emitted_text is None else emitted_text
+        ack = {"ack": True, "num_kv_tokens": kv.num_tokens, "t_called": t_called}
+        async for ev in self._run(transfer_id, params,
+                                  lambda e: e.import_kv(kv, params, request_id=transfer_id, emitted_text=text), ack):
+            yield ev
+
+    async def serve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    output_token_ids: list[int] | None = None,
+                    emitted_text: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Run a whole request here, prefill included (colocated serving, and
+        recompute when KV cannot be moved). Resumes after ``output_token_ids``.
+
+        Yields ``{"ack": True, ...}`` once the request has joined the engine,
+        then token dicts as :meth:`generate` does.
+        """
+        if self._was_aborted(request_id):
+            yield {"error": "aborted", "retryable": False}
+            return
+        ack = {"ack": True, "t_called": time.time()}
+        start = (lambda e: e.add_request(request_id, params=params, prompt_token_ids=prompt_token_ids,
+                                         output_token_ids=output_token_ids, emitted_text=emitted_text))
+        try:
+            async for ev in self._run(request_id, params, start, ack):
+                yield ev
+        except InvalidRequestError as e:
+            yield {"error": str(e), "retryable": False, "invalid_field": e.field}
+
+    async def _run(self, request_id: str, params: SamplingParams, start, ack: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream one request's outputs from the engine, ack first; keeps the counters."""
         self.outstanding_tokens += params.max_tokens
         produced = 0
         try:
-            stream = self.engine.stream(
-                transfer_id, lambda e: e.import_kv(kv, params, request_id=transfer_id, emitted_text=handoff["text"])
-            )
             first = True
-            async for out in stream:
+            async for out in self.engine.stream(request_id, start):
                 if first:
                     first = False
-                    yield {"ack": True, "num_prompt_tokens": n_prompt}
+                    yield {**ack, "t_joined": time.time(), **(getattr(out, "timestamps", None) or {})}
+                if out.finish_reason == "abort":
+                    yield {"error": "aborted", "retryable": False}
+                    return
                 produced += len(out.new_token_ids)
                 yield {"token_ids": out.new_token_ids, "text": out.new_text, "finished": out.finished,
                        "finish_reason": out.finish_reason}
@@ -117,11 +169,13 @@ class DecodeWorker(WorkerBase):
             self.requests_served += 1
 
     async def abort(self, transfer_id: str) -> bool:
-        """Cancel wherever the request is (reserved, in transfer, decoding)."""
+        """Cancel wherever the request is (reserved, in transfer, decoding); a
+        call for it that arrives later is refused."""
+        self._tombstone(transfer_id)
         self.kv_transport.abort(transfer_id)
         self.kv_transport.forget(transfer_id)
         self._leases.pop(transfer_id, None)
-        return await self.engine.call(lambda e: e.abort_request(transfer_id))
+        return await self.engine.abort(transfer_id)
 
     async def _drop_lease(self, transfer_id: str) -> None:
         self._leases.pop(transfer_id, None)
@@ -132,3 +186,10 @@ class DecodeWorker(WorkerBase):
         self.kv_transport.abort(transfer_id)
         self.kv_transport.forget(transfer_id)
         await self._drop_lease(transfer_id)
+
+
+class ColocatedWorker(DecodeWorker):
+    """A replica that runs both phases of its requests (``pools.mode: colocated``):
+    the router calls :meth:`DecodeWorker.serve` on it and nothing moves."""
+
+    kind = "colocated"

@@ -83,6 +83,11 @@ class AsyncEngine:
                 if isinstance(item, Exception):
                     done = True
                     raise item
+                if item.finish_reason == "abort":
+                    # abort()'s sentinel: it may have raced ahead of ``start``,
+                    # so leave ``done`` False and let the finally drop the request.
+                    yield item
+                    return
                 yield item
                 if item.finished or item.kv_ready:
                     done = True
@@ -91,6 +96,13 @@ class AsyncEngine:
             self._queues.pop(request_id, None)
             if not done:
                 await asyncio.shield(self.call(lambda e: e.abort_request(request_id)))
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort ``request_id`` wherever it is and end its stream (if one is open)
+        with a finished ``"abort"`` output, so no caller waits on it forever."""
+        found = await self.call(lambda e: e.abort_request(request_id))
+        self._deliver(request_id, RequestOutput(request_id, [], "", finished=True, finish_reason="abort"))
+        return found
 
     def _run(self) -> None:
         idle = True

@@ -15,8 +15,10 @@ Lifecycle of one request here (DESIGN.md section 2, step 4):
    go back to the router. The blocks stay held until the router's
    ``release`` (sent once the decode side acknowledged) or until the hold's
    lease expires, whichever comes first.
-5. On any failure (transfer, timeout, cancel) the blocks are freed before
-   the error is returned: a failure is a value, never a dead worker.
+5. A failed push returns a ``retryable`` error and keeps the KV held: the
+   router may re-arm the decode side and call ``resend`` once, or ``abort``.
+   A cancel frees the blocks at once, and a prefill that arrives after its
+   abort is refused. A failure is a value, never a dead worker.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from dataclasses import asdict
 from typing import Any
 
 from cluster.worker_base import WorkerBase
-from engine.sampling_params import SamplingParams
+from engine.llm_engine import RequestOutput
+from engine.sampling_params import InvalidRequestError, SamplingParams
 from kvtransfer.base import KVTransport, TransferStatus
 
 
@@ -75,9 +78,13 @@ class PrefillWorker(WorkerBase):
         self.hold_lease_s = hold_lease_s
         self._holds: dict[str, float] = {}  # transfer_id -> lease deadline
         self.tokens_prefilled = 0
+        self.transfer_seconds = 0.0
 
     def status(self) -> dict[str, Any]:
-        return {**super().status(), "held": len(self._holds), "tokens_prefilled": self.tokens_prefilled}
+        base = super().status()
+        # Push time as the sender sees it (export + send + wait for the receiver's ack).
+        base["kv_transfer"] = {**base["kv_transfer"], "seconds_sent": self.transfer_seconds}
+        return {**base, "held": len(self._holds), "tokens_prefilled": self.tokens_prefilled}
 
     # ------------------------------------------------------------ requests
     async def prefill(
@@ -87,48 +94,93 @@ class PrefillWorker(WorkerBase):
         params: SamplingParams,
         decode_endpoint: dict,
         timeout_s: float = 30.0,
+        output_token_ids: list[int] | None = None,
+        emitted_text: str | None = None,
     ) -> dict[str, Any]:
-        """Prefill one prompt and push its KV; see the module docstring."""
+        """Prefill one prompt and push its KV; see the module docstring.
+
+        ``output_token_ids``/``emitted_text`` resume a request whose first
+        outputs were streamed by a worker that died: they are prefilled with
+        the prompt and the next token is sampled. The result carries wall
+        clock stamps (``t_*``, ``time.time()``) of each stage for the
+        router's timeline.
+        """
+        t_received = time.time()
         self._reap(self._holds, self._drop)
-        t0 = time.perf_counter()
-        self.outstanding_tokens += len(prompt_token_ids)
+        if self._was_aborted(transfer_id):
+            return {"error": "aborted before prefill started", "retryable": False}
+        n_tokens = len(prompt_token_ids) + len(output_token_ids or ())
+        self.outstanding_tokens += n_tokens
         try:
-            first = None
-            async for out in self.engine.stream(
-                transfer_id,
-                lambda e: e.add_request(transfer_id, params=params, prompt_token_ids=prompt_token_ids,
-                                        export_after_prefill=True),
-            ):
-                first = out
+            first = await self._first_token(transfer_id, prompt_token_ids, params, output_token_ids, emitted_text)
+        except InvalidRequestError as e:  # e.g. a prompt larger than this worker's KV cache
+            return {"error": str(e), "retryable": False, "invalid_field": e.field}
         finally:
-            self.outstanding_tokens -= len(prompt_token_ids)
-        t_prefilled = time.perf_counter()
+            self.outstanding_tokens -= n_tokens
+        t_prefilled = time.time()
+        if first is None or first.finish_reason == "abort":
+            return {"error": "aborted", "retryable": False}
         self.requests_served += 1
-        self.tokens_prefilled += len(prompt_token_ids)
+        self.tokens_prefilled += n_tokens
+        stamps = getattr(first, "timestamps", None) or {}
         result: dict[str, Any] = {
             "token_ids": first.new_token_ids,
             "text": first.new_text,
             "finished": first.finished,
             "finish_reason": first.finish_reason,
-            "prefill_ms": (t_prefilled - t0) * 1000,
-            "transfer_ms": 0.0,
             "transfer_bytes": 0,
             "worker_id": self.worker_id,
+            "t_received": t_received,
+            "t_prefill_start": stamps.get("scheduled", t_received),
+            "t_prefill_end": stamps.get("first_token", t_prefilled),
         }
         if first.finished:
             return result
+        return await self._push(transfer_id, decode_endpoint, timeout_s, result)
+
+    async def _first_token(self, transfer_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                           output_token_ids: list[int] | None, emitted_text: str | None) -> RequestOutput | None:
+        """Run the prefill in this worker's batch; the last output of its stream (or None)."""
+        first = None
+        async for out in self.engine.stream(
+            transfer_id,
+            lambda e: e.add_request(transfer_id, params=params, prompt_token_ids=prompt_token_ids,
+                                    export_after_prefill=True, output_token_ids=output_token_ids,
+                                    emitted_text=emitted_text),
+        ):
+            first = out
+        return first
+
+    async def resend(self, transfer_id: str, decode_endpoint: dict, timeout_s: float,
+                     result: dict[str, Any]) -> dict[str, Any]:
+        """Push a held KV again after a failed transfer (the decode side re-armed its reservation)."""
+        if self._holds.pop(transfer_id, None) is None or self._was_aborted(transfer_id):
+            return {**result, "error": "no held KV to resend", "retryable": False}
+        return await self._push(transfer_id, decode_endpoint, timeout_s, result)
+
+    async def _push(self, transfer_id: str, decode_endpoint: dict, timeout_s: float,
+                    result: dict[str, Any]) -> dict[str, Any]:
+        """Export and send the parked KV. On failure the KV stays held (under
+        the hold lease) so that the router can ask for one more try."""
+        t_start = time.time()
         handoff = await self.engine.call(lambda e: e.export_kv(transfer_id))
         self.kv_transport.send(transfer_id, handoff.data, decode_endpoint, timeout_s)
         status = await wait_transfer(self.kv_transport, transfer_id, timeout_s)
         error = self.kv_transport.error(transfer_id)
         self.kv_transport.forget(transfer_id)
-        if status != TransferStatus.SUCCESS:
-            await self.engine.call(lambda e: e.abort_request(transfer_id))
-            return {**result, "error": f"KV transfer failed: {error or status.name}"}
+        if self._was_aborted(transfer_id):
+            await self.engine.abort(transfer_id)
+            return {**result, "error": "aborted during transfer", "retryable": False}
         self._holds[transfer_id] = time.monotonic() + self.hold_lease_s
+        if status != TransferStatus.SUCCESS:
+            return {**result, "error": f"KV transfer failed: {error or status.name}", "retryable": True,
+                    "kv_held": True}
+        self.transfer_seconds += time.time() - t_start
+        result = {k: v for k, v in result.items() if k not in ("error", "retryable", "kv_held")}
         result.update(
-            transfer_ms=(time.perf_counter() - t_prefilled) * 1000,
             transfer_bytes=handoff.nbytes,
+            t_transfer_start=t_start,
+            t_transfer_end=time.time(),
             layout=asdict(handoff.layout),
             prompt_token_ids=handoff.prompt_token_ids,
             output_token_ids=handoff.output_token_ids,
@@ -140,15 +192,17 @@ class PrefillWorker(WorkerBase):
         """The decode side has the KV: free this side's blocks."""
         if self._holds.pop(transfer_id, None) is None:
             return False
-        await self.engine.call(lambda e: e.abort_request(transfer_id))
+        await self.engine.abort(transfer_id)
         return True
 
     async def abort(self, transfer_id: str) -> bool:
-        """Cancel wherever the request is (queued, prefilling, pushing, held)."""
+        """Cancel wherever the request is (queued, prefilling, pushing, held);
+        a prefill call that arrives after this is refused."""
+        self._tombstone(transfer_id)
         self._holds.pop(transfer_id, None)
         self.kv_transport.abort(transfer_id)
-        return await self.engine.call(lambda e: e.abort_request(transfer_id))
+        return await self.engine.abort(transfer_id)
 
     async def _drop(self, transfer_id: str) -> None:
         """A hold whose acknowledgement never came (router died, stream lost)."""
-        await self.engine.call(lambda e: e.abort_request(transfer_id))
+        await self.engine.abort(transfer_id)

@@ -91,26 +91,66 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms", "prefill_ms", "transfer_ms", "transfer_bytes", "prefill_worker", "decode_worker")
+    __slots__ = ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms", "prefill_ms", "transfer_ms", "prefill_queue_ms", "decode_queue_ms", "decode_ms", "slowest_stage", "transfer_bytes", "prefill_worker", "decode_worker", "attempts", "timeline")
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     E2E_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    SLOWEST_STAGE_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
     ttft_ms: float
     tpot_ms: float
     e2e_ms: float
     queue_ms: float
     prefill_ms: float
     transfer_ms: float
+    prefill_queue_ms: float
+    decode_queue_ms: float
+    decode_ms: float
+    slowest_stage: str
     transfer_bytes: int
     prefill_worker: str
     decode_worker: str
-    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., transfer_bytes: _Optional[int] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ...) -> None: ...
+    attempts: int
+    timeline: Timeline
+    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., decode_queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., slowest_stage: _Optional[str] = ..., transfer_bytes: _Optional[int] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., attempts: _Optional[int] = ..., timeline: _Optional[_Union[Timeline, _Mapping]] = ...) -> None: ...
+
+class Timeline(_message.Message):
+    __slots__ = ("admitted_ms", "reserved_ms", "prefill_queued_ms", "prefill_start_ms", "prefill_end_ms", "transfer_start_ms", "transfer_end_ms", "decode_queued_ms", "decode_start_ms", "first_token_ms", "token_ms", "finished_ms")
+    ADMITTED_MS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_QUEUED_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_START_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_END_MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_START_MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_END_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_QUEUED_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_START_MS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_MS_FIELD_NUMBER: _ClassVar[int]
+    admitted_ms: float
+    reserved_ms: float
+    prefill_queued_ms: float
+    prefill_start_ms: float
+    prefill_end_ms: float
+    transfer_start_ms: float
+    transfer_end_ms: float
+    decode_queued_ms: float
+    decode_start_ms: float
+    first_token_ms: float
+    token_ms: _containers.RepeatedScalarFieldContainer[float]
+    finished_ms: float
+    def __init__(self, admitted_ms: _Optional[float] = ..., reserved_ms: _Optional[float] = ..., prefill_queued_ms: _Optional[float] = ..., prefill_start_ms: _Optional[float] = ..., prefill_end_ms: _Optional[float] = ..., transfer_start_ms: _Optional[float] = ..., transfer_end_ms: _Optional[float] = ..., decode_queued_ms: _Optional[float] = ..., decode_start_ms: _Optional[float] = ..., first_token_ms: _Optional[float] = ..., token_ms: _Optional[_Iterable[float]] = ..., finished_ms: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()

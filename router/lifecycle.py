@@ -1,15 +1,31 @@
 """One request's path through the cluster (DESIGN.md section 2).
 
-1. Pick a pair: the policy ranks prefill and decode workers.
+A request runs as one or more *attempts*; each attempt is:
+
+1. Pick a pair: the policy ranks prefill and decode workers (workers that
+   already failed this request are skipped).
 2. Reserve: the first decode worker in rank order that has room reserves
-   blocks for the prompt under a lease; with no room anywhere the request
-   waits (bounded by ``queue_timeout_s``), then is refused as exhausted.
+   blocks for the KV under a lease; with no room anywhere the request waits
+   (bounded by ``queue_timeout_s`` and the client's deadline), then is
+   refused as exhausted.
 3. Prefill: the prefill worker batches, prefills, pushes the KV to the
-   reservation and returns the first token, which streams to the client.
+   reservation and returns the first token, which streams to the client. A
+   failed push is retried once into the same reservation (``rearm`` +
+   ``resend``) before the attempt gives up.
 4. Decode: the decode worker's stream acknowledges the KV (the prefill
    worker then frees its copy) and yields tokens until the request ends.
-5. Any exit — finish, error, client cancel — tells both workers to drop the
-   request, so their blocks are freed within one call.
+5. Any exit — finish, error, client cancel, deadline — tells both workers to
+   drop the attempt, so their blocks are freed within one call, and a call
+   that arrives after its abort is refused by the worker.
+
+When an attempt fails (a worker died or stalled, the KV could not be moved),
+the next attempt starts over on other workers from the prompt plus the
+tokens the client already has: nothing is sent twice, nothing is missing,
+and greedy output is the same as without the failure. After
+``max_attempts`` the client gets UNAVAILABLE.
+
+In colocated mode (``pools.mode: colocated``) an attempt is a single call:
+one worker runs both phases (:meth:`DecodeWorker.serve`).
 """
 
 from __future__ import annotations
@@ -20,15 +36,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 
+from engine.sampling_params import InvalidRequestError
 from router.directory import WorkerDirectory, WorkerInfo
 from router.policy import RoutingPolicy
 from router.validation import ParsedRequest
 
 log = logging.getLogger(__name__)
-CALL_TIMEOUT_S = 30.0
+CALL_TIMEOUT_S = 30.0  # any control call; a worker that takes longer is treated as failed
 
 
 class NoCapacityError(RuntimeError):
@@ -36,7 +54,15 @@ class NoCapacityError(RuntimeError):
 
 
 class WorkerFailedError(RuntimeError):
-    """A worker or a KV transfer failed for this request (UNAVAILABLE)."""
+    """Every attempt of this request failed (UNAVAILABLE)."""
+
+
+class AttemptFailed(RuntimeError):
+    """One attempt failed; the request may be retried elsewhere."""
+
+    def __init__(self, worker_id: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.worker_id = worker_id
 
 
 @dataclass
@@ -48,87 +74,186 @@ class TokenEvent:
 
 
 @dataclass
-class RequestTimings:
-    received: float = field(default_factory=time.perf_counter)
+class RequestTrace:
+    """Wall-clock stamps (``time.time()``) of one request's stages.
+
+    Router stamps and worker stamps share the machine's clock; on retry the
+    stage stamps are those of the last attempt, ``attempts`` counts them.
+    """
+
+    received: float = field(default_factory=time.time)
+    admitted: float = 0.0
     reserved: float = 0.0
+    prefill_queued: float = 0.0
+    prefill_start: float = 0.0
+    prefill_end: float = 0.0
+    transfer_start: float = 0.0
+    transfer_end: float = 0.0
+    decode_queued: float = 0.0
+    decode_start: float = 0.0
     first_token: float = 0.0
     finished: float = 0.0
-    prefill_ms: float = 0.0
-    transfer_ms: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # one per output token, as it left the router
     transfer_bytes: int = 0
     prefill_worker: str = ""
     decode_worker: str = ""
+    attempts: int = 0
     num_output_tokens: int = 0
+
+    def token_sent(self, n: int) -> None:
+        now = time.time()
+        if not self.first_token and n:
+            self.first_token = now
+        self.token_times += [now] * n
+        self.num_output_tokens += n
+
+    def new_attempt(self) -> None:
+        self.attempts += 1
+        for name in ("reserved", "prefill_queued", "prefill_start", "prefill_end", "transfer_start",
+                     "transfer_end", "decode_queued", "decode_start"):
+            setattr(self, name, 0.0)
+        self.transfer_bytes = 0
+
+
+@dataclass
+class _Progress:
+    """What the client has been sent so far: a retry resumes after it."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
 
 
 class RequestRunner:
     """Runs requests through the pools; shared by all of the router's RPCs."""
 
     def __init__(self, directory: WorkerDirectory, prefill_policy: RoutingPolicy, decode_policy: RoutingPolicy,
-                 *, transfer_timeout_s: float = 30.0, queue_timeout_s: float = 30.0) -> None:
+                 *, transfer_timeout_s: float = 30.0, queue_timeout_s: float = 30.0, max_attempts: int = 3,
+                 transfer_retries: int = 1, colocated: bool = False) -> None:
         self.directory = directory
         self.prefill_policy = prefill_policy
         self.decode_policy = decode_policy
         self.transfer_timeout_s = transfer_timeout_s
         self.queue_timeout_s = queue_timeout_s
+        self.max_attempts = max_attempts
+        self.transfer_retries = transfer_retries
+        self.colocated = colocated
+        self.retries = 0  # attempts beyond the first, over all requests (a metric)
 
-    async def run(self, req: ParsedRequest, timings: RequestTimings) -> AsyncIterator[TokenEvent]:
-        transfer_id = f"{req.request_id}-{uuid.uuid4().hex[:8]}"
-        n_prompt = len(req.prompt_token_ids)
-        prefill, decode = await self._reserve(transfer_id, n_prompt, timings)
-        timings.prefill_worker, timings.decode_worker = prefill.worker_id, decode.worker_id
-        prefill.inflight_tokens += n_prompt
-        decode.inflight_tokens += req.params.max_tokens
+    async def run(self, req: ParsedRequest, trace: RequestTrace,
+                  deadline: float | None = None) -> AsyncIterator[TokenEvent]:
+        """Stream ``req``'s tokens; ``deadline`` (``time.monotonic()``) bounds waiting for capacity."""
+        progress = _Progress()
+        failed: set[str] = set()
+        last: AttemptFailed | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            trace.new_attempt()
+            if attempt > 1:
+                self.retries += 1
+            run_one = self._colocated_attempt if self.colocated else self._disaggregated_attempt
+            try:
+                async for ev in run_one(req, attempt, progress, trace, failed, deadline):
+                    progress.token_ids += ev.token_ids
+                    progress.text += ev.text
+                    yield ev
+                    if ev.finished:
+                        return
+                raise AttemptFailed(None, "the worker's stream ended before the request finished")
+            except AttemptFailed as f:
+                last = f
+                if f.worker_id:
+                    failed.add(f.worker_id)
+                log.warning("request %s attempt %d failed after %d tokens: %s", req.request_id, attempt,
+                            len(progress.token_ids), f)
+        raise WorkerFailedError(f"request failed after {self.max_attempts} attempts; last: {last}")
+
+    # ---------------------------------------------------------- disaggregated
+    async def _disaggregated_attempt(self, req: ParsedRequest, attempt: int, progress: _Progress,
+                                     trace: RequestTrace, failed: set[str],
+                                     deadline: float | None) -> AsyncIterator[TokenEvent]:
+        transfer_id = f"{req.request_id}-{attempt}-{uuid.uuid4().hex[:6]}"
+        kv_tokens = len(req.prompt_token_ids) + len(progress.token_ids)
+        remaining = req.params.max_tokens - len(progress.token_ids)
+        prefill, decode, endpoint = await self._reserve(transfer_id, kv_tokens, failed, deadline)
+        trace.reserved = time.time()
+        trace.prefill_worker, trace.decode_worker = prefill.worker_id, decode.worker_id
+        prefill.inflight_tokens += kv_tokens
+        decode.inflight_tokens += remaining
         stream = None
-        finished = False
+        done = False
         try:
             try:
-                first = await asyncio.wait_for(
-                    prefill.handle.prefill.remote(transfer_id, req.prompt_token_ids, req.params, decode.endpoint,
-                                                  self.transfer_timeout_s),
-                    timeout=CALL_TIMEOUT_S + self.transfer_timeout_s)
+                first = await self._prefill(prefill, decode, transfer_id, req, progress, endpoint, kv_tokens)
             finally:
-                prefill.inflight_tokens -= n_prompt
-            if "error" in first:
-                raise WorkerFailedError(f"{prefill.worker_id}: {first['error']}")
-            timings.prefill_ms, timings.transfer_ms = first["prefill_ms"], first["transfer_ms"]
-            timings.transfer_bytes = first["transfer_bytes"]
-            timings.first_token = time.perf_counter()
-            timings.num_output_tokens = len(first["token_ids"])
-            finished = first["finished"]
-            yield TokenEvent(first["token_ids"], first["text"], finished, first["finish_reason"])
-            if finished:
+                prefill.inflight_tokens -= kv_tokens
+            trace.prefill_queued, trace.prefill_start = first["t_received"], first["t_prefill_start"]
+            trace.prefill_end = first["t_prefill_end"]
+            trace.transfer_start = first.get("t_transfer_start", 0.0)
+            trace.transfer_end = first.get("t_transfer_end", 0.0)
+            trace.transfer_bytes = first["transfer_bytes"]
+            if first["finished"]:
+                done = True
+            trace.token_sent(len(first["token_ids"]))
+            yield TokenEvent(first["token_ids"], first["text"], first["finished"], first["finish_reason"])
+            if done:
                 return
-            stream = decode.handle.generate.remote(transfer_id, first, req.params, self.transfer_timeout_s)
-            async for ref in stream:
-                ev = await ref
-                if "error" in ev:
-                    raise WorkerFailedError(f"{decode.worker_id}: {ev['error']}")
+            trace.decode_queued = time.time()
+            stream = decode.handle.generate.remote(transfer_id, first, req.params, self.transfer_timeout_s,
+                                                   progress.text)
+            async for ev in self._events(decode, stream, CALL_TIMEOUT_S + self.transfer_timeout_s):
                 if ev.get("ack"):
+                    trace.decode_start = ev["t_joined"]
                     prefill.handle.release.remote(transfer_id)  # fire and forget: the hold has a lease anyway
                     continue
-                timings.num_output_tokens += len(ev["token_ids"])
-                finished = ev["finished"]
-                yield TokenEvent(ev["token_ids"], ev["text"], finished, ev["finish_reason"])
-                if finished:
+                done = ev["finished"]
+                trace.token_sent(len(ev["token_ids"]))
+                yield TokenEvent(ev["token_ids"], ev["text"], ev["finished"], ev["finish_reason"])
+                if done:
                     return
         finally:
-            decode.inflight_tokens -= req.params.max_tokens
-            timings.finished = time.perf_counter()
-            if not finished:
-                # Cancelled or failed: drop the request on both sides, without
-                # waiting (the handler may be cancelled itself).
+            decode.inflight_tokens -= remaining
+            if not done:
+                # Cancelled or failed: drop the attempt on both sides without
+                # waiting (the handler may itself be cancelled).
                 if stream is not None:
                     ray.cancel(stream)
                 prefill.handle.abort.remote(transfer_id)
                 decode.handle.abort.remote(transfer_id)
 
-    async def _reserve(self, transfer_id: str, n_prompt: int, timings: RequestTimings) -> tuple[WorkerInfo, WorkerInfo]:
-        deadline = time.monotonic() + self.queue_timeout_s
+    async def _prefill(self, prefill: WorkerInfo, decode: WorkerInfo, transfer_id: str, req: ParsedRequest,
+                       progress: _Progress, endpoint: dict, kv_tokens: int) -> dict[str, Any]:
+        """Prefill and push; a failed push is retried into the same reservation."""
+        timeout = CALL_TIMEOUT_S + self.transfer_timeout_s
+        first = await self._call(prefill, prefill.handle.prefill.remote(
+            transfer_id, req.prompt_token_ids, req.params, endpoint, self.transfer_timeout_s,
+            progress.token_ids or None, progress.text or None), timeout)
+        for _ in range(self.transfer_retries):
+            if not first.get("kv_held"):
+                break
+            log.warning("KV transfer %s failed (%s); pushing it again", transfer_id, first["error"])
+            endpoint = await self._call(decode, decode.handle.rearm.remote(
+                transfer_id, kv_tokens, prefill.endpoint, self.transfer_timeout_s), CALL_TIMEOUT_S)
+            if endpoint is None:
+                break
+            first = await self._call(prefill, prefill.handle.resend.remote(
+                transfer_id, endpoint, self.transfer_timeout_s, first), timeout)
+        if "error" in first:
+            if first.get("invalid_field"):
+                raise InvalidRequestError(first["invalid_field"], first["error"].split(": ", 1)[-1])
+            # A transfer that failed twice is not pinned on either worker: the
+            # next attempt recomputes the prefill, on whichever pair ranks first.
+            raise AttemptFailed(None if first.get("kv_held") else prefill.worker_id,
+                                f"{prefill.worker_id}: {first['error']}")
+        return first
+
+    async def _reserve(self, transfer_id: str, kv_tokens: int, failed: set[str],
+                       deadline: float | None) -> tuple[WorkerInfo, WorkerInfo, dict]:
+        limit = time.monotonic() + self.queue_timeout_s
+        if deadline is not None:
+            limit = min(limit, deadline)
         delay = 0.005
         while True:
-            prefills = self.directory.of_kind("prefill")
-            decodes = {w.worker_id: w for w in self.directory.of_kind("decode")}
+            prefills = [w for w in self.directory.of_kind("prefill") if w.worker_id not in failed]
+            decodes = {w.worker_id: w for w in self.directory.of_kind("decode") if w.worker_id not in failed}
             if prefills and decodes:
                 by_id = {w.worker_id: w for w in prefills}
                 prefill = by_id[self.prefill_policy.rank([w.load() for w in prefills])[0]]
@@ -136,15 +261,88 @@ class RequestRunner:
                     decode = decodes[worker_id]
                     try:
                         endpoint = await asyncio.wait_for(
-                            decode.handle.reserve.remote(transfer_id, n_prompt, prefill.endpoint, self.transfer_timeout_s),
+                            decode.handle.reserve.remote(transfer_id, kv_tokens, prefill.endpoint,
+                                                         self.transfer_timeout_s),
                             timeout=CALL_TIMEOUT_S)
-                    except Exception as exc:  # dead or stuck worker: try the next one
+                    except Exception as exc:  # dead or stuck worker: skip it for this request
                         log.warning("reserve on %s failed: %r", worker_id, exc)
+                        failed.add(worker_id)
                         continue
                     if endpoint is not None:
-                        timings.reserved = time.perf_counter()
-                        return prefill, decode
-            if time.monotonic() >= deadline:
-                raise NoCapacityError(f"no decode worker had room for {n_prompt} prompt tokens within {self.queue_timeout_s:.0f} s")
+                        return prefill, decode, endpoint
+            if time.monotonic() >= limit:
+                raise NoCapacityError(f"no decode worker had room for {kv_tokens} tokens of KV within "
+                                      f"{self.queue_timeout_s:.0f} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+    # --------------------------------------------------------------- colocated
+    async def _colocated_attempt(self, req: ParsedRequest, attempt: int, progress: _Progress,
+                                 trace: RequestTrace, failed: set[str],
+                                 deadline: float | None) -> AsyncIterator[TokenEvent]:
+        request_id = f"{req.request_id}-{attempt}-{uuid.uuid4().hex[:6]}"
+        worker = await self._pick(failed, deadline)
+        trace.prefill_worker = trace.decode_worker = worker.worker_id
+        cost = len(req.prompt_token_ids) + req.params.max_tokens
+        worker.inflight_tokens += cost
+        done = False
+        stream = worker.handle.serve.remote(request_id, req.prompt_token_ids, req.params,
+                                            progress.token_ids or None, progress.text or None)
+        try:
+            async for ev in self._events(worker, stream, CALL_TIMEOUT_S + self.queue_timeout_s):
+                if ev.get("ack"):
+                    trace.prefill_queued = trace.decode_queued = ev["t_called"]
+                    trace.prefill_start = ev.get("scheduled", ev["t_called"])
+                    trace.prefill_end = trace.decode_start = ev.get("first_token", ev["t_joined"])
+                    continue
+                done = ev["finished"]
+                trace.token_sent(len(ev["token_ids"]))
+                yield TokenEvent(ev["token_ids"], ev["text"], ev["finished"], ev["finish_reason"])
+                if done:
+                    return
+        finally:
+            worker.inflight_tokens -= cost
+            if not done:
+                ray.cancel(stream)
+                worker.handle.abort.remote(request_id)
+
+    async def _pick(self, failed: set[str], deadline: float | None) -> WorkerInfo:
+        limit = time.monotonic() + self.queue_timeout_s
+        if deadline is not None:
+            limit = min(limit, deadline)
+        while True:
+            workers = {w.worker_id: w for w in self.directory.of_kind("colocated") if w.worker_id not in failed}
+            if workers:
+                return workers[self.decode_policy.rank([w.load() for w in workers.values()])[0]]
+            if time.monotonic() >= limit:
+                raise NoCapacityError("no live colocated worker")
+            await asyncio.sleep(0.1)
+
+    # ----------------------------------------------------------------- calls
+    async def _call(self, worker: WorkerInfo, ref: Any, timeout: float) -> Any:
+        """Await one actor call; a dead, failing or stuck worker fails the attempt."""
+        try:
+            return await asyncio.wait_for(ref, timeout=timeout)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:
+            raise AttemptFailed(worker.worker_id, f"{worker.worker_id}: {exc!r}") from exc
+
+    async def _events(self, worker: WorkerInfo, stream: Any, first_timeout: float) -> AsyncIterator[dict[str, Any]]:
+        """The dicts a worker's streaming call yields; its death, an error
+        event or a stall (no event within the timeout) fails the attempt."""
+        timeout = first_timeout
+        while True:
+            try:
+                ref = await asyncio.wait_for(stream.__anext__(), timeout=timeout)
+                ev = await asyncio.wait_for(ref, timeout=CALL_TIMEOUT_S)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                raise AttemptFailed(worker.worker_id, f"{worker.worker_id}: {exc!r}") from exc
+            if "error" in ev:
+                if ev.get("invalid_field"):
+                    raise InvalidRequestError(ev["invalid_field"], ev["error"].split(": ", 1)[-1])
+                raise AttemptFailed(worker.worker_id, f"{worker.worker_id}: {ev['error']}")
+            yield ev
+            timeout = CALL_TIMEOUT_S

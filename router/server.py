@@ -1,9 +1,14 @@
 """The client-facing gRPC server (``grpc.aio``): Generate, ClusterStatus,
-the standard health service and server reflection.
+the standard health service and server reflection; TLS and bearer-token
+authentication when configured.
 
-Errors map to gRPC statuses: bad input → INVALID_ARGUMENT naming the field;
-another model → NOT_FOUND; full queue or no KV room in time →
-RESOURCE_EXHAUSTED; a failed worker or transfer → UNAVAILABLE.
+Errors map to gRPC statuses, each message naming the field or the limit:
+bad input (including undecodable bytes and invalid UTF-8) →
+INVALID_ARGUMENT; another model → NOT_FOUND; too large a request, too many
+requests in flight, or no KV room in time → RESOURCE_EXHAUSTED; shutting
+down or every attempt failed → UNAVAILABLE; a missing or wrong token →
+UNAUTHENTICATED. A client cancel or an expired deadline ends the request
+(CANCELLED / DEADLINE_EXCEEDED) and frees its KV blocks on both workers.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.metrics import RouterMetrics
 from engine.sampling_params import InvalidRequestError
-from protos import serving_pb2, serving_pb2_grpc
+from protos import serving_pb2
 from router.directory import STATUS_TIMEOUT_S, WorkerDirectory
-from router.lifecycle import NoCapacityError, RequestRunner, RequestTimings, WorkerFailedError
+from router.lifecycle import NoCapacityError, RequestRunner, RequestTrace, WorkerFailedError
+from router.security import BearerTokenInterceptor, server_credentials
 from router.validation import ModelLimits, parse_request
+from router.wire import WireError, make_request_deserializer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
@@ -29,52 +37,97 @@ FINISH = {
     "length": serving_pb2.FINISH_REASON_LENGTH,
     "abort": serving_pb2.FINISH_REASON_ABORT,
 }
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 
 
-class ServingServicer(serving_pb2_grpc.ServingServicer):
+class ServingServicer:
+    """The ``Serving`` service (see protos/serving.proto); registered by :class:`RouterServer`."""
+
     def __init__(self, runner: RequestRunner, directory: WorkerDirectory, tokenizer, limits: ModelLimits,
-                 max_queued: int) -> None:
+                 max_queued: int, metrics: RouterMetrics | None = None) -> None:
         self.runner = runner
         self.directory = directory
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_queued = max_queued
+        self.metrics = metrics
         self.inflight = 0
         self.accepting = True
 
+    async def _refuse(self, context, code: grpc.StatusCode, message: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count_outcome(outcome)
+        await context.abort(code, message)
+
     async def Generate(self, request, context):
-        timings = RequestTimings()
+        trace = RequestTrace()
+        if isinstance(request, WireError):
+            outcome = "rejected" if request.code == grpc.StatusCode.RESOURCE_EXHAUSTED else "invalid"
+            await self._refuse(context, request.code, request.message(), outcome)
         if not self.accepting:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the router is shutting down")
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "the router is shutting down", "rejected")
         if request.model and request.model != self.limits.name:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model: {request.model!r} is not served here; this cluster serves {self.limits.name!r}")
+            await self._refuse(context, grpc.StatusCode.NOT_FOUND,
+                               f"model: {request.model!r} is not served here; this cluster serves {self.limits.name!r}",
+                               "invalid")
         try:
             parsed = parse_request(request, self.tokenizer, self.limits)
         except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
         if self.inflight >= self.max_queued:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"router.max_queued: {self.max_queued} requests already in flight")
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"router.max_queued: {self.max_queued} requests already in flight; retry later",
+                               "rejected")
+        trace.admitted = time.time()
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
         self.inflight += 1
+        outcome = "error"
         try:
-            async for ev in self.runner.run(parsed, timings):
+            async for ev in self.runner.run(parsed, trace, deadline):
                 resp = serving_pb2.GenerateResponse(request_id=parsed.request_id, token_ids=ev.token_ids, text=ev.text)
                 if ev.finished:
+                    trace.finished = time.time()
                     resp.finish_reason = FINISH.get(ev.finish_reason, serving_pb2.FINISH_REASON_UNSPECIFIED)
                     resp.usage.prompt_tokens = len(parsed.prompt_token_ids)
-                    resp.usage.completion_tokens = timings.num_output_tokens
-                    fill_timings(resp.timings, timings)
+                    resp.usage.completion_tokens = trace.num_output_tokens
+                    fill_timings(resp.timings, trace)
+                    outcome = "ok"
                 yield resp
+        except asyncio.CancelledError:
+            left = context.time_remaining()
+            outcome = "deadline" if left is not None and left <= 0 else "cancelled"
+            raise
+        except InvalidRequestError as e:
+            outcome = "invalid"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except NoCapacityError as e:
+            outcome = "rejected"
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except WorkerFailedError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             self.inflight -= 1
+            self._observe(outcome, parsed, trace)
+
+    def _observe(self, outcome: str, parsed, trace: RequestTrace) -> None:
+        if self.metrics is None:
+            return
+        finished = trace.finished or time.time()
+        self.metrics.observe_request(
+            outcome, num_prompt_tokens=len(parsed.prompt_token_ids), num_output_tokens=trace.num_output_tokens,
+            ttft_s=(trace.first_token - trace.received) if trace.first_token else None,
+            e2e_s=finished - trace.received, stages=stage_seconds(trace))
+        times = trace.token_times
+        for a, b in zip(times, times[1:]):
+            if b > a:  # tokens of one chunk share a stamp: that is not a gap
+                self.metrics.observe_token_gap(b - a)
 
     async def ClusterStatus(self, request, context):
         await self.directory.poll_status()
         resp = serving_pb2.ClusterStatusResponse(model=self.limits.name)
-        for kind in ("prefill", "decode"):
+        kinds = ("colocated",) if self.runner.colocated else ("prefill", "decode")
+        for kind in kinds:
             pool = resp.pools.add(kind=kind, target_replicas=self.directory.targets.get(kind, 0))
             for w in sorted(self.directory.of_kind(kind), key=lambda w: w.worker_id):
                 s = w.status
@@ -89,32 +142,82 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         return resp
 
 
-def fill_timings(pb, t: RequestTimings) -> None:
+def _span(a: float, b: float) -> float | None:
+    return b - a if a and b and b >= a else None
+
+
+def stage_seconds(t: RequestTrace) -> dict[str, float]:
+    """Seconds spent in each stage the request reached (names: cluster.metrics.STAGES)."""
+    spans = {
+        "queue": _span(t.received, t.reserved or t.prefill_queued),
+        "prefill_queue": _span(t.prefill_queued, t.prefill_start),
+        "prefill": _span(t.prefill_start, t.prefill_end),
+        "transfer": _span(t.transfer_start, t.transfer_end),
+        "decode_queue": _span(t.decode_queued, t.decode_start),
+        "decode": _span(t.first_token, t.finished),
+    }
+    return {k: v for k, v in spans.items() if v is not None}
+
+
+def fill_timings(pb: serving_pb2.Timings, t: RequestTrace) -> None:
+    """The final response's timings and timeline, from the request's trace."""
     ms = 1000.0
+    end = t.finished or time.time()
     pb.ttft_ms = (t.first_token - t.received) * ms if t.first_token else 0.0
-    pb.e2e_ms = (t.finished or time.perf_counter()) * ms - t.received * ms
+    pb.e2e_ms = (end - t.received) * ms
     if t.num_output_tokens > 1 and t.first_token:
-        pb.tpot_ms = ((t.finished or time.perf_counter()) - t.first_token) * ms / (t.num_output_tokens - 1)
-    pb.queue_ms = (t.reserved - t.received) * ms if t.reserved else 0.0
-    pb.prefill_ms = t.prefill_ms
-    pb.transfer_ms = t.transfer_ms
+        pb.tpot_ms = (end - t.first_token) * ms / (t.num_output_tokens - 1)
+    stages = stage_seconds(t)
+    pb.queue_ms = stages.get("queue", 0.0) * ms
+    pb.prefill_queue_ms = stages.get("prefill_queue", 0.0) * ms
+    pb.prefill_ms = stages.get("prefill", 0.0) * ms
+    pb.transfer_ms = stages.get("transfer", 0.0) * ms
+    pb.decode_queue_ms = stages.get("decode_queue", 0.0) * ms
+    pb.decode_ms = stages.get("decode", 0.0) * ms
+    if stages:
+        pb.slowest_stage = max(stages, key=stages.get)
     pb.transfer_bytes = t.transfer_bytes
     pb.prefill_worker = t.prefill_worker
     pb.decode_worker = t.decode_worker
+    pb.attempts = t.attempts
+    tl = pb.timeline
+
+    def off(stamp: float) -> float:
+        return (stamp - t.received) * ms if stamp else 0.0
+
+    tl.admitted_ms, tl.reserved_ms = off(t.admitted), off(t.reserved)
+    tl.prefill_queued_ms, tl.prefill_start_ms, tl.prefill_end_ms = (
+        off(t.prefill_queued), off(t.prefill_start), off(t.prefill_end))
+    tl.transfer_start_ms, tl.transfer_end_ms = off(t.transfer_start), off(t.transfer_end)
+    tl.decode_queued_ms, tl.decode_start_ms = off(t.decode_queued), off(t.decode_start)
+    tl.first_token_ms, tl.finished_ms = off(t.first_token), off(end)
+    tl.token_ms.extend(off(x) for x in t.token_times)
 
 
 class RouterServer:
-    """Owns the grpc.aio server, its health status and the directory refresh."""
+    """Owns the grpc.aio server, its health status and the directory refresh.
 
-    def __init__(self, servicer: ServingServicer, host: str, port: int) -> None:
+    ``tls`` is ``(cert_path, key_path)`` to serve TLS; ``token`` turns on
+    bearer-token authentication (health checks and reflection stay open).
+    """
+
+    def __init__(self, servicer: ServingServicer, host: str, port: int, *, tls: tuple[str, str] | None = None,
+                 token: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         self.servicer = servicer
-        self.server = grpc.aio.server()
-        serving_pb2_grpc.add_ServingServicer_to_server(servicer, self.server)
+        interceptors = [BearerTokenInterceptor(token)] if token else []
+        # gRPC's own limit sits above ours, so that our deserializer can name the limit in its error.
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", max_request_bytes * 2 + 1024)])
+        self.server.add_generic_rpc_handlers((serving_handlers(servicer, max_request_bytes),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        if tls is not None:
+            self.port = self.server.add_secure_port(address, server_credentials(*tls))
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"router.port: cannot bind {host}:{port}")
         self.address = f"{host}:{self.port}"
@@ -127,7 +230,8 @@ class RouterServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop admitting (health NOT_SERVING, new calls UNAVAILABLE), let in-flight ones finish."""
+        """Stop admitting (health NOT_SERVING, new calls UNAVAILABLE), let in-flight ones finish
+        for up to ``grace_s``, then cancel the rest (their KV is freed on both sides)."""
         self.servicer.accepting = False
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -136,6 +240,20 @@ class RouterServer:
             await asyncio.sleep(0.05)
         await self.server.stop(grace=1.0)
         self.servicer.directory.stop()
+
+
+def serving_handlers(servicer: ServingServicer, max_request_bytes: int) -> grpc.GenericRpcHandler:
+    """The ``Serving`` methods, with :mod:`router.wire`'s deserializer for Generate
+    (the generated ``add_ServingServicer_to_server`` would answer bad bytes with INTERNAL)."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=make_request_deserializer(max_request_bytes),
+            response_serializer=serving_pb2.GenerateResponse.SerializeToString),
+        "ClusterStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.ClusterStatus, request_deserializer=serving_pb2.ClusterStatusRequest.FromString,
+            response_serializer=serving_pb2.ClusterStatusResponse.SerializeToString),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
 async def fetch_limits(directory: WorkerDirectory) -> ModelLimits:

@@ -42,7 +42,10 @@ def sampling_from_proto(sp: serving_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(sp.stop_token_ids),
         ignore_eos=sp.ignore_eos,
     )
-    params.validate()
+    try:
+        params.validate()
+    except InvalidRequestError as e:  # name the field as the client spelled it
+        raise InvalidRequestError(f"sampling.{e.field}", e.reason) from None
     return params
 
 
