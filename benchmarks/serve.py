@@ -25,6 +25,8 @@ import platform
 import sys
 from pathlib import Path
 
+import grpc
+
 from benchmarks.loadgen import (Arrival, Burst, ConstantRate, FixedConcurrency, Poisson, RunResult, make_client,
                                 run_sweep)
 from benchmarks.slo import ATTAINMENT_TARGET, SLO, Goodput, goodput
@@ -216,7 +218,7 @@ def render_markdown(report: dict) -> str:
             f"{_f(sv['queue_ms'], '.1f')}/{_f(sv['prefill_ms'], '.1f')}/{_f(sv['transfer_ms'], '.1f')} |")
     flag = " (lower bound)" if g["lower_bound"] else ""
     lines += ["", f"Goodput ({g['x']}, ≥ {g['target']:.0%} meeting both SLOs): **{g['rate']:.3g}**{flag}. "
-                  f"{g['note']}{'; attainment is not monotone in the rate' if g['non_monotone'] else ''}."]
+                  f"{g['note'][:1].upper() + g['note'][1:]}{'; attainment is not monotone in the rate' if g['non_monotone'] else ''}."]
     return "\n".join(lines) + "\n"
 
 
@@ -230,7 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     token = Path(args.token_file).read_text().strip() if args.token_file else None
-    model, tokenizer = load_tokenizer_for(args, token)
+    try:
+        model, tokenizer = load_tokenizer_for(args, token)
+    except grpc.RpcError as e:
+        print(f"error: cannot ask the router at {args.address} for its model ({e.code().name}: {e.details()}); "
+              f"is it running? (or pass --model)", file=sys.stderr)
+        return 1
     requests = generate(spec, tokenizer)
     slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
     closed = args.arrival == "concurrency" or arrivals[0].rate is None
