@@ -49,6 +49,10 @@ class WorkerBase(KVTransferActorMixin):
     def ping(self) -> str:
         return self.worker_id
 
+    def pid(self) -> int:
+        """This actor's process id (fault-injection tests and the soak kill it)."""
+        return os.getpid()
+
     def limits(self) -> dict:
         """The served model's name and limits, for the router's validation."""
         return dict(self._limits)

@@ -53,12 +53,14 @@ class Completion:
 
 
 def build_request(prompt: str | None = None, messages: list[dict] | None = None, *, request_id: str = "",
-                  model: str = "", max_tokens: int = 0, temperature: float | None = None, top_k: int = 0,
+                  model: str = "", max_tokens: int | None = None, temperature: float | None = None, top_k: int = 0,
                   top_p: float | None = None, seed: int | None = None, stop: list[str] | tuple = (),
                   stop_token_ids: list[int] | tuple = (), ignore_eos: bool = False) -> serving_pb2.GenerateRequest:
     """A ``GenerateRequest`` from a raw prompt or chat ``messages`` (``[{"role", "content"}]``)."""
-    sp = serving_pb2.SamplingParams(max_tokens=max_tokens, top_k=top_k, stop=list(stop),
-                                    stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
+    sp = serving_pb2.SamplingParams(top_k=top_k, stop=list(stop), stop_token_ids=list(stop_token_ids),
+                                    ignore_eos=ignore_eos)
+    if max_tokens is not None:  # unset: the server's default
+        sp.max_tokens = max_tokens
     if temperature is not None:
         sp.temperature = temperature
     if top_p is not None:

@@ -33,7 +33,7 @@ class ParsedRequest:
 
 def sampling_from_proto(sp: serving_pb2.SamplingParams) -> SamplingParams:
     params = SamplingParams(
-        max_tokens=sp.max_tokens if sp.max_tokens != 0 else DEFAULT_MAX_TOKENS,
+        max_tokens=sp.max_tokens if sp.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
         temperature=sp.temperature if sp.HasField("temperature") else 0.0,
         top_k=sp.top_k,
         top_p=sp.top_p if sp.HasField("top_p") else 1.0,
