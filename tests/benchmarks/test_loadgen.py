@@ -1,63 +1,25 @@
 """Arrival processes (statistics, exact schedules) and the driver against an
-in-process fake ``Serving`` server (timing, errors, concurrency, turn order,
-the CLI's outputs). The driver against a real cluster: tests/integration/test_serve_bench.py."""
+in-process fake ``Serving`` server (timing, errors, concurrency, turn order),
+and the CLI's outputs against the fake in a subprocess. The driver against a real cluster: tests/integration/test_serve_bench.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import statistics
-import threading
+import subprocess
+import sys
+from pathlib import Path
 
-import grpc
 import pytest
 
 from benchmarks.loadgen import (Burst, ConstantRate, FixedConcurrency, Poisson, make_client, run_sweep, run_trace,
                                 with_rate)
 from benchmarks.slo import SLO
 from benchmarks.workloads import BenchRequest
-from protos import serving_pb2, serving_pb2_grpc
+from tests.benchmarks.fake_serving import FAIL_TOKENS, GAP_S, start_fake
 
-GAP_S = 0.004
-FAIL_TOKENS = 13  # the fake server refuses requests asking for this many tokens
-
-
-class FakeServing(serving_pb2_grpc.ServingServicer):
-    """Streams ``max_tokens`` tokens, one response each, ``GAP_S`` apart."""
-
-    def __init__(self) -> None:
-        self.requests: dict[str, serving_pb2.GenerateRequest] = {}
-        self.in_flight = self.max_in_flight = 0
-
-    async def Generate(self, request, context):
-        self.requests[request.request_id] = request
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            n = request.sampling.max_tokens
-            if n == FAIL_TOKENS:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queues are full")
-            for i in range(n):
-                await asyncio.sleep(GAP_S)
-                yield serving_pb2.GenerateResponse(request_id=request.request_id, token_ids=[i], text=f"<{request.request_id}:{i}>")
-            yield serving_pb2.GenerateResponse(
-                request_id=request.request_id, finish_reason=serving_pb2.FINISH_REASON_LENGTH,
-                usage=serving_pb2.Usage(prompt_tokens=7, completion_tokens=n),
-                timings=serving_pb2.Timings(queue_ms=1.0, prefill_ms=2.0, transfer_ms=3.0))
-        finally:
-            self.in_flight -= 1
-
-    async def ClusterStatus(self, request, context):
-        return serving_pb2.ClusterStatusResponse(model="builtin:tiny-llama")
-
-
-async def start_fake() -> tuple[grpc.aio.Server, str, FakeServing]:
-    fake = FakeServing()
-    server = grpc.aio.server()
-    serving_pb2_grpc.add_ServingServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}", fake
+REPO = Path(__file__).resolve().parents[2]
 
 
 def requests(outs: list[int]) -> list[BenchRequest]:
@@ -116,14 +78,14 @@ def test_constant_rate_run_records_every_token():
     assert [r.request_id for r in records] == [f"t-{i}" for i in range(6)]
     for i, r in enumerate(records):
         assert r.scheduled_s == pytest.approx(i / 50.0)
-        assert r.scheduled_s <= r.start_s < r.scheduled_s + 0.05  # sent on time (tolerant: a busy machine)
+        assert r.scheduled_s <= r.start_s < r.scheduled_s + 0.2  # sent on time (tolerant: a busy machine)
         if outs[i] == FAIL_TOKENS:
             assert r.status == "RESOURCE_EXHAUSTED" and not r.ok and r.error_kind == "RESOURCE_EXHAUSTED"
             continue
         assert r.ok and r.finish_reason == "length" and r.tokens_received == outs[i] == r.completion_tokens
         assert len(r.token_times_s) == outs[i] and len(r.itls_s) == outs[i] - 1
-        assert all(g >= GAP_S * 0.5 for g in r.itls_s)
-        assert r.ttft_s >= GAP_S * 0.5 and r.e2e_s >= r.ttft_s
+        assert all(g >= 0 for g in r.itls_s)  # client-side gaps: responses read back to back may be ~0 apart
+        assert r.ttft_s > 0 and r.e2e_s >= r.ttft_s and r.e2e_s >= outs[i] * GAP_S  # the server sleeps per token
         assert r.server["transfer_ms"] == 3.0 and r.prompt_tokens == 7
         sent = fake.requests[r.request_id]
         assert sent.prompt == f"prompt {i}" and sent.sampling.max_tokens == outs[i] and sent.sampling.ignore_eos
@@ -216,22 +178,14 @@ def test_run_sweep_summaries():
 
 @pytest.fixture
 def fake_address():
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    box = {}
-
-    async def serve():
-        box["server"], box["address"], _ = await start_fake()
-        started.set()
-        await box["server"].wait_for_termination()
-
-    t = threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True)
-    t.start()
-    assert started.wait(10)
-    yield box["address"]
-    asyncio.run_coroutine_threadsafe(box["server"].stop(None), loop).result(10)
-    t.join(10)
-    loop.close()
+    """The fake server in its own process: the CLI runs its own event loops here."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.benchmarks.fake_serving"], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    try:
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_cli_writes_json_markdown_and_plots(fake_address, tmp_path, capsys):
