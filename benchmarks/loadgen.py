@@ -271,7 +271,9 @@ async def run_trace(address: str | None, requests: Sequence[BenchRequest], arriv
     try:
         times = arrival.schedule(n)
         if times is None:
-            concurrency = arrival.concurrency  # type: ignore[attr-defined]
+            if not isinstance(arrival, FixedConcurrency):
+                raise TypeError(f"closed-loop arrival {arrival!r} is not supported")
+            concurrency = arrival.concurrency
             next_i = iter(range(n))
 
             async def worker() -> None:

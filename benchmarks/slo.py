@@ -230,7 +230,7 @@ def goodput(points: Sequence[tuple[float, float]], target: float = ATTAINMENT_TA
     rate, flagged ``lower_bound``. A rate below ``r_m`` that misses the
     target sets ``non_monotone`` (the result still uses ``r_m``).
     """
-    pts = sorted((float(r), float(a)) for r, a in points if not math.isnan(a))
+    pts = sorted((float(r), float(a)) for r, a in points if not (math.isnan(r) or math.isnan(a)))
     if not pts:
         return Goodput(0.0, target, False, True, False, None, "no rates")
     meeting = [i for i, (_, a) in enumerate(pts) if a >= target]
