@@ -86,7 +86,8 @@ from typing import Any  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.engine import busy_cpu_seconds  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import busy_cores, log, median  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.model_loader import DEFAULT_MODEL, load_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -133,41 +134,10 @@ FULL = Settings(prompts=4, rounds=2, transfer_reps=5)
 QUICK = Settings(prompts=2, rounds=1, transfer_reps=2)
 
 
-def log(msg: str) -> None:
-    """Progress on stderr, so stdout holds only the report."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def busy_cores(probe_s: float = 1.0) -> float | None:
-    """How many cores' worth of CPU the whole machine used over ``probe_s`` (``/proc/stat``)."""
-
-    a = busy_cpu_seconds()
-    time.sleep(probe_s)
-    b = busy_cpu_seconds()
-    return None if a is None or b is None else round((b - a) / probe_s, 2)
-
-
 # ------------------------------------------------------------------------ ray
 def start_ray() -> None:
-    """A fresh local Ray cluster owned by this process (``ray.shutdown()`` ends exactly it).
-
-    Not ``tests.ray_cluster.start_head``: its ``stop_head`` is ``ray stop
-    --force``, which kills every Ray process of this user on the machine,
-    other sessions' included.
-    """
-    from ray._private import ray_constants
-
-    single_node = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    ray_constants.ENABLE_RAY_CLUSTER = False  # keep _node_ip_address=127.0.0.1 (see tests/kvtransfer/conftest.py)
-    try:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 namespace=RAY_NAMESPACE, log_to_driver=False, logging_level="WARNING")
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = single_node
+    """A fresh local Ray cluster owned by this process (:func:`benchmarks.common.start_ray`)."""
+    common.start_ray(RAY_NAMESPACE, num_cpus=2)
 
 
 @ray.remote(num_cpus=0.5)
