@@ -1,0 +1,665 @@
+"""Soak: mixed traffic, client cancels and one worker kill against a real local cluster.
+
+Run from the repository root::
+
+    python -m benchmarks.soak [--quick] [--duration-s 180] [--kill decode|prefill] [--json PATH]
+
+One process, one local Ray cluster (2 CPUs on 127.0.0.1, started and shut
+down here as :mod:`benchmarks.cluster_overhead` does), one disaggregated
+deployment (default 2 prefill + 2 decode workers on ``builtin:tiny-llama``,
+KV over gloo) whose router runs in this process. For ``--duration-s``
+seconds (``--quick``: 60) the driver sends a seeded mix of requests, at most
+``--concurrency`` in flight:
+
+- raw prompts and chat requests of random prompt and output lengths
+  (``ignore_eos``), greedy or sampled;
+- a few invalid ones (``max_tokens`` 0, negative temperature, empty chat,
+  unknown role, a prompt longer than the model...), which must be refused
+  with INVALID_ARGUMENT;
+- a fraction cancelled by the client (``call.cancel()``) at a random time;
+- a fraction with a gRPC deadline (some too short to finish);
+- every ~15 s a burst, which may pass ``router.max_queued`` and be refused
+  with RESOURCE_EXHAUSTED.
+
+At a third of the run one worker of the ``--kill`` kind is SIGKILLed (its pid
+from the actor's ``pid()``); the router retries or resumes its requests and
+the pool manager replaces it. Then traffic stops, every request ends, and the
+benchmark waits (at most ``--settle-s``) for every worker's KV blocks to be
+free.
+
+Each request ends in exactly one class:
+
+- **completed**: the stream ended with a ``finish_reason``;
+- **cancelled**: this client cancelled it before it finished;
+- **failed**: it ended with a gRPC error status (a clear one: counted by code);
+- **lost**: neither, within its deadline + ``--margin-s`` (a request with no
+  deadline gets ``--hang-s``): it hung, or its stream ended with neither a
+  ``finish_reason`` nor an error. Must be 0.
+
+Also reported: **leaked blocks** (after the settle, the blocks in use on
+every worker in ClusterStatus, replacements included: ``max(used_blocks,
+num_blocks - free_blocks)`` summed; must be 0) and the **RSS growth** (MB,
+``VmRSS`` of ``/proc/<pid>/status``) of the router process (this one: it also
+runs the client) and of every worker actor, from just after the warm-up to
+the end (a replacement from when it joined; the killed worker is reported as
+replaced). stdout gets the summary, progress goes to stderr. ``--json PATH``
+writes one object with at least the keys ``completed``, ``failed``, ``lost``,
+``leaked_blocks`` and ``rss_growth_mb``. The exit status is 1 when anything
+was lost or leaked (or the kill could not be done), else 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Ray reads these when it is imported (see tests/conftest.py): token auth, loopback only.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from collections.abc import Iterable, Mapping  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+OUTCOMES = ("completed", "failed", "cancelled", "lost")
+REQUIRED_KEYS = ("completed", "failed", "lost", "leaked_blocks", "rss_growth_mb")
+INVALID_KINDS = ("max_tokens_zero", "negative_temperature", "top_p_too_big", "negative_top_k", "empty_chat",
+                 "bad_role", "no_input", "prompt_too_long")
+MB = 1024 * 1024
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, so stdout holds only the report."""
+    print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ records
+@dataclass
+class Record:
+    """What happened to one request, as this client saw it (times in s from the run's start)."""
+
+    index: int
+    kind: str                          # "raw" | "chat" | "invalid:<what>" | "warmup" | "post"
+    request_id: str = ""
+    deadline_s: float | None = None    # the gRPC deadline given, if any
+    cancel_after_s: float | None = None  # planned client cancel, if any
+    sent_at: float = 0.0
+    ended_at: float | None = None
+    first_token_at: float | None = None
+    finish_reason: str | None = None   # "stop" | "length" | "abort" when the stream finished
+    status: str | None = None          # gRPC status code name when the call ended in error
+    details: str = ""
+    tokens: int = 0
+    max_tokens: int | None = None
+    attempts: int = 0                  # the router's Timings.attempts (retries after a worker death)
+    cancel_sent: bool = False          # this client cancelled the call before it ended
+    hung: bool = False                 # still open at deadline + margin (or the hang bound)
+    during_kill: bool = False          # in flight when the worker was killed
+
+
+def classify(r: Record) -> str:
+    """completed / cancelled / failed / lost (see the module docstring)."""
+    if r.hung:
+        return "lost"
+    if r.finish_reason:
+        return "completed"
+    if r.cancel_sent and r.status in (None, "CANCELLED"):
+        return "cancelled"
+    if r.status:
+        return "failed"
+    return "lost"  # the stream ended with neither a finish_reason nor an error status
+
+
+def tally(records: Iterable[Record]) -> dict[str, Any]:
+    """Counts per outcome, failures by status code, and the oddities worth a look."""
+    records = list(records)
+    out: dict[str, Any] = {k: 0 for k in OUTCOMES}
+    failed_by_status: Counter[str] = Counter()
+    finish: Counter[str] = Counter()
+    lost_ids: list[str] = []
+    invalid_accepted: list[str] = []   # an invalid request that was not refused with INVALID_ARGUMENT
+    for r in records:
+        c = classify(r)
+        out[c] += 1
+        if c == "failed":
+            failed_by_status[r.status or "?"] += 1
+        elif c == "completed":
+            finish[r.finish_reason or "?"] += 1
+        elif c == "lost":
+            lost_ids.append(r.request_id or f"#{r.index}")
+        if r.kind.startswith("invalid") and not (c == "failed" and r.status == "INVALID_ARGUMENT") \
+                and not (c == "cancelled"):
+            invalid_accepted.append(r.request_id or f"#{r.index}")
+    out["requests"] = len(records)
+    out["failed_by_status"] = dict(sorted(failed_by_status.items()))
+    out["finish_reasons"] = dict(sorted(finish.items()))
+    out["lost_request_ids"] = lost_ids
+    out["invalid_not_refused"] = invalid_accepted
+    out["retried"] = sum(1 for r in records if classify(r) == "completed" and r.attempts > 1)
+    out["short_completions"] = sum(  # finished "length" with fewer tokens than asked: a resume that lost tokens?
+        1 for r in records if r.finish_reason == "length" and r.max_tokens and r.tokens != r.max_tokens)
+    return out
+
+
+# ------------------------------------------------------------- KV leak check
+def worker_blocks(status: Any) -> list[dict[str, Any]]:
+    """Per-worker block counts from a ``ClusterStatusResponse`` (or anything shaped like it)."""
+    rows = []
+    for pool in status.pools:
+        for w in pool.workers:
+            rows.append({"worker_id": w.worker_id, "kind": pool.kind, "alive": bool(w.alive),
+                         "used_blocks": int(w.used_blocks), "free_blocks": int(w.free_blocks),
+                         "num_blocks": int(w.num_blocks), "running": int(w.running), "waiting": int(w.waiting)})
+    return rows
+
+
+def leaked_by_worker(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Blocks still taken on each worker: ``max(used_blocks, num_blocks - free_blocks)``."""
+    return {r["worker_id"]: max(int(r["used_blocks"]), int(r["num_blocks"]) - int(r["free_blocks"]), 0)
+            for r in rows}
+
+
+def leaked_blocks(rows: Iterable[Mapping[str, Any]]) -> int:
+    return sum(leaked_by_worker(rows).values())
+
+
+# ---------------------------------------------------------------------- RSS
+def rss_mb(pid: int) -> float | None:
+    """``VmRSS`` of ``pid`` in MB, or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024 / MB  # the value is in kB
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
+
+
+@dataclass
+class ProcSample:
+    label: str
+    pid: int
+    start_mb: float | None = None
+    end_mb: float | None = None
+    note: str = ""
+
+
+def rss_growth(samples: Iterable[ProcSample], replaced: Mapping[str, str]) -> dict[str, float | str | None]:
+    """Per process: end - start in MB (rounded); ``"replaced by X"`` for a killed worker."""
+    out: dict[str, float | str | None] = {}
+    for s in samples:
+        if s.label in replaced:
+            out[s.label] = f"replaced by {replaced[s.label]}"
+        elif s.start_mb is None or s.end_mb is None:
+            out[s.label] = None
+        else:
+            out[s.label] = round(s.end_mb - s.start_mb, 1)
+    return out
+
+
+# ------------------------------------------------------------------- report
+def build_report(records: list[Record], blocks_end: list[dict[str, Any]], samples: list[ProcSample],
+                 kill: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    counts = tally(records)
+    replaced = {kill["worker_id"]: kill.get("replacement_id") or "?"} if kill.get("worker_id") else {}
+    report = {
+        "completed": counts["completed"],
+        "failed": counts["failed"],
+        "lost": counts["lost"],
+        "leaked_blocks": leaked_blocks(blocks_end),
+        "rss_growth_mb": rss_growth(samples, replaced),
+        "cancelled": counts["cancelled"],
+        "requests": counts["requests"],
+        "failed_by_status": counts["failed_by_status"],
+        "finish_reasons": counts["finish_reasons"],
+        "retried": counts["retried"],
+        "short_completions": counts["short_completions"],
+        "lost_request_ids": counts["lost_request_ids"],
+        "invalid_not_refused": counts["invalid_not_refused"],
+        "leaked_by_worker": leaked_by_worker(blocks_end),
+        "blocks_end": blocks_end,
+        "rss_mb": {s.label: {"pid": s.pid, "start": _r(s.start_mb), "end": _r(s.end_mb), "note": s.note}
+                   for s in samples},
+        "kill": kill,
+    }
+    report.update(extra)
+    return report
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
+def exit_code(report: Mapping[str, Any]) -> int:
+    bad = report["lost"] > 0 or report["leaked_blocks"] > 0
+    kill = report.get("kill") or {}
+    if kill.get("requested") and not kill.get("back_to_size_s"):
+        bad = True  # the worker was not killed or not replaced
+    return 1 if bad else 0
+
+
+def render(report: Mapping[str, Any]) -> str:
+    lines = [f"soak: {report.get('duration_s', '?')} s of traffic, {report['requests']} requests "
+             f"(model {report.get('model', '?')}, {report.get('pools', '?')})",
+             f"  completed {report['completed']}  (finish: {report['finish_reasons']}; "
+             f"{report['retried']} took more than one attempt)",
+             f"  failed    {report['failed']}  (by status: {report['failed_by_status'] or '-'})",
+             f"  cancelled {report['cancelled']}  (by this client)",
+             f"  lost      {report['lost']}" + (f"  {report['lost_request_ids'][:10]}" if report["lost"] else "")
+             + ("   OK" if report["lost"] == 0 else "   <-- must be 0")]
+    if report["invalid_not_refused"]:
+        lines.append(f"  invalid requests not refused with INVALID_ARGUMENT: {report['invalid_not_refused']}")
+    if report["short_completions"]:
+        lines.append(f"  'length' finishes with fewer tokens than max_tokens: {report['short_completions']}")
+    lines.append(f"  leaked KV blocks {report['leaked_blocks']} after {report.get('settle_s', '?')} s settle "
+                 f"{report['leaked_by_worker']}" + ("   OK" if report["leaked_blocks"] == 0 else "   <-- must be 0"))
+    k = report.get("kill") or {}
+    if k.get("worker_id"):
+        lines.append(f"  kill: {k['worker_id']} (pid {k.get('pid')}) at t={k.get('at_s')} s, "
+                     f"{k.get('inflight_at_kill')} requests in flight; replaced by {k.get('replacement_id')}, "
+                     f"pool back to size after {k.get('back_to_size_s')} s")
+    elif k.get("requested"):
+        lines.append(f"  kill: NOT DONE ({k.get('error', 'unknown')})")
+    lines.append("  RSS (MB, after warm-up -> end, growth):")
+    for label, row in report["rss_mb"].items():
+        g = report["rss_growth_mb"].get(label)
+        g = f"{g:+.1f}" if isinstance(g, (int, float)) else g
+        lines.append(f"    {label:<14} pid {row['pid']:<8} {row['start']} -> {row['end']}  {g}"
+                     + (f"  ({row['note']})" if row["note"] else ""))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ traffic
+@dataclass(frozen=True)
+class Settings:
+    duration_s: float
+    concurrency: int = 32
+    rate_rps: float = 3.0          # mean arrival rate between bursts
+    burst_every_s: float = 15.0
+    burst_size: int = 12
+    prompt_tokens: tuple[int, int] = (4, 320)
+    output_tokens: tuple[int, int] = (1, 48)
+    chat_frac: float = 0.45
+    invalid_frac: float = 0.04
+    cancel_frac: float = 0.12
+    cancel_window_s: tuple[float, float] = (0.0, 3.0)
+    deadline_frac: float = 0.2
+    deadline_s: tuple[float, float] = (0.5, 20.0)
+    sampled_frac: float = 0.3
+    margin_s: float = 30.0         # lost = not ended by deadline + margin
+    hang_s: float = 240.0          # lost = no deadline and not ended after this long
+    seed: int = 0
+
+
+@dataclass
+class Plan:
+    index: int
+    kind: str
+    kwargs: dict[str, Any]
+    deadline_s: float | None = None
+    cancel_after_s: float | None = None
+    max_tokens: int | None = None
+
+
+class PromptMaker:
+    """Seeded text of about ``n`` tokens of the served model's tokenizer."""
+
+    def __init__(self, tokenizer, rng: random.Random, max_model_len: int) -> None:
+        from benchmarks.workloads import filler_text
+
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.ids = tokenizer(filler_text(rng, 4 * max_model_len), add_special_tokens=False)["input_ids"]
+        self.rng = rng
+
+    def text(self, n: int) -> str:
+        start = self.rng.randrange(0, max(len(self.ids) - n, 1))
+        return self.tokenizer.decode(self.ids[start:start + n]).strip() or "hello"
+
+
+def make_plan(index: int, rng: random.Random, s: Settings, prompts: PromptMaker) -> Plan:
+    """One request of the mix (pure given ``rng``)."""
+    kw: dict[str, Any] = {"request_id": f"soak-{index}"}
+    if rng.random() < s.invalid_frac:
+        what = rng.choice(INVALID_KINDS)
+        base = {"prompt": prompts.text(8), "max_tokens": 4}
+        bad = {
+            "max_tokens_zero": {"max_tokens": 0},
+            "negative_temperature": {"temperature": -1.0},
+            "top_p_too_big": {"top_p": 1.5},
+            "negative_top_k": {"top_k": -1},
+            "empty_chat": {"prompt": None, "messages": []},
+            "bad_role": {"prompt": None, "messages": [{"role": "robot", "content": "hi"}]},
+            "no_input": {"prompt": None},
+            "prompt_too_long": {"prompt": prompts.text(prompts.max_model_len + 200)},
+        }[what]
+        return Plan(index, f"invalid:{what}", {**kw, **base, **bad}, max_tokens=None)
+    n_in = rng.randint(*s.prompt_tokens)
+    n_out = rng.randint(*s.output_tokens)
+    kw.update(max_tokens=n_out, ignore_eos=True)
+    if rng.random() < s.sampled_frac:
+        kw.update(temperature=0.8, top_p=0.95, seed=rng.randrange(1 << 30))
+    if rng.random() < s.chat_frac:
+        kind = "chat"
+        kw["messages"] = [{"role": "system", "content": "You are terse."}] if rng.random() < 0.3 else []
+        kw["messages"].append({"role": "user", "content": prompts.text(n_in)})
+    else:
+        kind = "raw"
+        kw["prompt"] = prompts.text(n_in)
+    deadline = round(rng.uniform(*s.deadline_s), 2) if rng.random() < s.deadline_frac else None
+    cancel = round(rng.uniform(*s.cancel_window_s), 3) if rng.random() < s.cancel_frac else None
+    return Plan(index, kind, kw, deadline_s=deadline, cancel_after_s=cancel, max_tokens=n_out)
+
+
+class Driver:
+    """Sends plans through one grpc.aio channel and records how each one ended."""
+
+    def __init__(self, address: str, s: Settings, t0: float) -> None:
+        from router.client import AsyncClient
+
+        self.client = AsyncClient(address)
+        self.s = s
+        self.t0 = t0
+        self.records: list[Record] = []
+        self.inflight: dict[int, Record] = {}
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    async def run_one(self, plan: Plan, record: bool = True) -> Record:
+        import grpc
+
+        from router.client import FINISH_NAMES, build_request
+
+        r = Record(plan.index, plan.kind, plan.kwargs.get("request_id", ""), plan.deadline_s, plan.cancel_after_s,
+                   max_tokens=plan.max_tokens)
+        if record:
+            self.records.append(r)
+        self.inflight[plan.index] = r
+        kw = dict(plan.kwargs)
+        prompt, messages = kw.pop("prompt", None), kw.pop("messages", None)
+        call = None
+        timer = None
+
+        def cancel() -> None:
+            if call is not None and not call.done():
+                r.cancel_sent = True
+                call.cancel()
+
+        async def consume() -> None:
+            nonlocal call, timer
+            call = self.client.stub.Generate(build_request(prompt, messages, **kw), timeout=plan.deadline_s,
+                                             metadata=self.client.metadata)
+            if plan.cancel_after_s is not None:
+                timer = asyncio.get_running_loop().call_later(plan.cancel_after_s, cancel)
+            try:
+                async for resp in call:
+                    if resp.token_ids and r.first_token_at is None:
+                        r.first_token_at = self.now()
+                    r.tokens += len(resp.token_ids)
+                    if resp.finish_reason:
+                        r.finish_reason = FINISH_NAMES[resp.finish_reason]
+                        r.attempts = resp.timings.attempts
+                    if not r.request_id:
+                        r.request_id = resp.request_id
+            except grpc.RpcError as e:
+                r.status, r.details = e.code().name, (e.details() or "")[:300]
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not r.cancel_sent or (task is not None and task.cancelling()):
+                    raise  # the watchdog, not our cancel
+                r.status = "CANCELLED"
+
+        bound = (plan.deadline_s + self.s.margin_s) if plan.deadline_s is not None else self.s.hang_s
+        r.sent_at = self.now()
+        try:
+            await asyncio.wait_for(consume(), timeout=bound)
+        except asyncio.TimeoutError:
+            r.hung = True
+            r.details = f"no finish_reason and no status after {bound:.0f} s"
+            log(f"LOST (hung) {r.request_id} {r.kind} deadline={r.deadline_s} tokens={r.tokens}")
+        except Exception as e:  # noqa: BLE001 - anything else is a client-side surprise: keep it, don't crash
+            r.status = r.status or f"CLIENT_ERROR:{type(e).__name__}"
+            r.details = repr(e)[:300]
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if call is not None and not call.done():
+                call.cancel()
+            r.ended_at = self.now()
+            self.inflight.pop(plan.index, None)
+        if classify(r) == "lost" and not r.hung:
+            log(f"LOST (stream ended without finish_reason or status) {r.request_id} {r.kind} tokens={r.tokens}")
+        return r
+
+    async def traffic(self, plans: Iterable[Plan], until_s: float, rng: random.Random) -> int:
+        """Open-loop arrivals (plus bursts) until ``until_s``, at most ``concurrency`` in flight."""
+        sem = asyncio.Semaphore(self.s.concurrency)
+        tasks: set[asyncio.Task] = set()
+        next_burst = self.s.burst_every_s
+        sent = 0
+        plans = iter(plans)
+        while self.now() < until_s:
+            n = 1
+            if self.now() >= next_burst:
+                n, next_burst = self.s.burst_size, next_burst + self.s.burst_every_s
+            for _ in range(n):
+                await sem.acquire()
+                task = asyncio.create_task(self.run_one(next(plans)))
+                task.add_done_callback(lambda _t: sem.release())
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                sent += 1
+            await asyncio.sleep(rng.expovariate(self.s.rate_rps))
+        log(f"traffic stopped after {sent} requests; waiting for {len(tasks)} in flight")
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return sent
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+# ------------------------------------------------------------- the cluster
+async def ray_get(ref: Any, timeout: float = 60.0) -> Any:
+    import ray
+
+    return await asyncio.to_thread(ray.get, ref, timeout=timeout)
+
+
+async def worker_pids(pool_manager: Any) -> dict[str, int]:
+    table = await ray_get(pool_manager.table.remote())
+    pids = await asyncio.gather(*(ray_get(w["handle"].pid.remote()) for w in table["workers"]))
+    return {w["worker_id"]: pid for w, pid in zip(table["workers"], pids)}
+
+
+async def inject_kill(pool_manager: Any, kind: str, at_s: float, driver: Driver,
+                      samples: dict[str, ProcSample]) -> dict[str, Any]:
+    """SIGKILL one worker of ``kind`` at ``at_s``; wait until the pool is back to size."""
+    out: dict[str, Any] = {"requested": True, "kind": kind}
+    await asyncio.sleep(max(at_s - driver.now(), 0))
+    try:
+        table = await ray_get(pool_manager.table.remote())
+        before = sorted(w["worker_id"] for w in table["workers"] if w["kind"] == kind)
+        target = table["targets"][kind]
+        victim = next(w for w in table["workers"] if w["worker_id"] == before[0])
+        pid = await ray_get(victim["handle"].pid.remote())
+        for r in driver.inflight.values():
+            r.during_kill = True
+        out.update(worker_id=victim["worker_id"], pid=pid, inflight_at_kill=len(driver.inflight))
+        os.kill(pid, signal.SIGKILL)
+        t_kill = driver.now()
+        out["at_s"] = round(t_kill, 2)
+        log(f"killed {victim['worker_id']} (pid {pid}) at t={t_kill:.1f} s with {len(driver.inflight)} in flight")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            table = await ray_get(pool_manager.table.remote())
+            ids = {w["worker_id"] for w in table["workers"] if w["kind"] == kind}
+            new = sorted(ids - set(before))
+            if victim["worker_id"] not in ids and new and len(ids) >= target:
+                out["replacement_id"] = new[0]
+                out["back_to_size_s"] = round(driver.now() - t_kill, 2)
+                handle = next(w["handle"] for w in table["workers"] if w["worker_id"] == new[0])
+                new_pid = await ray_get(handle.pid.remote())
+                out["replacement_pid"] = new_pid
+                samples[new[0]] = ProcSample(new[0], new_pid, rss_mb(new_pid), note=f"replaced {victim['worker_id']}")
+                samples[victim["worker_id"]].note = f"killed at t={t_kill:.1f} s"
+                log(f"{new[0]} replaced {victim['worker_id']} after {out['back_to_size_s']} s")
+                break
+        else:
+            out["error"] = "the pool was not back to size within 300 s"
+        out["replacements"] = (await ray_get(pool_manager.stats.remote()))["replacements"]
+    except Exception as e:  # noqa: BLE001 - reported, and fails the run
+        out["error"] = repr(e)
+        log(f"kill failed: {e!r}")
+    return out
+
+
+async def settle(client: Any, router_servicer: Any, settle_s: float) -> tuple[list[dict[str, Any]], float]:
+    """Poll ClusterStatus until no worker holds a block (and the router has nothing in flight)."""
+    t0 = time.monotonic()
+    rows: list[dict[str, Any]] = []
+    while True:
+        rows = worker_blocks(await client.status())
+        inflight = getattr(router_servicer, "inflight", 0)
+        if leaked_blocks(rows) == 0 and inflight == 0:
+            break
+        if time.monotonic() - t0 > settle_s:
+            log(f"still held after {settle_s:.0f} s: {leaked_by_worker(rows)}; router in flight: {inflight}")
+            break
+        await asyncio.sleep(1.0)
+    return rows, round(time.monotonic() - t0, 1)
+
+
+async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
+    from benchmarks.cluster_overhead import busy_cores
+    from cluster.deployment import BackgroundDeployment
+    from engine.model_loader import load_tokenizer
+    from tests.integration.clusters import make_config
+
+    p, d_ = (int(x) for x in args.ratio.split(":"))
+    cfg = make_config(args.model, backend="gloo", ratio=args.ratio, replicas=args.replicas,
+                      router={"max_queued": args.max_queued},
+                      decode={"lease_s": args.lease_s, "max_running": 32})
+    pools = f"{cfg.pools.counts()[0]} prefill + {cfg.pools.counts()[1]} decode, ratio {p}:{d_}, kv gloo"
+    log(f"starting the deployment: {pools}, model {args.model}")
+    tokenizer = await asyncio.to_thread(load_tokenizer, args.model)
+    rng = random.Random(s.seed)
+    prompts = PromptMaker(tokenizer, random.Random(s.seed + 1), cfg.model.max_model_len or 1024)
+    busy_before = await asyncio.to_thread(busy_cores, 1.0)
+    dep = BackgroundDeployment(cfg)
+    address = await asyncio.to_thread(dep.start)
+    log(f"router at {address}")
+    t0 = time.monotonic()
+    driver = Driver(address, s, t0)
+    try:
+        servicer = dep.deployment.router.servicer
+        pool_manager = dep.deployment.pool_manager
+        # Warm-up: every worker sees a few requests before the RSS baseline.
+        warm = [make_plan(-(i + 1), random.Random(1000 + i), Settings(duration_s=0, invalid_frac=0, cancel_frac=0,
+                                                                        deadline_frac=0), prompts) for i in range(8)]
+        for w in warm:
+            w.kwargs["request_id"] = f"warmup-{-w.index}"
+        res = await asyncio.gather(*(driver.run_one(w, record=False) for w in warm))
+        log(f"warm-up: {Counter(classify(r) for r in res)}")
+        pids = await worker_pids(pool_manager)
+        samples = {"router": ProcSample("router", os.getpid(), rss_mb(os.getpid()))}
+        for wid, pid in sorted(pids.items()):
+            samples[wid] = ProcSample(wid, pid, rss_mb(pid))
+        t_start = driver.now()
+        plans = (make_plan(i, rng, s, prompts) for i in range(10**9))
+        kill_task = asyncio.create_task(inject_kill(pool_manager, args.kill, t_start + s.duration_s / 3, driver,
+                                                    samples)) if args.kill != "none" else None
+        sent = await driver.traffic(plans, t_start + s.duration_s, random.Random(s.seed + 2))
+        traffic_s = round(driver.now() - t_start, 1)
+        kill = await kill_task if kill_task is not None else {"requested": False}
+        log(f"all {sent} requests ended; settling (at most {args.settle_s:.0f} s)")
+        blocks_end, settle_s = await settle(driver.client, servicer, args.settle_s)
+        for smp in samples.values():
+            smp.end_mb = rss_mb(smp.pid)
+        # Still serving after all that?
+        post = [make_plan(-(100 + i), random.Random(2000 + i), Settings(duration_s=0, invalid_frac=0, cancel_frac=0,
+                                                                        deadline_frac=0), prompts) for i in range(4)]
+        for w in post:
+            w.kwargs["request_id"] = f"post-{-w.index}"
+        post_res = await asyncio.gather(*(driver.run_one(w, record=False) for w in post))
+        post_check = dict(Counter(classify(r) for r in post_res))
+        busy_after = await asyncio.to_thread(busy_cores, 1.0)
+        records = driver.records
+        during = [r for r in records if r.during_kill]
+        report = build_report(
+            records, blocks_end, list(samples.values()), kill,
+            duration_s=traffic_s, settle_s=settle_s, model=args.model, pools=pools, seed=s.seed,
+            concurrency=s.concurrency, max_queued=args.max_queued, lease_s=args.lease_s,
+            inflight_at_kill_outcomes=dict(Counter(classify(r) for r in during)),
+            router_inflight_end=getattr(servicer, "inflight", None),
+            router_retries=getattr(dep.deployment.router.servicer.runner, "retries", None),
+            post_check=post_check, other_cpu_cores={"before": busy_before, "after": busy_after},
+            records=[asdict(r) for r in records] if args.records else None,
+        )
+        if report["records"] is None:
+            del report["records"]
+        return report
+    finally:
+        await driver.close()
+        log("stopping the deployment")
+        await asyncio.to_thread(dep.stop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration-s", type=float, default=None, help="seconds of traffic (default 180; --quick 60)")
+    ap.add_argument("--quick", action="store_true", help="60 s of traffic")
+    ap.add_argument("--model", default="builtin:tiny-llama", help="e.g. builtin:smollm2-135m-instruct")
+    ap.add_argument("--ratio", default="1:1", help="prefill:decode ratio")
+    ap.add_argument("--replicas", type=int, default=4, help="workers over both pools (a multiple of P+D)")
+    ap.add_argument("--kill", choices=("decode", "prefill", "none"), default="decode",
+                    help="the kind of worker SIGKILLed at a third of the run")
+    ap.add_argument("--concurrency", type=int, default=32, help="most requests in flight")
+    ap.add_argument("--rate", type=float, default=3.0, help="mean arrivals per second between bursts")
+    ap.add_argument("--max-queued", type=int, default=24, help="router.max_queued (bursts past it: RESOURCE_EXHAUSTED)")
+    ap.add_argument("--lease-s", type=float, default=15.0, help="pools.decode.lease_s")
+    ap.add_argument("--settle-s", type=float, default=None, help="longest wait for the blocks to free (default 2 leases + 15 s)")
+    ap.add_argument("--margin-s", type=float, default=30.0, help="lost = not ended by deadline + this")
+    ap.add_argument("--hang-s", type=float, default=240.0, help="lost = no deadline and not ended after this")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--records", action="store_true", help="put every request's record in the JSON")
+    ap.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    duration = args.duration_s if args.duration_s is not None else (60.0 if args.quick else 180.0)
+    if args.settle_s is None:
+        args.settle_s = 2 * args.lease_s + 15.0
+    s = Settings(duration_s=duration, concurrency=args.concurrency, rate_rps=args.rate, margin_s=args.margin_s,
+                 hang_s=args.hang_s, seed=args.seed)
+    import ray
+
+    from benchmarks.cluster_overhead import start_ray
+
+    start_ray()
+    try:
+        report = asyncio.run(soak(args, s))
+    finally:
+        ray.shutdown()
+    print(render(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        log(f"wrote {args.json}")
+    return exit_code(report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
