@@ -25,9 +25,19 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
-from benchmarks.engine import busy_cpu_seconds  # noqa: E402
 
 BUSY_WARN_CORES = 0.25  # other processes' CPU (cores) above which figures are flagged as noisy
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have used so far (:func:`benchmarks.engine.busy_cpu_seconds`).
+
+    Imported on first use: ``benchmarks.engine`` pulls in torch and the model
+    loader, which the pure parts of the benchmarks (and their tests) do without.
+    """
+    from benchmarks.engine import busy_cpu_seconds as machine_busy
+
+    return machine_busy()
 
 
 def log(msg: str) -> None:

@@ -1,0 +1,832 @@
+"""Colocated vs disaggregated serving under prefill/decode interference, side by side in one run.
+
+Run from the repository root::
+
+    python -m benchmarks.colocated_vs_disaggregated [--quick] [--json PATH] [--markdown PATH] [--plots DIR]
+
+One process, one local Ray cluster (:func:`benchmarks.common.start_ray`: 2
+CPUs, 127.0.0.1, token auth, shut down at the end, also on error). The same
+seeded trace runs against three arms of the same cluster code, one after
+another, each a ``cluster.deployment.BackgroundDeployment`` with its router
+in this process and two single-threaded worker actors of ``num_cpus`` 1 (the
+whole 2-CPU head; Ray gives an actor of ``num_cpus`` 1 one OpenMP / torch
+thread, checked and recorded), so every arm has the same total cores:
+
+(a) ``colocated``: ``pools.mode: colocated``, 2 replicas; each runs both
+    phases in one engine. Chunked prefill off: ``pools.decode.max_batched_tokens``
+    = ``max_model_len`` (2048) >= the longest prompt, so a long prompt is
+    prefilled in one engine step while the replica's running decodes wait.
+(b) ``disaggregated``: ``mode: disaggregated``, ratio 1:1 (1 prefill + 1
+    decode worker), KV over gloo.
+(c) ``chunked``: as (a) with ``max_batched_tokens`` = 128: a long prompt is
+    prefilled 128 tokens a step, each step also carrying the running decodes.
+
+The trace (DESIGN.md section 4 vocabulary; the seed notes' interference case):
+a Poisson stream of short chat-sized requests (32 tokens in, 48 out: decode
+heavy) at each ``rate`` of the settings, plus one long prompt (768-1024
+tokens in, 4 out) every ``long_every_s`` seconds. Prompts are exact-length
+raw prompts from :mod:`benchmarks.workloads` (SmolLM2's tokenizer), sent with
+``max_tokens`` = output length and ``ignore_eos`` by
+:func:`benchmarks.loadgen.run_trace`; every arm gets the same requests at the
+same offsets. Per arm:
+
+1. start the deployment (its start time is recorded);
+2. warm-up, unrecorded: two short and then two long prompts (not in the trace),
+   two at a time so that both workers of every arm have run both shapes;
+3. the undisturbed reference (``reference_arms``; the disaggregated arm by
+   default): the trace's short requests alone, no long prompts, for
+   ``reference_s`` seconds at the first rate;
+4. the mixed trace at each rate;
+5. saturation: closed loop, ``saturation_concurrency`` short requests in
+   flight, ``saturation_requests`` in all: the output tokens/s the arm
+   sustains when nothing else limits it (raw throughput).
+
+Measured at the client (:mod:`benchmarks.slo`): TTFT, TPOT, ITL, E2E
+(p50/p90/p99/max), throughput, and per request kind. The interference figure
+is the ITL of the *short* requests split by whether the gap overlaps a long
+request in flight (from its send to its last token: prefill, the KV transfer
+and import in (b), and its 3 decode steps), against the ITL of the same run's
+quiet gaps and of the short-only reference run: the "undisturbed decode
+step". SLO attainment is judged per kind (DistServe sets SLOs per
+application): short requests against ``SLO_SHORT``, long ones against
+``SLO_LONG``; with two or more rates, a (coarse) DistServe goodput over the
+offered total rate is given too.
+
+The machine is shared: a background sampler records, per phase, how many
+cores' worth of CPU *other* processes used (machine minus this process and
+its descendants, the Ray workers included) and the load average. Absolute
+times only mean something next to each other; the report gives ratios
+against the colocated arm.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from dataclasses import asdict, dataclass, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from benchmarks.common import BUSY_WARN_CORES, CpuSampler, busy_cores, log  # noqa: E402
+from benchmarks.loadgen import Arrival, FixedConcurrency, Poisson, run_trace  # noqa: E402
+from benchmarks.slo import SLO, RequestRecord, goodput, meets_slo, stats, summarize  # noqa: E402
+from benchmarks.workloads import BenchRequest, WorkloadSpec, generate  # noqa: E402
+from cluster.config import ClusterConfig, parse_config  # noqa: E402
+
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+MAX_MODEL_LEN = 2048
+SHORT_INPUT, SHORT_OUTPUT = 32, 48
+LONG_INPUT, LONG_OUTPUT = (768, 1024), 4
+REPLICAS = 2
+WORKER_CPUS = 1.0          # per worker actor: one torch thread each, the 2-CPU head in all
+RAY_CPUS = 2
+DEFAULT_CHUNK_TOKENS = 128
+REQUEST_TIMEOUT_S = 300.0
+NAMESPACE = "bench-colocated-vs-disaggregated"
+
+ARMS = ("colocated", "disaggregated", "chunked")
+ARM_TITLES = {"colocated": "(a) colocated", "disaggregated": "(b) disaggregated 1:1",
+              "chunked": "(c) colocated + chunked prefill"}
+BASE_ARM = "colocated"
+
+SLO_SHORT = SLO(ttft_ms=1000.0, tpot_ms=200.0)   # a chat answer: first token within 1 s, 5 tokens/s after
+SLO_LONG = SLO(ttft_ms=8000.0, tpot_ms=500.0)    # a long document: a 1k-token prefill may take a few seconds here
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much one run does (``--quick`` shrinks it)."""
+
+    rates: tuple[float, ...]        # short requests/s (Poisson), one mixed run per rate
+    duration_s: float               # arrivals of one mixed run span [0, duration_s)
+    long_every_s: float             # one long prompt every ...
+    long_first_s: float             # ... starting here
+    saturation_requests: int
+    saturation_concurrency: int
+    reference_s: float              # the short-only reference run
+    reference_arms: tuple[str, ...] = ("disaggregated",)
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    slo_short: SLO = SLO_SHORT
+    slo_long: SLO = SLO_LONG
+    wait_quiet_s: float = 0.0       # before each measured phase, wait up to this long for a quiet machine
+    seed: int = 0
+
+
+FULL = Settings(rates=(0.5, 1.0), duration_s=45.0, long_every_s=10.0, long_first_s=4.0,
+                saturation_requests=32, saturation_concurrency=16, reference_s=30.0)
+QUICK = Settings(rates=(0.75,), duration_s=20.0, long_every_s=10.0, long_first_s=4.0,
+                 saturation_requests=12, saturation_concurrency=6, reference_s=15.0)
+
+
+# ------------------------------------------------------------------- configs
+def arm_config(arm: str, model: str = DEFAULT_MODEL, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+               namespace: str = NAMESPACE) -> dict[str, Any]:
+    """The deployment dict of one arm (validate with :func:`cluster.config.parse_config`)."""
+    if arm not in ARMS:
+        raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
+    decode = {"num_cpus": WORKER_CPUS, "num_blocks": 512, "max_running": 64, "lease_s": 30.0,
+              # colocated without chunking: a whole prompt in one step; chunked: 128 tokens a step
+              "max_batched_tokens": chunk_tokens if arm == "chunked" else MAX_MODEL_LEN}
+    pools: dict[str, Any] = {"replicas": REPLICAS, "decode": decode}
+    if arm == "disaggregated":
+        pools.update(mode="disaggregated", ratio="1:1",
+                     prefill={"num_cpus": WORKER_CPUS, "num_blocks": 256, "max_batch_tokens": MAX_MODEL_LEN,
+                              "batch_wait_ms": 2.0})
+    else:
+        pools["mode"] = "colocated"
+    return {
+        "model": {"name": model, "dtype": "float32", "max_model_len": MAX_MODEL_LEN},
+        "pools": pools,
+        "kvtransfer": {"backend": "gloo", "timeout_s": 30},
+        "router": {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": None,
+                   "drain_grace_s": 10, "request_timeout_s": REQUEST_TIMEOUT_S},
+        "ray": {"namespace": f"{namespace}-{arm}"},
+    }
+
+
+def total_cpus(cfg: ClusterConfig) -> float:
+    """Ray CPUs all of a deployment's worker actors ask for."""
+    p, d = cfg.pools.counts()
+    return p * cfg.pools.prefill.num_cpus + d * cfg.pools.decode.num_cpus
+
+
+# --------------------------------------------------------------------- trace
+@dataclass(frozen=True)
+class Scheduled(Arrival):
+    """Open loop with explicit send offsets (the merged short + long schedule)."""
+
+    times: tuple[float, ...]
+
+    def schedule(self, n: int) -> list[float]:
+        if n != len(self.times):
+            raise ValueError(f"schedule of {len(self.times)} sends for {n} requests")
+        return list(self.times)
+
+    def describe(self) -> dict:
+        return {"kind": "scheduled", "n": len(self.times), "last_s": self.times[-1] if self.times else 0.0}
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    """Poisson short requests at ``short_rate`` plus a long prompt every ``long_every_s`` (none if ``with_long`` is off)."""
+
+    duration_s: float
+    short_rate: float
+    long_every_s: float
+    long_first_s: float
+    seed: int = 0
+    with_long: bool = True
+
+    def short_times(self) -> list[float]:
+        out: list[float] = []
+        n = max(8, int(self.short_rate * self.duration_s * 2) + 8)
+        for t in Poisson(self.short_rate, seed=self.seed).schedule(n):
+            if t >= self.duration_s:
+                break
+            out.append(t)
+        return out
+
+    def long_times(self) -> list[float]:
+        if not self.with_long:
+            return []
+        k = max(0, math.ceil((self.duration_s - self.long_first_s) / self.long_every_s))
+        return [t for t in (self.long_first_s + i * self.long_every_s for i in range(k)) if t < self.duration_s]
+
+
+@dataclass
+class RequestPool:
+    """Exact-length requests, generated once and shared by every trace (same seed: same texts)."""
+
+    shorts: list[BenchRequest]
+    longs: list[BenchRequest]
+    warm_shorts: list[BenchRequest]
+    warm_longs: list[BenchRequest]
+
+
+def make_pool(tokenizer, n_short: int, n_long: int, seed: int = 0) -> RequestPool:
+    def gen(name: str, n: int, s: int) -> list[BenchRequest]:
+        return generate(WorkloadSpec(name=name, num_requests=max(n, 1), seed=s,
+                                     short_input=(SHORT_INPUT, SHORT_INPUT), short_output=(SHORT_OUTPUT, SHORT_OUTPUT),
+                                     long_input=LONG_INPUT, long_output=(LONG_OUTPUT, LONG_OUTPUT)), tokenizer)
+
+    return RequestPool(gen("short", n_short, seed), gen("long", n_long, seed + 1),
+                       gen("short", 2, seed + 1000), gen("long", 2, seed + 1001))
+
+
+def build_trace(spec: TraceSpec, pool: RequestPool) -> tuple[list[BenchRequest], tuple[float, ...]]:
+    """The trace's requests in send order (re-indexed) and their send offsets."""
+    events = [(t, 0, k) for k, t in enumerate(spec.short_times())] + [(t, 1, k) for k, t in enumerate(spec.long_times())]
+    events.sort()
+    requests = []
+    for i, (_, kind, k) in enumerate(events):
+        src = (pool.shorts if kind == 0 else pool.longs)[k]
+        requests.append(replace(src, index=i))
+    return requests, tuple(t for t, _, _ in events)
+
+
+# ------------------------------------------------------------------ analysis
+def long_windows(records: Sequence[RequestRecord]) -> list[tuple[float, float]]:
+    """(send, end) of every long request: while it is in flight a short request's decode may be disturbed."""
+    return sorted((r.start_s, r.end_s) for r in records
+                  if r.kind == "long" and r.start_s is not None and r.end_s is not None)
+
+
+def split_itls(records: Sequence[RequestRecord], windows: Sequence[tuple[float, float]]
+               ) -> tuple[list[float], list[float], list[tuple[float, float, bool]]]:
+    """ITL gaps (ms) of ok short requests: those overlapping a window, the others, and
+    ``(gap end s, gap ms, overlaps)`` points for a timeline."""
+    during: list[float] = []
+    quiet: list[float] = []
+    points: list[tuple[float, float, bool]] = []
+    for r in records:
+        if r.kind != "short" or not r.ok:
+            continue
+        t = r.token_times_s
+        for a, b in zip(t, t[1:]):
+            hit = any(a < we and b > ws for ws, we in windows)
+            gap = (b - a) * 1000.0
+            (during if hit else quiet).append(gap)
+            points.append((b, gap, hit))
+    return during, quiet, points
+
+
+def attainment_by_kind(records: Sequence[RequestRecord], slos: dict[str, SLO]) -> dict[str, float]:
+    """Fraction of each kind's requests (and of all) meeting both limits of that kind's SLO."""
+    out: dict[str, float] = {}
+    met_all = 0
+    for kind, slo in slos.items():
+        rs = [r for r in records if r.kind == kind]
+        met = sum(meets_slo(r, slo) for r in rs)
+        met_all += met
+        out[kind] = met / len(rs) if rs else math.nan
+    out["all"] = met_all / len(records) if records else math.nan
+    return out
+
+
+RUN_TOTALS = ("num_requests", "num_ok", "errors", "duration_s", "request_throughput", "output_token_throughput",
+              "output_tokens", "length_mismatches", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+
+
+def analyze_run(records: Sequence[RequestRecord], slo_short: SLO = SLO_SHORT, slo_long: SLO = SLO_LONG) -> dict:
+    """One mixed (or short-only) run's figures, per kind, with the short ITL split by long requests in flight."""
+    everything = summarize(records, SLO())
+    windows = long_windows(records)
+    during, quiet, _ = split_itls(records, windows)
+    out = {
+        "all": {k: everything[k] for k in RUN_TOTALS},
+        "short": summarize([r for r in records if r.kind == "short"], slo_short),
+        "itl_short_during_long_ms": stats(during),
+        "itl_short_quiet_ms": stats(quiet),
+        "attainment": attainment_by_kind(records, {"short": slo_short, "long": slo_long}),
+        "long_windows_s": windows,
+    }
+    longs = [r for r in records if r.kind == "long"]
+    out["long"] = summarize(longs, slo_long) if longs else None
+    return out
+
+
+def ratio(x: float | None, base: float | None) -> float:
+    if x is None or base is None or not math.isfinite(x) or not math.isfinite(base) or base == 0:
+        return math.nan
+    return x / base
+
+
+# ------------------------------------------------------------------ markdown
+Getter = Callable[[dict], Any]
+
+
+def dig(d: Any, *path: Any) -> Any:
+    """``d[path[0]][path[1]]...``, ``None`` where a step is missing."""
+    for p in path:
+        if d is None:
+            return None
+        try:
+            d = d[p]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return d
+
+
+def fmt_num(x: Any, spec: str = ".1f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if spec == "%":
+        return f"{x:.0%}"
+    return format(x, spec)
+
+
+def fmt_ratio(x: float) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.2f}×"
+
+
+def _stat_rows(label: str, path: tuple, keys: Sequence[str] = ("p50", "p90", "p99", "max"),
+               spec: str = ".0f") -> list[tuple[str, Getter, str]]:
+    return [(f"{label} {k} (ms)", (lambda r, p=path, k=k: dig(r, *p, k)), spec) for k in keys]
+
+
+def rate_rows() -> list[tuple[str, Getter, str]]:
+    """The mixed run's table: (label, getter on one arm's run analysis, format)."""
+    rows: list[tuple[str, Getter, str]] = [
+        ("requests ok / sent", lambda r: f"{dig(r, 'all', 'num_ok')}/{dig(r, 'all', 'num_requests')}", "s"),
+        ("errors", lambda r: ", ".join(f"{k} {v}" for k, v in (dig(r, "all", "errors") or {}).items()) or "0", "s"),
+        ("throughput (req/s)", lambda r: dig(r, "all", "request_throughput"), ".2f"),
+        ("output throughput (tok/s)", lambda r: dig(r, "all", "output_token_throughput"), ".1f"),
+    ]
+    rows += _stat_rows("**short ITL during long prefills**", ("itl_short_during_long_ms",))
+    rows += [("short ITL gaps during long prefills (n)", lambda r: dig(r, "itl_short_during_long_ms", "n"), "d")]
+    rows += _stat_rows("short ITL, quiet gaps", ("itl_short_quiet_ms",), ("p50", "p99"))
+    rows += [("short ITL p99 during long / quiet p50",
+              lambda r: ratio(dig(r, "itl_short_during_long_ms", "p99"), dig(r, "itl_short_quiet_ms", "p50")), ".1f")]
+    rows += _stat_rows("short ITL, all gaps", ("short", "itl_ms"))
+    rows += _stat_rows("short TTFT", ("short", "ttft_ms"))
+    rows += _stat_rows("short TPOT", ("short", "tpot_ms"))
+    rows += _stat_rows("short E2E", ("short", "e2e_ms"), ("p50", "p99"))
+    rows += _stat_rows("long TTFT", ("long", "ttft_ms"), ("p50", "max"))
+    rows += _stat_rows("long E2E", ("long", "e2e_ms"), ("p50", "max"))
+    rows += [
+        ("SLO attainment, short", lambda r: dig(r, "attainment", "short"), "%"),
+        ("SLO attainment, long", lambda r: dig(r, "attainment", "long"), "%"),
+        ("SLO attainment, all", lambda r: dig(r, "attainment", "all"), "%"),
+        ("other processes' CPU (cores)", lambda r: dig(r, "env", "other_cores"), ".2f"),
+        ("load average (1 min, max)", lambda r: dig(r, "env", "loadavg_1m"), ".1f"),
+    ]
+    return rows
+
+
+def saturation_rows() -> list[tuple[str, Getter, str]]:
+    return [
+        ("output throughput (tok/s)", lambda r: dig(r, "output_token_throughput"), ".1f"),
+        ("throughput (req/s)", lambda r: dig(r, "request_throughput"), ".2f"),
+        ("TPOT p50 (ms)", lambda r: dig(r, "tpot_ms", "p50"), ".0f"),
+        ("TTFT p50 (ms)", lambda r: dig(r, "ttft_ms", "p50"), ".0f"),
+        ("other processes' CPU (cores)", lambda r: dig(r, "env", "other_cores"), ".2f"),
+    ]
+
+
+def reference_rows() -> list[tuple[str, Getter, str]]:
+    return _stat_rows("short ITL, no long prompts", ("short", "itl_ms"), ("p50", "p90", "p99", "max")) + [
+        ("short TTFT p50 (ms)", lambda r: dig(r, "short", "ttft_ms", "p50"), ".0f"),
+        ("other processes' CPU (cores)", lambda r: dig(r, "env", "other_cores"), ".2f"),
+    ]
+
+
+# Rows whose ratio to the colocated arm is meaningless (counts, text, environment).
+_NO_RATIO = ("requests ok", "errors", "(n)", "other processes", "load average", "SLO attainment")
+
+
+def render_table(columns: Sequence[tuple[str, dict | None]], rows: Sequence[tuple[str, Getter, str]],
+                 base: str | None = None) -> str:
+    """A Markdown table: one row per metric, one column per arm, then each arm's ratio to ``base``."""
+    names = [n for n, _ in columns]
+    data = dict(columns)
+    others = [n for n in names if base is not None and n != base and base in data]
+    head = ["metric"] + [ARM_TITLES.get(n, n) for n in names] + [f"{n} ÷ {base}" for n in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, get, spec in rows:
+        vals = [get(data[n]) if data[n] is not None else None for n in names]
+        cells = [v if isinstance(v, str) else fmt_num(v, spec) for v in vals]
+        for n in others:
+            if any(s in label for s in _NO_RATIO) or data[n] is None or data[base] is None:
+                cells.append("")
+            else:
+                v, b = get(data[n]), get(data[base])
+                cells.append(fmt_ratio(ratio(v, b)) if not isinstance(v, str) else "")
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return "\n".join(lines)
+
+
+def headline(result: dict) -> list[str]:
+    """The side-by-side ratios that answer the question, one line each."""
+    out = []
+    arms = result["arms"]
+    for rate in result["settings"]["rates"]:
+        key = rate_key(rate)
+        runs = {a: dig(arms, a, "runs", key) for a in arms}
+        base = runs.get(BASE_ARM)
+        for arm, run in runs.items():
+            if arm == BASE_ARM or run is None or base is None:
+                continue
+            parts = []
+            for label, path in (("short ITL p99 during long prefills", ("itl_short_during_long_ms", "p99")),
+                                ("max", ("itl_short_during_long_ms", "max")),
+                                ("short ITL p50", ("short", "itl_ms", "p50")),
+                                ("short TTFT p99", ("short", "ttft_ms", "p99")),
+                                ("long TTFT p50", ("long", "ttft_ms", "p50"))):
+                parts.append(f"{label} {fmt_ratio(ratio(dig(run, *path), dig(base, *path)))}")
+            out.append(f"- {rate:g} short req/s, {ARM_TITLES[arm]} vs {ARM_TITLES[BASE_ARM]}: " + "; ".join(parts))
+    sat = {a: dig(arms, a, "saturation") for a in arms}
+    if sat.get(BASE_ARM):
+        for arm, s in sat.items():
+            if arm != BASE_ARM and s:
+                r = ratio(s["output_token_throughput"], sat[BASE_ARM]["output_token_throughput"])
+                out.append(f"- saturation output tokens/s, {ARM_TITLES[arm]} vs {ARM_TITLES[BASE_ARM]}: {fmt_ratio(r)}")
+    return out
+
+
+def rate_key(rate: float) -> str:
+    return f"{rate:g}"
+
+
+def render_markdown(result: dict) -> str:
+    """The whole report: settings, one table per rate, saturation, reference, goodput, headline ratios."""
+    s, m, arms = result["settings"], result["machine"], result["arms"]
+    names = list(arms)
+    out = [
+        "## Colocated vs disaggregated (one run)",
+        "",
+        f"Model {result['model']}, float32, CPU; every arm: 2 worker actors × num_cpus {WORKER_CPUS:g} "
+        f"(torch threads per worker: {m.get('worker_torch_threads')}), total CPUs "
+        + ", ".join(f"{a} {result['configs'][a]['total_cpus']:g}" for a in names)
+        + f"; chunked prefill budget {s['chunk_tokens']} tokens.",
+        f"Trace: Poisson short requests ({SHORT_INPUT} in / {SHORT_OUTPUT} out) over {s['duration_s']:g} s plus one "
+        f"long prompt ({LONG_INPUT[0]}-{LONG_INPUT[1]} in / {LONG_OUTPUT} out) every {s['long_every_s']:g} s from "
+        f"{s['long_first_s']:g} s; seed {s['seed']}. SLO short: TTFT ≤ {s['slo_short']['ttft_ms']:g} ms, TPOT ≤ "
+        f"{s['slo_short']['tpot_ms']:g} ms; long: TTFT ≤ {s['slo_long']['ttft_ms']:g} ms, TPOT ≤ "
+        f"{s['slo_long']['tpot_ms']:g} ms.",
+        f"Machine: {m.get('cpu_count')} CPUs, busy {m.get('busy_cores_before_run')} cores before the run, "
+        f"load average {m.get('loadavg_before_run')} before; wall {m.get('wall_s')} s.",
+    ]
+    for rate in s["rates"]:
+        key = rate_key(rate)
+        n_long = len(dig(result, "trace", key, "long_times_s") or [])
+        n_short = len(dig(result, "trace", key, "short_times_s") or [])
+        out += ["", f"### {rate:g} short req/s + 1 long every {s['long_every_s']:g} s "
+                    f"({n_short} short, {n_long} long)", ""]
+        out.append(render_table([(a, dig(arms, a, "runs", key)) for a in names], rate_rows(), BASE_ARM))
+    out += ["", f"### Saturation: closed loop, {s['saturation_concurrency']} short requests in flight, "
+                f"{s['saturation_requests']} in all", ""]
+    out.append(render_table([(a, dig(arms, a, "saturation")) for a in names], saturation_rows(), BASE_ARM))
+    refs = [(a, dig(arms, a, "reference")) for a in names if dig(arms, a, "reference")]
+    if refs:
+        out += ["", f"### Undisturbed decode step: the short requests alone ({s['reference_s']:g} s at "
+                    f"{s['rates'][0]:g} req/s, no long prompts)", ""]
+        out.append(render_table(refs, reference_rows()))
+    gp = result.get("goodput")
+    if gp:
+        out += ["", "### Goodput (DistServe, ≥ 90 % of all requests meet their kind's SLO; offered total rate)", ""]
+        for a, g in gp.items():
+            out.append(f"- {ARM_TITLES.get(a, a)}: {g['rate']:.2f} req/s ({g['note']})")
+    out += ["", "### Side-by-side ratios (this run)", ""] + headline(result)
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _cdf(ax, xs: Sequence[float], **kw) -> None:
+    xs = sorted(xs)
+    if xs:
+        ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", **kw)
+
+
+def write_plots(result: dict, records: dict[str, dict[str, list[RequestRecord]]], out_dir: str | Path) -> list[Path]:
+    """``itl_cdf.png``, ``ttft_cdf.png``, ``timeline_<rate>.png`` and the library's ``latency_cdf.png``."""
+    from benchmarks.plots import plot_latency_cdfs
+
+    plt = _pyplot()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rates = [rate_key(r) for r in result["settings"]["rates"]]
+    arms = list(records)
+    colors = {a: c for a, c in zip(ARMS, ("tab:red", "tab:blue", "tab:green"))}
+    written = []
+
+    fig, axes = plt.subplots(1, len(rates), figsize=(6.5 * len(rates), 4.5), squeeze=False)
+    for ax, key in zip(axes[0], rates):
+        for arm in arms:
+            recs = records[arm].get(key, [])
+            during, quiet, _ = split_itls(recs, long_windows(recs))
+            _cdf(ax, during + quiet, color=colors[arm], label=f"{ARM_TITLES[arm]}: all")
+            _cdf(ax, during, color=colors[arm], linestyle="--", label=f"{ARM_TITLES[arm]}: during long")
+        ax.set_xscale("log")
+        ax.set_title(f"short-request ITL CDF, {key} short req/s")
+        ax.set_xlabel("ITL (ms, log)")
+        ax.set_ylabel("fraction of gaps")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    written.append(out / "itl_cdf.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(len(rates), 2, figsize=(12, 4.2 * len(rates)), squeeze=False)
+    for row, key in zip(axes, rates):
+        for ax, kind in zip(row, ("short", "long")):
+            for arm in arms:
+                recs = [r for r in records[arm].get(key, []) if r.kind == kind and r.ok and r.ttft_s is not None]
+                _cdf(ax, [r.ttft_s * 1000.0 for r in recs], color=colors[arm], label=ARM_TITLES[arm], marker=".")
+            limit = result["settings"][f"slo_{kind}"]["ttft_ms"]
+            ax.axvline(limit, color="k", linestyle="--", linewidth=1, label=f"SLO {limit:g} ms")
+            ax.set_title(f"TTFT CDF, {kind} requests, {key} short req/s")
+            ax.set_xlabel("TTFT (ms)")
+            ax.set_ylabel("fraction of requests")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    written.append(out / "ttft_cdf.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    undisturbed = next((dig(r, "reference", "short", "itl_ms", "p50") for r in result["arms"].values()
+                        if dig(r, "reference")), None)
+    for key in rates:
+        fig, axes = plt.subplots(len(arms), 1, figsize=(12, 2.8 * len(arms)), sharex=True, sharey=True, squeeze=False)
+        for ax, arm in zip(axes[:, 0], arms):
+            recs = records[arm].get(key, [])
+            for i, r in enumerate(r for r in recs if r.kind == "long" and r.start_s is not None and r.end_s is not None):
+                first = r.token_times_s[0] if r.token_times_s else r.end_s
+                ax.axvspan(r.start_s, first, color="orange", alpha=0.35,
+                           label="long prompt: send to first token" if i == 0 else None)
+                ax.axvspan(first, r.end_s, color="gold", alpha=0.2,
+                           label="long: first to last token" if i == 0 else None)
+                ax.axvline(r.start_s, color="darkorange", linewidth=1)
+            _, _, pts = split_itls(recs, long_windows(recs))
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, color=colors[arm], label="short-request ITL")
+            ref = dig(result, "arms", arm, "runs", key, "itl_short_quiet_ms", "p50")
+            if ref is not None and math.isfinite(ref):
+                ax.axhline(ref, color="k", linestyle=":", linewidth=1, label=f"this arm's quiet p50 {ref:.0f} ms")
+            if undisturbed is not None and math.isfinite(undisturbed):
+                ax.axhline(undisturbed, color="grey", linestyle="--", linewidth=1,
+                           label=f"short-only run p50 {undisturbed:.0f} ms")
+            ax.set_yscale("log")
+            ax.set_ylabel("ITL (ms, log)")
+            ax.set_title(f"{ARM_TITLES[arm]}, {key} short req/s", fontsize=9)
+            ax.grid(True, alpha=0.3, which="both")
+            ax.legend(fontsize=7, loc="upper right")
+        axes[-1, 0].set_xlabel("time since the trace started (s); a dot is one gap between two tokens of a short "
+                               "request, at the later token")
+        fig.tight_layout()
+        written.append(out / f"timeline_{key}.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    runs = [(f"{ARM_TITLES[a]} @ {k}", records[a][k]) for k in rates for a in arms if k in records[a]]
+    written.append(plot_latency_cdfs(runs, SLO(**result["settings"]["slo_short"]), out / "latency_cdf.png"))
+    return written
+
+
+# ------------------------------------------------------------------- running
+def run_requests(address: str, requests: list[BenchRequest], arrival: Arrival, prefix: str) -> list[RequestRecord]:
+    return asyncio.run(run_trace(address, requests, arrival, timeout_s=REQUEST_TIMEOUT_S,
+                                 request_id_prefix=f"{prefix}-{time.time_ns()}"))
+
+
+def warm_up(address: str, pool: RequestPool) -> None:
+    """Two short, then two long prompts, two at a time (both workers of every arm see both shapes)."""
+    for group in (pool.warm_shorts, pool.warm_longs):
+        recs = run_requests(address, group, Scheduled((0.0,) * len(group)), "warmup")
+        bad = [r.error_kind for r in recs if not r.ok]
+        if bad:
+            raise RuntimeError(f"warm-up failed: {bad} {[r.error for r in recs if not r.ok]}")
+
+
+def wait_quiet(sampler: CpuSampler, max_wait_s: float, probe_s: float = 3.0) -> float:
+    """Wait up to ``max_wait_s`` until other processes use under ``BUSY_WARN_CORES``; seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_wait_s:
+        t = time.perf_counter()
+        time.sleep(probe_s)
+        other = sampler.window(t, time.perf_counter())["other_cores"]
+        if other is None or other < BUSY_WARN_CORES:
+            break
+    waited = time.perf_counter() - t0
+    if waited > probe_s * 1.5:
+        log(f"waited {waited:.0f} s for other processes to go quiet")
+    return waited
+
+
+def worker_threads(num_cpus: float) -> dict[str, Any]:
+    """Torch threads of a Ray task with ``num_cpus`` (what the pools' actors get)."""
+    import ray
+
+    @ray.remote
+    def probe() -> dict[str, Any]:
+        import torch
+
+        return {"torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+    return ray.get(probe.options(num_cpus=num_cpus).remote(), timeout=300)
+
+
+def _colocated_limits_shim() -> None:
+    """Let ``Deployment.start`` ask a colocated worker for the model's limits.
+
+    ``router.server.fetch_limits`` asks only ``decode`` and ``prefill``
+    workers, so a ``mode: colocated`` deployment cannot start ("no workers to
+    ask for the model's limits"); the proper fix is one more kind there. Until
+    then this wraps the name ``cluster.deployment`` imported: the original
+    runs first, and only when it finds no worker is a colocated one asked.
+    """
+    import cluster.deployment as deployment
+    from router.directory import STATUS_TIMEOUT_S
+    from router.validation import ModelLimits
+
+    original = deployment.fetch_limits
+    if getattr(original, "_with_colocated", False):
+        return
+
+    async def fetch_limits(directory):
+        if directory.of_kind("decode") or directory.of_kind("prefill") or not directory.of_kind("colocated"):
+            return await original(directory)
+        w = directory.of_kind("colocated")[0]
+        return ModelLimits(**await asyncio.wait_for(w.handle.limits.remote(), timeout=STATUS_TIMEOUT_S))
+
+    fetch_limits._with_colocated = True  # type: ignore[attr-defined]
+    deployment.fetch_limits = fetch_limits
+
+
+def run_arm(arm: str, settings: Settings, cfg: ClusterConfig, pool: RequestPool,
+            traces: dict[str, tuple[list[BenchRequest], tuple[float, ...]]],
+            reference: tuple[list[BenchRequest], tuple[float, ...]] | None,
+            sampler: CpuSampler) -> tuple[dict, dict[str, list[RequestRecord]]]:
+    """Start one arm, run every phase, stop it; its analysis and its mixed runs' records by rate."""
+    from cluster.deployment import BackgroundDeployment
+
+    if cfg.pools.mode == "colocated":
+        _colocated_limits_shim()
+    res: dict[str, Any] = {"runs": {}}
+    recs_by_rate: dict[str, list[RequestRecord]] = {}
+    t = time.perf_counter()
+    dep = BackgroundDeployment(cfg)
+    try:
+        address = dep.start()
+        res["startup_s"] = round(time.perf_counter() - t, 1)
+        log(f"{arm}: up at {address} in {res['startup_s']} s; warming up")
+        warm_up(address, pool)
+
+        def phase(name: str, requests: list[BenchRequest], arrival: Arrival) -> tuple[list[RequestRecord], dict]:
+            waited = wait_quiet(sampler, settings.wait_quiet_s)
+            t0 = time.perf_counter()
+            recs = run_requests(address, requests, arrival, f"{arm}-{name}")
+            env = {**sampler.window(t0, time.perf_counter()), "waited_for_quiet_s": round(waited, 1)}
+            ok = sum(r.ok for r in recs)
+            log(f"{arm}: {name}: {ok}/{len(recs)} ok in {time.perf_counter() - t0:.0f} s, "
+                f"other processes {env['other_cores']} cores")
+            return recs, env
+
+        if reference is not None:
+            recs, env = phase("reference", reference[0], Scheduled(reference[1]))
+            res["reference"] = {**analyze_run(recs, settings.slo_short, settings.slo_long), "env": env,
+                                "records": [r.to_dict() for r in recs]}
+        for key, (requests, times) in traces.items():
+            recs, env = phase(f"mixed@{key}", requests, Scheduled(times))
+            recs_by_rate[key] = recs
+            res["runs"][key] = {**analyze_run(recs, settings.slo_short, settings.slo_long), "env": env,
+                                "records": [r.to_dict() for r in recs]}
+        sat_reqs = [replace(r, index=i) for i, r in enumerate(pool.shorts[:settings.saturation_requests])]
+        recs, env = phase("saturation", sat_reqs, FixedConcurrency(settings.saturation_concurrency))
+        res["saturation"] = {**summarize(recs, settings.slo_short), "env": env}
+    finally:
+        t = time.perf_counter()
+        dep.stop()
+        res["stop_s"] = round(time.perf_counter() - t, 1)
+    return res, recs_by_rate
+
+
+def run(settings: Settings, arms: Sequence[str], model: str = DEFAULT_MODEL,
+        plots_dir: str | None = None) -> dict:
+    """Every arm, one after another, on one local Ray cluster; the full result (records included)."""
+    import ray
+
+    from engine.model_loader import load_tokenizer
+
+    t_start = time.monotonic()
+    busy = busy_cores()
+    load_before = os.getloadavg()
+    log(f"machine busy before the run: {busy} cores of {os.cpu_count()}, load average {load_before}")
+    configs = {a: arm_config(a, model, settings.chunk_tokens, f"{NAMESPACE}-{os.getpid()}") for a in arms}
+    parsed = {a: parse_config(d, source=f"<arm {a}>") for a, d in configs.items()}
+    cpus = {a: total_cpus(c) for a, c in parsed.items()}
+    if len(set(cpus.values())) != 1:
+        raise RuntimeError(f"arms differ in total CPUs: {cpus}")
+
+    log("building the trace (exact-length prompts)")
+    tokenizer = load_tokenizer(model)
+    specs = {rate_key(r): TraceSpec(settings.duration_s, r, settings.long_every_s, settings.long_first_s,
+                                    settings.seed) for r in settings.rates}
+    ref_spec = TraceSpec(settings.reference_s, settings.rates[0], settings.long_every_s, settings.long_first_s,
+                         settings.seed, with_long=False)
+    n_short = max([len(s.short_times()) for s in specs.values()] + [len(ref_spec.short_times()),
+                                                                    settings.saturation_requests])
+    n_long = max(len(s.long_times()) for s in specs.values())
+    pool = make_pool(tokenizer, n_short, n_long, settings.seed)
+    traces = {k: build_trace(s, pool) for k, s in specs.items()}
+    reference = build_trace(ref_spec, pool)
+
+    result: dict[str, Any] = {
+        "model": model, "settings": asdict(settings),
+        "configs": {a: {"config": configs[a], "total_cpus": cpus[a]} for a in arms},
+        "trace": {k: {"short_times_s": s.short_times(), "long_times_s": s.long_times(),
+                      "long_input_tokens": [r.input_tokens for r in traces[k][0] if r.kind == "long"]}
+                  for k, s in specs.items()},
+        "arms": {},
+    }
+    records: dict[str, dict[str, list[RequestRecord]]] = {}
+    from benchmarks.common import start_ray
+
+    start_ray(NAMESPACE, num_cpus=RAY_CPUS)
+    try:
+        threads = worker_threads(WORKER_CPUS)
+        log(f"a worker of num_cpus {WORKER_CPUS:g} runs torch with {threads}")
+        with CpuSampler() as sampler:
+            for arm in arms:
+                log(f"arm {ARM_TITLES[arm]}: starting ({cpus[arm]:g} CPUs of workers)")
+                ref = reference if arm in settings.reference_arms else None
+                result["arms"][arm], records[arm] = run_arm(arm, settings, parsed[arm], pool, traces, ref, sampler)
+    finally:
+        ray.shutdown()
+    result["machine"] = {"cpu_count": os.cpu_count(), "busy_cores_before_run": busy,
+                         "loadavg_before_run": [round(x, 2) for x in load_before],
+                         "loadavg_after_run": [round(x, 2) for x in os.getloadavg()],
+                         "worker_torch_threads": threads.get("torch_threads"), "worker_threads": threads,
+                         "ray": ray.__version__, "wall_s": round(time.monotonic() - t_start, 1)}
+    if len(settings.rates) >= 2:
+        result["goodput"] = {}
+        for a in arms:
+            pts = []
+            for r in settings.rates:
+                run_ = result["arms"][a]["runs"][rate_key(r)]
+                offered = run_["all"]["num_requests"] / settings.duration_s
+                pts.append((offered, run_["attainment"]["all"]))
+            result["goodput"][a] = asdict(goodput(pts))
+    if plots_dir:
+        for p in write_plots(result, records, plots_dir):
+            log(f"wrote {p}")
+    return result
+
+
+# ---------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one rate, shorter traces (~4-5 minutes)")
+    ap.add_argument("--json", metavar="PATH", help="write every figure (and every request's record) to PATH")
+    ap.add_argument("--markdown", metavar="PATH", help="also write the Markdown report to PATH")
+    ap.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR")
+    ap.add_argument("--rates", help="short requests/s, comma-separated (overrides the settings)")
+    ap.add_argument("--duration", type=float, help="seconds of arrivals per mixed run")
+    ap.add_argument("--chunk-tokens", type=int, help=f"arm (c)'s max_batched_tokens (default {DEFAULT_CHUNK_TOKENS})")
+    ap.add_argument("--short-slo", metavar="TTFT_MS,TPOT_MS",
+                    help=f"SLO of the short requests (default {SLO_SHORT.ttft_ms:g},{SLO_SHORT.tpot_ms:g})")
+    ap.add_argument("--long-slo", metavar="TTFT_MS,TPOT_MS",
+                    help=f"SLO of the long prompts (default {SLO_LONG.ttft_ms:g},{SLO_LONG.tpot_ms:g})")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each measured phase, wait up to S seconds for other processes to go quiet")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"subset of {','.join(ARMS)} (debugging)")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    over: dict[str, Any] = {"seed": args.seed}
+    if args.rates:
+        over["rates"] = tuple(float(x) for x in args.rates.split(","))
+    if args.duration:
+        over["duration_s"] = args.duration
+    if args.chunk_tokens:
+        over["chunk_tokens"] = args.chunk_tokens
+    for flag, name in ((args.short_slo, "slo_short"), (args.long_slo, "slo_long")):
+        if flag:
+            ttft, tpot = (float(x) for x in flag.split(","))
+            over[name] = SLO(ttft_ms=ttft, tpot_ms=tpot)
+    over["wait_quiet_s"] = args.wait_quiet
+    settings = replace(settings, **over)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        ap.error(f"unknown arms {bad}; choose from {ARMS}")
+    result = run(settings, arms, args.model, args.plots)
+    md = render_markdown(result)
+    print(md)
+    busy = result["machine"]["busy_cores_before_run"]
+    worst = max((dig(run_, "env", "other_cores") or 0.0 for a in result["arms"].values()
+                 for run_ in a["runs"].values()), default=0.0)
+    if (busy or 0.0) > BUSY_WARN_CORES or worst > BUSY_WARN_CORES:
+        print(f"warning: other processes used up to {worst} cores during the mixed runs ({busy} busy before): "
+              "the figures are noisy; compare arms of this run only, and mind that the arms ran at different times")
+    if args.markdown:
+        Path(args.markdown).write_text(md)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The pure parts of benchmarks.colocated_vs_disaggregated: arm configs, the trace, the ITL split, the report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import pytest
+
+from benchmarks import colocated_vs_disaggregated as cvd
+from benchmarks.slo import RequestRecord
+from benchmarks.workloads import BenchRequest
+from cluster.config import parse_config
+
+
+# --------------------------------------------------------------------- configs
+def test_arm_configs_validate_with_equal_total_cpus():
+    cfgs = {arm: parse_config(cvd.arm_config(arm)) for arm in cvd.ARMS}
+    totals = {arm: cvd.total_cpus(c) for arm, c in cfgs.items()}
+    assert len(set(totals.values())) == 1, totals
+    assert totals["colocated"] == cvd.REPLICAS * cvd.WORKER_CPUS
+    # Two workers in every arm, each with the same num_cpus.
+    assert cfgs["colocated"].pools.counts() == (0, 2) == cfgs["chunked"].pools.counts()
+    assert cfgs["disaggregated"].pools.counts() == (1, 1)
+    assert cfgs["disaggregated"].pools.prefill.num_cpus == cfgs["disaggregated"].pools.decode.num_cpus
+    assert cfgs["disaggregated"].kvtransfer.backend == "gloo"
+
+
+def test_arm_configs_chunking():
+    co, ch = (parse_config(cvd.arm_config(a, chunk_tokens=64)) for a in ("colocated", "chunked"))
+    assert co.pools.mode == ch.pools.mode == "colocated"
+    # (a): a whole long prompt fits one step; (c): it is split into chunks.
+    assert co.pools.decode.max_batched_tokens >= cvd.LONG_INPUT[1]
+    assert ch.pools.decode.max_batched_tokens == 64 < cvd.LONG_INPUT[0]
+    assert co.model.max_model_len == cvd.MAX_MODEL_LEN >= cvd.LONG_INPUT[1] + cvd.LONG_OUTPUT
+    # Each arm in its own namespace, router on a free port.
+    assert len({parse_config(cvd.arm_config(a)).ray.namespace for a in cvd.ARMS}) == 3
+    assert co.router.port == 0
+    with pytest.raises(ValueError):
+        cvd.arm_config("nope")
+
+
+# ----------------------------------------------------------------------- trace
+def test_trace_times_are_seeded_and_the_reference_is_a_prefix():
+    spec = cvd.TraceSpec(duration_s=30, short_rate=1.0, long_every_s=10, long_first_s=4, seed=3)
+    assert spec.long_times() == [4, 14, 24]
+    shorts = spec.short_times()
+    assert shorts == cvd.TraceSpec(30, 1.0, 10, 4, seed=3).short_times()
+    assert shorts[0] == 0.0 and all(0 <= t < 30 for t in shorts) and shorts == sorted(shorts)
+    ref = cvd.TraceSpec(12, 1.0, 10, 4, seed=3, with_long=False)
+    assert ref.long_times() == []
+    assert ref.short_times() == [t for t in shorts if t < 12]
+
+
+def _req(i: int, kind: str) -> BenchRequest:
+    n_in, n_out = (cvd.SHORT_INPUT, cvd.SHORT_OUTPUT) if kind == "short" else (900, cvd.LONG_OUTPUT)
+    return BenchRequest(i, kind, n_in, n_out, prompt=f"{kind} {i}")
+
+
+def test_build_trace_merges_in_time_order():
+    pool = cvd.RequestPool([_req(i, "short") for i in range(50)], [_req(i, "long") for i in range(5)], [], [])
+    spec = cvd.TraceSpec(duration_s=25, short_rate=0.8, long_every_s=10, long_first_s=4)
+    requests, times = cvd.build_trace(spec, pool)
+    assert list(times) == sorted(times)
+    assert [r.index for r in requests] == list(range(len(requests)))
+    assert sum(r.kind == "long" for r in requests) == 3
+    assert [t for t, r in zip(times, requests) if r.kind == "long"] == [4, 14, 24]
+    assert [r.prompt for r in requests if r.kind == "short"] == [f"short {i}" for i in range(len(spec.short_times()))]
+    arrival = cvd.Scheduled(times)
+    assert arrival.schedule(len(requests)) == list(times)
+    with pytest.raises(ValueError):
+        arrival.schedule(len(requests) + 1)
+
+
+# -------------------------------------------------------------------- analysis
+def rec(i: int, kind: str, start: float, token_times: list[float]) -> RequestRecord:
+    return RequestRecord(index=i, request_id=f"r{i}", kind=kind, start_s=start, end_s=token_times[-1],
+                         token_times_s=token_times, token_counts=[1] * len(token_times), finish_reason="length",
+                         output_tokens=len(token_times))
+
+
+def fake_run(stall_s: float, step_s: float = 0.1) -> list[RequestRecord]:
+    """A short request decoding every ``step_s`` with one ``stall_s`` gap while a long prompt (1.0-2.5 s) is in flight."""
+    t, times = 0.5, []
+    while t < 4.0:
+        times.append(round(t, 6))
+        t += stall_s if 1.2 <= t < 1.2 + step_s / 2 else step_s
+    return [rec(0, "short", 0.3, times), rec(1, "long", 1.0, [2.4, 2.45, 2.5, 2.55]),
+            rec(2, "short", 3.0, [3.2, 3.3, 3.4])]
+
+
+def test_split_itls_by_long_requests_in_flight():
+    recs = fake_run(stall_s=1.0)
+    windows = cvd.long_windows(recs)
+    assert windows == [(1.0, 2.55)]
+    during, quiet, points = cvd.split_itls(recs, windows)
+    assert max(during) == pytest.approx(1000.0)
+    assert all(g == pytest.approx(100.0) for g in quiet)
+    assert len(during) + len(quiet) == len(points) == sum(len(r.token_times_s) - 1 for r in recs if r.kind == "short")
+    # The long request's own gaps are not short-request ITL.
+    assert all(p[0] <= 2.4 or p[0] > 2.55 or p[2] for p in points)
+
+
+def test_attainment_by_kind_uses_each_kinds_slo():
+    recs = fake_run(stall_s=1.0)
+    slo_short, slo_long = cvd.SLO(ttft_ms=250, tpot_ms=200), cvd.SLO(ttft_ms=1000, tpot_ms=100)
+    att = cvd.attainment_by_kind(recs, {"short": slo_short, "long": slo_long})
+    # r0: TTFT 200 ms ok; r2: TTFT 200 ms ok; the long one: TTFT 1400 ms > 1000 -> miss.
+    assert att == {"short": 1.0, "long": 0.0, "all": pytest.approx(2 / 3)}
+
+
+def fake_result() -> dict:
+    settings = cvd.QUICK
+    arms = {}
+    for arm, stall in (("colocated", 2.0), ("disaggregated", 0.2), ("chunked", 0.4)):
+        run = cvd.analyze_run(fake_run(stall), settings.slo_short, settings.slo_long)
+        run["env"] = {"other_cores": 0.1, "loadavg_1m": 1.0}
+        arms[arm] = {"runs": {cvd.rate_key(settings.rates[0]): run},
+                     "saturation": {"output_token_throughput": {"colocated": 100.0, "disaggregated": 60.0,
+                                                                "chunked": 90.0}[arm],
+                                    "request_throughput": 1.0, "tpot_ms": {"p50": 80.0}, "ttft_ms": {"p50": 200.0},
+                                    "env": {"other_cores": 0.0}}}
+    arms["disaggregated"]["reference"] = cvd.analyze_run(fake_run(0.1))
+    return {"model": "builtin:smollm2-135m-instruct", "settings": asdict(settings),
+            "configs": {a: {"total_cpus": 2.0} for a in arms},
+            "trace": {cvd.rate_key(settings.rates[0]): {"short_times_s": [0.3, 3.0], "long_times_s": [1.0]}},
+            "machine": {"cpu_count": 2, "worker_torch_threads": 1, "busy_cores_before_run": 0.1,
+                        "loadavg_before_run": [1, 1, 1], "wall_s": 1.0},
+            "arms": arms}
+
+
+def test_markdown_table_has_every_arm_and_ratios_to_colocated():
+    md = cvd.render_markdown(fake_result())
+    for title in cvd.ARM_TITLES.values():
+        assert title in md
+    row = next(line for line in md.splitlines() if line.startswith("| **short ITL during long prefills** max"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:] == ["2000", "200", "400", "0.10×", "0.20×"]
+    sat = next(line for line in md.splitlines() if line.startswith("| output throughput (tok/s)") and "100.0" in line)
+    assert [c.strip() for c in sat.strip("|").split("|")][-2:] == ["0.60×", "0.90×"]
+    # No ratio for counts or environment rows.
+    env = next(line for line in md.splitlines() if line.startswith("| other processes' CPU"))
+    assert [c.strip() for c in env.strip("|").split("|")][-2:] == ["", ""]
+    assert "Undisturbed decode step" in md
+    assert "short ITL p99 during long prefills 0.09×; max 0.10×;" in md  # the headline line for (b)
+    assert "saturation output tokens/s, (b) disaggregated 1:1 vs (a) colocated: 0.60×" in md
+
+
+def test_formatting_of_missing_values():
+    assert cvd.fmt_num(None) == cvd.fmt_num(math.nan) == "–"
+    assert cvd.fmt_num(0.5, "%") == "50%"
+    assert cvd.fmt_ratio(math.nan) == "–" and cvd.fmt_ratio(cvd.ratio(3.0, 0.0)) == "–"
+    assert cvd.dig({"a": {"b": 1}}, "a", "b") == 1 and cvd.dig({"a": None}, "a", "b") is None
+    table = cvd.render_table([("colocated", {"x": 2.0}), ("disaggregated", None)],
+                             [("x (ms)", lambda r: r["x"], ".1f")], "colocated")
+    assert table.splitlines()[-1] == "| x (ms) | 2.0 | – |  |"
