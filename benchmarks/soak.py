@@ -5,7 +5,7 @@ Run from the repository root::
     python -m benchmarks.soak [--quick] [--duration-s 180] [--kill decode|prefill] [--json PATH]
 
 One process, one local Ray cluster (2 CPUs on 127.0.0.1, started and shut
-down here as :mod:`benchmarks.cluster_overhead` does), one disaggregated
+down here with :func:`benchmarks.common.start_ray`), one disaggregated
 deployment (default 2 prefill + 2 decode workers on ``builtin:tiny-llama``,
 KV over gloo) whose router runs in this process. For ``--duration-s``
 seconds (``--quick``: 60) the driver sends a seeded mix of requests, at most
@@ -18,8 +18,9 @@ seconds (``--quick``: 60) the driver sends a seeded mix of requests, at most
   with INVALID_ARGUMENT;
 - a fraction cancelled by the client (``call.cancel()``) at a random time;
 - a fraction with a gRPC deadline (some too short to finish);
-- every ~15 s a burst, which may pass ``router.max_queued`` and be refused
-  with RESOURCE_EXHAUSTED.
+- every 10 s (from 5 s on) a burst (``--burst``, 28) which, with what is in flight,
+  passes ``router.max_queued`` (``--max-queued``, 24): some are refused with
+  RESOURCE_EXHAUSTED.
 
 At a third of the run one worker of the ``--kill`` kind is SIGKILLed (its pid
 from the actor's ``pid()``); the router retries or resumes its requests and
@@ -65,7 +66,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from collections.abc import Iterable, Mapping  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import asdict, dataclass, replace  # noqa: E402
 from typing import Any  # noqa: E402
 
 OUTCOMES = ("completed", "failed", "cancelled", "lost")
@@ -73,6 +74,9 @@ REQUIRED_KEYS = ("completed", "failed", "lost", "leaked_blocks", "rss_growth_mb"
 INVALID_KINDS = ("max_tokens_zero", "negative_temperature", "top_p_too_big", "negative_top_k", "empty_chat",
                  "bad_role", "no_input", "prompt_too_long")
 MB = 1024 * 1024
+
+
+RAY_NAMESPACE = "bench-soak"
 
 
 def log(msg: str) -> None:
@@ -99,6 +103,8 @@ class Record:
     tokens: int = 0
     max_tokens: int | None = None
     attempts: int = 0                  # the router's Timings.attempts (retries after a worker death)
+    prefill_worker: str = ""           # the workers that served it (the last attempt's), from Timings
+    decode_worker: str = ""
     cancel_sent: bool = False          # this client cancelled the call before it ended
     hung: bool = False                 # still open at deadline + margin (or the hang bound)
     during_kill: bool = False          # in flight when the worker was killed
@@ -282,17 +288,17 @@ def render(report: Mapping[str, Any]) -> str:
 class Settings:
     duration_s: float
     concurrency: int = 32
-    rate_rps: float = 3.0          # mean arrival rate between bursts
-    burst_every_s: float = 15.0
-    burst_size: int = 12
+    rate_rps: float = 6.0          # mean arrival rate between bursts
+    burst_every_s: float = 10.0
+    burst_size: int = 28           # more than router.max_queued at once: some RESOURCE_EXHAUSTED
     prompt_tokens: tuple[int, int] = (4, 320)
-    output_tokens: tuple[int, int] = (1, 48)
+    output_tokens: tuple[int, int] = (1, 128)
     chat_frac: float = 0.45
     invalid_frac: float = 0.04
     cancel_frac: float = 0.12
-    cancel_window_s: tuple[float, float] = (0.0, 3.0)
+    cancel_window_s: tuple[float, float] = (0.0, 1.0)  # requests take ~0.1-2 s on tiny-llama
     deadline_frac: float = 0.2
-    deadline_s: tuple[float, float] = (0.5, 20.0)
+    deadline_s: tuple[float, float] = (0.05, 8.0)      # the shortest ones expire
     sampled_frac: float = 0.3
     margin_s: float = 30.0         # lost = not ended by deadline + margin
     hang_s: float = 240.0          # lost = no deadline and not ended after this long
@@ -370,6 +376,13 @@ class Driver:
         self.t0 = t0
         self.records: list[Record] = []
         self.inflight: dict[int, Record] = {}
+        self.tasks: set[asyncio.Task] = set()
+
+    def spawn(self, plan: Plan) -> asyncio.Task:
+        task = asyncio.create_task(self.run_one(plan))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -408,6 +421,8 @@ class Driver:
                     if resp.finish_reason:
                         r.finish_reason = FINISH_NAMES[resp.finish_reason]
                         r.attempts = resp.timings.attempts
+                        r.prefill_worker = resp.timings.prefill_worker
+                        r.decode_worker = resp.timings.decode_worker
                     if not r.request_id:
                         r.request_id = resp.request_id
             except grpc.RpcError as e:
@@ -443,8 +458,7 @@ class Driver:
     async def traffic(self, plans: Iterable[Plan], until_s: float, rng: random.Random) -> int:
         """Open-loop arrivals (plus bursts) until ``until_s``, at most ``concurrency`` in flight."""
         sem = asyncio.Semaphore(self.s.concurrency)
-        tasks: set[asyncio.Task] = set()
-        next_burst = self.s.burst_every_s
+        next_burst = self.s.burst_every_s / 2  # bursts at 5, 15, 25... s; the kill (at a third) falls between
         sent = 0
         plans = iter(plans)
         while self.now() < until_s:
@@ -453,15 +467,12 @@ class Driver:
                 n, next_burst = self.s.burst_size, next_burst + self.s.burst_every_s
             for _ in range(n):
                 await sem.acquire()
-                task = asyncio.create_task(self.run_one(next(plans)))
-                task.add_done_callback(lambda _t: sem.release())
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                self.spawn(next(plans)).add_done_callback(lambda _t: sem.release())
                 sent += 1
             await asyncio.sleep(rng.expovariate(self.s.rate_rps))
-        log(f"traffic stopped after {sent} requests; waiting for {len(tasks)} in flight")
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        log(f"traffic stopped after {sent} requests; waiting for {len(self.tasks)} in flight")
+        while self.tasks:  # the kill's burst included
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
         return sent
 
     async def close(self) -> None:
@@ -481,9 +492,18 @@ async def worker_pids(pool_manager: Any) -> dict[str, int]:
     return {w["worker_id"]: pid for w, pid in zip(table["workers"], pids)}
 
 
-async def inject_kill(pool_manager: Any, kind: str, at_s: float, driver: Driver,
-                      samples: dict[str, ProcSample]) -> dict[str, Any]:
-    """SIGKILL one worker of ``kind`` at ``at_s``; wait until the pool is back to size."""
+def kill_burst_plans(kind: str, n: int, prompts: Any, max_model_len: int) -> list[Plan]:
+    """Requests sent just before the kill so that the victim surely has work: long outputs
+    (they are decoding when a decode worker dies) or long prompts (in prefill when a prefill worker dies)."""
+    n_in, n_out = (min(600, max_model_len // 2), 8) if kind == "prefill" else (48, min(200, max_model_len // 4))
+    return [Plan(10**6 + j, "raw", {"request_id": f"soak-kill-{j}", "prompt": prompts.text(n_in), "max_tokens": n_out,
+                                    "ignore_eos": True}, max_tokens=n_out) for j in range(n)]
+
+
+async def inject_kill(pool_manager: Any, kind: str, at_s: float, driver: Driver, samples: dict[str, ProcSample],
+                      burst: list[Plan]) -> dict[str, Any]:
+    """At ``at_s``, send ``burst``, then SIGKILL one worker of ``kind`` while it is busy with it;
+    wait until the pool is back to size."""
     out: dict[str, Any] = {"requested": True, "kind": kind}
     await asyncio.sleep(max(at_s - driver.now(), 0))
     try:
@@ -492,9 +512,28 @@ async def inject_kill(pool_manager: Any, kind: str, at_s: float, driver: Driver,
         target = table["targets"][kind]
         victim = next(w for w in table["workers"] if w["worker_id"] == before[0])
         pid = await ray_get(victim["handle"].pid.remote())
+        for round_ in range(3):  # a burst refused whole (RESOURCE_EXHAUSTED) is sent again, twice at most
+            plans = [replace(p, index=p.index + 1000 * round_,
+                             kwargs={**p.kwargs, "request_id": f"{p.kwargs['request_id']}-{round_}"}) for p in burst]
+            for p in plans:
+                driver.spawn(p)
+            await asyncio.sleep(0)
+            mine = [r for r in driver.records if r.index in {p.index for p in plans}]
+            if kind == "prefill":
+                await asyncio.sleep(0.3)  # the long prompts are queued or in prefill
+            else:  # until half the burst streams tokens (is decoding), at most 15 s
+                wait_until = time.monotonic() + 15
+                while time.monotonic() < wait_until and sum(r.first_token_at is not None for r in mine) < len(mine) / 2:
+                    if all(r.ended_at is not None for r in mine):
+                        break
+                    await asyncio.sleep(0.05)
+            if any(r.ended_at is None for r in mine):
+                break
+            log(f"the kill's burst ended before the kill ({Counter(r.status for r in mine)}); again")
         for r in driver.inflight.values():
             r.during_kill = True
-        out.update(worker_id=victim["worker_id"], pid=pid, inflight_at_kill=len(driver.inflight))
+        out.update(worker_id=victim["worker_id"], pid=pid, inflight_at_kill=len(driver.inflight),
+                   burst=len(burst))
         os.kill(pid, signal.SIGKILL)
         t_kill = driver.now()
         out["at_s"] = round(t_kill, 2)
@@ -541,7 +580,7 @@ async def settle(client: Any, router_servicer: Any, settle_s: float) -> tuple[li
 
 
 async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
-    from benchmarks.cluster_overhead import busy_cores
+    from benchmarks.common import busy_cores
     from cluster.deployment import BackgroundDeployment
     from engine.model_loader import load_tokenizer
     from tests.integration.clusters import make_config
@@ -577,8 +616,9 @@ async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
             samples[wid] = ProcSample(wid, pid, rss_mb(pid))
         t_start = driver.now()
         plans = (make_plan(i, rng, s, prompts) for i in range(10**9))
+        burst = kill_burst_plans(args.kill, args.kill_burst, prompts, prompts.max_model_len)
         kill_task = asyncio.create_task(inject_kill(pool_manager, args.kill, t_start + s.duration_s / 3, driver,
-                                                    samples)) if args.kill != "none" else None
+                                                    samples, burst)) if args.kill != "none" else None
         sent = await driver.traffic(plans, t_start + s.duration_s, random.Random(s.seed + 2))
         traffic_s = round(driver.now() - t_start, 1)
         kill = await kill_task if kill_task is not None else {"requested": False}
@@ -601,13 +641,13 @@ async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
             duration_s=traffic_s, settle_s=settle_s, model=args.model, pools=pools, seed=s.seed,
             concurrency=s.concurrency, max_queued=args.max_queued, lease_s=args.lease_s,
             inflight_at_kill_outcomes=dict(Counter(classify(r) for r in during)),
+            inflight_at_kill_attempts=dict(Counter(r.attempts for r in during if classify(r) == "completed")),
             router_inflight_end=getattr(servicer, "inflight", None),
             router_retries=getattr(dep.deployment.router.servicer.runner, "retries", None),
             post_check=post_check, other_cpu_cores={"before": busy_before, "after": busy_after},
-            records=[asdict(r) for r in records] if args.records else None,
         )
-        if report["records"] is None:
-            del report["records"]
+        if args.records:
+            report["request_records"] = [asdict(r) for r in records]
         return report
     finally:
         await driver.close()
@@ -624,8 +664,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--replicas", type=int, default=4, help="workers over both pools (a multiple of P+D)")
     ap.add_argument("--kill", choices=("decode", "prefill", "none"), default="decode",
                     help="the kind of worker SIGKILLed at a third of the run")
+    ap.add_argument("--kill-burst", type=int, default=8,
+                    help="requests sent just before the kill so that the victim is busy")
     ap.add_argument("--concurrency", type=int, default=32, help="most requests in flight")
-    ap.add_argument("--rate", type=float, default=3.0, help="mean arrivals per second between bursts")
+    ap.add_argument("--rate", type=float, default=6.0, help="mean arrivals per second between bursts")
+    ap.add_argument("--burst", type=int, default=28, help="requests sent at once every 10 s")
     ap.add_argument("--max-queued", type=int, default=24, help="router.max_queued (bursts past it: RESOURCE_EXHAUSTED)")
     ap.add_argument("--lease-s", type=float, default=15.0, help="pools.decode.lease_s")
     ap.add_argument("--settle-s", type=float, default=None, help="longest wait for the blocks to free (default 2 leases + 15 s)")
@@ -642,13 +685,14 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration_s if args.duration_s is not None else (60.0 if args.quick else 180.0)
     if args.settle_s is None:
         args.settle_s = 2 * args.lease_s + 15.0
-    s = Settings(duration_s=duration, concurrency=args.concurrency, rate_rps=args.rate, margin_s=args.margin_s,
+    s = Settings(duration_s=duration, concurrency=args.concurrency, rate_rps=args.rate, burst_size=args.burst,
+                 margin_s=args.margin_s,
                  hang_s=args.hang_s, seed=args.seed)
     import ray
 
-    from benchmarks.cluster_overhead import start_ray
+    from benchmarks.common import start_ray
 
-    start_ray()
+    start_ray(RAY_NAMESPACE, num_cpus=2)
     try:
         report = asyncio.run(soak(args, s))
     finally:
