@@ -79,6 +79,9 @@ class DecodeWorker(WorkerBase):
         ok = await self.engine.call(lambda e: e.reserve(transfer_id, num_kv_tokens + 1))
         if not ok:
             return None
+        if self._was_aborted(transfer_id):  # the abort ran while the blocks were being reserved
+            await self.engine.call(lambda e: e.cancel_reservation(transfer_id))
+            return None
         self._expect(transfer_id, num_kv_tokens, sender, timeout_s)
         return self.kv_transport.endpoint()
 

@@ -201,7 +201,7 @@ class RequestRunner:
                                                    progress.text)
             async for ev in self._events(decode, stream, CALL_TIMEOUT_S + self.transfer_timeout_s):
                 if ev.get("ack"):
-                    trace.decode_start = ev["t_joined"]
+                    trace.decode_start = ev.get("scheduled", ev["t_joined"])
                     prefill.handle.release.remote(transfer_id)  # fire and forget: the hold has a lease anyway
                     continue
                 done = ev["finished"]
@@ -264,6 +264,11 @@ class RequestRunner:
                             decode.handle.reserve.remote(transfer_id, kv_tokens, prefill.endpoint,
                                                          self.transfer_timeout_s),
                             timeout=CALL_TIMEOUT_S)
+                    except asyncio.CancelledError:
+                        # The client went away mid-call: the reservation may still
+                        # happen there, so drop it (the worker refuses it if late).
+                        decode.handle.abort.remote(transfer_id)
+                        raise
                     except Exception as exc:  # dead or stuck worker: skip it for this request
                         log.warning("reserve on %s failed: %r", worker_id, exc)
                         failed.add(worker_id)

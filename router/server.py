@@ -82,6 +82,8 @@ class ServingServicer:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         self.inflight += 1
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
         outcome = "error"
         try:
             async for ev in self.runner.run(parsed, trace, deadline):
@@ -108,6 +110,8 @@ class ServingServicer:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             self.inflight -= 1
+            if self.metrics is not None:
+                self.metrics.in_flight.dec()
             self._observe(outcome, parsed, trace)
 
     def _observe(self, outcome: str, parsed, trace: RequestTrace) -> None:
