@@ -253,7 +253,8 @@ def exit_code(report: Mapping[str, Any]) -> int:
 
 
 def render(report: Mapping[str, Any]) -> str:
-    lines = [f"soak: {report.get('duration_s', '?')} s of traffic, {report['requests']} requests "
+    lines = [f"soak: {report.get('duration_s', '?')} s of traffic (+{report.get('drain_s', '?')} s until the last "
+             f"ended), {report['requests']} requests "
              f"(model {report.get('model', '?')}, {report.get('pools', '?')})",
              f"  completed {report['completed']}  (finish: {report['finish_reasons']}; "
              f"{report['retried']} took more than one attempt)",
@@ -614,13 +615,14 @@ async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
         samples = {"router": ProcSample("router", os.getpid(), rss_mb(os.getpid()))}
         for wid, pid in sorted(pids.items()):
             samples[wid] = ProcSample(wid, pid, rss_mb(pid))
-        t_start = driver.now()
+        driver.t0 = time.monotonic()  # from here on, times are from the start of the traffic
+        t_start = 0.0
         plans = (make_plan(i, rng, s, prompts) for i in range(10**9))
         burst = kill_burst_plans(args.kill, args.kill_burst, prompts, prompts.max_model_len)
         kill_task = asyncio.create_task(inject_kill(pool_manager, args.kill, t_start + s.duration_s / 3, driver,
                                                     samples, burst)) if args.kill != "none" else None
         sent = await driver.traffic(plans, t_start + s.duration_s, random.Random(s.seed + 2))
-        traffic_s = round(driver.now() - t_start, 1)
+        drain_s = round(driver.now() - s.duration_s, 1)  # after the last send until every request ended
         kill = await kill_task if kill_task is not None else {"requested": False}
         log(f"all {sent} requests ended; settling (at most {args.settle_s:.0f} s)")
         blocks_end, settle_s = await settle(driver.client, servicer, args.settle_s)
@@ -638,7 +640,7 @@ async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
         during = [r for r in records if r.during_kill]
         report = build_report(
             records, blocks_end, list(samples.values()), kill,
-            duration_s=traffic_s, settle_s=settle_s, model=args.model, pools=pools, seed=s.seed,
+            duration_s=s.duration_s, drain_s=drain_s, settle_s=settle_s, model=args.model, pools=pools, seed=s.seed,
             concurrency=s.concurrency, max_queued=args.max_queued, lease_s=args.lease_s,
             inflight_at_kill_outcomes=dict(Counter(classify(r) for r in during)),
             inflight_at_kill_attempts=dict(Counter(r.attempts for r in during if classify(r) == "completed")),
@@ -670,8 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rate", type=float, default=6.0, help="mean arrivals per second between bursts")
     ap.add_argument("--burst", type=int, default=28, help="requests sent at once every 10 s")
     ap.add_argument("--max-queued", type=int, default=24, help="router.max_queued (bursts past it: RESOURCE_EXHAUSTED)")
-    ap.add_argument("--lease-s", type=float, default=15.0, help="pools.decode.lease_s")
-    ap.add_argument("--settle-s", type=float, default=None, help="longest wait for the blocks to free (default 2 leases + 15 s)")
+    ap.add_argument("--lease-s", type=float, default=30.0, help="pools.decode.lease_s (the project's default)")
+    ap.add_argument("--settle-s", type=float, default=None,
+                    help="longest wait for the blocks to free (default 2 leases + 15 s)")
     ap.add_argument("--margin-s", type=float, default=30.0, help="lost = not ended by deadline + this")
     ap.add_argument("--hang-s", type=float, default=240.0, help="lost = no deadline and not ended after this")
     ap.add_argument("--seed", type=int, default=0)
@@ -686,8 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.settle_s is None:
         args.settle_s = 2 * args.lease_s + 15.0
     s = Settings(duration_s=duration, concurrency=args.concurrency, rate_rps=args.rate, burst_size=args.burst,
-                 margin_s=args.margin_s,
-                 hang_s=args.hang_s, seed=args.seed)
+                 margin_s=args.margin_s, hang_s=args.hang_s, seed=args.seed)
     import ray
 
     from benchmarks.common import start_ray
