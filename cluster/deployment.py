@@ -151,6 +151,9 @@ class BackgroundDeployment:
         return self.run(self.deployment.start(), timeout)
 
     def stop(self, timeout: float = 120) -> None:
+        """Drain and stop (once; later calls return at once)."""
+        if not self.loop.is_running():
+            return
         try:
             self.run(self.deployment.stop(), timeout)
         finally:

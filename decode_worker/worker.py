@@ -63,6 +63,9 @@ class DecodeWorker(WorkerBase):
                          batch_wait_s=0.0, transport_backend=transport_backend, transport_kwargs=transport_kwargs)
         self.lease_s = lease_s
         self._leases: dict[str, float] = {}  # transfer_id -> deadline, until imported
+        # transfer_id -> the id its KV travels under: a re-armed push gets a fresh
+        # one, so nothing left of the failed try (store keys, pair state) is reused.
+        self._wire: dict[str, str] = {}
         self.tokens_generated = 0
 
     def status(self) -> dict[str, Any]:
@@ -85,20 +88,32 @@ class DecodeWorker(WorkerBase):
         self._expect(transfer_id, num_kv_tokens, sender, timeout_s)
         return self.kv_transport.endpoint()
 
-    async def rearm(self, transfer_id: str, num_kv_tokens: int, sender: dict, timeout_s: float = 30.0) -> dict | None:
-        """After a failed transfer: expect the KV again into the same reservation (``None`` if it is gone)."""
-        if transfer_id not in self._leases or self._was_aborted(transfer_id):
+    async def rearm(self, transfer_id: str, wire_id: str, num_kv_tokens: int, sender: dict,
+                    timeout_s: float = 30.0) -> dict | None:
+        """After a failed transfer: expect the KV again, under ``wire_id``, into
+        the same reservation. If the lease had run out meanwhile (a prefill
+        queue longer than the lease), reserve again; ``None`` if there is no room."""
+        if self._was_aborted(transfer_id):
             return None
-        self.kv_transport.abort(transfer_id)
-        self.kv_transport.forget(transfer_id)
-        self._expect(transfer_id, num_kv_tokens, sender, timeout_s)
+        if transfer_id not in self._leases:
+            if not await self.engine.call(lambda e: e.reserve(transfer_id, num_kv_tokens + 1)):
+                return None
+        self._drop_wire(transfer_id)
+        self._expect(transfer_id, num_kv_tokens, sender, timeout_s, wire_id)
         return self.kv_transport.endpoint()
 
-    def _expect(self, transfer_id: str, num_kv_tokens: int, sender: dict, timeout_s: float) -> None:
+    def _expect(self, transfer_id: str, num_kv_tokens: int, sender: dict, timeout_s: float,
+                wire_id: str | None = None) -> None:
         lay = self.layout
         shape = (lay.num_layers, 2, num_kv_tokens, lay.num_kv_heads, lay.head_dim)
-        self.kv_transport.expect(transfer_id, shape, getattr(torch, lay.dtype), sender, timeout_s)
+        self._wire[transfer_id] = wire_id or transfer_id
+        self.kv_transport.expect(self._wire[transfer_id], shape, getattr(torch, lay.dtype), sender, timeout_s)
         self._leases[transfer_id] = time.monotonic() + self.lease_s
+
+    def _drop_wire(self, transfer_id: str) -> None:
+        wire = self._wire.pop(transfer_id, transfer_id)
+        self.kv_transport.abort(wire)
+        self.kv_transport.forget(wire)
 
     async def generate(self, transfer_id: str, handoff: dict[str, Any], params: SamplingParams,
                        timeout_s: float = 30.0, emitted_text: str | None = None) -> AsyncIterator[dict[str, Any]]:
@@ -111,15 +126,16 @@ class DecodeWorker(WorkerBase):
         "text", "finished", "finish_reason"}`` per step.
         """
         t_called = time.time()
-        status = await wait_transfer(self.kv_transport, transfer_id, timeout_s)
+        wire = self._wire.get(transfer_id, transfer_id)
+        status = await wait_transfer(self.kv_transport, wire, timeout_s)
         if status != TransferStatus.SUCCESS or self._was_aborted(transfer_id):
-            error = self.kv_transport.error(transfer_id)
-            self.kv_transport.forget(transfer_id)
+            error = self.kv_transport.error(wire)
+            self._drop_wire(transfer_id)
             await self._drop_lease(transfer_id)
             yield {"error": f"KV transfer failed: {error or status.name}"}
             return
-        data = self.kv_transport.result(transfer_id)
-        self.kv_transport.forget(transfer_id)
+        data = self.kv_transport.result(wire)
+        self._drop_wire(transfer_id)
         self._leases.pop(transfer_id, None)
         kv = KVHandoff(transfer_id, KVLayout(**handoff["layout"]), handoff["prompt_token_ids"],
                        handoff["output_token_ids"], handoff["seed"], data)
@@ -175,8 +191,7 @@ class DecodeWorker(WorkerBase):
         """Cancel wherever the request is (reserved, in transfer, decoding); a
         call for it that arrives later is refused."""
         self._tombstone(transfer_id)
-        self.kv_transport.abort(transfer_id)
-        self.kv_transport.forget(transfer_id)
+        self._drop_wire(transfer_id)
         self._leases.pop(transfer_id, None)
         return await self.engine.abort(transfer_id)
 
@@ -186,8 +201,7 @@ class DecodeWorker(WorkerBase):
 
     async def _expire(self, transfer_id: str) -> None:
         """A reservation whose KV never came within the lease."""
-        self.kv_transport.abort(transfer_id)
-        self.kv_transport.forget(transfer_id)
+        self._drop_wire(transfer_id)
         await self._drop_lease(transfer_id)
 
 

@@ -77,6 +77,7 @@ class PrefillWorker(WorkerBase):
                          transport_kwargs=transport_kwargs)
         self.hold_lease_s = hold_lease_s
         self._holds: dict[str, float] = {}  # transfer_id -> lease deadline
+        self._wire: dict[str, str] = {}  # transfer_id -> the id of its push in flight (fresh on a resend)
         self.tokens_prefilled = 0
         self.transfer_seconds = 0.0
 
@@ -151,23 +152,26 @@ class PrefillWorker(WorkerBase):
             first = out
         return first
 
-    async def resend(self, transfer_id: str, decode_endpoint: dict, timeout_s: float,
+    async def resend(self, transfer_id: str, wire_id: str, decode_endpoint: dict, timeout_s: float,
                      result: dict[str, Any]) -> dict[str, Any]:
-        """Push a held KV again after a failed transfer (the decode side re-armed its reservation)."""
+        """Push a held KV again, under the fresh ``wire_id``, after a failed
+        transfer (the decode side re-armed its reservation for that id)."""
         if self._holds.pop(transfer_id, None) is None or self._was_aborted(transfer_id):
             return {**result, "error": "no held KV to resend", "retryable": False}
-        return await self._push(transfer_id, decode_endpoint, timeout_s, result)
+        return await self._push(transfer_id, decode_endpoint, timeout_s, result, wire_id)
 
     async def _push(self, transfer_id: str, decode_endpoint: dict, timeout_s: float,
-                    result: dict[str, Any]) -> dict[str, Any]:
+                    result: dict[str, Any], wire_id: str | None = None) -> dict[str, Any]:
         """Export and send the parked KV. On failure the KV stays held (under
         the hold lease) so that the router can ask for one more try."""
         t_start = time.time()
+        wire = self._wire[transfer_id] = wire_id or transfer_id
         handoff = await self.engine.call(lambda e: e.export_kv(transfer_id))
-        self.kv_transport.send(transfer_id, handoff.data, decode_endpoint, timeout_s)
-        status = await wait_transfer(self.kv_transport, transfer_id, timeout_s)
-        error = self.kv_transport.error(transfer_id)
-        self.kv_transport.forget(transfer_id)
+        self.kv_transport.send(wire, handoff.data, decode_endpoint, timeout_s)
+        status = await wait_transfer(self.kv_transport, wire, timeout_s)
+        error = self.kv_transport.error(wire)
+        self.kv_transport.forget(wire)
+        self._wire.pop(transfer_id, None)
         if self._was_aborted(transfer_id):
             await self.engine.abort(transfer_id)
             return {**result, "error": "aborted during transfer", "retryable": False}
@@ -200,7 +204,7 @@ class PrefillWorker(WorkerBase):
         a prefill call that arrives after this is refused."""
         self._tombstone(transfer_id)
         self._holds.pop(transfer_id, None)
-        self.kv_transport.abort(transfer_id)
+        self.kv_transport.abort(self._wire.get(transfer_id, transfer_id))
         return await self.engine.abort(transfer_id)
 
     async def _drop(self, transfer_id: str) -> None:

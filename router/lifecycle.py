@@ -226,16 +226,17 @@ class RequestRunner:
         first = await self._call(prefill, prefill.handle.prefill.remote(
             transfer_id, req.prompt_token_ids, req.params, endpoint, self.transfer_timeout_s,
             progress.token_ids or None, progress.text or None), timeout)
-        for _ in range(self.transfer_retries):
+        for retry in range(1, self.transfer_retries + 1):
             if not first.get("kv_held"):
                 break
             log.warning("KV transfer %s failed (%s); pushing it again", transfer_id, first["error"])
+            wire_id = f"{transfer_id}-r{retry}"  # a fresh id: nothing of the failed push is reused
             endpoint = await self._call(decode, decode.handle.rearm.remote(
-                transfer_id, kv_tokens, prefill.endpoint, self.transfer_timeout_s), CALL_TIMEOUT_S)
+                transfer_id, wire_id, kv_tokens, prefill.endpoint, self.transfer_timeout_s), CALL_TIMEOUT_S)
             if endpoint is None:
                 break
             first = await self._call(prefill, prefill.handle.resend.remote(
-                transfer_id, endpoint, self.transfer_timeout_s, first), timeout)
+                transfer_id, wire_id, endpoint, self.transfer_timeout_s, first), timeout)
         if "error" in first:
             if first.get("invalid_field"):
                 raise InvalidRequestError(first["invalid_field"], first["error"].split(": ", 1)[-1])
