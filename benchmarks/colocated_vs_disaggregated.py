@@ -4,13 +4,13 @@ Run from the repository root::
 
     python -m benchmarks.colocated_vs_disaggregated [--quick] [--json PATH] [--markdown PATH] [--plots DIR]
 
-One process, one local Ray cluster (:func:`benchmarks.common.start_ray`: 2
-CPUs, 127.0.0.1, token auth, shut down at the end, also on error). The same
-seeded trace runs against three arms of the same cluster code, one after
-another, each a ``cluster.deployment.BackgroundDeployment`` with its router
-in this process and two single-threaded worker actors of ``num_cpus`` 1 (the
-whole 2-CPU head; Ray gives an actor of ``num_cpus`` 1 one OpenMP / torch
-thread, checked and recorded), so every arm has the same total cores:
+One process, one local Ray cluster (:func:`benchmarks.common.start_ray`,
+127.0.0.1, token auth, shut down at the end, also on error). The same seeded
+trace runs against three arms of the same cluster code, each a
+``cluster.deployment.BackgroundDeployment`` with its router in this process
+and two single-threaded worker actors of ``num_cpus`` 1 (Ray gives an actor of
+``num_cpus`` 1 one OpenMP / torch thread; checked and recorded), so every arm
+has the same 2 cores' worth of workers:
 
 (a) ``colocated``: ``pools.mode: colocated``, 2 replicas; each runs both
     phases in one engine. Chunked prefill off: ``pools.decode.max_batched_tokens``
@@ -21,6 +21,12 @@ thread, checked and recorded), so every arm has the same total cores:
 (c) ``chunked``: as (a) with ``max_batched_tokens`` = 128: a long prompt is
     prefilled 128 tokens a step, each step also carrying the running decodes.
 
+All three deployments are up at once (the Ray head declares 6 logical CPUs
+for that) but only one arm is driven at a time; the machine's load drifts
+(it is shared), so the arms' runs are interleaved, not run arm after arm:
+each mixed run is repeated ``rounds`` times per rate, the arms' order rotated
+each round, and an arm's rounds are merged on one timeline.
+
 The trace (DESIGN.md section 4 vocabulary; the seed notes' interference case):
 a Poisson stream of short chat-sized requests (32 tokens in, 48 out: decode
 heavy) at each ``rate`` of the settings, plus one long prompt (768-1024
@@ -28,18 +34,18 @@ tokens in, 4 out) every ``long_every_s`` seconds. Prompts are exact-length
 raw prompts from :mod:`benchmarks.workloads` (SmolLM2's tokenizer), sent with
 ``max_tokens`` = output length and ``ignore_eos`` by
 :func:`benchmarks.loadgen.run_trace`; every arm gets the same requests at the
-same offsets. Per arm:
+same offsets. In order:
 
-1. start the deployment (its start time is recorded);
-2. warm-up, unrecorded: two short and then two long prompts (not in the trace),
-   two at a time so that both workers of every arm have run both shapes;
-3. the undisturbed reference (``reference_arms``; the disaggregated arm by
+1. start the three deployments (in parallel; start times recorded), then
+   warm each up, unrecorded: two short and then two long prompts (not in the
+   trace), two at a time, so that both workers of every arm have run both shapes;
+2. the undisturbed reference (``reference_arms``; the disaggregated arm by
    default): the trace's short requests alone, no long prompts, for
    ``reference_s`` seconds at the first rate;
-4. the mixed trace at each rate;
-5. saturation: closed loop, ``saturation_concurrency`` short requests in
-   flight, ``saturation_requests`` in all: the output tokens/s the arm
-   sustains when nothing else limits it (raw throughput).
+3. the mixed trace at each rate, ``rounds`` times, arms interleaved;
+4. saturation, per arm: closed loop, ``saturation_concurrency`` short
+   requests in flight, ``saturation_requests`` in all: the output tokens/s the
+   arm sustains when nothing else limits it (raw throughput).
 
 Measured at the client (:mod:`benchmarks.slo`): TTFT, TPOT, ITL, E2E
 (p50/p90/p99/max), throughput, and per request kind. The interference figure
@@ -88,8 +94,12 @@ MAX_MODEL_LEN = 2048
 SHORT_INPUT, SHORT_OUTPUT = 32, 48
 LONG_INPUT, LONG_OUTPUT = (768, 1024), 4
 REPLICAS = 2
-WORKER_CPUS = 1.0          # per worker actor: one torch thread each, the 2-CPU head in all
-RAY_CPUS = 2
+WORKER_CPUS = 1.0          # per worker actor: one torch thread each, 2 cores' worth per arm
+# Generous: a short prompt queued behind long ones at a busy prefill worker must not lose its
+# decode reservation (lease) or its expected transfer (timeout) and be retried; that would be
+# the retry path under test, not interference.
+LEASE_S = 120.0
+TRANSFER_TIMEOUT_S = 120.0
 DEFAULT_CHUNK_TOKENS = 128
 REQUEST_TIMEOUT_S = 300.0
 NAMESPACE = "bench-colocated-vs-disaggregated"
@@ -107,8 +117,9 @@ SLO_LONG = SLO(ttft_ms=8000.0, tpot_ms=500.0)    # a long document: a 1k-token p
 class Settings:
     """How much one run does (``--quick`` shrinks it)."""
 
-    rates: tuple[float, ...]        # short requests/s (Poisson), one mixed run per rate
+    rates: tuple[float, ...]        # short requests/s (Poisson), one mixed run per rate and round
     duration_s: float               # arrivals of one mixed run span [0, duration_s)
+    rounds: int                     # mixed runs per rate and arm, the arms interleaved (rotated) per round
     long_every_s: float             # one long prompt every ...
     long_first_s: float             # ... starting here
     saturation_requests: int
@@ -122,9 +133,9 @@ class Settings:
     seed: int = 0
 
 
-FULL = Settings(rates=(0.5, 1.0), duration_s=45.0, long_every_s=10.0, long_first_s=4.0,
+FULL = Settings(rates=(0.5, 1.0), duration_s=25.0, rounds=2, long_every_s=10.0, long_first_s=4.0,
                 saturation_requests=32, saturation_concurrency=16, reference_s=30.0)
-QUICK = Settings(rates=(0.75,), duration_s=20.0, long_every_s=10.0, long_first_s=4.0,
+QUICK = Settings(rates=(0.5,), duration_s=20.0, rounds=1, long_every_s=10.0, long_first_s=4.0,
                  saturation_requests=12, saturation_concurrency=6, reference_s=15.0)
 
 
@@ -134,7 +145,7 @@ def arm_config(arm: str, model: str = DEFAULT_MODEL, chunk_tokens: int = DEFAULT
     """The deployment dict of one arm (validate with :func:`cluster.config.parse_config`)."""
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
-    decode = {"num_cpus": WORKER_CPUS, "num_blocks": 512, "max_running": 64, "lease_s": 30.0,
+    decode = {"num_cpus": WORKER_CPUS, "num_blocks": 512, "max_running": 64, "lease_s": LEASE_S,
               # colocated without chunking: a whole prompt in one step; chunked: 128 tokens a step
               "max_batched_tokens": chunk_tokens if arm == "chunked" else MAX_MODEL_LEN}
     pools: dict[str, Any] = {"replicas": REPLICAS, "decode": decode}
@@ -147,7 +158,7 @@ def arm_config(arm: str, model: str = DEFAULT_MODEL, chunk_tokens: int = DEFAULT
     return {
         "model": {"name": model, "dtype": "float32", "max_model_len": MAX_MODEL_LEN},
         "pools": pools,
-        "kvtransfer": {"backend": "gloo", "timeout_s": 30},
+        "kvtransfer": {"backend": "gloo", "timeout_s": TRANSFER_TIMEOUT_S},
         "router": {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": None,
                    "drain_grace_s": 10, "request_timeout_s": REQUEST_TIMEOUT_S},
         "ray": {"namespace": f"{namespace}-{arm}"},
@@ -448,7 +459,8 @@ def render_markdown(result: dict) -> str:
         f"(torch threads per worker: {m.get('worker_torch_threads')}), total CPUs "
         + ", ".join(f"{a} {result['configs'][a]['total_cpus']:g}" for a in names)
         + f"; chunked prefill budget {s['chunk_tokens']} tokens.",
-        f"Trace: Poisson short requests ({SHORT_INPUT} in / {SHORT_OUTPUT} out) over {s['duration_s']:g} s plus one "
+        f"Trace: Poisson short requests ({SHORT_INPUT} in / {SHORT_OUTPUT} out) over {s['duration_s']:g} s "
+        f"(× {s['rounds']} rounds per rate, arms interleaved) plus one "
         f"long prompt ({LONG_INPUT[0]}-{LONG_INPUT[1]} in / {LONG_OUTPUT} out) every {s['long_every_s']:g} s from "
         f"{s['long_first_s']:g} s; seed {s['seed']}. SLO short: TTFT ≤ {s['slo_short']['ttft_ms']:g} ms, TPOT ≤ "
         f"{s['slo_short']['tpot_ms']:g} ms; long: TTFT ≤ {s['slo_long']['ttft_ms']:g} ms, TPOT ≤ "
@@ -461,7 +473,7 @@ def render_markdown(result: dict) -> str:
         n_long = len(dig(result, "trace", key, "long_times_s") or [])
         n_short = len(dig(result, "trace", key, "short_times_s") or [])
         out += ["", f"### {rate:g} short req/s + 1 long every {s['long_every_s']:g} s "
-                    f"({n_short} short, {n_long} long)", ""]
+                    f"({n_short} short, {n_long} long per round)", ""]
         out.append(render_table([(a, dig(arms, a, "runs", key)) for a in names], rate_rows(), BASE_ARM))
     out += ["", f"### Saturation: closed loop, {s['saturation_concurrency']} short requests in flight, "
                 f"{s['saturation_requests']} in all", ""]
@@ -559,6 +571,8 @@ def write_plots(result: dict, records: dict[str, dict[str, list[RequestRecord]]]
                 ax.axvline(r.start_s, color="darkorange", linewidth=1)
             _, _, pts = split_itls(recs, long_windows(recs))
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, color=colors[arm], label="short-request ITL")
+            for off in (dig(result, "arms", arm, "runs", key, "round_offsets_s") or [])[1:]:
+                ax.axvline(off, color="grey", linewidth=1.5, linestyle="-.")
             ref = dig(result, "arms", arm, "runs", key, "itl_short_quiet_ms", "p50")
             if ref is not None and math.isfinite(ref):
                 ax.axhline(ref, color="k", linestyle=":", linewidth=1, label=f"this arm's quiet p50 {ref:.0f} ms")
@@ -652,59 +666,94 @@ def _colocated_limits_shim() -> None:
     deployment.fetch_limits = fetch_limits
 
 
-def run_arm(arm: str, settings: Settings, cfg: ClusterConfig, pool: RequestPool,
-            traces: dict[str, tuple[list[BenchRequest], tuple[float, ...]]],
-            reference: tuple[list[BenchRequest], tuple[float, ...]] | None,
-            sampler: CpuSampler) -> tuple[dict, dict[str, list[RequestRecord]]]:
-    """Start one arm, run every phase, stop it; its analysis and its mixed runs' records by rate."""
-    from cluster.deployment import BackgroundDeployment
+def merge_rounds(rounds: Sequence[Sequence[RequestRecord]]) -> tuple[list[RequestRecord], list[float]]:
+    """The records of consecutive rounds of one trace on one timeline: round k's times are shifted
+    by the end of round k-1, so that windows, ITL gaps and throughput stay within their round.
+    Returns the shifted copies and each round's offset."""
+    out: list[RequestRecord] = []
+    offsets: list[float] = []
+    offset = 0.0
+    for recs in rounds:
+        offsets.append(offset)
+        for r in recs:
+            d = r.to_dict()
+            for k in ("scheduled_s", "ready_s", "start_s", "end_s"):
+                if d[k] is not None:
+                    d[k] += offset
+            d["token_times_s"] = [t + offset for t in d["token_times_s"]]
+            out.append(RequestRecord.from_dict(d))
+        ends = [r.end_s for r in recs if r.end_s is not None] + [r.scheduled_s for r in recs]
+        offset += max(ends, default=0.0)
+    return out, offsets
 
-    if cfg.pools.mode == "colocated":
-        _colocated_limits_shim()
-    res: dict[str, Any] = {"runs": {}}
-    recs_by_rate: dict[str, list[RequestRecord]] = {}
-    t = time.perf_counter()
-    dep = BackgroundDeployment(cfg)
-    try:
-        address = dep.start()
-        res["startup_s"] = round(time.perf_counter() - t, 1)
-        log(f"{arm}: up at {address} in {res['startup_s']} s; warming up")
-        warm_up(address, pool)
 
-        def phase(name: str, requests: list[BenchRequest], arrival: Arrival) -> tuple[list[RequestRecord], dict]:
-            waited = wait_quiet(sampler, settings.wait_quiet_s)
-            t0 = time.perf_counter()
-            recs = run_requests(address, requests, arrival, f"{arm}-{name}")
-            env = {**sampler.window(t0, time.perf_counter()), "waited_for_quiet_s": round(waited, 1)}
-            ok = sum(r.ok for r in recs)
-            log(f"{arm}: {name}: {ok}/{len(recs)} ok in {time.perf_counter() - t0:.0f} s, "
-                f"other processes {env['other_cores']} cores")
-            return recs, env
+def merge_env(envs: Sequence[dict]) -> dict:
+    """Environment of several phases: mean other/own cores weighted by duration, max load average."""
+    timed = [e for e in envs if e.get("other_cores") is not None]
+    span = sum(e["span_s"] for e in timed)
+    if not timed or span <= 0:
+        return {"other_cores": None, "own_cores": None, "loadavg_1m": None}
+    return {"other_cores": round(sum(e["other_cores"] * e["span_s"] for e in timed) / span, 2),
+            "own_cores": round(sum(e["own_cores"] * e["span_s"] for e in timed) / span, 2),
+            "other_cores_max": max(e["other_cores"] for e in timed),
+            "loadavg_1m": max(e["loadavg_1m"] for e in timed),
+            "waited_for_quiet_s": round(sum(e.get("waited_for_quiet_s", 0.0) for e in envs), 1)}
 
-        if reference is not None:
-            recs, env = phase("reference", reference[0], Scheduled(reference[1]))
-            res["reference"] = {**analyze_run(recs, settings.slo_short, settings.slo_long), "env": env,
-                                "records": [r.to_dict() for r in recs]}
-        for key, (requests, times) in traces.items():
-            recs, env = phase(f"mixed@{key}", requests, Scheduled(times))
-            recs_by_rate[key] = recs
-            res["runs"][key] = {**analyze_run(recs, settings.slo_short, settings.slo_long), "env": env,
-                                "records": [r.to_dict() for r in recs]}
-        sat_reqs = [replace(r, index=i) for i, r in enumerate(pool.shorts[:settings.saturation_requests])]
-        recs, env = phase("saturation", sat_reqs, FixedConcurrency(settings.saturation_concurrency))
-        res["saturation"] = {**summarize(recs, settings.slo_short), "env": env}
-    finally:
-        t = time.perf_counter()
-        dep.stop()
-        res["stop_s"] = round(time.perf_counter() - t, 1)
-    return res, recs_by_rate
+
+def rotations(arms: Sequence[str], rounds: int) -> list[list[str]]:
+    """Round k runs the arms rotated by k, so that no arm always goes first (drift in the machine's load)."""
+    return [list(arms[k % len(arms):]) + list(arms[:k % len(arms)]) for k in range(rounds)]
+
+
+class Arms:
+    """Every arm's deployment up at once (only one is driven at a time), started and stopped together."""
+
+    def __init__(self, configs: dict[str, ClusterConfig]) -> None:
+        self.configs = configs
+        self.deployments: dict[str, Any] = {}
+        self.addresses: dict[str, str] = {}
+        self.startup_s: dict[str, float] = {}
+
+    def __enter__(self) -> Arms:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from cluster.deployment import BackgroundDeployment
+
+        if any(c.pools.mode == "colocated" for c in self.configs.values()):
+            _colocated_limits_shim()
+        for arm, cfg in self.configs.items():
+            self.deployments[arm] = BackgroundDeployment(cfg)
+
+        def start(arm: str) -> None:
+            t = time.perf_counter()
+            self.addresses[arm] = self.deployments[arm].start()
+            self.startup_s[arm] = round(time.perf_counter() - t, 1)
+            log(f"{arm}: up at {self.addresses[arm]} in {self.startup_s[arm]} s")
+
+        try:
+            with ThreadPoolExecutor(len(self.configs)) as ex:
+                for f in [ex.submit(start, arm) for arm in self.configs]:
+                    f.result()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for arm, dep in self.deployments.items():
+            try:
+                dep.stop()
+            except Exception as e:  # stop the others anyway
+                log(f"{arm}: stop failed: {e!r}")
+        self.deployments.clear()
 
 
 def run(settings: Settings, arms: Sequence[str], model: str = DEFAULT_MODEL,
         plots_dir: str | None = None) -> dict:
-    """Every arm, one after another, on one local Ray cluster; the full result (records included)."""
+    """Every arm on one local Ray cluster, phases interleaved across arms; the full result (records included)."""
     import ray
 
+    from benchmarks.common import start_ray
     from engine.model_loader import load_tokenizer
 
     t_start = time.monotonic()
@@ -729,6 +778,7 @@ def run(settings: Settings, arms: Sequence[str], model: str = DEFAULT_MODEL,
     pool = make_pool(tokenizer, n_short, n_long, settings.seed)
     traces = {k: build_trace(s, pool) for k, s in specs.items()}
     reference = build_trace(ref_spec, pool)
+    saturation = [replace(r, index=i) for i, r in enumerate(pool.shorts[:settings.saturation_requests])]
 
     result: dict[str, Any] = {
         "model": model, "settings": asdict(settings),
@@ -736,20 +786,54 @@ def run(settings: Settings, arms: Sequence[str], model: str = DEFAULT_MODEL,
         "trace": {k: {"short_times_s": s.short_times(), "long_times_s": s.long_times(),
                       "long_input_tokens": [r.input_tokens for r in traces[k][0] if r.kind == "long"]}
                   for k, s in specs.items()},
-        "arms": {},
+        "arms": {a: {"runs": {}} for a in arms},
     }
-    records: dict[str, dict[str, list[RequestRecord]]] = {}
-    from benchmarks.common import start_ray
-
-    start_ray(NAMESPACE, num_cpus=RAY_CPUS)
+    records: dict[str, dict[str, list[RequestRecord]]] = {a: {} for a in arms}
+    # Logical CPUs: every arm's 2 workers are up at once, but only one arm is driven at a time.
+    start_ray(NAMESPACE, num_cpus=int(math.ceil(sum(cpus.values()))))
     try:
         threads = worker_threads(WORKER_CPUS)
         log(f"a worker of num_cpus {WORKER_CPUS:g} runs torch with {threads}")
-        with CpuSampler() as sampler:
+        with CpuSampler() as sampler, Arms(parsed) as up:
             for arm in arms:
-                log(f"arm {ARM_TITLES[arm]}: starting ({cpus[arm]:g} CPUs of workers)")
-                ref = reference if arm in settings.reference_arms else None
-                result["arms"][arm], records[arm] = run_arm(arm, settings, parsed[arm], pool, traces, ref, sampler)
+                result["arms"][arm]["startup_s"] = up.startup_s[arm]
+                log(f"{arm}: warming up")
+                warm_up(up.addresses[arm], pool)
+
+            def phase(arm: str, name: str, requests: list[BenchRequest], arrival: Arrival
+                      ) -> tuple[list[RequestRecord], dict]:
+                waited = wait_quiet(sampler, settings.wait_quiet_s)
+                t0 = time.perf_counter()
+                recs = run_requests(up.addresses[arm], requests, arrival, f"{arm}-{name}")
+                t1 = time.perf_counter()
+                env = {**sampler.window(t0, t1), "span_s": t1 - t0, "waited_for_quiet_s": waited}
+                log(f"{arm}: {name}: {sum(r.ok for r in recs)}/{len(recs)} ok in {t1 - t0:.0f} s, "
+                    f"other processes {env['other_cores']} cores")
+                return recs, env
+
+            for arm in settings.reference_arms:
+                if arm in arms:
+                    recs, env = phase(arm, "reference", reference[0], Scheduled(reference[1]))
+                    result["arms"][arm]["reference"] = {
+                        **analyze_run(recs, settings.slo_short, settings.slo_long), "env": merge_env([env]),
+                        "records": [r.to_dict() for r in recs]}
+            for key, (requests, times) in traces.items():
+                rounds: dict[str, list[list[RequestRecord]]] = {a: [] for a in arms}
+                envs: dict[str, list[dict]] = {a: [] for a in arms}
+                for k, order in enumerate(rotations(arms, settings.rounds)):
+                    for arm in order:
+                        recs, env = phase(arm, f"mixed@{key}#{k}", requests, Scheduled(times))
+                        rounds[arm].append(recs)
+                        envs[arm].append(env)
+                for arm in arms:
+                    merged, offsets = merge_rounds(rounds[arm])
+                    records[arm][key] = merged
+                    result["arms"][arm]["runs"][key] = {
+                        **analyze_run(merged, settings.slo_short, settings.slo_long), "env": merge_env(envs[arm]),
+                        "round_offsets_s": offsets, "records": [r.to_dict() for r in merged]}
+            for arm in arms:
+                recs, env = phase(arm, "saturation", saturation, FixedConcurrency(settings.saturation_concurrency))
+                result["arms"][arm]["saturation"] = {**summarize(recs, settings.slo_short), "env": merge_env([env])}
     finally:
         ray.shutdown()
     result["machine"] = {"cpu_count": os.cpu_count(), "busy_cores_before_run": busy,
@@ -763,7 +847,7 @@ def run(settings: Settings, arms: Sequence[str], model: str = DEFAULT_MODEL,
             pts = []
             for r in settings.rates:
                 run_ = result["arms"][a]["runs"][rate_key(r)]
-                offered = run_["all"]["num_requests"] / settings.duration_s
+                offered = run_["all"]["num_requests"] / (settings.duration_s * settings.rounds)
                 pts.append((offered, run_["attainment"]["all"]))
             result["goodput"][a] = asdict(goodput(pts))
     if plots_dir:
@@ -781,6 +865,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR")
     ap.add_argument("--rates", help="short requests/s, comma-separated (overrides the settings)")
     ap.add_argument("--duration", type=float, help="seconds of arrivals per mixed run")
+    ap.add_argument("--rounds", type=int, help="mixed runs per rate and arm (interleaved across arms)")
     ap.add_argument("--chunk-tokens", type=int, help=f"arm (c)'s max_batched_tokens (default {DEFAULT_CHUNK_TOKENS})")
     ap.add_argument("--short-slo", metavar="TTFT_MS,TPOT_MS",
                     help=f"SLO of the short requests (default {SLO_SHORT.ttft_ms:g},{SLO_SHORT.tpot_ms:g})")
@@ -798,6 +883,8 @@ def main(argv: list[str] | None = None) -> int:
         over["rates"] = tuple(float(x) for x in args.rates.split(","))
     if args.duration:
         over["duration_s"] = args.duration
+    if args.rounds:
+        over["rounds"] = args.rounds
     if args.chunk_tokens:
         over["chunk_tokens"] = args.chunk_tokens
     for flag, name in ((args.short_slo, "slo_short"), (args.long_slo, "slo_long")):

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 
 from benchmarks import colocated_vs_disaggregated as cvd
-from benchmarks.slo import RequestRecord
+from benchmarks.slo import SLO, RequestRecord, summarize
 from benchmarks.workloads import BenchRequest
 from cluster.config import parse_config
 
@@ -103,7 +103,7 @@ def test_split_itls_by_long_requests_in_flight():
 
 def test_attainment_by_kind_uses_each_kinds_slo():
     recs = fake_run(stall_s=1.0)
-    slo_short, slo_long = cvd.SLO(ttft_ms=250, tpot_ms=200), cvd.SLO(ttft_ms=1000, tpot_ms=100)
+    slo_short, slo_long = SLO(ttft_ms=250, tpot_ms=200), SLO(ttft_ms=1000, tpot_ms=100)
     att = cvd.attainment_by_kind(recs, {"short": slo_short, "long": slo_long})
     # r0: TTFT 200 ms ok; r2: TTFT 200 ms ok; the long one: TTFT 1400 ms > 1000 -> miss.
     assert att == {"short": 1.0, "long": 0.0, "all": pytest.approx(2 / 3)}
@@ -154,3 +154,35 @@ def test_formatting_of_missing_values():
     table = cvd.render_table([("colocated", {"x": 2.0}), ("disaggregated", None)],
                              [("x (ms)", lambda r: r["x"], ".1f")], "colocated")
     assert table.splitlines()[-1] == "| x (ms) | 2.0 | – |  |"
+
+
+# ---------------------------------------------------------------- interleaving
+def test_rounds_rotate_the_arms():
+    assert cvd.rotations(list(cvd.ARMS), 4) == [
+        ["colocated", "disaggregated", "chunked"], ["disaggregated", "chunked", "colocated"],
+        ["chunked", "colocated", "disaggregated"], ["colocated", "disaggregated", "chunked"]]
+
+
+def test_merge_rounds_keeps_each_round_on_its_own_stretch_of_time():
+    one, two = fake_run(stall_s=1.0), fake_run(stall_s=0.2)
+    merged, offsets = cvd.merge_rounds([one, two])
+    assert offsets == [0.0, pytest.approx(max(r.end_s for r in one))]
+    assert len(merged) == len(one) + len(two)
+    assert merged[3].start_s == pytest.approx(two[0].start_s + offsets[1])
+    assert merged[3].itls_s == pytest.approx(two[0].itls_s)  # gaps unchanged by the shift
+    windows = cvd.long_windows(merged)
+    assert len(windows) == 2 and windows[1][0] >= offsets[1]
+    during, quiet, _ = cvd.split_itls(merged, windows)
+    assert max(during) == pytest.approx(1000.0)
+    assert sorted(during)[-2] == pytest.approx(200.0)  # round two's stall, inside its own window
+    total = summarize(merged, SLO())
+    assert total["duration_s"] == pytest.approx(offsets[1] + max(r.end_s for r in two) - one[0].start_s)
+
+
+def test_merge_env_weights_by_duration():
+    env = cvd.merge_env([{"other_cores": 1.0, "own_cores": 2.0, "loadavg_1m": 3.0, "span_s": 10.0},
+                         {"other_cores": 0.0, "own_cores": 1.0, "loadavg_1m": 5.0, "span_s": 30.0,
+                          "waited_for_quiet_s": 4.0}])
+    assert env == {"other_cores": 0.25, "own_cores": 1.25, "other_cores_max": 1.0, "loadavg_1m": 5.0,
+                   "waited_for_quiet_s": 4.0}
+    assert cvd.merge_env([{"other_cores": None}])["other_cores"] is None
