@@ -262,7 +262,7 @@ def serving_handlers(servicer: ServingServicer, max_request_bytes: int) -> grpc.
 
 async def fetch_limits(directory: WorkerDirectory) -> ModelLimits:
     """Ask one worker which model it serves and its limits."""
-    workers = directory.of_kind("decode") + directory.of_kind("prefill")
+    workers = directory.of_kind("decode") + directory.of_kind("prefill") + directory.of_kind("colocated")
     if not workers:
         raise RuntimeError("no workers to ask for the model's limits")
     lim = await asyncio.wait_for(workers[0].handle.limits.remote(), timeout=STATUS_TIMEOUT_S)

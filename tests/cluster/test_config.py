@@ -222,3 +222,23 @@ def test_sections_can_be_built_in_python():
         PoolsConfig(ratio="3:1", replicas=5)
     explicit = PoolsConfig(prefill=PrefillPoolConfig(replicas=2), decode=DecodePoolConfig(replicas=1))
     assert explicit.counts() == (2, 1) and explicit.ratio is None
+
+
+def test_colocated_mode_sizes_one_pool():
+    pools = load_config("pools: {mode: colocated, replicas: 3}").pools
+    assert pools.mode == "colocated" and pools.counts() == (0, 3)
+    assert load_config("pools: {mode: colocated}").pools.counts() == (0, 2)
+    assert problems("pools: {mode: colocated, prefill: {replicas: 1}}") == [
+        "pools.prefill.replicas: does not apply with mode colocated; set pools.replicas"]
+    (only,) = problems("pools: {mode: mixed}")
+    assert only.startswith("pools.mode: ")
+
+
+def test_router_security_and_limits_are_validated():
+    assert problems("router: {tls_cert: /x.pem}") == ["router.tls_key: set both tls_cert and tls_key, or neither"]
+    assert problems("router: {auth_token_env: A, auth_token_file: /t}") == [
+        "router.auth_token_file: set auth_token_env or auth_token_file, not both"]
+    (only,) = problems("router: {max_attempts: 0}")
+    assert only.startswith("router.max_attempts: ")
+    cfg = load_config("router: {metrics_port: null, max_request_bytes: 4096}")
+    assert cfg.router.metrics_port is None and cfg.router.max_request_bytes == 4096
