@@ -134,7 +134,7 @@ class Settings:
 
 
 FULL = Settings(rates=(0.5, 1.0), duration_s=25.0, rounds=2, long_every_s=10.0, long_first_s=4.0,
-                saturation_requests=32, saturation_concurrency=16, reference_s=30.0)
+                saturation_requests=48, saturation_concurrency=24, reference_s=30.0)
 QUICK = Settings(rates=(0.5,), duration_s=20.0, rounds=1, long_every_s=10.0, long_first_s=4.0,
                  saturation_requests=12, saturation_concurrency=6, reference_s=15.0)
 
