@@ -639,33 +639,6 @@ def worker_threads(num_cpus: float) -> dict[str, Any]:
     return ray.get(probe.options(num_cpus=num_cpus).remote(), timeout=300)
 
 
-def _colocated_limits_shim() -> None:
-    """Let ``Deployment.start`` ask a colocated worker for the model's limits.
-
-    ``router.server.fetch_limits`` asks only ``decode`` and ``prefill``
-    workers, so a ``mode: colocated`` deployment cannot start ("no workers to
-    ask for the model's limits"); the proper fix is one more kind there. Until
-    then this wraps the name ``cluster.deployment`` imported: the original
-    runs first, and only when it finds no worker is a colocated one asked.
-    """
-    import cluster.deployment as deployment
-    from router.directory import STATUS_TIMEOUT_S
-    from router.validation import ModelLimits
-
-    original = deployment.fetch_limits
-    if getattr(original, "_with_colocated", False):
-        return
-
-    async def fetch_limits(directory):
-        if directory.of_kind("decode") or directory.of_kind("prefill") or not directory.of_kind("colocated"):
-            return await original(directory)
-        w = directory.of_kind("colocated")[0]
-        return ModelLimits(**await asyncio.wait_for(w.handle.limits.remote(), timeout=STATUS_TIMEOUT_S))
-
-    fetch_limits._with_colocated = True  # type: ignore[attr-defined]
-    deployment.fetch_limits = fetch_limits
-
-
 def merge_rounds(rounds: Sequence[Sequence[RequestRecord]]) -> tuple[list[RequestRecord], list[float]]:
     """The records of consecutive rounds of one trace on one timeline: round k's times are shifted
     by the end of round k-1, so that windows, ITL gaps and throughput stay within their round.
@@ -719,8 +692,6 @@ class Arms:
 
         from cluster.deployment import BackgroundDeployment
 
-        if any(c.pools.mode == "colocated" for c in self.configs.values()):
-            _colocated_limits_shim()
         for arm, cfg in self.configs.items():
             self.deployments[arm] = BackgroundDeployment(cfg)
 
