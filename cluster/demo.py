@@ -9,6 +9,7 @@ stops the job and the head.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import grpc
 
+from cluster.config import load_config
+from cluster.launch import job_runtime_env
 from router.client import Client, Completion
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,9 +62,18 @@ def start_head(num_cpus: int) -> None:
 
 
 def submit(config: str) -> str:
-    cmd = [ray_bin(), "job", "submit", "--address", DASHBOARD, "--no-wait", "--",
-           sys.executable, "-m", "cluster.launch", "--config", str((REPO / config).resolve())]
-    out = subprocess.run(cmd, env=env(), check=True, capture_output=True, text=True, timeout=120, cwd=REPO).stdout
+    path = (REPO / config).resolve()
+    runtime_env = json.dumps(job_runtime_env(load_config(path)))  # lets `ray job stop` drain, not SIGKILL at 3 s
+    cmd = [ray_bin(), "job", "submit", "--address", DASHBOARD, "--no-wait", "--runtime-env-json", runtime_env, "--",
+           sys.executable, "-m", "cluster.launch", "--config", str(path)]
+    for _ in range(30):  # a fresh head's dashboard agent takes a while to accept jobs
+        run = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+        if "No available agent" not in run.stdout + run.stderr:
+            break
+        time.sleep(2)
+    if run.returncode != 0:
+        raise RuntimeError(f"ray job submit failed:\n{run.stdout}\n{run.stderr}")
+    out = run.stdout
     job_id = next((line.split("'")[1] for line in out.splitlines() if "submitted successfully" in line), None)
     if job_id is None:
         raise RuntimeError(f"could not read the job id from:\n{out}")

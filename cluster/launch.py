@@ -20,6 +20,16 @@ from cluster.config import ClusterConfig, ConfigError, RayConfig, load_config
 log = logging.getLogger("splitserve.launch")
 
 
+def job_runtime_env(cfg: ClusterConfig) -> dict:
+    """The ``--runtime-env-json`` to submit this deployment with.
+
+    ``ray job stop`` sends SIGTERM, then SIGKILL after ``RAY_JOB_STOP_WAIT_TIME_S``
+    (3 s by default: too short to drain). This gives the drain its grace
+    period plus a minute to stop the actors.
+    """
+    return {"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(int(cfg.router.drain_grace_s) + 60)}}
+
+
 def connect_ray(rc: RayConfig) -> None:
     """Join the configured / ambient Ray cluster, or start a local one on 127.0.0.1."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")

@@ -55,9 +55,15 @@ def start_head(num_cpus: int = 2) -> RayHead:
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only (see tests/conftest.py)
     gcs, dash = free_port(), free_port()
+    # Every port a head opens is picked free here: with Ray's fixed defaults a
+    # second head on the machine (a benchmark, another checkout) leaves this
+    # one without a dashboard agent, and `ray job submit` fails.
+    agent, agent_grpc, runtime_env, metrics, client = (free_port() for _ in range(5))
     cmd = [ray_bin(), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-           "--disable-usage-stats"]
+           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+           f"--ray-client-server-port={client}", "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     head = RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", proc)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
 import yaml
 
+from cluster.config import load_config
+from cluster.launch import job_runtime_env
 from router.client import Client
 from tests.ray_cluster import free_port, ray_bin
 from tests.reference import compare_greedy
@@ -31,7 +35,13 @@ def test_ray_job_submit_serves_and_stops(ray_head, tiny_model, tmp_path):
         "router": {"host": "127.0.0.1", "port": port},
         "ray": {"namespace": "test-job-submit"},
     }))
-    sub = job_cli(ray_head, "submit", "--no-wait", "--", sys.executable, "-m", "cluster.launch", "--config", str(config))
+    runtime_env = json.dumps(job_runtime_env(load_config(config)))
+    for _ in range(30):  # a fresh head's dashboard agent takes a while to accept jobs
+        sub = job_cli(ray_head, "submit", "--no-wait", "--runtime-env-json", runtime_env, "--", sys.executable, "-m",
+                      "cluster.launch", "--config", str(config))
+        if "No available agent" not in sub.stderr + sub.stdout:
+            break
+        time.sleep(2)
     assert sub.returncode == 0, sub.stderr
     job_id = re.search(r"Job '([^']+)' submitted successfully", sub.stdout + sub.stderr).group(1)
     client = Client(f"127.0.0.1:{port}")
@@ -43,9 +53,17 @@ def test_ray_job_submit_serves_and_stops(ray_head, tiny_model, tmp_path):
         out = client.generate("hello from a ray job", max_tokens=10, ignore_eos=True)
         ids = tiny_model.tokenizer("hello from a ray job", add_special_tokens=False)["input_ids"]
         compare_greedy(tiny_model.model, ids, out.token_ids, 10, ignore_eos=True)
+        # A request in flight when `ray job stop` comes finishes: the SIGTERM drains the router.
+        in_flight: dict = {}
+        streamer = threading.Thread(target=lambda: in_flight.update(
+            out=Client(f"127.0.0.1:{port}").generate("drain me", max_tokens=300, ignore_eos=True)))
+        streamer.start()
+        time.sleep(0.5)
     finally:
         stop = job_cli(ray_head, "stop", job_id, timeout=300)
     assert stop.returncode == 0, stop.stderr
+    streamer.join(timeout=120)
+    assert len(in_flight["out"].token_ids) == 300 and in_flight["out"].finish_reason == "length"
     deadline = time.monotonic() + 120
     while "stopped" not in job_cli(ray_head, "status", job_id).stdout.lower() and time.monotonic() < deadline:
         time.sleep(1)
@@ -60,3 +78,4 @@ def test_ray_job_submit_serves_and_stops(ray_head, tiny_model, tmp_path):
     logs = job_cli(ray_head, "logs", job_id).stdout
     assert "splitserve: serving builtin:tiny-llama" in logs
     assert "splitserve: stopping" in logs, logs[-2000:]  # SIGTERM from `ray job stop` drained the router
+    assert "splitserve: stopped" in logs, logs[-2000:]  # ... and it exited by itself, not by SIGKILL
