@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", default=DEFAULT_ADDRESS)
     ap.add_argument("--raw", action="store_true", help="send the prompt as raw text, not as a chat message")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--timeline", action="store_true", help="print where the time went, stage by stage")
     ap.add_argument("--temperature", type=float, default=None)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--top-k", type=int, default=0)
@@ -229,12 +230,23 @@ def main(argv: list[str] | None = None) -> int:
         print(flush=True)
         print(f"[{c.usage.completion_tokens} tokens, finish={c.finish_reason}, TTFT {t.ttft_ms:.0f} ms, "
               f"TPOT {t.tpot_ms:.1f} ms, prefill {t.prefill_worker} -> decode {t.decode_worker}]", file=sys.stderr)
+        if args.timeline:
+            print(format_stages(t), file=sys.stderr)
         return 0
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
     finally:
         client.close()
+
+
+def format_stages(t: serving_pb2.Timings) -> str:
+    """A request's stage breakdown, one line per stage, the slowest marked."""
+    stages = [("queue", t.queue_ms), ("prefill_queue", t.prefill_queue_ms), ("prefill", t.prefill_ms),
+              ("transfer", t.transfer_ms), ("decode_queue", t.decode_queue_ms), ("decode", t.decode_ms)]
+    lines = [f"  {name:<14}{ms:9.1f} ms{'  <- slowest' if name == t.slowest_stage else ''}" for name, ms in stages]
+    extra = f"  KV moved: {t.transfer_bytes} bytes; attempts: {t.attempts}"
+    return "\n".join(["stages:", *lines, extra])
 
 
 if __name__ == "__main__":

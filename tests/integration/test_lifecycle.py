@@ -78,10 +78,11 @@ def test_dead_actor_is_replaced_and_pools_return_to_size(tiny_cluster):
 
 def test_cli_client_streams_and_reports_status(tiny_cluster):
     _, address = tiny_cluster
-    run = subprocess.run([sys.executable, "-m", "router.client", "--raw", "--max-tokens", "6", "--address", address,
-                          "hello"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-m", "router.client", "--raw", "--max-tokens", "6", "--timeline",
+                          "--address", address, "hello"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "6 tokens, finish=length" in run.stderr and "TTFT" in run.stderr
+    assert "<- slowest" in run.stderr and "transfer" in run.stderr and "attempts: 1" in run.stderr
     status = subprocess.run([sys.executable, "-m", "router.client", "--status", "--address", address],
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and 'kind: "decode"' in status.stdout
