@@ -4,8 +4,9 @@ pools at the configured prefill:decode ratio.
 It runs as a named Ray actor (``<namespace>/pool_manager``) so that the
 router in the launch process and the ``cluster.scale`` CLI both reach it.
 
-- ``start()`` creates ``P`` prefill and ``D`` decode actors and waits until
-  each answers a ping.
+- ``start(P, D)`` creates ``P`` prefill and ``D`` decode actors (or, in
+  colocated mode, ``start(N)`` creates ``N`` colocated actors that run both
+  phases) and waits until each answers a ping.
 - A health loop pings every actor (with a timeout); one that is dead or
   unresponsive is replaced by a fresh actor under a new id.
 - ``scale(total)`` moves to the counts for ``total`` at the ratio. New
