@@ -876,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
                  for run_ in a["runs"].values()), default=0.0)
     if (busy or 0.0) > BUSY_WARN_CORES or worst > BUSY_WARN_CORES:
         print(f"warning: other processes used up to {worst} cores during the mixed runs ({busy} busy before): "
-              "the figures are noisy; compare arms of this run only, and mind that the arms ran at different times")
+              "the figures are noisy; compare arms of this run only (their runs are interleaved, yet each ran at its own moment)")
     if args.markdown:
         Path(args.markdown).write_text(md)
     if args.json:
