@@ -189,7 +189,8 @@ class Scheduled(Arrival):
 
 @dataclass(frozen=True)
 class TraceSpec:
-    """Poisson short requests at ``short_rate`` plus a long prompt every ``long_every_s`` (none if ``with_long`` is off)."""
+    """Poisson short requests at ``short_rate`` plus a long prompt every ``long_every_s``
+    (none if ``with_long`` is off)."""
 
     duration_s: float
     short_rate: float
@@ -236,7 +237,8 @@ def make_pool(tokenizer, n_short: int, n_long: int, seed: int = 0) -> RequestPoo
 
 def build_trace(spec: TraceSpec, pool: RequestPool) -> tuple[list[BenchRequest], tuple[float, ...]]:
     """The trace's requests in send order (re-indexed) and their send offsets."""
-    events = [(t, 0, k) for k, t in enumerate(spec.short_times())] + [(t, 1, k) for k, t in enumerate(spec.long_times())]
+    events = [(t, 0, k) for k, t in enumerate(spec.short_times())]
+    events += [(t, 1, k) for k, t in enumerate(spec.long_times())]
     events.sort()
     requests = []
     for i, (_, kind, k) in enumerate(events):
@@ -562,7 +564,8 @@ def write_plots(result: dict, records: dict[str, dict[str, list[RequestRecord]]]
         fig, axes = plt.subplots(len(arms), 1, figsize=(12, 2.8 * len(arms)), sharex=True, sharey=True, squeeze=False)
         for ax, arm in zip(axes[:, 0], arms):
             recs = records[arm].get(key, [])
-            for i, r in enumerate(r for r in recs if r.kind == "long" and r.start_s is not None and r.end_s is not None):
+            longs = [r for r in recs if r.kind == "long" and r.start_s is not None and r.end_s is not None]
+            for i, r in enumerate(longs):
                 first = r.token_times_s[0] if r.token_times_s else r.end_s
                 ax.axvspan(r.start_s, first, color="orange", alpha=0.35,
                            label="long prompt: send to first token" if i == 0 else None)
@@ -876,7 +879,8 @@ def main(argv: list[str] | None = None) -> int:
                  for run_ in a["runs"].values()), default=0.0)
     if (busy or 0.0) > BUSY_WARN_CORES or worst > BUSY_WARN_CORES:
         print(f"warning: other processes used up to {worst} cores during the mixed runs ({busy} busy before): "
-              "the figures are noisy; compare arms of this run only (their runs are interleaved, yet each ran at its own moment)")
+              "the figures are noisy; compare arms of this run only (their runs are interleaved, "
+              "yet each ran at its own moment)")
     if args.markdown:
         Path(args.markdown).write_text(md)
     if args.json:

@@ -80,7 +80,8 @@ def rec(i: int, kind: str, start: float, token_times: list[float]) -> RequestRec
 
 
 def fake_run(stall_s: float, step_s: float = 0.1) -> list[RequestRecord]:
-    """A short request decoding every ``step_s`` with one ``stall_s`` gap while a long prompt (1.0-2.5 s) is in flight."""
+    """A short request decoding every ``step_s``, with one ``stall_s`` gap while a long prompt
+    (1.0-2.55 s) is in flight, and a second short request after it."""
     t, times = 0.5, []
     while t < 4.0:
         times.append(round(t, 6))
