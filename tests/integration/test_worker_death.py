@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from kvtransfer.faults import TransferFaults
-from router.client import AsyncClient, Completion, build_request
+from router.client import AsyncClient, Client, Completion, build_request
 from tests.integration.clusters import assert_exact, block_usage, make_config, running, wait_until, word_prompts
 
 MAX_NEW = 40
@@ -65,6 +65,19 @@ def back_to_size(d, address: str, dead: str) -> None:
                120, "the pools back to 2 + 2 without the dead worker", 0.5)
     wait_until(lambda: len(block_usage(address)) == 4 and dead not in block_usage(address), 30,
                "the router to see the replacement", 0.5)
+
+
+def test_cancel_during_the_kv_transfer_frees_both_sides_within_one_second(cluster):
+    d, address = cluster
+    client = Client(address)
+    stream = client.stream("cancel me while my KV moves", max_tokens=50, ignore_eos=True)
+    # Pushes wait 0.4 s here: once both pools hold blocks, the KV is on its way.
+    wait_until(lambda: sum(u > 0 for u, _ in block_usage(address).values()) >= 2, 5,
+               "a prefill and a decode worker to hold KV", 0.02)
+    stream.cancel()
+    took = wait_until(lambda: all(u == 0 for u, _ in block_usage(address).values()), 5, "blocks freed", 0.02)
+    assert took < 1.0
+    client.close()
 
 
 def test_prefill_killed_under_load_every_request_completes_exactly(cluster, tiny_model):
