@@ -115,6 +115,12 @@ class RequestTrace:
         self.transfer_bytes = 0
 
 
+def _token_event(ev: dict[str, Any], trace: RequestTrace) -> TokenEvent:
+    """A worker's token dict as an event for the client, stamped on the trace as it leaves."""
+    trace.token_sent(len(ev["token_ids"]))
+    return TokenEvent(ev["token_ids"], ev["text"], ev["finished"], ev["finish_reason"])
+
+
 @dataclass
 class _Progress:
     """What the client has been sent so far: a retry resumes after it."""
@@ -192,8 +198,7 @@ class RequestRunner:
             trace.transfer_bytes = first["transfer_bytes"]
             if first["finished"]:
                 done = True
-            trace.token_sent(len(first["token_ids"]))
-            yield TokenEvent(first["token_ids"], first["text"], first["finished"], first["finish_reason"])
+            yield _token_event(first, trace)
             if done:
                 return
             trace.decode_queued = time.time()
@@ -205,8 +210,7 @@ class RequestRunner:
                     prefill.handle.release.remote(transfer_id)  # fire and forget: the hold has a lease anyway
                     continue
                 done = ev["finished"]
-                trace.token_sent(len(ev["token_ids"]))
-                yield TokenEvent(ev["token_ids"], ev["text"], ev["finished"], ev["finish_reason"])
+                yield _token_event(ev, trace)
                 if done:
                     return
         finally:
@@ -302,8 +306,7 @@ class RequestRunner:
                     trace.prefill_end = trace.decode_start = ev.get("first_token", ev["t_joined"])
                     continue
                 done = ev["finished"]
-                trace.token_sent(len(ev["token_ids"]))
-                yield TokenEvent(ev["token_ids"], ev["text"], ev["finished"], ev["finish_reason"])
+                yield _token_event(ev, trace)
                 if done:
                     return
         finally:
