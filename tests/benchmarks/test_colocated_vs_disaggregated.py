@@ -8,6 +8,7 @@ from dataclasses import asdict
 import pytest
 
 from benchmarks import colocated_vs_disaggregated as cvd
+from benchmarks import cvd_report as report
 from benchmarks.slo import SLO, RequestRecord, summarize
 from benchmarks.workloads import BenchRequest
 from cluster.config import parse_config
@@ -15,10 +16,10 @@ from cluster.config import parse_config
 
 # --------------------------------------------------------------------- configs
 def test_arm_configs_validate_with_equal_total_cpus():
-    cfgs = {arm: parse_config(cvd.arm_config(arm)) for arm in cvd.ARMS}
+    cfgs = {arm: parse_config(cvd.arm_config(arm)) for arm in report.ARMS}
     totals = {arm: cvd.total_cpus(c) for arm, c in cfgs.items()}
     assert len(set(totals.values())) == 1, totals
-    assert totals["colocated"] == cvd.REPLICAS * cvd.WORKER_CPUS
+    assert totals["colocated"] == report.REPLICAS * report.WORKER_CPUS
     # Two workers in every arm, each with the same num_cpus.
     assert cfgs["colocated"].pools.counts() == (0, 2) == cfgs["chunked"].pools.counts()
     assert cfgs["disaggregated"].pools.counts() == (1, 1)
@@ -30,11 +31,11 @@ def test_arm_configs_chunking():
     co, ch = (parse_config(cvd.arm_config(a, chunk_tokens=64)) for a in ("colocated", "chunked"))
     assert co.pools.mode == ch.pools.mode == "colocated"
     # (a): a whole long prompt fits one step; (c): it is split into chunks.
-    assert co.pools.decode.max_batched_tokens >= cvd.LONG_INPUT[1]
-    assert ch.pools.decode.max_batched_tokens == 64 < cvd.LONG_INPUT[0]
-    assert co.model.max_model_len == cvd.MAX_MODEL_LEN >= cvd.LONG_INPUT[1] + cvd.LONG_OUTPUT
+    assert co.pools.decode.max_batched_tokens >= report.LONG_INPUT[1]
+    assert ch.pools.decode.max_batched_tokens == 64 < report.LONG_INPUT[0]
+    assert co.model.max_model_len == report.MAX_MODEL_LEN >= report.LONG_INPUT[1] + report.LONG_OUTPUT
     # Each arm in its own namespace, router on a free port.
-    assert len({parse_config(cvd.arm_config(a)).ray.namespace for a in cvd.ARMS}) == 3
+    assert len({parse_config(cvd.arm_config(a)).ray.namespace for a in report.ARMS}) == 3
     assert co.router.port == 0
     with pytest.raises(ValueError):
         cvd.arm_config("nope")
@@ -53,7 +54,7 @@ def test_trace_times_are_seeded_and_the_reference_is_a_prefix():
 
 
 def _req(i: int, kind: str) -> BenchRequest:
-    n_in, n_out = (cvd.SHORT_INPUT, cvd.SHORT_OUTPUT) if kind == "short" else (900, cvd.LONG_OUTPUT)
+    n_in, n_out = (report.SHORT_INPUT, report.SHORT_OUTPUT) if kind == "short" else (900, report.LONG_OUTPUT)
     return BenchRequest(i, kind, n_in, n_out, prompt=f"{kind} {i}")
 
 
@@ -92,9 +93,9 @@ def fake_run(stall_s: float, step_s: float = 0.1) -> list[RequestRecord]:
 
 def test_split_itls_by_long_requests_in_flight():
     recs = fake_run(stall_s=1.0)
-    windows = cvd.long_windows(recs)
+    windows = report.long_windows(recs)
     assert windows == [(1.0, 2.55)]
-    during, quiet, points = cvd.split_itls(recs, windows)
+    during, quiet, points = report.split_itls(recs, windows)
     assert max(during) == pytest.approx(1000.0)
     assert all(g == pytest.approx(100.0) for g in quiet)
     assert len(during) + len(quiet) == len(points) == sum(len(r.token_times_s) - 1 for r in recs if r.kind == "short")
@@ -105,7 +106,7 @@ def test_split_itls_by_long_requests_in_flight():
 def test_attainment_by_kind_uses_each_kinds_slo():
     recs = fake_run(stall_s=1.0)
     slo_short, slo_long = SLO(ttft_ms=250, tpot_ms=200), SLO(ttft_ms=1000, tpot_ms=100)
-    att = cvd.attainment_by_kind(recs, {"short": slo_short, "long": slo_long})
+    att = report.attainment_by_kind(recs, {"short": slo_short, "long": slo_long})
     # r0: TTFT 200 ms ok; r2: TTFT 200 ms ok; the long one: TTFT 1400 ms > 1000 -> miss.
     assert att == {"short": 1.0, "long": 0.0, "all": pytest.approx(2 / 3)}
 
@@ -114,25 +115,25 @@ def fake_result() -> dict:
     settings = cvd.QUICK
     arms = {}
     for arm, stall in (("colocated", 2.0), ("disaggregated", 0.2), ("chunked", 0.4)):
-        run = cvd.analyze_run(fake_run(stall), settings.slo_short, settings.slo_long)
+        run = report.analyze_run(fake_run(stall), settings.slo_short, settings.slo_long)
         run["env"] = {"other_cores": 0.1, "loadavg_1m": 1.0}
-        arms[arm] = {"runs": {cvd.rate_key(settings.rates[0]): run},
+        arms[arm] = {"runs": {report.rate_key(settings.rates[0]): run},
                      "saturation": {"output_token_throughput": {"colocated": 100.0, "disaggregated": 60.0,
                                                                 "chunked": 90.0}[arm],
                                     "request_throughput": 1.0, "tpot_ms": {"p50": 80.0}, "ttft_ms": {"p50": 200.0},
                                     "env": {"other_cores": 0.0}}}
-    arms["disaggregated"]["reference"] = cvd.analyze_run(fake_run(0.1))
+    arms["disaggregated"]["reference"] = report.analyze_run(fake_run(0.1))
     return {"model": "builtin:smollm2-135m-instruct", "settings": asdict(settings),
             "configs": {a: {"total_cpus": 2.0} for a in arms},
-            "trace": {cvd.rate_key(settings.rates[0]): {"short_times_s": [0.3, 3.0], "long_times_s": [1.0]}},
+            "trace": {report.rate_key(settings.rates[0]): {"short_times_s": [0.3, 3.0], "long_times_s": [1.0]}},
             "machine": {"cpu_count": 2, "worker_torch_threads": 1, "busy_cores_before_run": 0.1,
                         "loadavg_before_run": [1, 1, 1], "wall_s": 1.0},
             "arms": arms}
 
 
 def test_markdown_table_has_every_arm_and_ratios_to_colocated():
-    md = cvd.render_markdown(fake_result())
-    for title in cvd.ARM_TITLES.values():
+    md = report.render_markdown(fake_result())
+    for title in report.ARM_TITLES.values():
         assert title in md
     row = next(line for line in md.splitlines() if line.startswith("| **short ITL during long prefills** max"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -148,18 +149,18 @@ def test_markdown_table_has_every_arm_and_ratios_to_colocated():
 
 
 def test_formatting_of_missing_values():
-    assert cvd.fmt_num(None) == cvd.fmt_num(math.nan) == "–"
-    assert cvd.fmt_num(0.5, "%") == "50%"
-    assert cvd.fmt_ratio(math.nan) == "–" and cvd.fmt_ratio(cvd.ratio(3.0, 0.0)) == "–"
-    assert cvd.dig({"a": {"b": 1}}, "a", "b") == 1 and cvd.dig({"a": None}, "a", "b") is None
-    table = cvd.render_table([("colocated", {"x": 2.0}), ("disaggregated", None)],
+    assert report.fmt_num(None) == report.fmt_num(math.nan) == "–"
+    assert report.fmt_num(0.5, "%") == "50%"
+    assert report.fmt_ratio(math.nan) == "–" and report.fmt_ratio(report.ratio(3.0, 0.0)) == "–"
+    assert report.dig({"a": {"b": 1}}, "a", "b") == 1 and report.dig({"a": None}, "a", "b") is None
+    table = report.render_table([("colocated", {"x": 2.0}), ("disaggregated", None)],
                              [("x (ms)", lambda r: r["x"], ".1f")], "colocated")
     assert table.splitlines()[-1] == "| x (ms) | 2.0 | – |  |"
 
 
 # ---------------------------------------------------------------- interleaving
 def test_rounds_rotate_the_arms():
-    assert cvd.rotations(list(cvd.ARMS), 4) == [
+    assert cvd.rotations(list(report.ARMS), 4) == [
         ["colocated", "disaggregated", "chunked"], ["disaggregated", "chunked", "colocated"],
         ["chunked", "colocated", "disaggregated"], ["colocated", "disaggregated", "chunked"]]
 
@@ -171,9 +172,9 @@ def test_merge_rounds_keeps_each_round_on_its_own_stretch_of_time():
     assert len(merged) == len(one) + len(two)
     assert merged[3].start_s == pytest.approx(two[0].start_s + offsets[1])
     assert merged[3].itls_s == pytest.approx(two[0].itls_s)  # gaps unchanged by the shift
-    windows = cvd.long_windows(merged)
+    windows = report.long_windows(merged)
     assert len(windows) == 2 and windows[1][0] >= offsets[1]
-    during, quiet, _ = cvd.split_itls(merged, windows)
+    during, quiet, _ = report.split_itls(merged, windows)
     assert max(during) == pytest.approx(1000.0)
     assert sorted(during)[-2] == pytest.approx(200.0)  # round two's stall, inside its own window
     total = summarize(merged, SLO())
