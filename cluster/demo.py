@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as e:
         print(f"demo request failed: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    print(f"\nThe cluster keeps running: try `.venv/bin/python -m router.client \"your question\"`.\n"
-          f"Stop it with `make stop` (ray job stop + ray stop).")
+    print("\nThe cluster keeps running: try `.venv/bin/python -m router.client \"your question\"`\n"
+          "(add --timeline for where the time went); metrics at http://127.0.0.1:9464/metrics.\n"
+          "Stop it with `make stop` (ray job stop + ray stop).")
     return 0
 
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from cluster.config import ClusterConfig, parse_config
 from cluster.deployment import BackgroundDeployment
-from router.client import AsyncClient, Completion
+from router.client import AsyncClient, Completion, build_request
 
 _namespaces = itertools.count()
 
@@ -105,3 +105,22 @@ def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05)
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(interval_s)
     return time.monotonic() - t0
+
+
+async def stream_all(address: str, texts: list[str], on_progress, max_new: int = 40) -> list[Completion]:
+    """Run every prompt, checking each stream chunk by chunk; ``on_progress(counts)`` sees tokens so far."""
+    client = AsyncClient(address, timeout_s=300)
+    counts = [0] * len(texts)
+
+    async def one(i: int, text: str) -> Completion:
+        c = Completion()
+        async for resp in client.stub.Generate(build_request(text, max_tokens=max_new, ignore_eos=True), timeout=300):
+            c.add(resp)
+            counts[i] += len(resp.token_ids)
+            on_progress(counts)
+        return c
+
+    try:
+        return await asyncio.gather(*(one(i, t) for i, t in enumerate(texts)))
+    finally:
+        await client.close()

@@ -1,18 +1,33 @@
 """Colocated mode (``pools.mode: colocated``): every replica runs both phases
 of its requests, as a single engine does. The same cluster code serves it;
-output is exact and no KV moves."""
+output is exact, no KV moves, and a replica that dies mid-stream has its
+requests resumed on another."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+
+import pytest
+import ray
+
 from router.client import Client
-from tests.integration.clusters import assert_exact, generate_many, make_config, running, word_prompts
+from tests.integration.clusters import (assert_exact, block_usage, generate_many, make_config, running, stream_all,
+                                        wait_until, word_prompts)
 
 
-def test_colocated_replicas_serve_exactly_without_moving_kv(ray_head, tiny_model):
+@pytest.fixture(scope="module")
+def colocated(ray_head):
+    with running(make_config(mode="colocated", replicas=2)) as (d, address):
+        yield d, address
+
+
+def test_colocated_replicas_serve_exactly_without_moving_kv(colocated, tiny_model):
+    _, address = colocated
     texts = word_prompts(8, seed=51)
-    with running(make_config(mode="colocated", replicas=2)) as (_, address):
-        outs = generate_many(address, [dict(prompt=t, max_tokens=10, ignore_eos=True) for t in texts])
-        status = Client(address).status()
+    outs = generate_many(address, [dict(prompt=t, max_tokens=10, ignore_eos=True) for t in texts])
+    status = Client(address).status()
     assert_exact(tiny_model, texts, outs, 10)
     assert [p.kind for p in status.pools] == ["colocated"]
     assert sorted(w.worker_id for w in status.pools[0].workers) == ["colocated-0", "colocated-1"]
@@ -21,3 +36,23 @@ def test_colocated_replicas_serve_exactly_without_moving_kv(ray_head, tiny_model
         t = o.timings
         assert t.prefill_worker == t.decode_worker and t.transfer_bytes == 0 and t.attempts == 1
         assert 0 < t.timeline.prefill_start_ms <= t.timeline.prefill_end_ms <= t.timeline.first_token_ms
+
+
+def test_a_dead_replica_s_streams_resume_on_another(colocated, tiny_model):
+    d, address = colocated
+    texts = word_prompts(6, seed=52)
+    victim = d.deployment.router.servicer.directory.workers["colocated-0"]
+    state = {"killed": False}
+
+    def on_progress(counts):
+        if not state["killed"] and min(counts) >= 3:
+            state["killed"] = True
+            os.kill(ray.get(victim.handle.pid.remote(), timeout=30), signal.SIGKILL)
+
+    outs = asyncio.run(stream_all(address, texts, on_progress, max_new=150))  # long enough to be cut mid-stream
+    assert state["killed"]
+    assert_exact(tiny_model, texts, outs, 150)
+    assert any(o.timings.attempts > 1 for o in outs)
+    pm = d.deployment.pool_manager
+    wait_until(lambda: ray.get(pm.counts.remote(), timeout=30) == {"colocated": 2}, 120, "the pool back to 2", 0.5)
+    wait_until(lambda: all(u == 0 for u, _ in block_usage(address).values()), 15, "no blocks left held")

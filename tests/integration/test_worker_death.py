@@ -16,8 +16,9 @@ import pytest
 import ray
 
 from kvtransfer.faults import TransferFaults
-from router.client import AsyncClient, Client, Completion, build_request
-from tests.integration.clusters import assert_exact, block_usage, make_config, running, wait_until, word_prompts
+from router.client import Client
+from tests.integration.clusters import (assert_exact, block_usage, make_config, running, stream_all, wait_until,
+                                        word_prompts)
 
 MAX_NEW = 40
 
@@ -37,25 +38,6 @@ def workers(d, kind: str) -> dict[str, object]:
 def kill(d, kind: str, worker_id: str) -> None:
     pid = ray.get(workers(d, kind)[worker_id].handle.pid.remote(), timeout=30)
     os.kill(pid, signal.SIGKILL)
-
-
-async def stream_all(address: str, texts: list[str], on_progress) -> list[Completion]:
-    """Run every prompt, checking each stream chunk by chunk; ``on_progress(counts)`` sees tokens so far."""
-    client = AsyncClient(address, timeout_s=300)
-    counts = [0] * len(texts)
-
-    async def one(i: int, text: str) -> Completion:
-        c = Completion()
-        async for resp in client.stub.Generate(build_request(text, max_tokens=MAX_NEW, ignore_eos=True), timeout=300):
-            c.add(resp)
-            counts[i] += len(resp.token_ids)
-            on_progress(counts)
-        return c
-
-    try:
-        return await asyncio.gather(*(one(i, t) for i, t in enumerate(texts)))
-    finally:
-        await client.close()
 
 
 def back_to_size(d, address: str, dead: str) -> None:
