@@ -250,11 +250,14 @@ class RequestRunner:
                                 f"{prefill.worker_id}: {first['error']}")
         return first
 
+    def _wait_limit(self, deadline: float | None) -> float:
+        """Until when (``time.monotonic()``) to wait for capacity: the queue timeout or the client's deadline."""
+        limit = time.monotonic() + self.queue_timeout_s
+        return limit if deadline is None else min(limit, deadline)
+
     async def _reserve(self, transfer_id: str, kv_tokens: int, failed: set[str],
                        deadline: float | None) -> tuple[WorkerInfo, WorkerInfo, dict]:
-        limit = time.monotonic() + self.queue_timeout_s
-        if deadline is not None:
-            limit = min(limit, deadline)
+        limit = self._wait_limit(deadline)
         delay = 0.005
         while True:
             prefills = [w for w in self.directory.of_kind("prefill") if w.worker_id not in failed]
@@ -316,9 +319,7 @@ class RequestRunner:
                 worker.handle.abort.remote(request_id)
 
     async def _pick(self, failed: set[str], deadline: float | None) -> WorkerInfo:
-        limit = time.monotonic() + self.queue_timeout_s
-        if deadline is not None:
-            limit = min(limit, deadline)
+        limit = self._wait_limit(deadline)
         while True:
             workers = {w.worker_id: w for w in self.directory.of_kind("colocated") if w.worker_id not in failed}
             if workers:

@@ -26,7 +26,7 @@ from engine.sampling_params import InvalidRequestError
 from protos import serving_pb2
 from router.directory import STATUS_TIMEOUT_S, WorkerDirectory
 from router.lifecycle import NoCapacityError, RequestRunner, RequestTrace, WorkerFailedError
-from router.security import BearerTokenInterceptor, server_credentials
+from router.security import add_port, auth_interceptors
 from router.validation import ModelLimits, parse_request
 from router.wire import WireError, make_request_deserializer
 
@@ -70,14 +70,14 @@ class ServingServicer:
             await self._refuse(context, grpc.StatusCode.NOT_FOUND,
                                f"model: {request.model!r} is not served here; this cluster serves {self.limits.name!r}",
                                "invalid")
+        if self.inflight >= self.max_queued:  # before tokenizing: a refused request costs nothing
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"router.max_queued: {self.max_queued} requests already in flight; retry later",
+                               "rejected")
         try:
             parsed = parse_request(request, self.tokenizer, self.limits)
         except InvalidRequestError as e:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
-        if self.inflight >= self.max_queued:
-            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"router.max_queued: {self.max_queued} requests already in flight; retry later",
-                               "rejected")
         trace.admitted = time.time()
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
@@ -208,20 +208,16 @@ class RouterServer:
     def __init__(self, servicer: ServingServicer, host: str, port: int, *, tls: tuple[str, str] | None = None,
                  token: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         self.servicer = servicer
-        interceptors = [BearerTokenInterceptor(token)] if token else []
         # gRPC's own limit sits above ours, so that our deserializer can name the limit in its error.
-        self.server = grpc.aio.server(interceptors=interceptors, options=[
+        self.server = grpc.aio.server(interceptors=auth_interceptors(token), options=[
             ("grpc.max_receive_message_length", max_request_bytes * 2 + 1024)])
         self.server.add_generic_rpc_handlers((serving_handlers(servicer, max_request_bytes),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        address = f"{host}:{port}"
-        if tls is not None:
-            self.port = self.server.add_secure_port(address, server_credentials(*tls))
-        else:
-            self.port = self.server.add_insecure_port(address)
+        cert, key = tls if tls is not None else (None, None)
+        self.port = add_port(self.server, f"{host}:{port}", cert_path=cert, key_path=key)
         if self.port == 0:
             raise RuntimeError(f"router.port: cannot bind {host}:{port}")
         self.address = f"{host}:{self.port}"
@@ -262,7 +258,7 @@ def serving_handlers(servicer: ServingServicer, max_request_bytes: int) -> grpc.
 
 async def fetch_limits(directory: WorkerDirectory) -> ModelLimits:
     """Ask one worker which model it serves and its limits."""
-    workers = directory.of_kind("decode") + directory.of_kind("prefill") + directory.of_kind("colocated")
+    workers = list(directory.workers.values())
     if not workers:
         raise RuntimeError("no workers to ask for the model's limits")
     lim = await asyncio.wait_for(workers[0].handle.limits.remote(), timeout=STATUS_TIMEOUT_S)
