@@ -77,16 +77,21 @@ class DecodeWorker(WorkerBase):
         """Hold blocks for an incoming KV of ``num_kv_tokens`` tokens (plus the
         next one); return this worker's endpoint, or ``None`` if full."""
         self._reap(self._leases, self._expire)
-        if self._was_aborted(transfer_id):
-            return None
-        ok = await self.engine.call(lambda e: e.reserve(transfer_id, num_kv_tokens + 1))
-        if not ok:
-            return None
-        if self._was_aborted(transfer_id):  # the abort ran while the blocks were being reserved
-            await self.engine.call(lambda e: e.cancel_reservation(transfer_id))
+        if not await self._hold(transfer_id, num_kv_tokens):
             return None
         self._expect(transfer_id, num_kv_tokens, sender, timeout_s)
         return self.kv_transport.endpoint()
+
+    async def _hold(self, transfer_id: str, num_kv_tokens: int) -> bool:
+        """Reserve blocks for the KV plus the next token, unless the request was (or is being) aborted."""
+        if self._was_aborted(transfer_id):
+            return False
+        if not await self.engine.call(lambda e: e.reserve(transfer_id, num_kv_tokens + 1)):
+            return False
+        if self._was_aborted(transfer_id):  # the abort ran while the blocks were being reserved
+            await self.engine.call(lambda e: e.cancel_reservation(transfer_id))
+            return False
+        return True
 
     async def rearm(self, transfer_id: str, wire_id: str, num_kv_tokens: int, sender: dict,
                     timeout_s: float = 30.0) -> dict | None:
@@ -95,9 +100,8 @@ class DecodeWorker(WorkerBase):
         queue longer than the lease), reserve again; ``None`` if there is no room."""
         if self._was_aborted(transfer_id):
             return None
-        if transfer_id not in self._leases:
-            if not await self.engine.call(lambda e: e.reserve(transfer_id, num_kv_tokens + 1)):
-                return None
+        if transfer_id not in self._leases and not await self._hold(transfer_id, num_kv_tokens):
+            return None
         self._drop_wire(transfer_id)
         self._expect(transfer_id, num_kv_tokens, sender, timeout_s, wire_id)
         return self.kv_transport.endpoint()
@@ -155,7 +159,7 @@ class DecodeWorker(WorkerBase):
         then token dicts as :meth:`generate` does.
         """
         if self._was_aborted(request_id):
-            yield {"error": "aborted", "retryable": False}
+            yield {"error": "aborted"}
             return
         ack = {"ack": True, "t_called": time.time()}
         start = (lambda e: e.add_request(request_id, params=params, prompt_token_ids=prompt_token_ids,
@@ -164,7 +168,7 @@ class DecodeWorker(WorkerBase):
             async for ev in self._run(request_id, params, start, ack):
                 yield ev
         except InvalidRequestError as e:
-            yield {"error": str(e), "retryable": False, "invalid_field": e.field}
+            yield {"error": str(e), "invalid_field": e.field}
 
     async def _run(self, request_id: str, params: SamplingParams, start, ack: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream one request's outputs from the engine, ack first; keeps the counters."""
@@ -177,7 +181,7 @@ class DecodeWorker(WorkerBase):
                     first = False
                     yield {**ack, "t_joined": time.time(), **(getattr(out, "timestamps", None) or {})}
                 if out.finish_reason == "abort":
-                    yield {"error": "aborted", "retryable": False}
+                    yield {"error": "aborted"}
                     return
                 produced += len(out.new_token_ids)
                 yield {"token_ids": out.new_token_ids, "text": out.new_text, "finished": out.finished,

@@ -15,7 +15,7 @@ Lifecycle of one request here (DESIGN.md section 2, step 4):
    go back to the router. The blocks stay held until the router's
    ``release`` (sent once the decode side acknowledged) or until the hold's
    lease expires, whichever comes first.
-5. A failed push returns a ``retryable`` error and keeps the KV held: the
+5. A failed push returns an error marked ``kv_held`` and keeps the KV held: the
    router may re-arm the decode side and call ``resend`` once, or ``abort``.
    A cancel frees the blocks at once, and a prefill that arrives after its
    abort is refused. A failure is a value, never a dead worker.
@@ -109,18 +109,18 @@ class PrefillWorker(WorkerBase):
         t_received = time.time()
         self._reap(self._holds, self._drop)
         if self._was_aborted(transfer_id):
-            return {"error": "aborted before prefill started", "retryable": False}
+            return {"error": "aborted before prefill started"}
         n_tokens = len(prompt_token_ids) + len(output_token_ids or ())
         self.outstanding_tokens += n_tokens
         try:
             first = await self._first_token(transfer_id, prompt_token_ids, params, output_token_ids, emitted_text)
         except InvalidRequestError as e:  # e.g. a prompt larger than this worker's KV cache
-            return {"error": str(e), "retryable": False, "invalid_field": e.field}
+            return {"error": str(e), "invalid_field": e.field}
         finally:
             self.outstanding_tokens -= n_tokens
         t_prefilled = time.time()
         if first is None or first.finish_reason == "abort":
-            return {"error": "aborted", "retryable": False}
+            return {"error": "aborted"}
         self.requests_served += 1
         self.tokens_prefilled += n_tokens
         stamps = getattr(first, "timestamps", None) or {}
@@ -157,7 +157,7 @@ class PrefillWorker(WorkerBase):
         """Push a held KV again, under the fresh ``wire_id``, after a failed
         transfer (the decode side re-armed its reservation for that id)."""
         if self._holds.pop(transfer_id, None) is None or self._was_aborted(transfer_id):
-            return {**result, "error": "no held KV to resend", "retryable": False}
+            return {**result, "error": "no held KV to resend"}
         return await self._push(transfer_id, decode_endpoint, timeout_s, result, wire_id)
 
     async def _push(self, transfer_id: str, decode_endpoint: dict, timeout_s: float,
@@ -174,13 +174,12 @@ class PrefillWorker(WorkerBase):
         self._wire.pop(transfer_id, None)
         if self._was_aborted(transfer_id):
             await self.engine.abort(transfer_id)
-            return {**result, "error": "aborted during transfer", "retryable": False}
+            return {**result, "error": "aborted during transfer"}
         self._holds[transfer_id] = time.monotonic() + self.hold_lease_s
         if status != TransferStatus.SUCCESS:
-            return {**result, "error": f"KV transfer failed: {error or status.name}", "retryable": True,
-                    "kv_held": True}
+            return {**result, "error": f"KV transfer failed: {error or status.name}", "kv_held": True}
         self.transfer_seconds += time.time() - t_start
-        result = {k: v for k, v in result.items() if k not in ("error", "retryable", "kv_held")}
+        result = {k: v for k, v in result.items() if k not in ("error", "kv_held")}
         result.update(
             transfer_bytes=handoff.nbytes,
             t_transfer_start=t_start,
