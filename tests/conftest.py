@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-# Ray 2.60 expects token authentication; Ray reads this when it is imported.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-# Keep every Ray process of the tests on 127.0.0.1: with this off, Ray uses
-# loopback as the node address instead of the host's routable one. Child
-# processes (ray start, Ray workers, jobs) inherit it.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from cluster.local_ray import apply_ray_env
+
+# Token auth with the project-local token, loopback only: Ray reads these when
+# it is imported, and every child process (ray start, workers, jobs) inherits them.
+apply_ray_env()
 
 
 @pytest.fixture(scope="session")

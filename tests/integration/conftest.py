@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ray_cluster import start_head
+from cluster.local_ray import start_head
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import yaml
 from cluster.config import load_config
 from cluster.launch import job_runtime_env
 from router.client import Client
-from tests.ray_cluster import free_port, ray_bin
+from cluster.local_ray import free_port, ray_bin
 from tests.reference import compare_greedy
 
 
