@@ -27,6 +27,10 @@ class EngineStepError(RuntimeError):
     """The engine step failed; the requests of that step were aborted."""
 
 
+class RequestFailedError(RuntimeError):
+    """One request failed on its own (the engine's ``finish_reason == "error"``); its blocks are free."""
+
+
 class AsyncEngine:
     """Owns the stepping thread of one engine.
 
@@ -83,6 +87,9 @@ class AsyncEngine:
                 if isinstance(item, Exception):
                     done = True
                     raise item
+                if item.finish_reason == "error":
+                    done = True  # the engine already dropped it and freed its blocks
+                    raise RequestFailedError(item.error or "request failed")
                 if item.finish_reason == "abort":
                     # abort()'s sentinel: it may have raced ahead of ``start``,
                     # so leave ``done`` False and let the finally drop the request.
