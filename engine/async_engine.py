@@ -21,6 +21,7 @@ from engine.llm_engine import LLMEngine, RequestOutput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+IDLE_POLL_S = 0.05  # how often an engine with nothing to run looks again without being woken
 
 
 class EngineStepError(RuntimeError):
@@ -118,7 +119,7 @@ class AsyncEngine:
                 has_work = self.engine.scheduler.has_work()
             if not has_work:
                 idle = True
-                self._wake.wait(timeout=0.05)
+                self._wake.wait(timeout=IDLE_POLL_S)
                 self._wake.clear()
                 continue
             if idle and self.batch_wait_s > 0:
@@ -126,11 +127,21 @@ class AsyncEngine:
             idle = False
             try:
                 with self._lock:
+                    steps_before = self.engine.num_steps
                     outputs = self.engine.step()
+                    ran = self.engine.num_steps != steps_before
                     self.steps += 1
             except Exception as exc:  # never let one bad step kill the loop
                 log.exception("engine step failed")
                 self._fail_all(exc)
+                continue
+            if not ran:
+                # Requests wait but none could be scheduled (no free block): sleep
+                # until something changes (a call: new request, abort, release)
+                # instead of spinning a core on empty schedules.
+                idle = True
+                self._wake.wait(timeout=IDLE_POLL_S)
+                self._wake.clear()
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)
