@@ -17,7 +17,7 @@ import ray
 from prometheus_client import CollectorRegistry
 
 from cluster.config import ClusterConfig
-from cluster.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
+from observability.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
 from cluster.pool_manager import PoolManager, PoolSpec
 from engine.model_loader import load_tokenizer
 from router.directory import WorkerDirectory

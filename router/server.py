@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster.metrics import RouterMetrics
+from observability.metrics import RouterMetrics
 from engine.sampling_params import InvalidRequestError
 from protos import serving_pb2
 from router.directory import STATUS_TIMEOUT_S, WorkerDirectory

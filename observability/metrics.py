@@ -12,7 +12,7 @@ tests can live in one process. Two halves:
    counters (labels ``worker_id`` and ``kind``) at scrape time. The keys it
    reads are listed on the class.
 
-The metric names are module constants; ``cluster.dashboard`` builds the
+The metric names are module constants; ``observability.dashboard`` builds the
 Grafana dashboard from the same constants, so the two cannot drift apart.
 Names follow the Prometheus conventions: a ``splitserve_`` prefix, base
 units (seconds, bytes) in the name, ``_total`` on counters, ``_ratio`` on

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster import metrics as m
+from observability import metrics as m
 
 
 def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
