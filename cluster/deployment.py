@@ -108,7 +108,8 @@ class Deployment:
                                max_attempts=rc.max_attempts, transfer_retries=rc.transfer_retries,
                                colocated=colocated)
         metrics = RouterMetrics(self.registry)
-        self.registry.register(WorkerStatusCollector(lambda: [w.status for w in list(directory.workers.values())]))
+        self.registry.register(WorkerStatusCollector(
+            lambda: [w.status for w in list(directory.workers.values()) if w.status is not None]))
         servicer = ServingServicer(runner, directory, tokenizer, limits, rc.max_queued, metrics)
         tls = (rc.tls_cert, rc.tls_key) if rc.tls_cert and rc.tls_key else None
         self.router = RouterServer(servicer, rc.host, rc.port, tls=tls, token=token,

@@ -134,15 +134,12 @@ class ServingServicer:
         for kind in kinds:
             pool = resp.pools.add(kind=kind, target_replicas=self.directory.targets.get(kind, 0))
             for w in sorted(self.directory.of_kind(kind), key=lambda w: w.worker_id):
-                s = w.status
-                pool.workers.add(
-                    worker_id=w.worker_id, node_id=w.node_id, alive=bool(s.get("alive", False)),
-                    running=s.get("running", 0), waiting=s.get("waiting", 0),
-                    outstanding_tokens=max(s.get("outstanding_tokens", 0), 0), free_blocks=s.get("free_blocks", 0),
-                    used_blocks=s.get("used_blocks", 0), num_blocks=s.get("num_blocks", 0),
-                    requests_served=s.get("requests_served", 0),
-                    tokens_generated=s.get("tokens_generated", s.get("tokens_prefilled", 0)),
-                )
+                pb = pool.workers.add(worker_id=w.worker_id, node_id=w.node_id, alive=w.alive)
+                if (s := w.status) is not None:  # never answered a poll: the rest stays 0
+                    pb.running, pb.waiting = s.running, s.waiting
+                    pb.outstanding_tokens = max(s.outstanding_tokens, 0)
+                    pb.free_blocks, pb.used_blocks, pb.num_blocks = s.free_blocks, s.used_blocks, s.num_blocks
+                    pb.requests_served, pb.tokens_generated = s.requests_served, s.tokens_processed
         return resp
 
 
