@@ -17,9 +17,9 @@ import ray
 from prometheus_client import CollectorRegistry
 
 from cluster.config import ClusterConfig
-from observability.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
 from cluster.pool_manager import PoolManager, PoolSpec
 from engine.model_loader import load_tokenizer
+from observability.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
 from router.directory import WorkerDirectory
 from router.lifecycle import RequestRunner
 from router.policy import make_policy

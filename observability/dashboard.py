@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from observability import metrics as m
+from observability.stages import Stage
 
 DASHBOARD_PATH = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "splitserve-dashboard.json"
 
@@ -104,7 +105,7 @@ def _requests_row(lay: _Layout) -> None:
     lay.row("Requests")
     mean_stage = (f"sum by (stage) ({rate(m.STAGE + '_sum')}) / sum by (stage) ({rate(m.STAGE + '_count')})")
     lay.panel("Mean time per stage", [target(mean_stage, "{{stage}}")], "s", stack=True,
-              description="Stacked means: queue, prefill queue, prefill, transfer, decode queue, decode.")
+              description=f"Stacked means: {', '.join(s.value.replace('_', ' ') for s in Stage)}.")
     lay.panel("p99 time per stage", [target(quantile(0.99, m.STAGE, "stage"), "{{stage}}")], "s")
     lay.panel("Requests by outcome", [target(f"sum by (outcome) ({rate(m.REQUESTS)})", "{{outcome}}")], "reqps",
               stack=True)

@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from observability.stages import Stage
 from worker_common.worker_status import WorkerStatus
 
 log = logging.getLogger(__name__)
@@ -42,18 +43,13 @@ TTFT = "splitserve_time_to_first_token_seconds"
 TPOT = "splitserve_time_per_output_token_seconds"
 ITL = "splitserve_inter_token_latency_seconds"
 E2E = "splitserve_e2e_request_latency_seconds"
-STAGE = "splitserve_request_stage_seconds"
+STAGE = "splitserve_request_stage_seconds"  # label stage: a Stage's value
 REQUESTS = "splitserve_requests_total"
 PROMPT_TOKENS = "splitserve_prompt_tokens_total"
 GENERATION_TOKENS = "splitserve_generation_tokens_total"
 IN_FLIGHT = "splitserve_requests_in_flight"
 
 ROUTER_HISTOGRAMS = (TTFT, TPOT, ITL, E2E, STAGE)
-
-#: Request stages, in order: router admitted -> decode worker reserved
-#: (``queue``), then on the prefill worker (queued, computing), the KV
-#: transfer, then on the decode worker (queued, decoding).
-STAGES = ("queue", "prefill_queue", "prefill", "transfer", "decode_queue", "decode")
 
 #: How a request ended. ``rejected``: refused at admission (queues full);
 #: ``invalid``: bad input; ``deadline``: the client's deadline passed.
@@ -95,8 +91,8 @@ class RouterMetrics:
         # Known label values start at 0, so rate() sees the first request.
         for outcome in OUTCOMES:
             self.requests.labels(outcome=outcome)
-        for stage in STAGES:
-            self.stage.labels(stage=stage)
+        for stage in Stage:
+            self.stage.labels(stage=stage.value)
 
     def track_in_flight(self):
         """Context manager (or decorator) counting the request in flight while it runs."""
@@ -116,7 +112,7 @@ class RouterMetrics:
         num_output_tokens: int,
         ttft_s: float | None = None,
         e2e_s: float | None = None,
-        stages: Mapping[str, float] | None = None,
+        stages: Mapping[Stage, float] | None = None,
     ) -> None:
         """Record one finished request.
 
@@ -124,13 +120,14 @@ class RouterMetrics:
         first token, and — for ``ok`` requests only, as a cancelled request's
         duration is the client's choice — E2E and TPOT (``(e2e - ttft) /
         (num_output_tokens - 1)``, when there were at least two tokens).
-        ``stages`` maps names from :data:`STAGES` to seconds; the stages a
-        request never reached are simply left out.
+        ``stages`` maps each :class:`~observability.stages.Stage` the request
+        reached to its seconds (:func:`~observability.stages.stage_seconds`);
+        the stages it never reached are simply left out.
         """
         self.count_outcome(outcome)
-        for name in stages or {}:
-            if name not in STAGES:
-                raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
+        for stage in stages or {}:
+            if not isinstance(stage, Stage):
+                raise ValueError(f"unknown stage {stage!r}; expected a Stage: {[s.value for s in Stage]}")
         self.prompt_tokens.inc(num_prompt_tokens)
         self.generation_tokens.inc(num_output_tokens)
         if ttft_s is not None:
@@ -139,8 +136,8 @@ class RouterMetrics:
             self.e2e.observe(e2e_s)
             if ttft_s is not None and num_output_tokens > 1:
                 self.tpot.observe((e2e_s - ttft_s) / (num_output_tokens - 1))
-        for name, seconds in (stages or {}).items():
-            self.stage.labels(stage=name).observe(seconds)
+        for stage, seconds in (stages or {}).items():
+            self.stage.labels(stage=stage.value).observe(seconds)
 
     def observe_token_gap(self, seconds: float) -> None:
         """One inter-token latency: the gap between two consecutive tokens of a stream."""

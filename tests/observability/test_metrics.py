@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.step_stats import StepStatsSnapshot
 from observability import metrics as m
+from observability.stages import Stage
 from worker_common.worker_status import KVTransferStats, WorkerStatus
 
 
@@ -65,9 +66,9 @@ def test_router_metrics_observe_and_scrape():
     with rm.track_in_flight():
         assert scrape(reg)[(m.IN_FLIGHT, ())] == 1
         rm.observe_request("ok", num_prompt_tokens=12, num_output_tokens=5, ttft_s=0.2, e2e_s=1.0,
-                           stages={"queue": 0.001, "prefill": 0.15, "transfer": 0.004, "decode": 0.8})
+                           stages={Stage.QUEUE: 0.001, Stage.PREFILL: 0.15, Stage.TRANSFER: 0.004, Stage.DECODE: 0.8})
     rm.observe_request("cancelled", num_prompt_tokens=3, num_output_tokens=2, ttft_s=0.03, e2e_s=9.0)
-    rm.observe_request("error", num_prompt_tokens=4, num_output_tokens=0, stages={"prefill_queue": 0.5})
+    rm.observe_request("error", num_prompt_tokens=4, num_output_tokens=0, stages={Stage.PREFILL_QUEUE: 0.5})
     rm.count_outcome("rejected")
     for gap in (0.004, 0.02, 0.3):
         rm.observe_token_gap(gap)
@@ -99,6 +100,7 @@ def test_router_metrics_observe_and_scrape():
     assert s[(m.STAGE + "_count", (("stage", "prefill_queue"),))] == 1
     assert s[(m.STAGE + "_count", (("stage", "decode_queue"),))] == 0
     assert bucket(s, m.STAGE, 0.001, stage="queue") == 1
+    assert {dict(labels)["stage"] for name, labels in s if name == m.STAGE + "_count"} == {x.value for x in Stage}
 
     types = families(reg)
     assert types[m.TTFT] == types[m.STAGE] == "histogram"
@@ -112,6 +114,8 @@ def test_router_metrics_refuse_unknown_labels():
         rm.count_outcome("meh")
     with pytest.raises(ValueError, match="stage"):
         rm.observe_request("ok", num_prompt_tokens=1, num_output_tokens=1, stages={"warmup": 1.0})
+    with pytest.raises(ValueError, match="stage"):  # the name alone is not a Stage
+        rm.observe_request("ok", num_prompt_tokens=1, num_output_tokens=1, stages={"prefill": 1.0})
 
 
 def test_two_registries_do_not_clash():
