@@ -17,9 +17,9 @@ import ray
 from prometheus_client import CollectorRegistry
 
 from cluster.config import ClusterConfig
-from cluster.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
 from cluster.pool_manager import PoolManager, PoolSpec
 from engine.model_loader import load_tokenizer
+from observability.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
 from router.directory import WorkerDirectory
 from router.lifecycle import RequestRunner
 from router.policy import make_policy
@@ -108,7 +108,8 @@ class Deployment:
                                max_attempts=rc.max_attempts, transfer_retries=rc.transfer_retries,
                                colocated=colocated)
         metrics = RouterMetrics(self.registry)
-        self.registry.register(WorkerStatusCollector(lambda: [w.status for w in list(directory.workers.values())]))
+        self.registry.register(WorkerStatusCollector(
+            lambda: [w.status for w in list(directory.workers.values()) if w.status is not None]))
         servicer = ServingServicer(runner, directory, tokenizer, limits, rc.max_queued, metrics)
         tls = (rc.tls_cert, rc.tls_key) if rc.tls_cert and rc.tls_key else None
         self.router = RouterServer(servicer, rc.host, rc.port, tls=tls, token=token,

@@ -186,8 +186,7 @@ class PoolManager:
                 s = await asyncio.wait_for(w.handle.status.remote(), timeout=PING_TIMEOUT_S)
             except Exception:
                 break  # already dead
-            busy = s["running"] + s["waiting"] + s.get("reserved", 0) + s.get("held", 0) + s["outstanding_tokens"]
-            idle_checks = idle_checks + 1 if busy == 0 else 0
+            idle_checks = 0 if s.busy else idle_checks + 1
         try:
             await asyncio.wait_for(w.handle.shutdown.remote(), timeout=PING_TIMEOUT_S)
         except Exception:

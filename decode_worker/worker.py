@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from engine.kv_handoff import KVHandoff
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from kvtransfer.base import TransferStatus
 from prefill_worker.worker import wait_transfer
+from worker_common.worker_status import WorkerStatus
 
 
 class DecodeWorker(WorkerBase):
@@ -68,8 +70,8 @@ class DecodeWorker(WorkerBase):
         self._wire: dict[str, str] = {}
         self.tokens_generated = 0
 
-    def status(self) -> dict[str, Any]:
-        return {**super().status(), "tokens_generated": self.tokens_generated}
+    def status(self) -> WorkerStatus:
+        return replace(super().status(), tokens_generated=self.tokens_generated)
 
     # ------------------------------------------------------------ requests
     async def reserve(self, transfer_id: str, num_kv_tokens: int, sender: dict,

@@ -34,7 +34,7 @@ from engine.sampler import SamplingError, sample
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
-from engine.step_stats import StepStats
+from engine.step_stats import StepStats, StepStatsSnapshot
 
 DEFAULT_NUM_BLOCKS = 1024
 
@@ -364,7 +364,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
         }
 
-    def step_stats(self) -> dict:
+    def step_stats(self) -> StepStatsSnapshot:
         """Step accounting since start and over the recent window (:meth:`StepStats.snapshot`)."""
         return self.step_accounting.snapshot()
 

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from cluster.worker_base import WorkerBase
 from engine.llm_engine import RequestOutput
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from kvtransfer.base import KVTransport, TransferStatus
+from worker_common.worker_status import WorkerStatus
 
 
 async def wait_transfer(transport: KVTransport, transfer_id: str, timeout_s: float) -> TransferStatus:
@@ -81,11 +82,11 @@ class PrefillWorker(WorkerBase):
         self.tokens_prefilled = 0
         self.transfer_seconds = 0.0
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> WorkerStatus:
         base = super().status()
         # Push time as the sender sees it (export + send + wait for the receiver's ack).
-        base["kv_transfer"] = {**base["kv_transfer"], "seconds_sent": self.transfer_seconds}
-        return {**base, "held": len(self._holds), "tokens_prefilled": self.tokens_prefilled}
+        return replace(base, kv_transfer=replace(base.kv_transfer, seconds_sent=self.transfer_seconds),
+                       held=len(self._holds), tokens_prefilled=self.tokens_prefilled)
 
     # ------------------------------------------------------------ requests
     async def prefill(

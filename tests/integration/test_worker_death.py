@@ -72,7 +72,7 @@ def test_prefill_killed_under_load_every_request_completes_exactly(cluster, tiny
         # Once the victim holds prompts' KV (their pushes are delayed 0.4 s), kill it.
         handle = workers(d, "prefill")[victim].handle
         deadline = time.monotonic() + 30
-        while ray.get(handle.status.remote(), timeout=30)["used_blocks"] == 0 and time.monotonic() < deadline:
+        while ray.get(handle.status.remote(), timeout=30).used_blocks == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         kill(d, "prefill", victim)
         killed.set()

@@ -1,0 +1,5 @@
+"""What the prefill and decode workers share, and the values they hand to the router and the pool manager.
+
+Owns the worker base class, the typed router<->worker messages and the worker's status report.
+May import ``protos``, ``analysis``, ``engine`` and ``kvtransfer``; never the workers, ``observability`` or above.
+"""
