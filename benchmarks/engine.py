@@ -13,14 +13,14 @@ What it measures, in order:
 1. **Machine peaks.** Memory bandwidth is the best of a few ``dst.copy_(src)``
    of a 256 MB tensor, counting read + write (2x the size) as bytes moved.
    Float32 FLOP/s is the best of a few 2048x2048 @ 2048x2048 matmuls. Both use
-   torch's default thread count (:mod:`engine.peaks`). Shared machines drift,
+   torch's default thread count (:mod:`analysis.machine_peaks`). Shared machines drift,
    so both are measured again at the end; the rooflines use the higher of the
    two (the stricter bound), and both samples are reported.
 2. **Decode** at batch 1, 8, 32 and 64 with ~256 tokens of context: B
    requests with 256 random (seeded) prompt tokens are prefilled, a couple of
    untimed decode steps warm up, then N decode steps are timed one by one.
    ms/step is the median step; tokens/s is B / median. Per step, the roofline
-   counts (:mod:`engine.cost_model`, from the model's dimensions)
+   counts (:mod:`analysis.cost_model`, from the model's dimensions)
      bytes = weights read once (the tied embedding / lm_head matrix once, plus
              the B embedding rows looked up) + KV read (B * ctx * KV bytes/token)
      FLOPs = 2 * (the layers' projection matrices + lm_head) * B
@@ -75,13 +75,13 @@ from typing import Any, Callable
 
 import torch
 
+from analysis.cost_model import ModelDims, roofline_seconds
+from analysis.machine_peaks import COPY_BYTES, MATMUL_N
+from analysis.machine_peaks import measure_peaks as measure_machine_peaks
 from engine.block_pool import blocks_needed
-from engine.cost_model import ModelDims, roofline_seconds
 from engine.llm_engine import LLMEngine, RequestOutput, run_to_completion
 from engine.model_loader import DEFAULT_MODEL, LoadedModel, load_model
 from engine.model_runner import kv_layout_of
-from engine.peaks import COPY_BYTES, MATMUL_N
-from engine.peaks import measure_peaks as measure_machine_peaks
 from engine.sampling_params import SamplingParams
 
 BLOCK_SIZE = 16
@@ -195,7 +195,7 @@ def measure_peaks(reps: int, quiet_wait_s: float = 0.0) -> dict[str, float | Non
 # ------------------------------------------------------------------ model cost
 @dataclass(frozen=True)
 class ModelCost:
-    """The loaded model's dimensions and the bytes per parameter it runs in; formulas in :mod:`engine.cost_model`."""
+    """The loaded model's dimensions and the bytes per parameter it runs in; formulas in :mod:`analysis.cost_model`."""
 
     dims: ModelDims
     itemsize: int               # bytes per parameter (and per KV element: the cache uses the model's dtype)
