@@ -92,7 +92,7 @@ from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.model_loader import DEFAULT_MODEL, load_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from kvtransfer.base import Endpoint, KVTransport, TransferStatus  # noqa: E402
-from kvtransfer.common import DEFAULT_CHUNK_BYTES  # noqa: E402
+from kvtransfer.chunking import DEFAULT_CHUNK_BYTES  # noqa: E402
 from kvtransfer.factory import make_transport  # noqa: E402
 from kvtransfer.inproc import InProcHub  # noqa: E402
 from kvtransfer.ray_transport import KVTransferActorMixin  # noqa: E402

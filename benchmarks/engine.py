@@ -78,7 +78,7 @@ import torch
 from analysis.cost_model import ModelDims, roofline_seconds
 from analysis.machine_peaks import COPY_BYTES, MATMUL_N
 from analysis.machine_peaks import measure_peaks as measure_machine_peaks
-from engine.block_pool import blocks_needed
+from engine.kv_cache_manager import blocks_needed
 from engine.llm_engine import LLMEngine, RequestOutput, run_to_completion
 from engine.model_loader import DEFAULT_MODEL, LoadedModel, load_model
 from engine.model_runner import kv_layout_of
