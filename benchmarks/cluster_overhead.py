@@ -17,7 +17,7 @@ side in this one run and reported as ratios.
        returns a token for the request; TPOT is the mean gap of the later
        tokens, ``(t_last - t_first) / (tokens - 1)``;
    (b) a 1:1 deployment (router in this process, prefill and decode workers as
-       Ray actors, KV over gloo; ``tests.integration.clusters.make_config``),
+       Ray actors, KV over gloo; ``benchmarks.deployments.make_config``),
        measured at a blocking gRPC client: TTFT from just before
        ``Client.stream`` to the first response that carries a token, TPOT as
        above. The router's own ``timings`` of the last response
@@ -232,7 +232,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def compare_paths(settings: Settings, default_threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Section 1: the same prompts through the engine in-process and through a 1:1 deployment."""
-    from tests.integration.clusters import make_config, running
+    from benchmarks.deployments import make_config, running
 
     cfg = make_config(DEFAULT_MODEL, backend="gloo")
     threads = worker_threads(cfg.pools.decode.num_cpus)

@@ -584,7 +584,7 @@ async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
     from benchmarks.common import busy_cores
     from cluster.deployment import BackgroundDeployment
     from engine.model_loader import load_tokenizer
-    from tests.integration.clusters import make_config
+    from benchmarks.deployments import make_config
 
     p, d_ = (int(x) for x in args.ratio.split(":"))
     cfg = make_config(args.model, backend="gloo", ratio=args.ratio, replicas=args.replicas,
