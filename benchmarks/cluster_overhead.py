@@ -5,9 +5,9 @@ Run from the repository root::
     python -m benchmarks.cluster_overhead [--json PATH] [--quick]
 
 One process, one local Ray cluster (started here with ``ray.init(address="local")``
-on 127.0.0.1 with token auth, and shut down at the end, also on error). The
-vocabulary is DESIGN.md section 4: TTFT, TPOT; figures are compared side by
-side in this one run and reported as ratios.
+on 127.0.0.1 with token auth, and shut down at the end, also on error). TTFT
+and TPOT are as defined in docs/architecture.md (Measurement); figures are
+compared side by side in this one run and reported as ratios.
 
 1. **Engine in-process vs cluster** (SmolLM2-135M-Instruct, float32, CPU).
    The same chat prompts (``max_tokens`` 32, ``ignore_eos``, greedy) run one
@@ -66,14 +66,14 @@ absolute times only mean something next to each other.
 
 from __future__ import annotations
 
-import os
+from cluster.local_ray import apply_ray_env
 
-# Ray reads these when it is imported (see tests/conftest.py): token auth, loopback only.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray reads its environment when it is imported: token auth and loopback only, set before any import of ray.
+apply_ray_env()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402

@@ -5,8 +5,8 @@ Run from the repository root::
     python -m benchmarks.engine [--json PATH] [--quick] [--wait-quiet SECONDS]
 
 Everything runs in one process on SmolLM2-135M-Instruct (float32, CPU),
-loaded once. The vocabulary is DESIGN.md section 4 (MBU / MFU against peaks
-measured in the same run, never a spec sheet).
+loaded once. MBU and MFU are fractions of peaks measured in the same run, never
+of a spec sheet (see docs/architecture.md, Measurement).
 
 What it measures, in order:
 

@@ -51,15 +51,15 @@ was lost or leaked (or the kill could not be done), else 0.
 
 from __future__ import annotations
 
-import os
+from cluster.local_ray import apply_ray_env
 
-# Ray reads these when it is imported (see tests/conftest.py): token auth, loopback only.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray reads its environment when it is imported: token auth and loopback only, set before any import of ray.
+apply_ray_env()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
