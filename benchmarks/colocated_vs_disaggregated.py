@@ -88,6 +88,7 @@ from dataclasses import asdict, dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+from analysis.model_catalog import DEFAULT_MODEL  # noqa: E402
 from benchmarks.common import BUSY_WARN_CORES, CpuSampler, busy_cores, log  # noqa: E402
 from benchmarks.loadgen import Arrival, FixedConcurrency, Poisson, run_trace  # noqa: E402
 from benchmarks.slo import SLO, RequestRecord, goodput, summarize  # noqa: E402
@@ -96,7 +97,6 @@ from cluster.config import ClusterConfig, parse_config  # noqa: E402
 from benchmarks.cvd_report import (  # noqa: E402
     ARMS,
     DEFAULT_CHUNK_TOKENS,
-    DEFAULT_MODEL,
     LEASE_S,
     LONG_INPUT,
     LONG_OUTPUT,

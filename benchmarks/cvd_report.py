@@ -15,7 +15,6 @@ from typing import Any
 
 from benchmarks.slo import SLO, RequestRecord, meets_slo, stats, summarize
 
-DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 MAX_MODEL_LEN = 2048
 SHORT_INPUT, SHORT_OUTPUT = 32, 48
 LONG_INPUT, LONG_OUTPUT = (768, 1024), 4
