@@ -81,7 +81,7 @@ PROFILES: Mapping[str, HardwareProfile] = MappingProxyType({
 
 
 def local_profile(peaks: MachinePeaks, memory_bytes: float | None = None) -> HardwareProfile:
-    """A profile of this machine from peaks measured now (float32 copy and matmul, see :mod:`analysis.machine_peaks`)."""
+    """A profile of this machine from peaks measured now (float32 copy and matmul, :mod:`analysis.machine_peaks`)."""
     if memory_bytes is None:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return HardwareProfile(

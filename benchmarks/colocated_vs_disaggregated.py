@@ -29,8 +29,8 @@ each round, and an arm's rounds are merged on one timeline.
 
 The trace (TTFT, TPOT and goodput as in docs/architecture.md, Measurement) is
 the interference case disaggregation exists for, long prompts stalling the
-decode of short requests that share a worker with them: a Poisson stream of short chat-sized requests (32 tokens in, 48 out: decode
-heavy) at each ``rate`` of the settings, plus one long prompt (768-1024
+decode of short requests that share a worker with them: a Poisson stream of
+short chat-sized requests (32 tokens in, 48 out: decode heavy) at each ``rate`` of the settings, plus one long prompt (768-1024
 tokens in, 4 out) every ``long_every_s`` seconds. Prompts are exact-length
 raw prompts from :mod:`benchmarks.workloads` (SmolLM2's tokenizer), sent with
 ``max_tokens`` = output length and ``ignore_eos`` by

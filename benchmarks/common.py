@@ -19,7 +19,6 @@ from cluster.local_ray import apply_ray_env
 apply_ray_env()
 
 import os  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -43,10 +42,6 @@ def busy_cpu_seconds() -> float | None:
 def log(msg: str) -> None:
     """Progress on stderr, so stdout holds only the report."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
 
 
 def busy_cores(probe_s: float = 1.0) -> float | None:

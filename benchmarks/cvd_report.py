@@ -38,7 +38,6 @@ SLO_SHORT = SLO(ttft_ms=1000.0, tpot_ms=200.0)   # a chat answer: first token wi
 SLO_LONG = SLO(ttft_ms=8000.0, tpot_ms=500.0)    # a long document: a 1k-token prefill may take a few seconds here
 
 
-
 # ------------------------------------------------------------------ analysis
 def long_windows(records: Sequence[RequestRecord]) -> list[tuple[float, float]]:
     """(send, end) of every long request: while it is in flight a short request's decode may be disturbed."""

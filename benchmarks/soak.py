@@ -108,7 +108,6 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-
 # ------------------------------------------------------------------ traffic
 @dataclass(frozen=True)
 class Settings:

@@ -1,4 +1,4 @@
-"""The soak benchmark's accounting (soak_report) on fake records and a fake ClusterStatus, and its plans (no cluster)."""
+"""The soak benchmark's accounting (soak_report) on fake records and a fake ClusterStatus; its plans (no cluster)."""
 
 from __future__ import annotations
 
