@@ -13,7 +13,7 @@ from typing import Any
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
 from engine.model_loader import load_model
-from engine.peaks import measure_peaks_fast
+from analysis.machine_peaks import measure_peaks_fast
 from kvtransfer.factory import make_transport
 from kvtransfer.ray_transport import KVTransferActorMixin
 from worker_common.worker_status import KVTransferStats, WorkerStatus

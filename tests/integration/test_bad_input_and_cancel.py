@@ -20,11 +20,11 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.deployments import make_config, running
 from observability.stages import TIMINGS_FIELDS, Stage
 from protos import serving_pb2
 from router.client import AsyncClient, Client, build_request
-from tests.integration.clusters import (assert_exact, block_usage, make_config, running, wait_until,
-                                        word_prompts)
+from tests.integration.clusters import assert_exact, block_usage, wait_until, word_prompts
 
 MAX_NEW = 10
 SERVICE = "/splitserve.v1.Serving/Generate"

@@ -15,10 +15,10 @@ import time
 import pytest
 import ray
 
+from benchmarks.deployments import make_config, running
 from kvtransfer.faults import TransferFaults
 from router.client import Client
-from tests.integration.clusters import (assert_exact, block_usage, make_config, running, stream_all, wait_until,
-                                        word_prompts)
+from tests.integration.clusters import assert_exact, block_usage, stream_all, wait_until, word_prompts
 
 MAX_NEW = 40
 
