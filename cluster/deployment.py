@@ -21,7 +21,7 @@ from cluster.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_
 from cluster.pool_manager import PoolManager, PoolSpec
 from engine.model_loader import load_tokenizer
 from router.directory import WorkerDirectory
-from router.lifecycle import RequestRunner
+from router.request_runner import RequestRunner
 from router.policy import make_policy
 from router.security import load_secret
 from router.server import RouterServer, ServingServicer, fetch_limits

@@ -27,7 +27,8 @@ from typing import Any
 import ray
 
 from cluster.config import split_at_ratio
-from decode_worker.worker import ColocatedWorker, DecodeWorker
+from decode_worker.colocated import ColocatedWorker
+from decode_worker.worker import DecodeWorker
 from prefill_worker.worker import PrefillWorker
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """The decode worker: a Ray actor that receives KV and streams tokens.
 
-Lifecycle of one request here (DESIGN.md section 2, steps 3 and 5):
+Lifecycle of one request here (its reserve and decode steps; the whole path
+is in docs/architecture.md, "Request lifecycle"):
 
 1. ``reserve`` (from the router): blocks for the prompt plus one token are
    held under a lease, and the transport is told to expect the KV from the
@@ -27,12 +28,12 @@ from typing import Any
 
 import torch
 
-from cluster.worker_base import WorkerBase
 from engine.kv_cache import KVLayout
 from engine.kv_handoff import KVHandoff
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from kvtransfer.base import TransferStatus
-from prefill_worker.worker import wait_transfer
+from worker_common.transfer_wait import wait_transfer
+from worker_common.worker_base import WorkerBase
 
 
 class DecodeWorker(WorkerBase):
@@ -208,9 +209,3 @@ class DecodeWorker(WorkerBase):
         self._drop_wire(transfer_id)
         await self._drop_lease(transfer_id)
 
-
-class ColocatedWorker(DecodeWorker):
-    """A replica that runs both phases of its requests (``pools.mode: colocated``):
-    the router calls :meth:`DecodeWorker.serve` on it and nothing moves."""
-
-    kind = "colocated"

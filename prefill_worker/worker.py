@@ -1,6 +1,7 @@
 """The prefill worker: a Ray actor that prefills prompts and pushes their KV.
 
-Lifecycle of one request here (DESIGN.md section 2, step 4):
+Lifecycle of one request here (its prefill step; the whole path is in
+docs/architecture.md, "Request lifecycle"):
 
 1. ``prefill`` arrives from the router with the prompt's token ids, the
    sampling parameters, a ``transfer_id`` and the endpoint of the decode
@@ -28,25 +29,11 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from cluster.worker_base import WorkerBase
 from engine.llm_engine import RequestOutput
 from engine.sampling_params import InvalidRequestError, SamplingParams
-from kvtransfer.base import KVTransport, TransferStatus
-
-
-async def wait_transfer(transport: KVTransport, transfer_id: str, timeout_s: float) -> TransferStatus:
-    """Poll a transfer until it is done or ``timeout_s`` passes (then abort it)."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.0002
-    while True:
-        status = transport.poll(transfer_id)
-        if status.done:
-            return status
-        if time.monotonic() >= deadline:
-            transport.abort(transfer_id)
-            return TransferStatus.FAILED
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.001)  # a late look at a finished transfer adds straight to TTFT
+from kvtransfer.base import TransferStatus
+from worker_common.transfer_wait import wait_transfer
+from worker_common.worker_base import WorkerBase
 
 
 class PrefillWorker(WorkerBase):

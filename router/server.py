@@ -25,10 +25,10 @@ from cluster.metrics import RouterMetrics
 from engine.sampling_params import InvalidRequestError
 from protos import serving_pb2
 from router.directory import STATUS_TIMEOUT_S, WorkerDirectory
-from router.lifecycle import NoCapacityError, RequestRunner, RequestTrace, WorkerFailedError
+from router.request_runner import NoCapacityError, RequestRunner, RequestTrace, WorkerFailedError
 from router.security import add_port, auth_interceptors
 from router.validation import ModelLimits, parse_request
-from router.wire import WireError, make_request_deserializer
+from router.request_decoding import WireError, make_request_deserializer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
@@ -243,7 +243,7 @@ class RouterServer:
 
 
 def serving_handlers(servicer: ServingServicer, max_request_bytes: int) -> grpc.GenericRpcHandler:
-    """The ``Serving`` methods, with :mod:`router.wire`'s deserializer for Generate
+    """The ``Serving`` methods, with :mod:`router.request_decoding`'s deserializer for Generate
     (the generated ``add_ServingServicer_to_server`` would answer bad bytes with INTERNAL)."""
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(

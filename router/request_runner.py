@@ -1,4 +1,4 @@
-"""One request's path through the cluster (DESIGN.md section 2).
+"""One request's path through the cluster (docs/architecture.md, "Request lifecycle").
 
 A request runs as one or more *attempts*; each attempt is:
 
