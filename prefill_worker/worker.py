@@ -24,14 +24,14 @@ docs/architecture.md, "Request lifecycle"):
 
 from __future__ import annotations
 
-import asyncio
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from typing import Any
 
 from engine.llm_engine import RequestOutput
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from kvtransfer.base import TransferStatus
+from worker_common.messages import ErrorReason, KVHandoffMeta, KVPushed, PrefillResult, TokenChunk, WorkerError
 from worker_common.transfer_wait import wait_transfer
 from worker_common.worker_base import WorkerBase
 
@@ -84,47 +84,44 @@ class PrefillWorker(WorkerBase):
         timeout_s: float = 30.0,
         output_token_ids: list[int] | None = None,
         emitted_text: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> PrefillResult | WorkerError:
         """Prefill one prompt and push its KV; see the module docstring.
 
         ``output_token_ids``/``emitted_text`` resume a request whose first
         outputs were streamed by a worker that died: they are prefilled with
-        the prompt and the next token is sampled. The result carries wall
-        clock stamps (``t_*``, ``time.time()``) of each stage for the
-        router's timeline.
+        the prompt and the next token is sampled.
         """
         t_received = time.time()
         self._reap(self._holds, self._drop)
         if self._was_aborted(transfer_id):
-            return {"error": "aborted before prefill started"}
+            return WorkerError(ErrorReason.ABORTED, "before prefill started")
         n_tokens = len(prompt_token_ids) + len(output_token_ids or ())
         self.outstanding_tokens += n_tokens
         try:
             first = await self._first_token(transfer_id, prompt_token_ids, params, output_token_ids, emitted_text)
         except InvalidRequestError as e:  # e.g. a prompt larger than this worker's KV cache
-            return {"error": str(e), "invalid_field": e.field}
+            return WorkerError(ErrorReason.INVALID_REQUEST, e.reason, field=e.field)
         finally:
             self.outstanding_tokens -= n_tokens
         t_prefilled = time.time()
         if first is None or first.finish_reason == "abort":
-            return {"error": "aborted"}
+            return WorkerError(ErrorReason.ABORTED)
         self.requests_served += 1
         self.tokens_prefilled += n_tokens
         stamps = getattr(first, "timestamps", None) or {}
-        result: dict[str, Any] = {
-            "token_ids": first.new_token_ids,
-            "text": first.new_text,
-            "finished": first.finished,
-            "finish_reason": first.finish_reason,
-            "transfer_bytes": 0,
-            "worker_id": self.worker_id,
-            "t_received": t_received,
-            "t_prefill_start": stamps.get("scheduled", t_received),
-            "t_prefill_end": stamps.get("first_token", t_prefilled),
-        }
+        result = PrefillResult(
+            worker_id=self.worker_id,
+            first=TokenChunk(tuple(first.new_token_ids), first.new_text, first.finished, first.finish_reason),
+            t_received=t_received,
+            t_prefill_start=stamps.get("scheduled", t_received),
+            t_prefill_end=stamps.get("first_token", t_prefilled),
+        )
         if first.finished:
             return result
-        return await self._push(transfer_id, decode_endpoint, timeout_s, result)
+        push = await self._push(transfer_id, decode_endpoint, timeout_s)
+        if isinstance(push, WorkerError) and push.reason is ErrorReason.ABORTED:
+            return push
+        return replace(result, push=push)
 
     async def _first_token(self, transfer_id: str, prompt_token_ids: list[int], params: SamplingParams,
                            output_token_ids: list[int] | None, emitted_text: str | None) -> RequestOutput | None:
@@ -139,16 +136,16 @@ class PrefillWorker(WorkerBase):
             first = out
         return first
 
-    async def resend(self, transfer_id: str, wire_id: str, decode_endpoint: dict, timeout_s: float,
-                     result: dict[str, Any]) -> dict[str, Any]:
+    async def resend(self, transfer_id: str, wire_id: str, decode_endpoint: dict,
+                     timeout_s: float) -> KVPushed | WorkerError:
         """Push a held KV again, under the fresh ``wire_id``, after a failed
         transfer (the decode side re-armed its reservation for that id)."""
         if self._holds.pop(transfer_id, None) is None or self._was_aborted(transfer_id):
-            return {**result, "error": "no held KV to resend"}
-        return await self._push(transfer_id, decode_endpoint, timeout_s, result, wire_id)
+            return WorkerError(ErrorReason.NO_HELD_KV, "nothing held to resend")
+        return await self._push(transfer_id, decode_endpoint, timeout_s, wire_id)
 
     async def _push(self, transfer_id: str, decode_endpoint: dict, timeout_s: float,
-                    result: dict[str, Any], wire_id: str | None = None) -> dict[str, Any]:
+                    wire_id: str | None = None) -> KVPushed | WorkerError:
         """Export and send the parked KV. On failure the KV stays held (under
         the hold lease) so that the router can ask for one more try."""
         t_start = time.time()
@@ -161,22 +158,12 @@ class PrefillWorker(WorkerBase):
         self._wire.pop(transfer_id, None)
         if self._was_aborted(transfer_id):
             await self.engine.abort(transfer_id)
-            return {**result, "error": "aborted during transfer"}
+            return WorkerError(ErrorReason.ABORTED, "during transfer")
         self._holds[transfer_id] = time.monotonic() + self.hold_lease_s
         if status != TransferStatus.SUCCESS:
-            return {**result, "error": f"KV transfer failed: {error or status.name}", "kv_held": True}
+            return WorkerError(ErrorReason.TRANSFER_FAILED, error or status.name, kv_held=True)
         self.transfer_seconds += time.time() - t_start
-        result = {k: v for k, v in result.items() if k not in ("error", "kv_held")}
-        result.update(
-            transfer_bytes=handoff.nbytes,
-            t_transfer_start=t_start,
-            t_transfer_end=time.time(),
-            layout=asdict(handoff.layout),
-            prompt_token_ids=handoff.prompt_token_ids,
-            output_token_ids=handoff.output_token_ids,
-            seed=handoff.seed,
-        )
-        return result
+        return KVPushed(KVHandoffMeta.of(handoff), handoff.nbytes, t_start, time.time())
 
     async def release(self, transfer_id: str) -> bool:
         """The decode side has the KV: free this side's blocks."""

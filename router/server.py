@@ -27,8 +27,9 @@ from protos import serving_pb2
 from router.directory import STATUS_TIMEOUT_S, WorkerDirectory
 from router.request_runner import NoCapacityError, RequestRunner, RequestTrace, WorkerFailedError
 from router.security import add_port, auth_interceptors
-from router.validation import ModelLimits, parse_request
+from router.validation import parse_request
 from router.request_decoding import WireError, make_request_deserializer
+from worker_common.messages import ModelLimits
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
@@ -261,5 +262,4 @@ async def fetch_limits(directory: WorkerDirectory) -> ModelLimits:
     workers = list(directory.workers.values())
     if not workers:
         raise RuntimeError("no workers to ask for the model's limits")
-    lim = await asyncio.wait_for(workers[0].handle.limits.remote(), timeout=STATUS_TIMEOUT_S)
-    return ModelLimits(**lim)
+    return await asyncio.wait_for(workers[0].handle.limits.remote(), timeout=STATUS_TIMEOUT_S)

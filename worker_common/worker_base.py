@@ -16,6 +16,7 @@ from engine.model_loader import load_model
 from engine.peaks import measure_peaks_fast
 from kvtransfer.factory import make_transport
 from kvtransfer.ray_transport import KVTransferActorMixin
+from worker_common.messages import ModelLimits
 
 REAP_INTERVAL_S = 0.5
 TOMBSTONE_S = 120.0  # how long an aborted id stays refused (longer than any call in flight)
@@ -31,8 +32,7 @@ class WorkerBase(KVTransferActorMixin):
                  transport_kwargs: dict | None, measure_peaks: bool = True) -> None:
         self.worker_id = worker_id
         loaded = load_model(model, dtype=dtype, max_model_len=max_model_len)
-        self._limits = {"name": model, "max_model_len": loaded.max_model_len,
-                        "vocab_size": int(loaded.config.vocab_size)}
+        self._limits = ModelLimits(model, loaded.max_model_len, int(loaded.config.vocab_size))
         # Peaks measured here, on this worker's own cores, so its MBU/MFU compare like with like.
         engine = LLMEngine(loaded, peaks=measure_peaks_fast() if measure_peaks else None, **engine_kwargs)
         self.layout = engine.layout
@@ -53,9 +53,9 @@ class WorkerBase(KVTransferActorMixin):
         """This actor's process id (fault-injection tests and the soak kill it)."""
         return os.getpid()
 
-    def limits(self) -> dict:
+    def limits(self) -> ModelLimits:
         """The served model's name and limits, for the router's validation."""
-        return dict(self._limits)
+        return self._limits
 
     def endpoint(self) -> dict:
         return self.kv_transport.endpoint()
