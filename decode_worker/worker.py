@@ -33,6 +33,7 @@ from kvtransfer.base import TransferStatus
 from worker_common.messages import Ack, DecodeEvent, ErrorReason, KVHandoffMeta, TokenChunk, WorkerError
 from worker_common.transfer_wait import wait_transfer
 from worker_common.worker_base import WorkerBase
+from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, ModelConfig
 
 
 class DecodeWorker(WorkerBase):
@@ -40,28 +41,10 @@ class DecodeWorker(WorkerBase):
 
     kind = "decode"
 
-    def __init__(
-        self,
-        worker_id: str,
-        *,
-        model: str,
-        dtype: str = "float32",
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        num_blocks: int | None = 2048,
-        kv_cache_bytes: int | None = None,
-        max_running: int = 64,
-        max_batched_tokens: int = 2048,
-        lease_s: float = 30.0,
-        transport_backend: str = "gloo",
-        transport_kwargs: dict | None = None,
-    ) -> None:
-        super().__init__(worker_id, model=model, dtype=dtype, max_model_len=max_model_len,
-                         engine_kwargs={"block_size": block_size, "num_blocks": num_blocks,
-                                        "kv_cache_bytes": kv_cache_bytes, "max_running": max_running,
-                                        "max_batched_tokens": max_batched_tokens},
-                         batch_wait_s=0.0, transport_backend=transport_backend, transport_kwargs=transport_kwargs)
-        self.lease_s = lease_s
+    def __init__(self, worker_id: str, *, model: ModelConfig, engine: DecodeEngineConfig,
+                 handoff: HandoffSettings) -> None:
+        super().__init__(worker_id, model=model, engine_args=engine.engine_args(), batch_wait_s=0.0,
+                         handoff=handoff)
         self._leases: dict[str, float] = {}  # transfer_id -> deadline, until imported
         # transfer_id -> the id its KV travels under: a re-armed push gets a fresh
         # one, so nothing left of the failed try (store keys, pair state) is reused.

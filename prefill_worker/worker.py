@@ -7,7 +7,7 @@ docs/architecture.md, "Request lifecycle"):
    sampling parameters, a ``transfer_id`` and the endpoint of the decode
    worker that has reserved blocks for it.
 2. The request joins this worker's engine, which batches concurrent prompts
-   (within ``max_batch_tokens``, after waiting ``batch_wait_ms`` for company
+   (within ``max_batched_tokens``, after waiting ``batch_wait_ms`` for company
    when idle) and runs prefill; exactly one token is sampled.
 3. If that token already ends the request (EOS, ``max_tokens`` 1), the
    result says so and no KV moves. Otherwise the KV is exported and pushed to
@@ -34,6 +34,7 @@ from kvtransfer.base import TransferStatus
 from worker_common.messages import ErrorReason, KVHandoffMeta, KVPushed, PrefillResult, TokenChunk, WorkerError
 from worker_common.transfer_wait import wait_transfer
 from worker_common.worker_base import WorkerBase
+from worker_common.worker_config import HandoffSettings, ModelConfig, PrefillEngineConfig
 
 
 class PrefillWorker(WorkerBase):
@@ -41,28 +42,10 @@ class PrefillWorker(WorkerBase):
 
     kind = "prefill"
 
-    def __init__(
-        self,
-        worker_id: str,
-        *,
-        model: str,
-        dtype: str = "float32",
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        num_blocks: int = 1024,
-        max_running: int = 64,
-        max_batch_tokens: int = 2048,
-        batch_wait_ms: float = 2.0,
-        hold_lease_s: float = 30.0,
-        transport_backend: str = "gloo",
-        transport_kwargs: dict | None = None,
-    ) -> None:
-        super().__init__(worker_id, model=model, dtype=dtype, max_model_len=max_model_len,
-                         engine_kwargs={"block_size": block_size, "num_blocks": num_blocks,
-                                        "max_running": max_running, "max_batched_tokens": max_batch_tokens},
-                         batch_wait_s=batch_wait_ms / 1000, transport_backend=transport_backend,
-                         transport_kwargs=transport_kwargs)
-        self.hold_lease_s = hold_lease_s
+    def __init__(self, worker_id: str, *, model: ModelConfig, engine: PrefillEngineConfig,
+                 handoff: HandoffSettings) -> None:
+        super().__init__(worker_id, model=model, engine_args=engine.engine_args(),
+                         batch_wait_s=engine.batch_wait_ms / 1000, handoff=handoff)
         self._holds: dict[str, float] = {}  # transfer_id -> lease deadline
         self._wire: dict[str, str] = {}  # transfer_id -> the id of its push in flight (fresh on a resend)
         self.tokens_prefilled = 0
@@ -159,7 +142,7 @@ class PrefillWorker(WorkerBase):
         if self._was_aborted(transfer_id):
             await self.engine.abort(transfer_id)
             return WorkerError(ErrorReason.ABORTED, "during transfer")
-        self._holds[transfer_id] = time.monotonic() + self.hold_lease_s
+        self._holds[transfer_id] = time.monotonic() + self.lease_s
         if status != TransferStatus.SUCCESS:
             return WorkerError(ErrorReason.TRANSFER_FAILED, error or status.name, kv_held=True)
         self.transfer_seconds += time.time() - t_start

@@ -35,6 +35,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -159,12 +160,15 @@ class RequestRunner:
                 self.retries += 1
             run_one = self._colocated_attempt if self.colocated else self._disaggregated_attempt
             try:
-                async for ev in run_one(req, attempt, progress, trace, failed, deadline):
-                    progress.token_ids += ev.token_ids
-                    progress.text += ev.text
-                    yield ev
-                    if ev.finished:
-                        return
+                # aclosing: however this request ends, the attempt's cleanup
+                # (dropping it on both workers) runs now, not when collected.
+                async with aclosing(run_one(req, attempt, progress, trace, failed, deadline)) as events:
+                    async for ev in events:
+                        progress.token_ids += ev.token_ids
+                        progress.text += ev.text
+                        yield ev
+                        if ev.finished:
+                            return
                 raise AttemptFailed(None, "the worker's stream ended before the request finished")
             except AttemptFailed as f:
                 last = f

@@ -16,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,14 +42,18 @@ FINISH = {
     "abort": serving_pb2.FINISH_REASON_ABORT,
 }
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+T = TypeVar("T")
 
 
 class ServingServicer:
     """The ``Serving`` service (see protos/serving.proto); registered by :class:`RouterServer`."""
 
     def __init__(self, runner: RequestRunner, directory: WorkerDirectory, tokenizer, limits: ModelLimits,
-                 max_queued: int, metrics: RouterMetrics | None = None) -> None:
+                 max_queued: int, metrics: RouterMetrics | None = None, *,
+                 request_timeout_s: float | None = None) -> None:
+        """``request_timeout_s``: the longest a request may run in the router (None: no limit)."""
         self.runner = runner
+        self.request_timeout_s = request_timeout_s
         self.directory = directory
         self.tokenizer = tokenizer
         self.limits = limits
@@ -80,27 +87,30 @@ class ServingServicer:
         except InvalidRequestError as e:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
         trace.admitted = time.time()
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        deadline, why = request_deadline(context.time_remaining(), self.request_timeout_s)
         self.inflight += 1
         if self.metrics is not None:
             self.metrics.in_flight.inc()
         outcome = "error"
         try:
-            async for ev in self.runner.run(parsed, trace, deadline):
-                resp = serving_pb2.GenerateResponse(request_id=parsed.request_id, token_ids=ev.token_ids, text=ev.text)
-                if ev.finished:
-                    trace.finished = time.time()
-                    resp.finish_reason = FINISH.get(ev.finish_reason, serving_pb2.FINISH_REASON_UNSPECIFIED)
-                    resp.usage.prompt_tokens = len(parsed.prompt_token_ids)
-                    resp.usage.completion_tokens = trace.num_output_tokens
-                    fill_timings(resp.timings, trace)
-                    outcome = "ok"
-                yield resp
+            async with aclosing(self.runner.run(parsed, trace, deadline)) as events:
+                async for ev in until(events, deadline):
+                    resp = serving_pb2.GenerateResponse(request_id=parsed.request_id, token_ids=ev.token_ids, text=ev.text)
+                    if ev.finished:
+                        trace.finished = time.time()
+                        resp.finish_reason = FINISH.get(ev.finish_reason, serving_pb2.FINISH_REASON_UNSPECIFIED)
+                        resp.usage.prompt_tokens = len(parsed.prompt_token_ids)
+                        resp.usage.completion_tokens = trace.num_output_tokens
+                        fill_timings(resp.timings, trace)
+                        outcome = "ok"
+                    yield resp
         except asyncio.CancelledError:
             left = context.time_remaining()
             outcome = "deadline" if left is not None and left <= 0 else "cancelled"
             raise
+        except DeadlineExceeded:  # the runner's cleanup has run: both workers were told to drop the request
+            outcome = "deadline"
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, why)
         except InvalidRequestError as e:
             outcome = "invalid"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -145,6 +155,40 @@ class ServingServicer:
                     tokens_generated=s.get("tokens_generated", s.get("tokens_prefilled", 0)),
                 )
         return resp
+
+
+def request_deadline(client_left_s: float | None, request_timeout_s: float | None) -> tuple[float | None, str]:
+    """(``time.monotonic()`` deadline or None, what to tell the client when it passes):
+    ``router.request_timeout_s`` from now, or the client's own deadline if sooner."""
+    if client_left_s is not None and (request_timeout_s is None or client_left_s < request_timeout_s):
+        return time.monotonic() + client_left_s, "the client's deadline passed"
+    if request_timeout_s is not None:
+        return (time.monotonic() + request_timeout_s,
+                f"router.request_timeout_s: the request ran longer than {request_timeout_s:g} s")
+    return None, ""
+
+
+class DeadlineExceeded(Exception):
+    """A request ran past its deadline (DEADLINE_EXCEEDED)."""
+
+
+async def until(events: AsyncIterator[T], deadline: float | None) -> AsyncIterator[T]:
+    """``events`` until ``deadline`` (``time.monotonic()``), then :class:`DeadlineExceeded`.
+
+    Only the wait for the next event is bounded, never the consumer's work
+    between events: the expiry cancels ``events`` where it waits (so its own
+    cleanup runs) and nothing else.
+    """
+    while True:
+        # The event loop's clock is time.monotonic(), so the deadline carries over as is.
+        try:
+            async with asyncio.timeout_at(deadline):
+                ev = await anext(events)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise DeadlineExceeded from None
+        yield ev
 
 
 def _span(a: float, b: float) -> float | None:

@@ -17,6 +17,7 @@ from engine.peaks import measure_peaks_fast
 from kvtransfer.factory import make_transport
 from kvtransfer.ray_transport import KVTransferActorMixin
 from worker_common.messages import ModelLimits
+from worker_common.worker_config import HandoffSettings, ModelConfig
 
 REAP_INTERVAL_S = 0.5
 TOMBSTONE_S = 120.0  # how long an aborted id stays refused (longer than any call in flight)
@@ -27,17 +28,17 @@ class WorkerBase(KVTransferActorMixin):
 
     kind = "worker"
 
-    def __init__(self, worker_id: str, *, model: str, dtype: str, max_model_len: int | None,
-                 engine_kwargs: dict[str, Any], batch_wait_s: float, transport_backend: str,
-                 transport_kwargs: dict | None, measure_peaks: bool = True) -> None:
+    def __init__(self, worker_id: str, *, model: ModelConfig, engine_args: dict[str, Any], batch_wait_s: float,
+                 handoff: HandoffSettings, measure_peaks: bool = True) -> None:
         self.worker_id = worker_id
-        loaded = load_model(model, dtype=dtype, max_model_len=max_model_len)
-        self._limits = ModelLimits(model, loaded.max_model_len, int(loaded.config.vocab_size))
+        loaded = load_model(model.name, dtype=model.dtype, max_model_len=model.max_model_len)
+        self._limits = ModelLimits(model.name, loaded.max_model_len, int(loaded.config.vocab_size))
         # Peaks measured here, on this worker's own cores, so its MBU/MFU compare like with like.
-        engine = LLMEngine(loaded, peaks=measure_peaks_fast() if measure_peaks else None, **engine_kwargs)
+        engine = LLMEngine(loaded, peaks=measure_peaks_fast() if measure_peaks else None, **engine_args)
         self.layout = engine.layout
         self.engine = AsyncEngine(engine, batch_wait_s=batch_wait_s)
-        self.kv_transport = make_transport(transport_backend, worker_id, **(transport_kwargs or {}))
+        self.lease_s = handoff.lease_s
+        self.kv_transport = make_transport(handoff.backend, worker_id, **handoff.transport_kwargs())
         self.requests_served = 0
         self.outstanding_tokens = 0
         self._reapers: list[asyncio.Task] = []

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 from cluster.config import ClusterConfig, parse_config
 from cluster.deployment import BackgroundDeployment
+from kvtransfer.faults import TransferFaults
 from router.client import AsyncClient, Completion, build_request
 
 _namespaces = itertools.count()
@@ -24,10 +25,9 @@ def make_config(model: str = "builtin:tiny-llama", backend: str = "gloo", ratio:
             "ratio": ratio,
             "replicas": replicas,
             "prefill": {"num_cpus": 0.5, "num_blocks": 256, "batch_wait_ms": 2.0, **pool_overrides.get("prefill", {})},
-            "decode": {"num_cpus": 0.5, "num_blocks": 512, "max_running": 32, "lease_s": 30.0,
-                       **pool_overrides.get("decode", {})},
+            "decode": {"num_cpus": 0.5, "num_blocks": 512, "max_running": 32, **pool_overrides.get("decode", {})},
         },
-        "kvtransfer": {"backend": backend, "timeout_s": 30, **(kvtransfer or {})},
+        "kvtransfer": {"backend": backend, "timeout_s": 30, "lease_s": 30.0, **(kvtransfer or {})},
         "router": {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": 0,
                    "drain_grace_s": 10, **(router or {})},
         "ray": {"namespace": f"test-{backend}-{next(_namespaces)}"},
@@ -36,8 +36,8 @@ def make_config(model: str = "builtin:tiny-llama", backend: str = "gloo", ratio:
 
 
 @contextmanager
-def running(cfg: ClusterConfig, transport_extra: dict | None = None):
-    d = BackgroundDeployment(cfg, transport_extra)
+def running(cfg: ClusterConfig, faults: TransferFaults | None = None):
+    d = BackgroundDeployment(cfg, faults)
     try:
         address = d.start()
         yield d, address

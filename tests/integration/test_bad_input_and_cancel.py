@@ -31,7 +31,7 @@ SERVICE = "/splitserve.v1.Serving/Generate"
 
 @pytest.fixture(scope="module")
 def cluster(ray_head):
-    cfg = make_config(decode={"lease_s": 2.0, "num_blocks": 256}, prefill={"num_blocks": 256},
+    cfg = make_config(kvtransfer={"lease_s": 2.0}, decode={"num_blocks": 256}, prefill={"num_blocks": 256},
                       router={"max_queued": 512, "max_request_bytes": 64 * 1024})
     with running(cfg) as (d, address):
         yield d, address
