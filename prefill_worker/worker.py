@@ -13,11 +13,13 @@ docs/architecture.md, "Request lifecycle"):
    result says so and no KV moves. Otherwise the KV is exported and pushed to
    the reserved destination through the configured ``kvtransfer`` backend.
 4. When the push has succeeded, the first token and the hand-off metadata
-   go back to the router. The blocks stay held until the router's
+   go back to the router (a ``PrefillResult``; the types are in
+   ``worker_common.messages``). The blocks stay held until the router's
    ``release`` (sent once the decode side acknowledged) or until the hold's
    lease expires, whichever comes first.
-5. A failed push returns an error marked ``kv_held`` and keeps the KV held: the
-   router may re-arm the decode side and call ``resend`` once, or ``abort``.
+5. A failed push comes back as the result's ``push``: a ``WorkerError`` with
+   ``kv_held`` set, and the KV stays held: the router may re-arm the decode
+   side and call ``resend``, or ``abort``.
    A cancel frees the blocks at once, and a prefill that arrives after its
    abort is refused. A failure is a value, never a dead worker.
 """
