@@ -23,8 +23,12 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from observability.stages import TIMINGS_FIELDS, Stage
+
 ATTAINMENT_TARGET = 0.9
-SERVER_STAGES = ("queue_ms", "prefill_ms", "transfer_ms", "ttft_ms", "tpot_ms", "e2e_ms", "transfer_bytes")
+#: The router's ``Timings`` fields a record's ``server`` may hold, averaged by
+#: :func:`summarize`: every stage's duration, the whole-request latencies, the KV bytes.
+SERVER_FIELDS = (*(TIMINGS_FIELDS[stage] for stage in Stage), "ttft_ms", "tpot_ms", "e2e_ms", "transfer_bytes")
 
 
 @dataclass
@@ -194,7 +198,7 @@ def summarize(records: Sequence[RequestRecord], slo: SLO, duration_s: float | No
             errors[r.error_kind] = errors.get(r.error_kind, 0) + 1
     out_tokens = sum(r.tokens_received for r in ok)
     server = {}
-    for key in SERVER_STAGES:
+    for key in SERVER_FIELDS:
         xs = [r.server[key] for r in ok if key in r.server]
         server[key] = sum(xs) / len(xs) if xs else math.nan
     lags = [r.start_s - r.ready_s for r in records if r.start_s is not None]

@@ -17,13 +17,13 @@ import ray
 from prometheus_client import CollectorRegistry
 
 from cluster.config import ClusterConfig
-from cluster.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
 from cluster.pool_manager import PoolManager, PoolSpec
 from engine.model_loader import load_tokenizer
 from kvtransfer.faults import TransferFaults
+from observability.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
 from router.directory import WorkerDirectory
-from router.request_runner import RequestRunner
 from router.policy import make_policy
+from router.request_runner import RequestRunner
 from router.security import load_secret
 from router.server import RouterServer, ServingServicer, fetch_limits
 from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, PrefillEngineConfig
@@ -95,7 +95,8 @@ class Deployment:
                                max_attempts=rc.max_attempts, transfer_retries=rc.transfer_retries,
                                colocated=colocated)
         metrics = RouterMetrics(self.registry)
-        self.registry.register(WorkerStatusCollector(lambda: [w.status for w in list(directory.workers.values())]))
+        self.registry.register(WorkerStatusCollector(
+            lambda: [w.status for w in list(directory.workers.values()) if w.status is not None]))
         servicer = ServingServicer(runner, directory, tokenizer, limits, rc.max_queued, metrics,
                                    request_timeout_s=rc.request_timeout_s)
         tls = (rc.tls_cert, rc.tls_key) if rc.tls_cert and rc.tls_key else None

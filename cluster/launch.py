@@ -16,6 +16,7 @@ import signal
 import sys
 
 from cluster.config import ClusterConfig, ConfigError, RayConfig, load_config
+from cluster.local_ray import apply_ray_env
 
 log = logging.getLogger("splitserve.launch")
 
@@ -32,7 +33,7 @@ def job_runtime_env(cfg: ClusterConfig) -> dict:
 
 def connect_ray(rc: RayConfig) -> None:
     """Join the configured / ambient Ray cluster, or start a local one on 127.0.0.1."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    apply_ray_env()  # token auth and loopback, before ray is imported
     import ray
 
     if rc.address:
@@ -43,8 +44,7 @@ def connect_ray(rc: RayConfig) -> None:
         try:
             ray.init(address="auto", namespace=rc.namespace)
         except ConnectionError:
-            # A local cluster of our own; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set
-            # by `make run` and the tests) keeps it on 127.0.0.1.
+            # A local cluster of our own; apply_ray_env's single-node mode keeps it on 127.0.0.1.
             ray.init(num_cpus=rc.num_cpus, namespace=rc.namespace, include_dashboard=False,
                      _node_ip_address="127.0.0.1")
 

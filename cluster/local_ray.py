@@ -164,6 +164,20 @@ def head_answers(gcs_address: str, env: dict[str, str] | None = None) -> bool:
     return run.returncode == 0
 
 
+def dashboard_answers(dashboard_url: str) -> bool:
+    """Whether the head's dashboard (the job server) answers HTTP at all yet."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{dashboard_url}/api/version", timeout=5).close()
+        return True
+    except urllib.error.HTTPError:
+        return True  # it answered (e.g. 401 without a token): it is up
+    except OSError:
+        return False
+
+
 def start_head(num_cpus: int = 2, *, gcs_port: int | None = None, dashboard_port: int | None = None,
                log_path: Path | None = None, timeout_s: float = HEAD_START_TIMEOUT_S) -> RayHead:
     """Start a Ray head on 127.0.0.1 with ``num_cpus`` CPUs and the job server.
@@ -195,7 +209,8 @@ def start_head(num_cpus: int = 2, *, gcs_port: int | None = None, dashboard_port
         if proc.poll() is not None:
             raise RayStartError(f"`ray start --head` exited with {proc.returncode}; its output "
                                 f"({log_path}) ends:\n{tail(log_path)}")
-        if head_answers(head.gcs_address, env):
+        # `ray status` answers once the GCS is up; jobs need the dashboard too.
+        if head_answers(head.gcs_address, env) and dashboard_answers(head.dashboard_url):
             return head
         if time.monotonic() > deadline:
             head.stop()

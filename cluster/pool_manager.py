@@ -39,6 +39,10 @@ PING_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 600.0  # model loading on a busy 2-core machine is slow
 
 
+class WorkerStartError(RuntimeError):
+    """A worker actor failed to start; the message carries the real cause."""
+
+
 @dataclass(frozen=True)
 class PoolSpec:
     """How to build the actors of one pool: the worker's settings and its Ray resources."""
@@ -60,6 +64,17 @@ class WorkerEntry:
     endpoint: dict
     node_id: str
     draining: bool = False
+
+
+def start_failure_cause(error: BaseException, spec: PoolSpec) -> str:
+    """The cause of a failed actor start in words: Ray's error (it carries the
+    constructor's traceback), or, for a timeout, what the actor was waiting for."""
+    if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+        return (f"not ready after {READY_TIMEOUT_S:.0f} s (it asks for num_cpus={spec.num_cpus}, "
+                f"num_gpus={spec.num_gpus}, resources={spec.resources or {}}; a cluster without them leaves "
+                "it pending; see `ray status`)")
+    text = str(error).strip()
+    return text[-4000:] if text else type(error).__name__
 
 
 class PoolManager:
@@ -104,9 +119,14 @@ class PoolManager:
             name=worker_id, namespace=self.namespace, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
             resources=spec.resources or None, max_restarts=0,
         ).remote(worker_id, model=spec.model, engine=spec.engine, handoff=spec.handoff)
-        await asyncio.wait_for(handle.ping.remote(), timeout=READY_TIMEOUT_S)
-        endpoint, node = await asyncio.wait_for(
-            asyncio.gather(handle.endpoint.remote(), handle.node_id.remote()), timeout=PING_TIMEOUT_S)
+        try:
+            await asyncio.wait_for(handle.ping.remote(), timeout=READY_TIMEOUT_S)
+            endpoint, node = await asyncio.wait_for(
+                asyncio.gather(handle.endpoint.remote(), handle.node_id.remote()), timeout=PING_TIMEOUT_S)
+        except Exception as e:
+            # Never leave a half-started actor holding CPUs/GPUs; say why it failed.
+            ray.kill(handle, no_restart=True)
+            raise WorkerStartError(f"{worker_id} failed to start: {start_failure_cause(e, spec)}") from e
         return WorkerEntry(worker_id, kind, handle, endpoint, node)
 
     async def _reconcile(self) -> None:
@@ -120,9 +140,15 @@ class PoolManager:
                 w.draining = True
                 self.version += 1
                 asyncio.get_running_loop().create_task(self._drain_and_kill(w))
-        for entry in await asyncio.gather(*adds):
-            self.workers[entry.worker_id] = entry
-            self.version += 1
+        # Keep every actor that did start even when another failed (it would leak otherwise).
+        results = await asyncio.gather(*adds, return_exceptions=True)
+        for entry in results:
+            if isinstance(entry, WorkerEntry):
+                self.workers[entry.worker_id] = entry
+                self.version += 1
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
 
     # -------------------------------------------------------------- queries
     def table(self) -> dict:
@@ -164,8 +190,7 @@ class PoolManager:
                 s = await asyncio.wait_for(w.handle.status.remote(), timeout=PING_TIMEOUT_S)
             except Exception:
                 break  # already dead
-            busy = s["running"] + s["waiting"] + s.get("reserved", 0) + s.get("held", 0) + s["outstanding_tokens"]
-            idle_checks = idle_checks + 1 if busy == 0 else 0
+            idle_checks = 0 if s.busy else idle_checks + 1
         try:
             await asyncio.wait_for(w.handle.shutdown.remote(), timeout=PING_TIMEOUT_S)
         except Exception:

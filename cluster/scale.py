@@ -1,6 +1,6 @@
 """Resize a running deployment while keeping its prefill:decode ratio.
 
-    python -m cluster.scale --total 4 [--namespace splitserve] [--address auto]
+    python -m cluster.scale --total 4 [--namespace splitserve] [--address 127.0.0.1:6379]
 
 Connects to the Ray cluster, finds the deployment's pool manager by name,
 and asks it to scale; prints the new counts.
@@ -9,8 +9,9 @@ and asks it to scale; prints the new counts.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from cluster.local_ray import apply_ray_env
 
 CALL_TIMEOUT_S = 900.0  # new actors load the model before they count
 
@@ -19,9 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--total", type=int, required=True, help="actors over both pools; a multiple of P+D")
     ap.add_argument("--namespace", default="splitserve")
-    ap.add_argument("--address", default="auto")
+    ap.add_argument("--address", default="auto", help="the Ray cluster (GCS) address; auto: the local one")
     args = ap.parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    apply_ray_env()  # token auth and loopback, before ray is imported
     import ray
 
     from cluster.deployment import POOL_MANAGER_NAME

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from worker_common.messages import Ack, DecodeEvent, ErrorReason, KVHandoffMeta,
 from worker_common.transfer_wait import wait_transfer
 from worker_common.worker_base import WorkerBase
 from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, ModelConfig
+from worker_common.worker_status import WorkerStatus
 
 
 class DecodeWorker(WorkerBase):
@@ -51,8 +53,8 @@ class DecodeWorker(WorkerBase):
         self._wire: dict[str, str] = {}
         self.tokens_generated = 0
 
-    def status(self) -> dict[str, Any]:
-        return {**super().status(), "tokens_generated": self.tokens_generated}
+    def status(self) -> WorkerStatus:
+        return replace(super().status(), tokens_generated=self.tokens_generated)
 
     # ------------------------------------------------------------ requests
     async def reserve(self, transfer_id: str, num_kv_tokens: int, sender: dict,

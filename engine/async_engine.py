@@ -21,10 +21,15 @@ from engine.llm_engine import LLMEngine, RequestOutput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+IDLE_POLL_S = 0.05  # how often an engine with nothing to run looks again without being woken
 
 
 class EngineStepError(RuntimeError):
     """The engine step failed; the requests of that step were aborted."""
+
+
+class RequestFailedError(RuntimeError):
+    """One request failed on its own (the engine's ``finish_reason == "error"``); its blocks are free."""
 
 
 class AsyncEngine:
@@ -83,6 +88,9 @@ class AsyncEngine:
                 if isinstance(item, Exception):
                     done = True
                     raise item
+                if item.finish_reason == "error":
+                    done = True  # the engine already dropped it and freed its blocks
+                    raise RequestFailedError(item.error or "request failed")
                 if item.finish_reason == "abort":
                     # abort()'s sentinel: it may have raced ahead of ``start``,
                     # so leave ``done`` False and let the finally drop the request.
@@ -111,7 +119,7 @@ class AsyncEngine:
                 has_work = self.engine.scheduler.has_work()
             if not has_work:
                 idle = True
-                self._wake.wait(timeout=0.05)
+                self._wake.wait(timeout=IDLE_POLL_S)
                 self._wake.clear()
                 continue
             if idle and self.batch_wait_s > 0:
@@ -119,11 +127,21 @@ class AsyncEngine:
             idle = False
             try:
                 with self._lock:
+                    steps_before = self.engine.num_steps
                     outputs = self.engine.step()
+                    ran = self.engine.num_steps != steps_before
                     self.steps += 1
             except Exception as exc:  # never let one bad step kill the loop
                 log.exception("engine step failed")
                 self._fail_all(exc)
+                continue
+            if not ran:
+                # Requests wait but none could be scheduled (no free block): sleep
+                # until something changes (a call: new request, abort, release)
+                # instead of spinning a core on empty schedules.
+                idle = True
+                self._wake.wait(timeout=IDLE_POLL_S)
+                self._wake.clear()
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)

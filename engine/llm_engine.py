@@ -22,19 +22,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.block_pool import KVCacheManager, blocks_needed
-from engine.cost_model import ModelDims, dtype_bytes
+from analysis.cost_model import ModelDims, dtype_bytes
+from analysis.machine_peaks import MachinePeaks
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import PagedKVCache
+from engine.kv_cache_manager import KVCacheManager, blocks_needed
 from engine.kv_handoff import KVHandoff, KVLayoutMismatchError
 from engine.model_loader import LoadedModel
 from engine.model_runner import ModelRunner, kv_layout_of
-from engine.peaks import MachinePeaks
-from engine.sampler import sample
+from engine.sampler import SamplingError, sample
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
-from engine.step_stats import StepStats
+from engine.step_stats import StepStats, StepStatsSnapshot
 
 DEFAULT_NUM_BLOCKS = 1024
 
@@ -48,6 +48,9 @@ class RequestOutput:
     ``timestamps`` is set on the first output a request produces in this
     engine only: its ``Sequence.timestamps`` (``added``, ``scheduled``,
     ``first_token``; ``time.time()`` seconds).
+    ``finish_reason == "error"`` ends a request that failed on its own (e.g.
+    its logits could not be sampled); ``error`` says why. Nothing else in the
+    batch is affected.
     """
 
     request_id: str
@@ -59,6 +62,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     kv_ready: bool = False
     timestamps: dict[str, float] | None = None
+    error: str | None = None  # with finish_reason "error": why this request (alone) failed
 
 
 @dataclass
@@ -220,9 +224,19 @@ class LLMEngine:
             [r.seed for r in reqs],
             [len(r.seq.output_token_ids) for r in reqs],
         )
-        outs = [self._postprocess(r, t) for r, t in zip(reqs, tokens)]
+        outs = [self._fail(r, t) if isinstance(t, SamplingError) else self._postprocess(r, t)
+                for r, t in zip(reqs, tokens)]
         self.step_accounting.record_chunks(plan.chunks, time.perf_counter() - t0)
         return outs
+
+    def _fail(self, req: _Request, error: SamplingError) -> RequestOutput:
+        """End one request whose step went wrong (its blocks are freed); the rest of the batch goes on."""
+        seq = req.seq
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED_ABORTED
+        del self._requests[seq.request_id]
+        return RequestOutput(seq.request_id, [], "", finished=True, finish_reason="error", error=str(error),
+                             num_prompt_tokens=len(seq.prompt_token_ids), num_output_tokens=len(seq.output_token_ids))
 
     def _postprocess(self, req: _Request, token: int) -> RequestOutput:
         seq, params = req.seq, req.seq.params
@@ -350,7 +364,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
         }
 
-    def step_stats(self) -> dict:
+    def step_stats(self) -> StepStatsSnapshot:
         """Step accounting since start and over the recent window (:meth:`StepStats.snapshot`)."""
         return self.step_accounting.snapshot()
 

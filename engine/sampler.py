@@ -20,23 +20,42 @@ def token_seed(seed: int, output_index: int) -> int:
     return (seed * _SEED_MIX + output_index + 1) & _SEED_MASK
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], output_indices: list[int]) -> list[int]:
-    """One token per row of ``logits`` ``[S, vocab]``."""
-    tokens = logits.argmax(dim=-1).tolist()
+class SamplingError(RuntimeError):
+    """Sampling one request's next token failed (e.g. non-finite logits); only that request fails."""
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
+           output_indices: list[int]) -> list[int | SamplingError]:
+    """One token per row of ``logits`` ``[S, vocab]``, or the :class:`SamplingError`
+    of that row: a row that cannot be sampled never fails the others."""
+    tokens: list[int | SamplingError] = list(logits.argmax(dim=-1).tolist())
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        row = logits[i].float() / p.temperature
-        if p.top_k > 0 and p.top_k < row.shape[0]:
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (always >= 1 token).
-            keep = (torch.cumsum(sorted_probs, 0) - sorted_probs) < p.top_p
-            sorted_probs = sorted_probs * keep
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        g = torch.Generator().manual_seed(token_seed(seeds[i], output_indices[i]))
-        tokens[i] = int(torch.multinomial(probs, 1, generator=g).item())
+        try:
+            tokens[i] = _sample_row(logits[i], p, token_seed(seeds[i], output_indices[i]))
+        except (RuntimeError, ValueError) as e:
+            tokens[i] = SamplingError(f"sampling failed: {e}")
     return tokens
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, seed: int) -> int:
+    # float64 and max-subtracted before dividing: (x - max) / T <= 0 for every
+    # accepted temperature, so even a subnormal T (1e-40) cannot overflow; the
+    # top token keeps probability mass exp(0) = 1 and the rest underflow to 0.
+    row = logits.double()
+    if not bool(torch.isfinite(row).any()):
+        raise SamplingError("every logit is non-finite")
+    row = (row - row.max()) / p.temperature
+    if p.top_k > 0 and p.top_k < row.shape[0]:
+        kth = torch.topk(row, p.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always >= 1 token).
+        keep = (torch.cumsum(sorted_probs, 0) - sorted_probs) < p.top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    g = torch.Generator().manual_seed(seed)
+    return int(torch.multinomial(probs, 1, generator=g).item())

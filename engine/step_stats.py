@@ -7,7 +7,7 @@ Each :meth:`LLMEngine.step` that computes something is recorded once:
    (prompt chunks, recompute after preemption) and decode (one token
    attending to a cached context — the model runner's own split);
 2. the bytes it moved and the FLOPs it computed, from the analytic cost
-   model (:mod:`engine.cost_model`): a mixed step is the sum of its decode
+   model (:mod:`analysis.cost_model`): a mixed step is the sum of its decode
    part and its prefill part, with the weights read once (see
    :func:`step_cost`);
 3. cumulative counters (never reset) and a bounded ring of recent steps.
@@ -29,18 +29,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from engine.peaks import MachinePeaks
+    from analysis.machine_peaks import MachinePeaks
 
 DEFAULT_WINDOW_STEPS = 256
 DEFAULT_WINDOW_S = 10.0
 
 
 class CostModel(Protocol):
-    """What the accounting needs of :class:`engine.cost_model.ModelDims`."""
+    """What the accounting needs of :class:`analysis.cost_model.ModelDims`."""
 
     def decode_step(self, batch: int, context_len: float, dtype_bytes: float) -> tuple[float, float]: ...
 
@@ -82,6 +82,33 @@ class StepRecord:
 
     def mfu(self, peaks: MachinePeaks | None) -> float | None:
         return _ratio(self.flops, self.seconds, peaks.flops_per_s if peaks else None)
+
+
+@dataclass(frozen=True)
+class StepStatsSnapshot:
+    """What :meth:`StepStats.snapshot` reports, as plain numbers (defaults: a fresh accumulator).
+
+    Cumulative counters since start, the figures of the recent window (steps
+    that ended within ``window_s``), and the peaks. The ``recent_*`` ratios
+    are ``None`` without peaks or without recent steps; the peaks are
+    ``None`` when the worker measured none.
+    """
+
+    steps: int = 0
+    busy_seconds: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    bytes: float = 0.0
+    flops: float = 0.0
+    batch_size_sum: int = 0
+    recent_steps: int = 0  # steps within the window
+    recent_seconds: float = 0.0  # their busy seconds
+    recent_batch_size: float | None = None  # mean sequences per step
+    recent_mbu: float | None = None
+    recent_mfu: float | None = None
+    peak_bandwidth_bytes_per_s: float | None = None
+    peak_flops_per_s: float | None = None
+    window_s: float = DEFAULT_WINDOW_S
 
 
 def _ratio(amount: float, seconds: float, peak: float | None) -> float | None:
@@ -210,31 +237,18 @@ class StepStats:
         records = records[-n:] if n else records
         return [{**asdict(r), "mbu": r.mbu(peaks), "mfu": r.mfu(peaks)} for r in records]
 
-    def snapshot(self) -> dict[str, Any]:
-        """Counters since start, the recent window, and the peaks, as plain numbers.
-
-        Keys: ``steps``, ``busy_seconds``, ``prefill_tokens``,
-        ``decode_tokens``, ``bytes``, ``flops``, ``batch_size_sum``
-        (cumulative); ``recent_steps``, ``recent_seconds`` (steps and busy
-        seconds within the window), ``recent_batch_size`` (mean sequences
-        per step), ``recent_mbu``, ``recent_mfu`` (``None`` without peaks or
-        without recent steps); ``peak_bandwidth_bytes_per_s``,
-        ``peak_flops_per_s`` (``None`` without peaks); ``window_s``.
-        """
+    def snapshot(self) -> StepStatsSnapshot:
+        """Counters since start, the recent window, and the peaks (see :class:`StepStatsSnapshot`)."""
         recent = self.recent()
         with self._lock:
-            out: dict[str, Any] = {
-                "steps": self.steps,
-                "busy_seconds": self.busy_seconds,
-                "prefill_tokens": self.prefill_tokens,
-                "decode_tokens": self.decode_tokens,
-                "bytes": self.bytes,
-                "flops": self.flops,
-                "batch_size_sum": self.batch_size_sum,
-            }
+            counters = StepStatsSnapshot(
+                steps=self.steps, busy_seconds=self.busy_seconds, prefill_tokens=self.prefill_tokens,
+                decode_tokens=self.decode_tokens, bytes=self.bytes, flops=self.flops,
+                batch_size_sum=self.batch_size_sum, window_s=self.window_s)
             peaks = self.peaks
         seconds = sum(r.seconds for r in recent)
-        out.update(
+        return replace(
+            counters,
             recent_steps=len(recent),
             recent_seconds=seconds,
             recent_batch_size=sum(r.batch_size for r in recent) / len(recent) if recent else None,
@@ -242,6 +256,4 @@ class StepStats:
             recent_mfu=_ratio(sum(r.flops for r in recent), seconds, peaks.flops_per_s if peaks else None),
             peak_bandwidth_bytes_per_s=peaks.bandwidth_bytes_per_s if peaks else None,
             peak_flops_per_s=peaks.flops_per_s if peaks else None,
-            window_s=self.window_s,
         )
-        return out

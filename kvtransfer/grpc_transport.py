@@ -19,7 +19,7 @@ keeps one channel per peer. Lifecycle of one transfer:
    (SUCCESS) and acknowledges; the sender is SUCCESS on ``ok=true``.
    A sender abort cancels the RPC; the receiver sees the broken stream.
 
-With a cluster secret (see :mod:`kvtransfer.common`) the sender's proof
+With a cluster secret (see :mod:`kvtransfer.push_proof`) the sender's proof
 travels in the ``kv-proof`` metadata of the stream and the receiver checks
 it against the first chunk's transfer id and size before it looks at
 anything else; the chunks that follow belong to the same authenticated
@@ -38,8 +38,9 @@ import numpy as np
 import torch
 
 from kvtransfer.base import Endpoint, TransferStatus
-from kvtransfer.common import DEFAULT_CHUNK_BYTES, Transfer, TransportBase, byte_view, chunk_ranges
+from kvtransfer.chunking import DEFAULT_CHUNK_BYTES, byte_view, chunk_ranges
 from kvtransfer.faults import TransferFaults
+from kvtransfer.transport_base import Transfer, TransportBase
 from protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 
 # Room for the KvChunk fields around `data` in one gRPC message.

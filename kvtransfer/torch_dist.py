@@ -30,7 +30,7 @@ Before it joins a *new* pair group the sender waits for the receiver's
 so a refused sender fails at once instead of blocking in the group's
 rendezvous until its deadline.
 
-The cluster secret (``secret=``, see :mod:`kvtransfer.common`): the sender
+The cluster secret (``secret=``, see :mod:`kvtransfer.push_proof`): the sender
 puts its proof in the "go" record of step 3; the receiver checks it before
 it joins a group or posts a recv. A wrong or missing proof fails the
 transfer on the receiver ("peer did not present the cluster secret"), is
@@ -57,10 +57,11 @@ import torch
 import torch.distributed as dist
 
 from kvtransfer.base import Endpoint, TransferStatus
-from kvtransfer.common import DEFAULT_CHUNK_BYTES, Transfer, TransportBase, byte_view, chunk_ranges
+from kvtransfer.chunking import DEFAULT_CHUNK_BYTES, byte_view, chunk_ranges
 from kvtransfer.faults import TransferFaults
 from kvtransfer.torch_pairs import (RecvPair, SendPair, await_accept, new_group, poll, store_claim, store_put,
                                     store_read, wait_works)
+from kvtransfer.transport_base import Transfer, TransportBase
 
 _PAIR_LOCK_POLL_S = 0.05
 

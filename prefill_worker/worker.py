@@ -37,6 +37,7 @@ from worker_common.messages import ErrorReason, KVHandoffMeta, KVPushed, Prefill
 from worker_common.transfer_wait import wait_transfer
 from worker_common.worker_base import WorkerBase
 from worker_common.worker_config import HandoffSettings, ModelConfig, PrefillEngineConfig
+from worker_common.worker_status import WorkerStatus
 
 
 class PrefillWorker(WorkerBase):
@@ -53,11 +54,11 @@ class PrefillWorker(WorkerBase):
         self.tokens_prefilled = 0
         self.transfer_seconds = 0.0
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> WorkerStatus:
         base = super().status()
         # Push time as the sender sees it (export + send + wait for the receiver's ack).
-        base["kv_transfer"] = {**base["kv_transfer"], "seconds_sent": self.transfer_seconds}
-        return {**base, "held": len(self._holds), "tokens_prefilled": self.tokens_prefilled}
+        return replace(base, kv_transfer=replace(base.kv_transfer, seconds_sent=self.transfer_seconds),
+                       held=len(self._holds), tokens_prefilled=self.tokens_prefilled)
 
     # ------------------------------------------------------------ requests
     async def prefill(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from observability.stages import TIMINGS_FIELDS, Stage
 from protos import serving_pb2, serving_pb2_grpc
 from router.security import auth_metadata, channel_credentials, load_secret
 
@@ -242,9 +243,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_stages(t: serving_pb2.Timings) -> str:
     """A request's stage breakdown, one line per stage, the slowest marked."""
-    stages = [("queue", t.queue_ms), ("prefill_queue", t.prefill_queue_ms), ("prefill", t.prefill_ms),
-              ("transfer", t.transfer_ms), ("decode_queue", t.decode_queue_ms), ("decode", t.decode_ms)]
-    lines = [f"  {name:<14}{ms:9.1f} ms{'  <- slowest' if name == t.slowest_stage else ''}" for name, ms in stages]
+    lines = [f"  {stage.value:<14}{getattr(t, TIMINGS_FIELDS[stage]):9.1f} ms"
+             f"{'  <- slowest' if stage.value == t.slowest_stage else ''}" for stage in Stage]
     extra = f"  KV moved: {t.transfer_bytes} bytes; attempts: {t.attempts}"
     return "\n".join(["stages:", *lines, extra])
 

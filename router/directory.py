@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from router.policy import WorkerLoad
+from worker_common.worker_status import WorkerStatus
 
 log = logging.getLogger(__name__)
 STATUS_TIMEOUT_S = 5.0
@@ -21,7 +22,8 @@ class WorkerInfo:
     handle: Any
     endpoint: dict
     node_id: str
-    status: dict = field(default_factory=dict)
+    status: WorkerStatus | None = None  # the last status it reported; None until the first poll answers
+    alive: bool = False  # whether the last status poll was answered
     # Tokens the router itself has sent and not yet seen finish: fresher than
     # the polled status, so bursts spread out before the next poll.
     inflight_tokens: int = 0
@@ -30,8 +32,8 @@ class WorkerInfo:
         return WorkerLoad(
             self.worker_id,
             outstanding_tokens=self.inflight_tokens,
-            free_blocks=int(self.status.get("free_blocks", 0)),
-            num_blocks=int(self.status.get("num_blocks", 1)),
+            free_blocks=self.status.free_blocks if self.status else 0,
+            num_blocks=self.status.num_blocks if self.status else 1,
         )
 
 
@@ -65,9 +67,9 @@ class WorkerDirectory:
         async def one(w: WorkerInfo) -> None:
             try:
                 w.status = await asyncio.wait_for(w.handle.status.remote(), timeout=STATUS_TIMEOUT_S)
-                w.status["alive"] = True
+                w.alive = True
             except Exception:
-                w.status = {**w.status, "alive": False}
+                w.alive = False
 
         await asyncio.gather(*(one(w) for w in list(self.workers.values())))
 

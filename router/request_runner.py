@@ -42,6 +42,7 @@ from typing import Any
 import ray
 
 from engine.sampling_params import InvalidRequestError
+from observability.stages import Timeline
 from router.directory import WorkerDirectory, WorkerInfo
 from router.policy import RoutingPolicy
 from router.validation import ParsedRequest
@@ -68,25 +69,14 @@ class AttemptFailed(RuntimeError):
 
 
 @dataclass
-class RequestTrace:
-    """Wall-clock stamps (``time.time()``) of one request's stages.
+class RequestTrace(Timeline):
+    """One request's stage stamps (:class:`~observability.stages.Timeline`)
+    plus what the router reports with them.
 
     Router stamps and worker stamps share the machine's clock; on retry the
     stage stamps are those of the last attempt, ``attempts`` counts them.
     """
 
-    received: float = field(default_factory=time.time)
-    admitted: float = 0.0
-    reserved: float = 0.0
-    prefill_queued: float = 0.0
-    prefill_start: float = 0.0
-    prefill_end: float = 0.0
-    transfer_start: float = 0.0
-    transfer_end: float = 0.0
-    decode_queued: float = 0.0
-    decode_start: float = 0.0
-    first_token: float = 0.0
-    finished: float = 0.0
     token_times: list[float] = field(default_factory=list)  # one per output token, as it left the router
     transfer_bytes: int = 0
     prefill_worker: str = ""
@@ -102,10 +92,8 @@ class RequestTrace:
         self.num_output_tokens += n
 
     def new_attempt(self) -> None:
+        super().new_attempt()
         self.attempts += 1
-        for name in ("reserved", "prefill_queued", "prefill_start", "prefill_end", "transfer_start",
-                     "transfer_end", "decode_queued", "decode_start"):
-            setattr(self, name, 0.0)
         self.transfer_bytes = 0
 
 

@@ -24,14 +24,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster.metrics import RouterMetrics
 from engine.sampling_params import InvalidRequestError
+from observability.metrics import RouterMetrics
+from observability.stages import TIMINGS_FIELDS, Timeline, stage_seconds
 from protos import serving_pb2
 from router.directory import STATUS_TIMEOUT_S, WorkerDirectory
 from router.request_runner import NoCapacityError, RequestRunner, RequestTrace, WorkerFailedError
+from router.request_decoding import WireError, make_request_deserializer
 from router.security import add_port, auth_interceptors
 from router.validation import parse_request
-from router.request_decoding import WireError, make_request_deserializer
 from worker_common.messages import ModelLimits
 
 log = logging.getLogger(__name__)
@@ -145,15 +146,12 @@ class ServingServicer:
         for kind in kinds:
             pool = resp.pools.add(kind=kind, target_replicas=self.directory.targets.get(kind, 0))
             for w in sorted(self.directory.of_kind(kind), key=lambda w: w.worker_id):
-                s = w.status
-                pool.workers.add(
-                    worker_id=w.worker_id, node_id=w.node_id, alive=bool(s.get("alive", False)),
-                    running=s.get("running", 0), waiting=s.get("waiting", 0),
-                    outstanding_tokens=max(s.get("outstanding_tokens", 0), 0), free_blocks=s.get("free_blocks", 0),
-                    used_blocks=s.get("used_blocks", 0), num_blocks=s.get("num_blocks", 0),
-                    requests_served=s.get("requests_served", 0),
-                    tokens_generated=s.get("tokens_generated", s.get("tokens_prefilled", 0)),
-                )
+                pb = pool.workers.add(worker_id=w.worker_id, node_id=w.node_id, alive=w.alive)
+                if (s := w.status) is not None:  # never answered a poll: the rest stays 0
+                    pb.running, pb.waiting = s.running, s.waiting
+                    pb.outstanding_tokens = max(s.outstanding_tokens, 0)
+                    pb.free_blocks, pb.used_blocks, pb.num_blocks = s.free_blocks, s.used_blocks, s.num_blocks
+                    pb.requests_served, pb.tokens_generated = s.requests_served, s.tokens_processed
         return resp
 
 
@@ -191,23 +189,6 @@ async def until(events: AsyncIterator[T], deadline: float | None) -> AsyncIterat
         yield ev
 
 
-def _span(a: float, b: float) -> float | None:
-    return b - a if a and b and b >= a else None
-
-
-def stage_seconds(t: RequestTrace) -> dict[str, float]:
-    """Seconds spent in each stage the request reached (names: cluster.metrics.STAGES)."""
-    spans = {
-        "queue": _span(t.received, t.reserved or t.prefill_queued),
-        "prefill_queue": _span(t.prefill_queued, t.prefill_start),
-        "prefill": _span(t.prefill_start, t.prefill_end),
-        "transfer": _span(t.transfer_start, t.transfer_end),
-        "decode_queue": _span(t.decode_queued, t.decode_start),
-        "decode": _span(t.first_token, t.finished),
-    }
-    return {k: v for k, v in spans.items() if v is not None}
-
-
 def fill_timings(pb: serving_pb2.Timings, t: RequestTrace) -> None:
     """The final response's timings and timeline, from the request's trace."""
     ms = 1000.0
@@ -217,30 +198,19 @@ def fill_timings(pb: serving_pb2.Timings, t: RequestTrace) -> None:
     if t.num_output_tokens > 1 and t.first_token:
         pb.tpot_ms = (end - t.first_token) * ms / (t.num_output_tokens - 1)
     stages = stage_seconds(t)
-    pb.queue_ms = stages.get("queue", 0.0) * ms
-    pb.prefill_queue_ms = stages.get("prefill_queue", 0.0) * ms
-    pb.prefill_ms = stages.get("prefill", 0.0) * ms
-    pb.transfer_ms = stages.get("transfer", 0.0) * ms
-    pb.decode_queue_ms = stages.get("decode_queue", 0.0) * ms
-    pb.decode_ms = stages.get("decode", 0.0) * ms
+    for stage, name in TIMINGS_FIELDS.items():
+        setattr(pb, name, stages.get(stage, 0.0) * ms)
     if stages:
-        pb.slowest_stage = max(stages, key=stages.get)
+        pb.slowest_stage = max(stages, key=stages.get).value
     pb.transfer_bytes = t.transfer_bytes
     pb.prefill_worker = t.prefill_worker
     pb.decode_worker = t.decode_worker
     pb.attempts = t.attempts
-    tl = pb.timeline
-
-    def off(stamp: float) -> float:
-        return (stamp - t.received) * ms if stamp else 0.0
-
-    tl.admitted_ms, tl.reserved_ms = off(t.admitted), off(t.reserved)
-    tl.prefill_queued_ms, tl.prefill_start_ms, tl.prefill_end_ms = (
-        off(t.prefill_queued), off(t.prefill_start), off(t.prefill_end))
-    tl.transfer_start_ms, tl.transfer_end_ms = off(t.transfer_start), off(t.transfer_end)
-    tl.decode_queued_ms, tl.decode_start_ms = off(t.decode_queued), off(t.decode_start)
-    tl.first_token_ms, tl.finished_ms = off(t.first_token), off(end)
-    tl.token_ms.extend(off(x) for x in t.token_times)
+    # Each stamp as an offset from receipt (0: not reached); a request still running ends now.
+    for name in Timeline.stamp_names():
+        stamp = end if name == "finished" else getattr(t, name)
+        setattr(pb.timeline, f"{name}_ms", (stamp - t.received) * ms if stamp else 0.0)
+    pb.timeline.token_ms.extend((x - t.received) * ms for x in t.token_times)
 
 
 class RouterServer:

@@ -1,4 +1,4 @@
-"""The correctness reference of DESIGN.md section 3.
+"""The correctness reference (docs/architecture.md, "Correctness reference").
 
 Greedy float32 output must equal ``transformers`` ``generate()`` run one
 prompt at a time. A divergence is accepted only where the reference's top

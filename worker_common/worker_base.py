@@ -10,14 +10,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from analysis.machine_peaks import measure_peaks_fast
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
 from engine.model_loader import load_model
-from engine.peaks import measure_peaks_fast
 from kvtransfer.factory import make_transport
 from kvtransfer.ray_transport import KVTransferActorMixin
 from worker_common.messages import ModelLimits
 from worker_common.worker_config import HandoffSettings, ModelConfig
+from worker_common.worker_status import KVTransferStats, WorkerStatus
 
 REAP_INTERVAL_S = 0.5
 TOMBSTONE_S = 120.0  # how long an aborted id stays refused (longer than any call in flight)
@@ -66,24 +67,24 @@ class WorkerBase(KVTransferActorMixin):
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else os.uname().nodename
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> WorkerStatus:
         """Load and KV occupancy (the kind adds its own counters)."""
         stats = self.engine.engine.stats()
-        return {
-            "worker_id": self.worker_id,
-            "kind": self.kind,
-            "running": stats["running"],
-            "waiting": stats["waiting"],
-            "reserved": stats["reserved"],
-            "outstanding_tokens": self.outstanding_tokens,
-            "free_blocks": stats["free_blocks"],
-            "used_blocks": stats["used_blocks"],
-            "num_blocks": stats["num_blocks"],
-            "requests_served": self.requests_served,
-            "preemptions": stats["preemptions"],
-            "step_stats": self.engine.engine.step_stats(),
-            "kv_transfer": self.kv_transport.stats(),
-        }
+        return WorkerStatus(
+            worker_id=self.worker_id,
+            kind=self.kind,
+            running=stats["running"],
+            waiting=stats["waiting"],
+            reserved=stats["reserved"],
+            outstanding_tokens=self.outstanding_tokens,
+            free_blocks=stats["free_blocks"],
+            used_blocks=stats["used_blocks"],
+            num_blocks=stats["num_blocks"],
+            requests_served=self.requests_served,
+            preemptions=stats["preemptions"],
+            step_stats=self.engine.engine.step_stats(),
+            kv_transfer=KVTransferStats(**self.kv_transport.stats()),
+        )
 
     def shutdown(self) -> None:
         for task in self._reapers:

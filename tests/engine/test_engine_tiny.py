@@ -221,3 +221,49 @@ def test_abort_frees_blocks_in_every_state(tiny_model):
     assert not engine.abort_request("r0")
     assert engine.stats()["free_blocks"] == 32
     assert not engine.has_unfinished() and engine.step() == []
+
+
+def test_subnormal_temperature_is_sampled_safely_beside_greedy_requests(tiny_model):
+    # 1e-40 is a float32 subnormal: dividing float32 logits by it overflowed and
+    # made torch.multinomial raise, failing the whole batch.
+    prompts = random_prompts(5, seed=11)
+    greedy = LLMEngine(tiny_model).generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
+    engine = LLMEngine(tiny_model)
+    for i, p in enumerate(prompts[:4]):
+        engine.add_request(f"g{i}", params=SamplingParams(max_tokens=8, ignore_eos=True), prompt_token_ids=p)
+    engine.add_request("tiny-t", params=SamplingParams(max_tokens=8, temperature=1e-40, seed=3, ignore_eos=True),
+                       prompt_token_ids=prompts[4])
+    done = run_to_completion(engine)
+    assert [done[f"g{i}"].token_ids for i in range(4)] == [g.token_ids for g in greedy[:4]]
+    # Such a temperature is greedy in effect.
+    assert done["tiny-t"].token_ids == greedy[4].token_ids and done["tiny-t"].finish_reason == "length"
+
+
+def test_a_request_whose_logits_cannot_be_sampled_fails_alone(tiny_model, monkeypatch):
+    prompts = random_prompts(3, seed=12)
+    reference = LLMEngine(tiny_model).generate(prompts[:2], SamplingParams(max_tokens=6, ignore_eos=True))
+    engine = LLMEngine(tiny_model, num_blocks=64)
+    execute = engine.runner.execute
+
+    def poisoned(chunks, kv):  # a fault injected into one row: non-finite logits for "bad"
+        sampled, logits = execute(chunks, kv)
+        logits = logits.clone()
+        for row, chunk in enumerate(sampled):
+            if chunk.seq.request_id == "bad":
+                logits[row] = float("nan")
+        return sampled, logits
+
+    monkeypatch.setattr(engine.runner, "execute", poisoned)
+    for i, p in enumerate(prompts[:2]):
+        engine.add_request(f"ok{i}", params=SamplingParams(max_tokens=6, ignore_eos=True), prompt_token_ids=p)
+    engine.add_request("bad", params=SamplingParams(max_tokens=6, temperature=0.7, seed=1, ignore_eos=True),
+                       prompt_token_ids=prompts[2])
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    bad = [o for o in outputs if o.request_id == "bad"]
+    assert len(bad) == 1 and bad[0].finish_reason == "error" and "non-finite" in bad[0].error
+    for i in range(2):
+        ids = [t for o in outputs if o.request_id == f"ok{i}" for t in o.new_token_ids]
+        assert ids == reference[i].token_ids
+    assert engine.stats()["free_blocks"] == engine.stats()["num_blocks"]

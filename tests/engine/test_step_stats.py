@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine.cost_model import ModelDims, dtype_bytes
+from analysis.cost_model import ModelDims, dtype_bytes
+from analysis.machine_peaks import MachinePeaks
 from engine.llm_engine import LLMEngine
-from engine.peaks import MachinePeaks
 from engine.sampling_params import SamplingParams
 from engine.step_stats import StepStats, is_decode, step_cost
 
@@ -89,33 +89,33 @@ def test_accumulator_counters_window_and_utilization_by_hand():
     stats.record(seconds=0.25, batch_size=4, prefill_tokens=0, decode_tokens=4, nbytes=2000, flops=500)
 
     snap = stats.snapshot()
-    assert snap["steps"] == 3
-    assert snap["busy_seconds"] == pytest.approx(1.0)
-    assert (snap["prefill_tokens"], snap["decode_tokens"], snap["batch_size_sum"]) == (7, 6, 8)
-    assert snap["bytes"] == 1070 + 1090 + 2000
-    assert snap["flops"] == 716 + 209 + 500
-    assert snap["recent_steps"] == 3
-    assert snap["recent_batch_size"] == pytest.approx(8 / 3)
+    assert snap.steps == 3
+    assert snap.busy_seconds == pytest.approx(1.0)
+    assert (snap.prefill_tokens, snap.decode_tokens, snap.batch_size_sum) == (7, 6, 8)
+    assert snap.bytes == 1070 + 1090 + 2000
+    assert snap.flops == 716 + 209 + 500
+    assert snap.recent_steps == 3
+    assert snap.recent_batch_size == pytest.approx(8 / 3)
     # Busy-time weighted: window totals over window step time.
-    assert snap["recent_mbu"] == pytest.approx(4160 / 1.0 / 1e4)
-    assert snap["recent_mfu"] == pytest.approx(1425 / 1.0 / 1e3)
-    assert snap["peak_bandwidth_bytes_per_s"] == 1e4 and snap["peak_flops_per_s"] == 1e3
+    assert snap.recent_mbu == pytest.approx(4160 / 1.0 / 1e4)
+    assert snap.recent_mfu == pytest.approx(1425 / 1.0 / 1e3)
+    assert snap.peak_bandwidth_bytes_per_s == 1e4 and snap.peak_flops_per_s == 1e3
 
     # The ring is bounded; the counters are not.
     stats.record(seconds=1.0, batch_size=1, prefill_tokens=0, decode_tokens=1, nbytes=100, flops=10)
     assert len(stats.recent_steps()) == 3
     assert stats.recent_steps(1)[0]["mbu"] == pytest.approx(100 / 1.0 / 1e4)
-    assert stats.snapshot()["steps"] == 4
+    assert stats.snapshot().steps == 4
 
     # Steps older than window_s drop out of the recent figures.
     clock.t += 4.5
     snap = stats.snapshot()
-    assert snap["recent_steps"] == 2                 # ended at t+2 and t+2, now t+6.5
+    assert snap.recent_steps == 2                 # ended at t+2 and t+2, now t+6.5
     clock.t += 10
     snap = stats.snapshot()
-    assert snap["recent_steps"] == 0
-    assert snap["recent_batch_size"] is None and snap["recent_mbu"] is None and snap["recent_mfu"] is None
-    assert snap["steps"] == 4
+    assert snap.recent_steps == 0
+    assert snap.recent_batch_size is None and snap.recent_mbu is None and snap.recent_mfu is None
+    assert snap.steps == 4
 
 
 def test_without_peaks_there_is_no_utilization_but_everything_else_counts():
@@ -123,10 +123,10 @@ def test_without_peaks_there_is_no_utilization_but_everything_else_counts():
     rec = stats.record_chunks([C(5, 1)], seconds=0.1)
     assert rec.mbu(None) is None and rec.mfu(None) is None
     snap = stats.snapshot()
-    assert snap["steps"] == 1 and snap["bytes"] > 0
-    assert snap["recent_mbu"] is None and snap["peak_bandwidth_bytes_per_s"] is None
+    assert snap.steps == 1 and snap.bytes > 0
+    assert snap.recent_mbu is None and snap.peak_bandwidth_bytes_per_s is None
     stats.set_peaks(MachinePeaks(1e9, 1e9))
-    assert stats.snapshot()["recent_mbu"] == pytest.approx(snap["bytes"] / 0.1 / 1e9)
+    assert stats.snapshot().recent_mbu == pytest.approx(snap.bytes / 0.1 / 1e9)
 
 
 def test_bad_window_is_refused():
@@ -156,14 +156,14 @@ def test_tiny_engine_counts_steps_tokens_and_stamps_first_outputs(tiny_model):
     assert engine.step() == []          # idle steps are not recorded
 
     snap = engine.step_stats()
-    assert snap["steps"] == steps == engine.num_steps
+    assert snap.steps == steps == engine.num_steps
     # Every prompt token is prefilled once (no preemption); every token after the first is one decode.
-    assert snap["prefill_tokens"] == sum(len(p) for p in prompts.values())
-    assert snap["decode_tokens"] == 3 * (params.max_tokens - 1)
-    assert snap["bytes"] > 0 and snap["flops"] > 0 and snap["busy_seconds"] > 0
-    assert snap["recent_steps"] == steps
-    assert 0 < snap["recent_mbu"] and 0 < snap["recent_mfu"]
-    assert snap["batch_size_sum"] / snap["steps"] == pytest.approx(snap["recent_batch_size"])
+    assert snap.prefill_tokens == sum(len(p) for p in prompts.values())
+    assert snap.decode_tokens == 3 * (params.max_tokens - 1)
+    assert snap.bytes > 0 and snap.flops > 0 and snap.busy_seconds > 0
+    assert snap.recent_steps == steps
+    assert 0 < snap.recent_mbu and 0 < snap.recent_mfu
+    assert snap.batch_size_sum / snap.steps == pytest.approx(snap.recent_batch_size)
 
     assert set(firsts) == set(prompts)
     for ts in firsts.values():
@@ -204,5 +204,5 @@ def test_imported_and_exported_requests_carry_their_own_timestamps(tiny_model):
     assert outs[0].timestamps is not None and all(o.timestamps is None for o in outs[1:])
     ts = outs[0].timestamps
     assert first.timestamps["first_token"] <= ts["added"] <= ts["scheduled"] <= ts["first_token"]
-    assert dst.step_stats()["prefill_tokens"] == 0
-    assert dst.step_stats()["decode_tokens"] == params.max_tokens - 1
+    assert dst.step_stats().prefill_tokens == 0
+    assert dst.step_stats().decode_tokens == params.max_tokens - 1

@@ -20,10 +20,11 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.deployments import make_config, running
+from observability.stages import TIMINGS_FIELDS, Stage
 from protos import serving_pb2
 from router.client import AsyncClient, Client, build_request
-from tests.integration.clusters import (assert_exact, block_usage, make_config, running, wait_until,
-                                        word_prompts)
+from tests.integration.clusters import assert_exact, block_usage, wait_until, word_prompts
 
 MAX_NEW = 10
 SERVICE = "/splitserve.v1.Serving/Generate"
@@ -238,8 +239,8 @@ def test_final_response_carries_the_timeline(cluster):
     assert len(tl.token_ms) == 8 and list(tl.token_ms) == sorted(tl.token_ms)
     assert tl.token_ms[0] == pytest.approx(tl.first_token_ms)
     assert t.attempts == 1 and t.transfer_bytes > 0 and t.slowest_stage
-    stages = {"queue": t.queue_ms, "prefill_queue": t.prefill_queue_ms, "prefill": t.prefill_ms,
-              "transfer": t.transfer_ms, "decode_queue": t.decode_queue_ms, "decode": t.decode_ms}
+    stages = {stage.value: getattr(t, TIMINGS_FIELDS[stage]) for stage in Stage}
+    assert all(ms > 0 for ms in stages.values()), stages  # a disaggregated request passes every stage
     assert t.slowest_stage == max(stages, key=stages.get)
     assert t.ttft_ms == pytest.approx(tl.first_token_ms) and t.e2e_ms == pytest.approx(tl.finished_ms)
     assert t.prefill_worker.startswith("prefill-") and t.decode_worker.startswith("decode-")
@@ -263,8 +264,8 @@ def test_prometheus_endpoint_reports_requests_stages_and_workers(cluster):
     assert value("splitserve_inter_token_latency_seconds_count") >= 5
     assert value("splitserve_requests_total", outcome="ok") >= 1
     assert value("splitserve_requests_total", outcome="invalid") >= 1
-    for stage in ("queue", "prefill_queue", "prefill", "transfer", "decode_queue", "decode"):
-        assert value("splitserve_request_stage_seconds_count", stage=stage) >= 1, stage
+    for stage in Stage:
+        assert value("splitserve_request_stage_seconds_count", stage=stage.value) >= 1, stage
     workers = {dict(k[1])["worker_id"] for k in samples if k[0] == "splitserve_worker_steps_total"}
     assert workers == {"prefill-0", "decode-0"}
     mbu = [v for (n, _), v in samples.items() if n == "splitserve_worker_model_bandwidth_utilization_ratio"]

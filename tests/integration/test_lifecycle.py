@@ -12,8 +12,8 @@ import grpc
 import pytest
 import ray
 
+from benchmarks.deployments import make_config, running
 from router.client import Client
-from tests.integration.clusters import make_config, running
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ import time
 import grpc
 import pytest
 
+from benchmarks.deployments import make_config, running
 from kvtransfer.faults import TransferFaults
 from router.client import Client
-from tests.integration.clusters import block_usage, make_config, running, wait_until
+from tests.integration.clusters import block_usage, wait_until
 
 
 def test_a_request_past_request_timeout_s_ends_and_frees_its_kv(ray_head):

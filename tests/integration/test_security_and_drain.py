@@ -12,8 +12,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.deployments import make_config, running
 from router.client import AsyncClient, Client
-from tests.integration.clusters import assert_exact, make_config, running, wait_until, word_prompts
+from tests.integration.clusters import assert_exact, wait_until, word_prompts
 from tests.router.test_security import self_signed
 
 TOKEN = "cluster-test-token-42"
@@ -61,9 +62,9 @@ def test_tls_and_token_admit_the_right_client_only(secured, tiny_model):
 def test_kv_plane_checked_the_cluster_secret(secured):
     d, address, ca = secured
     d.run(d.deployment.router.servicer.directory.poll_status())
-    transfer = {w.worker_id: w.status["kv_transfer"] for w in d.deployment.router.servicer.directory.workers.values()}
-    assert transfer["decode-0"]["bytes_received"] > 0
-    assert all(t.get("refused_unauthenticated", 0) == 0 for t in transfer.values())
+    transfer = {w.worker_id: w.status.kv_transfer for w in d.deployment.router.servicer.directory.workers.values()}
+    assert transfer["decode-0"].bytes_received > 0
+    assert all(t.refused_unauthenticated == 0 for t in transfer.values())
 
 
 def test_graceful_drain_finishes_in_flight_and_refuses_new(secured):

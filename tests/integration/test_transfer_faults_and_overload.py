@@ -10,9 +10,10 @@ import time
 import grpc
 import pytest
 
+from benchmarks.deployments import make_config, running
 from kvtransfer.faults import TransferFaults
 from router.client import AsyncClient, Client
-from tests.integration.clusters import assert_exact, block_usage, make_config, running, wait_until, word_prompts
+from tests.integration.clusters import assert_exact, block_usage, wait_until, word_prompts
 
 
 @pytest.fixture(scope="module")

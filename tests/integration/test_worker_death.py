@@ -15,10 +15,10 @@ import time
 import pytest
 import ray
 
+from benchmarks.deployments import make_config, running
 from kvtransfer.faults import TransferFaults
 from router.client import Client
-from tests.integration.clusters import (assert_exact, block_usage, make_config, running, stream_all, wait_until,
-                                        word_prompts)
+from tests.integration.clusters import assert_exact, block_usage, stream_all, wait_until, word_prompts
 
 MAX_NEW = 40
 
@@ -72,7 +72,7 @@ def test_prefill_killed_under_load_every_request_completes_exactly(cluster, tiny
         # Once the victim holds prompts' KV (their pushes are delayed 0.4 s), kill it.
         handle = workers(d, "prefill")[victim].handle
         deadline = time.monotonic() + 30
-        while ray.get(handle.status.remote(), timeout=30)["used_blocks"] == 0 and time.monotonic() < deadline:
+        while ray.get(handle.status.remote(), timeout=30).used_blocks == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         kill(d, "prefill", victim)
         killed.set()

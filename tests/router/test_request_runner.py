@@ -159,3 +159,4 @@ def test_an_error_in_the_decode_stream_resumes_on_another_decode_worker(monkeypa
     resumed = prefill.called("prefill")[1]
     assert resumed[5] == [7] and resumed[6] == "a"  # the second attempt resumes after what the client has
     assert broken.called("abort") and spare.called("reserve")
+

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import math
 import urllib.request
+from dataclasses import fields, replace
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster import metrics as m
+from engine.step_stats import StepStatsSnapshot
+from observability import metrics as m
+from observability.stages import Stage
+from worker_common.worker_status import KVTransferStats, WorkerStatus
 
 
 def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
@@ -45,8 +49,8 @@ def test_names_follow_prometheus_conventions():
         assert name.startswith("splitserve_") and name == name.lower()
     for name in m.ROUTER_HISTOGRAMS:
         assert name.endswith("_seconds")
-    for name, kind, *_ in m._WORKER_METRICS:
-        assert name.endswith("_total") == (kind == "counter"), name
+    for metric in m.WORKER_METRICS:
+        assert metric.name.endswith("_total") == (metric.type == "counter"), metric.name
 
 
 def test_buckets_span_milliseconds_to_minutes():
@@ -62,9 +66,9 @@ def test_router_metrics_observe_and_scrape():
     with rm.track_in_flight():
         assert scrape(reg)[(m.IN_FLIGHT, ())] == 1
         rm.observe_request("ok", num_prompt_tokens=12, num_output_tokens=5, ttft_s=0.2, e2e_s=1.0,
-                           stages={"queue": 0.001, "prefill": 0.15, "transfer": 0.004, "decode": 0.8})
+                           stages={Stage.QUEUE: 0.001, Stage.PREFILL: 0.15, Stage.TRANSFER: 0.004, Stage.DECODE: 0.8})
     rm.observe_request("cancelled", num_prompt_tokens=3, num_output_tokens=2, ttft_s=0.03, e2e_s=9.0)
-    rm.observe_request("error", num_prompt_tokens=4, num_output_tokens=0, stages={"prefill_queue": 0.5})
+    rm.observe_request("error", num_prompt_tokens=4, num_output_tokens=0, stages={Stage.PREFILL_QUEUE: 0.5})
     rm.count_outcome("rejected")
     for gap in (0.004, 0.02, 0.3):
         rm.observe_token_gap(gap)
@@ -96,6 +100,7 @@ def test_router_metrics_observe_and_scrape():
     assert s[(m.STAGE + "_count", (("stage", "prefill_queue"),))] == 1
     assert s[(m.STAGE + "_count", (("stage", "decode_queue"),))] == 0
     assert bucket(s, m.STAGE, 0.001, stage="queue") == 1
+    assert {dict(labels)["stage"] for name, labels in s if name == m.STAGE + "_count"} == {x.value for x in Stage}
 
     types = families(reg)
     assert types[m.TTFT] == types[m.STAGE] == "histogram"
@@ -109,6 +114,8 @@ def test_router_metrics_refuse_unknown_labels():
         rm.count_outcome("meh")
     with pytest.raises(ValueError, match="stage"):
         rm.observe_request("ok", num_prompt_tokens=1, num_output_tokens=1, stages={"warmup": 1.0})
+    with pytest.raises(ValueError, match="stage"):  # the name alone is not a Stage
+        rm.observe_request("ok", num_prompt_tokens=1, num_output_tokens=1, stages={"prefill": 1.0})
 
 
 def test_two_registries_do_not_clash():
@@ -119,22 +126,23 @@ def test_two_registries_do_not_clash():
     assert scrape(b)[(m.REQUESTS, (("outcome", "ok"),))] == 0
 
 
-def full_status(worker_id: str, kind: str) -> dict:
-    return {
-        "worker_id": worker_id, "kind": kind,
-        "running": 3, "waiting": 2, "reserved": 1, "outstanding_tokens": 40,
-        "free_blocks": 90, "used_blocks": 10, "num_blocks": 100, "requests_served": 7,
-        "prefix_cache_hit_tokens": 30, "prefix_cache_query_tokens": 120,
-        "step_stats": {
-            "steps": 50, "busy_seconds": 2.5, "prefill_tokens": 400, "decode_tokens": 45,
-            "bytes": 1e9, "flops": 2e9, "batch_size_sum": 150,
-            "recent_steps": 10, "recent_seconds": 0.5, "recent_batch_size": 3.0,
-            "recent_mbu": 0.42, "recent_mfu": 0.07,
-            "peak_bandwidth_bytes_per_s": 2e10, "peak_flops_per_s": 5e11, "window_s": 10.0,
-        },
-        "kv_transfer": {"chunks_sent": 4, "chunks_received": 0, "bytes_sent": 4096, "bytes_received": 0,
-                        "seconds_sent": 0.01, "seconds_received": 0.0, "refused_unauthenticated": 2},
-    }
+def full_status(worker_id: str, kind: str) -> WorkerStatus:
+    """A status in which every figure is reported (peaks measured, recent steps, push time)."""
+    return WorkerStatus(
+        worker_id=worker_id, kind=kind,
+        running=3, waiting=2, reserved=1, outstanding_tokens=40,
+        free_blocks=90, used_blocks=10, num_blocks=100, requests_served=7, preemptions=0,
+        step_stats=StepStatsSnapshot(
+            steps=50, busy_seconds=2.5, prefill_tokens=400, decode_tokens=45,
+            bytes=1e9, flops=2e9, batch_size_sum=150,
+            recent_steps=10, recent_seconds=0.5, recent_batch_size=3.0,
+            recent_mbu=0.42, recent_mfu=0.07,
+            peak_bandwidth_bytes_per_s=2e10, peak_flops_per_s=5e11, window_s=10.0,
+        ),
+        kv_transfer=KVTransferStats(chunks_sent=4, chunks_received=0, bytes_sent=4096, bytes_received=0,
+                                    seconds_sent=0.01, refused_unauthenticated=2),
+        held=1, tokens_prefilled=400,
+    )
 
 
 def test_worker_collector_emits_every_metric_with_labels():
@@ -163,35 +171,63 @@ def test_worker_collector_emits_every_metric_with_labels():
     assert s[(m.W_XFER_CHUNKS, tuple(sorted(plab + (("direction", "sent"),))))] == 4
     assert s[(m.W_XFER_SECONDS, tuple(sorted(plab + (("direction", "sent"),))))] == 0.01
     assert s[(m.W_XFER_REFUSED, plab)] == 2
-    assert s[(m.W_PREFIX_HITS, plab)] == 30 and s[(m.W_PREFIX_QUERIES, plab)] == 120
     # Every declared metric appeared, with the declared type.
     types = families(reg)
-    for name, kind, *_ in m._WORKER_METRICS:
-        assert types[name.removesuffix("_total")] == kind, name
+    for metric in m.WORKER_METRICS:
+        assert types[metric.name.removesuffix("_total")] == metric.type, metric.name
 
 
-def test_worker_collector_emits_nothing_for_absent_keys():
+def test_each_worker_metric_reads_its_own_status_attribute():
+    """The table maps each series to one WorkerStatus attribute: give every
+    numeric attribute a distinct value and each series must report its own."""
+    values = iter(range(1, 1000))
+
+    def distinct(cls, **fixed):
+        nums = {f.name: float(next(values)) for f in fields(cls) if f.name not in fixed}
+        return cls(**nums, **fixed)
+
+    step = distinct(StepStatsSnapshot)
+    xfer = distinct(KVTransferStats)
+    status = distinct(WorkerStatus, worker_id="w0", kind="decode", step_stats=step, kv_transfer=xfer)
     reg = CollectorRegistry()
+    reg.register(m.WorkerStatusCollector(lambda: [status]))
+    s = scrape(reg)
+    seen = set()
+    for metric in m.WORKER_METRICS:
+        for label_value, attribute in metric.series:
+            labels = {"worker_id": "w0", "kind": "decode", **({metric.label: label_value} if metric.label else {})}
+            obj = status
+            for part in attribute.split("."):
+                obj = getattr(obj, part)
+            assert s[(metric.name, tuple(sorted(labels.items())))] == obj, (metric.name, attribute)
+            seen.add(attribute)
+    assert len(seen) == sum(len(metric.series) for metric in m.WORKER_METRICS)  # no attribute read twice
+    # Only the kind-specific counters and the step/transfer bookkeeping stay off the metrics.
+    top = {a for a in seen if "." not in a}
+    assert {f.name for f in fields(WorkerStatus)} - top == {
+        "worker_id", "kind", "preemptions", "step_stats", "kv_transfer", "held", "tokens_prefilled", "tokens_generated"}
+
+
+def test_worker_collector_emits_nothing_for_unreported_values():
+    reg = CollectorRegistry()
+    fresh = StepStatsSnapshot(steps=3)  # an idle worker without peaks: recent figures and peaks are None
     statuses = [
-        # Today's status: no step stats, no transfer seconds, no prefix cache.
-        {"worker_id": "d0", "kind": "decode", "running": 1, "waiting": 0, "used_blocks": 2, "free_blocks": 6,
-         "num_blocks": 8, "kv_transfer": {"bytes_received": 64, "bytes_sent": 0}},
-        # Step stats of an idle worker without peaks: recent figures are None.
-        {"worker_id": "p0", "kind": "prefill",
-         "step_stats": {"steps": 3, "recent_mbu": None, "recent_batch_size": None, "peak_flops_per_s": None}},
-        {"kind": "decode", "running": 5},             # no worker_id: skipped
-        {"worker_id": "x", "kind": "decode", "running": float("nan"), "waiting": "many", "reserved": True},
+        # A decode worker measures no push time.
+        replace(full_status("d0", "decode"), step_stats=fresh,
+                kv_transfer=KVTransferStats(bytes_received=64)),
+        replace(full_status("p0", "prefill"), step_stats=replace(fresh, recent_mbu=float("nan"))),
     ]
     reg.register(m.WorkerStatusCollector(lambda: statuses))
     s = scrape(reg)
     names = {name for name, _ in s}
-    for absent in (m.W_MBU, m.W_MFU, m.W_BATCH, m.W_PREFIX_HITS, m.W_XFER_SECONDS, m.W_PEAK_FLOPS, m.W_RESERVED):
+    for absent in (m.W_MBU, m.W_MFU, m.W_BATCH, m.W_PEAK_FLOPS, m.W_PEAK_BW):
         assert not any(n.startswith(absent.removesuffix("_total")) for n in names), absent
+    pushed = [dict(labels)["worker_id"] for name, labels in s if name == m.W_XFER_SECONDS]
+    assert pushed == ["p0"]
     assert s[(m.W_STEPS, (("kind", "prefill"), ("worker_id", "p0")))] == 3
     assert s[(m.W_XFER_BYTES, (("direction", "received"), ("kind", "decode"), ("worker_id", "d0")))] == 64
-    assert (m.W_RUNNING, (("kind", "decode"), ("worker_id", "d0"))) in s
-    assert not any(dict(labels).get("worker_id") == "x" for _, labels in s)
-    assert sum(1 for name, _ in s if name == m.W_RUNNING) == 1
+    assert s[(m.W_RESERVED, (("kind", "decode"), ("worker_id", "d0")))] == 1  # zeros that are real are kept
+    assert s[(m.W_XFER_REFUSED, (("kind", "decode"), ("worker_id", "d0")))] == 0
 
 
 def test_worker_collector_survives_a_failing_source():

@@ -7,12 +7,13 @@ tests can live in one process. Two halves:
 1. :class:`RouterMetrics`: histograms of TTFT, TPOT, ITL, E2E and of each
    request stage, counters of requests by outcome and of tokens, a gauge of
    requests in flight. The router calls it with plain numbers.
-2. :class:`WorkerStatusCollector`: a custom collector that turns the status
-   dicts the router polls from its workers into per-worker gauges and
-   counters (labels ``worker_id`` and ``kind``) at scrape time. The keys it
-   reads are listed on the class.
+2. :class:`WorkerStatusCollector`: a custom collector that turns the
+   :class:`~worker_common.worker_status.WorkerStatus` values the router
+   polls from its workers into per-worker gauges and counters (labels
+   ``worker_id`` and ``kind``) at scrape time, through one table,
+   :data:`WORKER_METRICS`, of metric name, type, help and status attribute.
 
-The metric names are module constants; ``cluster.dashboard`` builds the
+The metric names are module constants; ``observability.dashboard`` builds the
 Grafana dashboard from the same constants, so the two cannot drift apart.
 Names follow the Prometheus conventions: a ``splitserve_`` prefix, base
 units (seconds, bytes) in the name, ``_total`` on counters, ``_ratio`` on
@@ -24,12 +25,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
+from operator import attrgetter
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from observability.stages import Stage
+from worker_common.worker_status import WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +43,13 @@ TTFT = "splitserve_time_to_first_token_seconds"
 TPOT = "splitserve_time_per_output_token_seconds"
 ITL = "splitserve_inter_token_latency_seconds"
 E2E = "splitserve_e2e_request_latency_seconds"
-STAGE = "splitserve_request_stage_seconds"
+STAGE = "splitserve_request_stage_seconds"  # label stage: a Stage's value
 REQUESTS = "splitserve_requests_total"
 PROMPT_TOKENS = "splitserve_prompt_tokens_total"
 GENERATION_TOKENS = "splitserve_generation_tokens_total"
 IN_FLIGHT = "splitserve_requests_in_flight"
 
 ROUTER_HISTOGRAMS = (TTFT, TPOT, ITL, E2E, STAGE)
-
-#: Request stages, in order: router admitted -> decode worker reserved
-#: (``queue``), then on the prefill worker (queued, computing), the KV
-#: transfer, then on the decode worker (queued, decoding).
-STAGES = ("queue", "prefill_queue", "prefill", "transfer", "decode_queue", "decode")
 
 #: How a request ended. ``rejected``: refused at admission (queues full);
 #: ``invalid``: bad input; ``deadline``: the client's deadline passed.
@@ -91,8 +91,8 @@ class RouterMetrics:
         # Known label values start at 0, so rate() sees the first request.
         for outcome in OUTCOMES:
             self.requests.labels(outcome=outcome)
-        for stage in STAGES:
-            self.stage.labels(stage=stage)
+        for stage in Stage:
+            self.stage.labels(stage=stage.value)
 
     def track_in_flight(self):
         """Context manager (or decorator) counting the request in flight while it runs."""
@@ -112,7 +112,7 @@ class RouterMetrics:
         num_output_tokens: int,
         ttft_s: float | None = None,
         e2e_s: float | None = None,
-        stages: Mapping[str, float] | None = None,
+        stages: Mapping[Stage, float] | None = None,
     ) -> None:
         """Record one finished request.
 
@@ -120,13 +120,14 @@ class RouterMetrics:
         first token, and — for ``ok`` requests only, as a cancelled request's
         duration is the client's choice — E2E and TPOT (``(e2e - ttft) /
         (num_output_tokens - 1)``, when there were at least two tokens).
-        ``stages`` maps names from :data:`STAGES` to seconds; the stages a
-        request never reached are simply left out.
+        ``stages`` maps each :class:`~observability.stages.Stage` the request
+        reached to its seconds (:func:`~observability.stages.stage_seconds`);
+        the stages it never reached are simply left out.
         """
         self.count_outcome(outcome)
-        for name in stages or {}:
-            if name not in STAGES:
-                raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
+        for stage in stages or {}:
+            if not isinstance(stage, Stage):
+                raise ValueError(f"unknown stage {stage!r}; expected a Stage: {[s.value for s in Stage]}")
         self.prompt_tokens.inc(num_prompt_tokens)
         self.generation_tokens.inc(num_output_tokens)
         if ttft_s is not None:
@@ -135,8 +136,8 @@ class RouterMetrics:
             self.e2e.observe(e2e_s)
             if ttft_s is not None and num_output_tokens > 1:
                 self.tpot.observe((e2e_s - ttft_s) / (num_output_tokens - 1))
-        for name, seconds in (stages or {}).items():
-            self.stage.labels(stage=name).observe(seconds)
+        for stage, seconds in (stages or {}).items():
+            self.stage.labels(stage=stage.value).observe(seconds)
 
     def observe_token_gap(self, seconds: float) -> None:
         """One inter-token latency: the gap between two consecutive tokens of a stream."""
@@ -165,105 +166,100 @@ W_PEAK_BW = "splitserve_worker_peak_memory_bandwidth_bytes_per_second"
 W_PEAK_FLOPS = "splitserve_worker_peak_flops_per_second"
 W_XFER_BYTES = "splitserve_worker_kv_transfer_bytes_total"  # label direction=sent|received
 W_XFER_CHUNKS = "splitserve_worker_kv_transfer_chunks_total"
-W_XFER_SECONDS = "splitserve_worker_kv_transfer_seconds_total"
+W_XFER_SECONDS = "splitserve_worker_kv_transfer_seconds_total"  # label direction=sent
 W_XFER_REFUSED = "splitserve_worker_kv_transfer_refused_unauthenticated_total"
-W_PREFIX_HITS = "splitserve_worker_prefix_cache_hit_tokens_total"
-W_PREFIX_QUERIES = "splitserve_worker_prefix_cache_query_tokens_total"
 
 _GAUGE, _COUNTER = "gauge", "counter"
 
-# (metric, type, help, extra label name or None, [(extra label value, path)]).
-# A path is a key of the status dict, or (sub-dict key, key).
-_WORKER_METRICS: tuple[tuple[str, str, str, str | None, tuple[tuple[str | None, Any], ...]], ...] = (
-    (W_WAITING, _GAUGE, "Sequences queued in the worker's engine.", None, ((None, "waiting"),)),
-    (W_RUNNING, _GAUGE, "Sequences in the running batch.", None, ((None, "running"),)),
-    (W_RESERVED, _GAUGE, "KV reservations awaiting their transfer.", None, ((None, "reserved"),)),
-    (W_OUTSTANDING, _GAUGE, "Tokens of requests accepted and not finished.", None, ((None, "outstanding_tokens"),)),
-    (W_KV_BLOCKS, _GAUGE, "KV cache blocks by state.", "state", (("used", "used_blocks"), ("free", "free_blocks"))),
-    (W_KV_CAPACITY, _GAUGE, "KV cache blocks in all.", None, ((None, "num_blocks"),)),
-    (W_SERVED, _COUNTER, "Requests this worker finished.", None, ((None, "requests_served"),)),
-    (W_BATCH, _GAUGE, "Mean sequences per engine step over the recent window.", None,
-     ((None, ("step_stats", "recent_batch_size")),)),
-    (W_MBU, _GAUGE, "Model bandwidth utilization over the recent window: modelled bytes / busy time / peak.",
-     None, ((None, ("step_stats", "recent_mbu")),)),
-    (W_MFU, _GAUGE, "Model FLOPs utilization over the recent window: modelled FLOPs / busy time / peak.",
-     None, ((None, ("step_stats", "recent_mfu")),)),
-    (W_STEPS, _COUNTER, "Engine steps run.", None, ((None, ("step_stats", "steps")),)),
-    (W_BUSY, _COUNTER, "Seconds spent inside engine steps.", None, ((None, ("step_stats", "busy_seconds")),)),
-    (W_TOKENS, _COUNTER, "Tokens the model computed, by phase (recompute after preemption included).", "phase",
-     (("prefill", ("step_stats", "prefill_tokens")), ("decode", ("step_stats", "decode_tokens")))),
-    (W_MODEL_BYTES, _COUNTER, "Bytes the engine steps moved, by the cost model (weights + KV).", None,
-     ((None, ("step_stats", "bytes")),)),
-    (W_MODEL_FLOPS, _COUNTER, "FLOPs the engine steps computed, by the cost model.", None,
-     ((None, ("step_stats", "flops")),)),
-    (W_PEAK_BW, _GAUGE, "Memory bandwidth peak measured when the worker started.", None,
-     ((None, ("step_stats", "peak_bandwidth_bytes_per_s")),)),
-    (W_PEAK_FLOPS, _GAUGE, "FLOP/s peak measured when the worker started.", None,
-     ((None, ("step_stats", "peak_flops_per_s")),)),
-    (W_XFER_BYTES, _COUNTER, "KV bytes moved by the transfer backend.", "direction",
-     (("sent", ("kv_transfer", "bytes_sent")), ("received", ("kv_transfer", "bytes_received")))),
-    (W_XFER_CHUNKS, _COUNTER, "KV transfer chunks moved.", "direction",
-     (("sent", ("kv_transfer", "chunks_sent")), ("received", ("kv_transfer", "chunks_received")))),
-    (W_XFER_SECONDS, _COUNTER, "Seconds spent moving KV (first byte to done, summed over transfers).", "direction",
-     (("sent", ("kv_transfer", "seconds_sent")), ("received", ("kv_transfer", "seconds_received")))),
-    (W_XFER_REFUSED, _COUNTER, "KV transfer connections refused for a missing or wrong token.", None,
-     ((None, ("kv_transfer", "refused_unauthenticated")),)),
-    (W_PREFIX_HITS, _COUNTER, "Prompt tokens found in the prefix cache.", None,
-     ((None, "prefix_cache_hit_tokens"),)),
-    (W_PREFIX_QUERIES, _COUNTER, "Prompt tokens looked up in the prefix cache.", None,
-     ((None, "prefix_cache_query_tokens"),)),
+
+@dataclass(frozen=True)
+class WorkerMetric:
+    """One per-worker metric and where its value lives in a :class:`WorkerStatus`.
+
+    ``series`` pairs a value of the ``label`` (``None`` when the metric has
+    no label beyond :data:`WORKER_LABELS`) with an attribute path of the
+    status (dotted for the nested ``step_stats`` and ``kv_transfer``).
+    """
+
+    name: str
+    type: str  # "gauge" | "counter"
+    help: str
+    series: tuple[tuple[str | None, str], ...]
+    label: str | None = None
+
+
+def _one(name: str, kind: str, doc: str, attribute: str) -> WorkerMetric:
+    return WorkerMetric(name, kind, doc, ((None, attribute),))
+
+
+#: Every per-worker metric, in the order they are exposed: the one table the collector iterates over.
+WORKER_METRICS: tuple[WorkerMetric, ...] = (
+    _one(W_WAITING, _GAUGE, "Sequences queued in the worker's engine.", "waiting"),
+    _one(W_RUNNING, _GAUGE, "Sequences in the running batch.", "running"),
+    _one(W_RESERVED, _GAUGE, "KV reservations awaiting their transfer.", "reserved"),
+    _one(W_OUTSTANDING, _GAUGE, "Tokens of requests accepted and not finished.", "outstanding_tokens"),
+    WorkerMetric(W_KV_BLOCKS, _GAUGE, "KV cache blocks by state.",
+                 (("used", "used_blocks"), ("free", "free_blocks")), "state"),
+    _one(W_KV_CAPACITY, _GAUGE, "KV cache blocks in all.", "num_blocks"),
+    _one(W_SERVED, _COUNTER, "Requests this worker finished.", "requests_served"),
+    _one(W_BATCH, _GAUGE, "Mean sequences per engine step over the recent window.", "step_stats.recent_batch_size"),
+    _one(W_MBU, _GAUGE, "Model bandwidth utilization over the recent window: modelled bytes / busy time / peak.",
+         "step_stats.recent_mbu"),
+    _one(W_MFU, _GAUGE, "Model FLOPs utilization over the recent window: modelled FLOPs / busy time / peak.",
+         "step_stats.recent_mfu"),
+    _one(W_STEPS, _COUNTER, "Engine steps run.", "step_stats.steps"),
+    _one(W_BUSY, _COUNTER, "Seconds spent inside engine steps.", "step_stats.busy_seconds"),
+    WorkerMetric(W_TOKENS, _COUNTER, "Tokens the model computed, by phase (recompute after preemption included).",
+                 (("prefill", "step_stats.prefill_tokens"), ("decode", "step_stats.decode_tokens")), "phase"),
+    _one(W_MODEL_BYTES, _COUNTER, "Bytes the engine steps moved, by the cost model (weights + KV).",
+         "step_stats.bytes"),
+    _one(W_MODEL_FLOPS, _COUNTER, "FLOPs the engine steps computed, by the cost model.", "step_stats.flops"),
+    _one(W_PEAK_BW, _GAUGE, "Memory bandwidth peak measured when the worker started.",
+         "step_stats.peak_bandwidth_bytes_per_s"),
+    _one(W_PEAK_FLOPS, _GAUGE, "FLOP/s peak measured when the worker started.", "step_stats.peak_flops_per_s"),
+    WorkerMetric(W_XFER_BYTES, _COUNTER, "KV bytes moved by the transfer backend.",
+                 (("sent", "kv_transfer.bytes_sent"), ("received", "kv_transfer.bytes_received")), "direction"),
+    WorkerMetric(W_XFER_CHUNKS, _COUNTER, "KV transfer chunks moved.",
+                 (("sent", "kv_transfer.chunks_sent"), ("received", "kv_transfer.chunks_received")), "direction"),
+    # Only the sender measures transfer time (see KVTransferStats.seconds_sent).
+    WorkerMetric(W_XFER_SECONDS, _COUNTER, "Seconds spent pushing KV (export, send, receiver's ack; summed).",
+                 (("sent", "kv_transfer.seconds_sent"),), "direction"),
+    _one(W_XFER_REFUSED, _COUNTER, "KV transfer connections refused for a missing or wrong token.",
+         "kv_transfer.refused_unauthenticated"),
 )
 
-WORKER_METRIC_NAMES = tuple(m[0] for m in _WORKER_METRICS)
+WORKER_METRIC_NAMES = tuple(metric.name for metric in WORKER_METRICS)
 
 
-def _lookup(status: Mapping[str, Any], path: Any) -> float | None:
-    """The number at ``path`` in ``status``, or ``None`` if absent, ``None`` or not a finite number."""
-    if isinstance(path, tuple):
-        sub = status.get(path[0])
-        value = sub.get(path[1]) if isinstance(sub, Mapping) else None
-    else:
-        value = status.get(path)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def _value(status: WorkerStatus, attribute: str) -> float | None:
+    """The number at ``attribute`` of ``status``; ``None`` (nothing emitted) when it is ``None`` or not finite."""
+    value = attrgetter(attribute)(status)
+    if value is None or not math.isfinite(value):
         return None
     return float(value)
 
 
 class WorkerStatusCollector(Collector):
-    """Per-worker gauges and counters, read from status dicts at scrape time.
+    """Per-worker gauges and counters, read from :class:`WorkerStatus` values at scrape time.
 
-    ``source`` returns the latest status dict of every live worker (the
-    router's poll cache; it must be cheap and must not block). Keys read,
-    all optional except ``worker_id``; a metric whose key is absent (or
-    ``None``) is not emitted for that worker — no fake zeros:
-
-    - ``worker_id`` (str), ``kind`` (str, "prefill"/"decode"): the labels
-    - ``waiting``, ``running``, ``reserved``, ``outstanding_tokens``: gauges
-    - ``used_blocks``, ``free_blocks``, ``num_blocks``: KV cache gauges
-    - ``requests_served``: counter
-    - ``prefix_cache_hit_tokens``, ``prefix_cache_query_tokens``: counters
-    - ``step_stats``: the dict of :meth:`engine.step_stats.StepStats.snapshot`;
-      reads ``steps``, ``busy_seconds``, ``prefill_tokens``,
-      ``decode_tokens``, ``bytes``, ``flops`` (counters),
-      ``recent_batch_size``, ``recent_mbu``, ``recent_mfu``,
-      ``peak_bandwidth_bytes_per_s``, ``peak_flops_per_s`` (gauges)
-    - ``kv_transfer``: the dict of ``kv_transport.stats()``; reads
-      ``bytes_sent``, ``bytes_received``, ``chunks_sent``,
-      ``chunks_received``, ``refused_unauthenticated``, and
-      ``seconds_sent``, ``seconds_received`` if the worker adds them
-      (counters)
+    ``source`` returns the latest status of every worker that has reported
+    one (the router's poll cache; it must be cheap and must not block). Each
+    metric of :data:`WORKER_METRICS` is labelled with the status's
+    ``worker_id`` and ``kind``; a value that is ``None`` (no peaks measured,
+    no recent steps, no transfer time on a receiver) is not emitted for that
+    worker — no fake zeros.
 
     Counters restart from zero when a worker is replaced; Prometheus'
     ``rate()`` handles that reset.
     """
 
-    def __init__(self, source: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+    def __init__(self, source: Callable[[], Iterable[WorkerStatus]]) -> None:
         self._source = source
 
     def describe(self) -> Iterator[Metric]:
         # Lets the registry check for duplicate names without calling source.
-        for name, kind, doc, extra, _ in _WORKER_METRICS:
-            yield self._family(name, kind, doc, extra)
+        for metric in WORKER_METRICS:
+            yield self._family(metric)
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -272,26 +268,23 @@ class WorkerStatusCollector(Collector):
             # A scrape must not fail because one poll did.
             log.exception("worker status source failed; no worker metrics this scrape")
             return
-        for name, kind, doc, extra, series in _WORKER_METRICS:
-            family = self._family(name, kind, doc, extra)
+        for metric in WORKER_METRICS:
+            family = self._family(metric)
             for status in statuses:
-                worker_id = status.get("worker_id")
-                if not worker_id:
-                    continue
-                labels = [str(worker_id), str(status.get("kind", ""))]
-                for label_value, path in series:
-                    value = _lookup(status, path)
+                labels = [status.worker_id, status.kind]
+                for label_value, attribute in metric.series:
+                    value = _value(status, attribute)
                     if value is not None:
-                        family.add_metric(labels + ([label_value] if extra else []), value)
+                        family.add_metric(labels + ([label_value] if metric.label else []), value)
             if family.samples:
                 yield family
 
     @staticmethod
-    def _family(name: str, kind: str, doc: str, extra: str | None) -> Metric:
-        labels = list(WORKER_LABELS) + ([extra] if extra else [])
-        if kind == _COUNTER:
-            return CounterMetricFamily(name, doc, labels=labels)
-        return GaugeMetricFamily(name, doc, labels=labels)
+    def _family(metric: WorkerMetric) -> Metric:
+        labels = list(WORKER_LABELS) + ([metric.label] if metric.label else [])
+        if metric.type == _COUNTER:
+            return CounterMetricFamily(metric.name, metric.help, labels=labels)
+        return GaugeMetricFamily(metric.name, metric.help, labels=labels)
 
 
 # ------------------------------------------------------------------ serving

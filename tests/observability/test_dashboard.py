@@ -1,5 +1,5 @@
 """The Grafana dashboard: the checked-in file is what the generator makes,
-and every query names a metric that cluster.metrics really exposes."""
+and every query names a metric that observability.metrics really exposes."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import re
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster import dashboard
-from cluster import metrics as m
-from tests.cluster.test_metrics import full_status
+from observability import dashboard
+from observability import metrics as m
+from tests.observability.test_metrics import full_status
 
 METRIC_RE = re.compile(r"\bsplitserve_[a-z0-9_]+")
 
@@ -32,7 +32,7 @@ def all_queries(dash: dict) -> list[str]:
 
 
 def test_checked_in_dashboard_matches_the_generator():
-    assert dashboard.DASHBOARD_PATH.read_text() == dashboard.render(), "run: python -m cluster.dashboard"
+    assert dashboard.DASHBOARD_PATH.read_text() == dashboard.render(), "run: python -m observability.dashboard"
     assert dashboard.main(["--check"]) == 0
 
 
@@ -54,7 +54,7 @@ def test_every_query_names_an_exposed_metric():
         names = METRIC_RE.findall(expr)
         assert names, f"query names no splitserve metric: {expr}"
         for name in names:
-            assert name in exposed, f"{name} (in {expr}) is not exposed by cluster.metrics"
+            assert name in exposed, f"{name} (in {expr}) is not exposed by observability.metrics"
         referenced.update(names)
         assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
     # The headline metrics are all on the dashboard.

@@ -1,0 +1,64 @@
+"""A worker's status report: what the router's directory, its ``ClusterStatus``
+RPC, the metrics collector and the pool manager's drain read of one worker.
+
+One frozen value, returned by ``status()`` on every worker kind (it crosses
+the Ray actor boundary as is). Counters common to all kinds are required
+fields; a counter only one kind keeps has an explicit default (0), so that a
+reader never has to guess a missing key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.step_stats import StepStatsSnapshot
+
+
+@dataclass(frozen=True)
+class KVTransferStats:
+    """The worker's KV transport counters since it started (its ``stats()``), plus push time.
+
+    ``seconds_sent`` is measured by prefill workers only (export + send + the
+    receiver's acknowledgement, summed over successful pushes); ``None`` on
+    the other kinds, which measure no transfer time.
+    """
+
+    chunks_sent: int = 0
+    chunks_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    refused_unauthenticated: int = 0  # connections refused for a missing or wrong cluster token
+    seconds_sent: float | None = None
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """Load, KV occupancy and counters of one worker, as it last reported them."""
+
+    worker_id: str
+    kind: str  # "prefill" | "decode" | "colocated"
+    running: int  # sequences in the running batch
+    waiting: int  # sequences queued in the engine
+    reserved: int  # KV reservations awaiting their transfer
+    outstanding_tokens: int  # tokens of requests accepted and not finished
+    free_blocks: int  # KV cache blocks free (reserved ones count as used)
+    used_blocks: int
+    num_blocks: int
+    requests_served: int  # requests finished since the worker started
+    preemptions: int
+    step_stats: StepStatsSnapshot
+    kv_transfer: KVTransferStats
+    held: int = 0  # prefill: pushed KV held until the decode side acknowledges it
+    tokens_prefilled: int = 0  # prefill: prompt tokens prefilled
+    tokens_generated: int = 0  # decode and colocated: output tokens generated
+
+    @property
+    def tokens_processed(self) -> int:
+        """The tokens of this worker's own phase: prompt tokens prefilled on a
+        prefill worker, output tokens generated on the other kinds."""
+        return self.tokens_prefilled if self.kind == "prefill" else self.tokens_generated
+
+    @property
+    def busy(self) -> bool:
+        """Anything running, queued, reserved, held or outstanding (a worker being drained waits for False)."""
+        return self.running + self.waiting + self.reserved + self.held + self.outstanding_tokens != 0
