@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from engine.async_engine import RequestFailedError
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from kvtransfer.base import TransferStatus
 from worker_common.messages import Ack, DecodeEvent, ErrorReason, KVHandoffMeta, TokenChunk, WorkerError
@@ -151,7 +152,8 @@ class DecodeWorker(WorkerBase):
 
     async def _run(self, request_id: str, params: SamplingParams, t_called: float, num_kv_tokens: int,
                    start) -> AsyncIterator[DecodeEvent]:
-        """Stream one request's outputs from the engine, ack first; keeps the counters."""
+        """Stream one request's outputs from the engine, ack first; keeps the counters.
+        A request the engine fails on its own ends with a ``REQUEST_FAILED`` :class:`WorkerError`."""
         self.outstanding_tokens += params.max_tokens
         produced = 0
         try:
@@ -166,6 +168,8 @@ class DecodeWorker(WorkerBase):
                     return
                 produced += len(out.new_token_ids)
                 yield TokenChunk(tuple(out.new_token_ids), out.new_text, out.finished, out.finish_reason)
+        except RequestFailedError as e:  # the engine already dropped it and freed its blocks
+            yield WorkerError(ErrorReason.REQUEST_FAILED, str(e))
         finally:
             self.outstanding_tokens -= params.max_tokens
             self.tokens_generated += produced

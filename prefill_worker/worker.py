@@ -21,7 +21,8 @@ docs/architecture.md, "Request lifecycle"):
    ``kv_held`` set, and the KV stays held: the router may re-arm the decode
    side and call ``resend``, or ``abort``.
    A cancel frees the blocks at once, and a prefill that arrives after its
-   abort is refused. A failure is a value, never a dead worker.
+   abort is refused. A request the engine fails on its own comes back as a
+   ``WorkerError`` with ``REQUEST_FAILED``. A failure is a value, never a dead worker.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from engine.async_engine import RequestFailedError
 from engine.llm_engine import RequestOutput
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from kvtransfer.base import TransferStatus
@@ -87,6 +89,8 @@ class PrefillWorker(WorkerBase):
             first = await self._first_token(transfer_id, prompt_token_ids, params, output_token_ids, emitted_text)
         except InvalidRequestError as e:  # e.g. a prompt larger than this worker's KV cache
             return WorkerError(ErrorReason.INVALID_REQUEST, e.reason, field=e.field)
+        except RequestFailedError as e:  # this request alone failed in the engine (its blocks are free)
+            return WorkerError(ErrorReason.REQUEST_FAILED, str(e))
         finally:
             self.outstanding_tokens -= n_tokens
         t_prefilled = time.time()

@@ -22,7 +22,9 @@ When an attempt fails (a worker died or stalled, the KV could not be moved),
 the next attempt starts over on other workers from the prompt plus the
 tokens the client already has: nothing is sent twice, nothing is missing,
 and greedy output is the same as without the failure. After
-``max_attempts`` the client gets UNAVAILABLE.
+``max_attempts`` the client gets UNAVAILABLE. A request that a worker's
+engine failed on its own (``ErrorReason.REQUEST_FAILED``) is not retried:
+the client gets INTERNAL with the engine's message.
 
 In colocated mode (``pools.mode: colocated``) an attempt is a single call:
 one worker runs both phases (:meth:`DecodeWorker.serve`).
@@ -58,6 +60,12 @@ class NoCapacityError(RuntimeError):
 
 class WorkerFailedError(RuntimeError):
     """Every attempt of this request failed (UNAVAILABLE)."""
+
+
+class RequestFailedError(RuntimeError):
+    """A worker's engine failed this request on its own (INTERNAL): not retried,
+    since the same request would fail the same way elsewhere, and the worker
+    is not blamed (the rest of its batch went on)."""
 
 
 class AttemptFailed(RuntimeError):
@@ -105,10 +113,13 @@ def _token_event(chunk: TokenChunk, trace: RequestTrace) -> TokenChunk:
 
 def _failure(error: WorkerError, worker_id: str | None, where: str) -> Exception:
     """What a worker's error means for the request: a refused request fails it
-    (INVALID_ARGUMENT); anything else fails this attempt, pinned on
-    ``worker_id`` (``None``: on neither worker) so the next attempt avoids it."""
+    (INVALID_ARGUMENT), and so does one the engine failed alone (INTERNAL);
+    anything else fails this attempt, pinned on ``worker_id`` (``None``: on
+    neither worker) so the next attempt avoids it."""
     if error.reason is ErrorReason.INVALID_REQUEST:
         return InvalidRequestError(error.field or "request", error.detail)
+    if error.reason is ErrorReason.REQUEST_FAILED:
+        return RequestFailedError(f"{where}: {error.detail}")
     return AttemptFailed(worker_id, f"{where}: {error}")
 
 

@@ -6,8 +6,9 @@ Errors map to gRPC statuses, each message naming the field or the limit:
 bad input (including undecodable bytes and invalid UTF-8) →
 INVALID_ARGUMENT; another model → NOT_FOUND; too large a request, too many
 requests in flight, or no KV room in time → RESOURCE_EXHAUSTED; shutting
-down or every attempt failed → UNAVAILABLE; a missing or wrong token →
-UNAUTHENTICATED. A client cancel or an expired deadline ends the request
+down or every attempt failed → UNAVAILABLE; a request the engine failed on
+its own (not retried) → INTERNAL, with the engine's message; a missing or
+wrong token → UNAUTHENTICATED. A client cancel or an expired deadline ends the request
 (CANCELLED / DEADLINE_EXCEEDED) and frees its KV blocks on both workers.
 """
 
@@ -29,7 +30,8 @@ from observability.metrics import RouterMetrics
 from observability.stages import TIMINGS_FIELDS, Timeline, stage_seconds
 from protos import serving_pb2
 from router.directory import STATUS_TIMEOUT_S, WorkerDirectory
-from router.request_runner import NoCapacityError, RequestRunner, RequestTrace, WorkerFailedError
+from router.request_runner import (NoCapacityError, RequestFailedError, RequestRunner, RequestTrace,
+                                   WorkerFailedError)
 from router.request_decoding import WireError, make_request_deserializer
 from router.security import add_port, auth_interceptors
 from router.validation import parse_request
@@ -120,6 +122,8 @@ class ServingServicer:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except WorkerFailedError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except RequestFailedError as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
         finally:
             self.inflight -= 1
             if self.metrics is not None:

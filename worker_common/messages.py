@@ -42,6 +42,7 @@ class ErrorReason(enum.Enum):
     TRANSFER_FAILED = "transfer_failed"  # the KV did not arrive / could not be pushed
     INVALID_REQUEST = "invalid_request"  # the engine refused the request (``field`` names why)
     NO_HELD_KV = "no_held_kv"  # a resend for a KV this worker no longer holds
+    REQUEST_FAILED = "request_failed"  # the engine failed this request alone (e.g. its logits could not be sampled)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ class WorkerError:
 
     ``kv_held`` (``TRANSFER_FAILED`` on the prefill side): the KV is still held
     under its lease, so one more push may be asked for. ``field``
-    (``INVALID_REQUEST``): the request field at fault.
+    (``INVALID_REQUEST``): the request field at fault. ``REQUEST_FAILED``:
+    ``detail`` is the engine's message; the request's blocks are already free
+    and the worker serves on.
     """
 
     reason: ErrorReason

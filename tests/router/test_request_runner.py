@@ -15,7 +15,8 @@ from engine.sampling_params import InvalidRequestError, SamplingParams
 from router import request_runner
 from router.directory import WorkerInfo
 from router.policy import make_policy
-from router.request_runner import NoCapacityError, RequestRunner, RequestTrace, WorkerFailedError
+from router.request_runner import (NoCapacityError, RequestFailedError, RequestRunner, RequestTrace,
+                                   WorkerFailedError)
 from router.validation import ParsedRequest
 from worker_common.messages import Ack, ErrorReason, KVHandoffMeta, KVPushed, PrefillResult, TokenChunk, WorkerError
 
@@ -160,3 +161,36 @@ def test_an_error_in_the_decode_stream_resumes_on_another_decode_worker(monkeypa
     assert resumed[5] == [7] and resumed[6] == "a"  # the second attempt resumes after what the client has
     assert broken.called("abort") and spare.called("reserve")
 
+
+def test_a_request_the_engine_failed_is_not_retried_on_another_prefill_worker():
+    failed = WorkerError(ErrorReason.REQUEST_FAILED, "sampling failed: every logit is non-finite")
+    first, spare = Scripted(prefill=lambda *a: failed), Scripted(prefill=lambda *a: failed)
+    decode = decode_handle()
+    runner = runner_for(worker("prefill-0", "prefill", first), worker("prefill-1", "prefill", spare),
+                        worker("decode-0", "decode", decode), max_attempts=3)
+    with pytest.raises(RequestFailedError, match="prefill-0: sampling failed: every logit is non-finite"):
+        run(runner)
+    assert len(first.called("prefill")) == 1 and not spare.called("prefill") and runner.retries == 0
+    (transfer_id, *_), = decode.called("reserve")
+    assert decode.called("abort") == [(transfer_id,)]  # the reservation is dropped at once
+
+
+def test_a_request_the_engine_failed_while_decoding_is_not_resumed_elsewhere(monkeypatch):
+    monkeypatch.setattr(request_runner.ray, "cancel", lambda ref: None)
+    prefill = Scripted(prefill=lambda *a: prefilled(KVPushed(META, 64, 1.3, 1.4)))
+    failing = decode_handle(Ack(2.0, 2.1, 4), WorkerError(ErrorReason.REQUEST_FAILED, "sampling failed: nan"))
+    spare = decode_handle()
+    runner = runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", failing),
+                        worker("decode-1", "decode", spare), max_attempts=3)
+    req = ParsedRequest("req", [1, 2, 3], SamplingParams(max_tokens=4))
+    got: list[TokenChunk] = []
+
+    async def go() -> None:
+        async for ev in runner.run(req, RequestTrace()):
+            got.append(ev)
+
+    with pytest.raises(RequestFailedError, match="decode-0: sampling failed: nan"):
+        asyncio.run(go())
+    assert got == [FIRST]  # what the client had before the failure
+    assert not spare.called("reserve") and len(prefill.called("prefill")) == 1 and runner.retries == 0
+    assert failing.called("abort") and prefill.called("abort")
