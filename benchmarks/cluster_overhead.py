@@ -380,7 +380,7 @@ def measure_memcpy(reps: int) -> dict[int, dict[str, float]]:
 
 
 def transport_kwargs(backend: str) -> dict[str, Any]:
-    """What the cluster passes (cluster.deployment.pool_specs), for one process's transports."""
+    """What the cluster passes (worker_common.worker_config.HandoffSettings.transport_kwargs), for one process's transports."""
     if backend == "ray":
         return {"namespace": RAY_NAMESPACE}
     return {"host": "127.0.0.1", "chunk_bytes": DEFAULT_CHUNK_BYTES}

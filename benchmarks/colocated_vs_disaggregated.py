@@ -149,20 +149,20 @@ def arm_config(arm: str, model: str = DEFAULT_MODEL, chunk_tokens: int = DEFAULT
     """The deployment dict of one arm (validate with :func:`cluster.config.parse_config`)."""
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
-    decode = {"num_cpus": WORKER_CPUS, "num_blocks": 512, "max_running": 64, "lease_s": LEASE_S,
+    decode = {"num_cpus": WORKER_CPUS, "num_blocks": 512, "max_running": 64,
               # colocated without chunking: a whole prompt in one step; chunked: 128 tokens a step
               "max_batched_tokens": chunk_tokens if arm == "chunked" else MAX_MODEL_LEN}
     pools: dict[str, Any] = {"replicas": REPLICAS, "decode": decode}
     if arm == "disaggregated":
         pools.update(mode="disaggregated", ratio="1:1",
-                     prefill={"num_cpus": WORKER_CPUS, "num_blocks": 256, "max_batch_tokens": MAX_MODEL_LEN,
+                     prefill={"num_cpus": WORKER_CPUS, "num_blocks": 256, "max_batched_tokens": MAX_MODEL_LEN,
                               "batch_wait_ms": 2.0})
     else:
         pools["mode"] = "colocated"
     return {
         "model": {"name": model, "dtype": "float32", "max_model_len": MAX_MODEL_LEN},
         "pools": pools,
-        "kvtransfer": {"backend": "gloo", "timeout_s": TRANSFER_TIMEOUT_S},
+        "kvtransfer": {"backend": "gloo", "timeout_s": TRANSFER_TIMEOUT_S, "lease_s": LEASE_S},
         "router": {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": None,
                    "drain_grace_s": 10, "request_timeout_s": REQUEST_TIMEOUT_S},
         "ray": {"namespace": f"{namespace}-{arm}"},

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from analysis.model_catalog import TINY_MODEL
 from cluster.config import ClusterConfig, parse_config
 from cluster.deployment import BackgroundDeployment
+from kvtransfer.faults import TransferFaults
 
 _namespaces = itertools.count()
 
@@ -33,10 +34,9 @@ def make_config(model: str = TINY_MODEL, backend: str = "gloo", ratio: str = "1:
             "ratio": ratio,
             "replicas": replicas,
             "prefill": {"num_cpus": 0.5, "num_blocks": 256, "batch_wait_ms": 2.0, **pool_overrides.get("prefill", {})},
-            "decode": {"num_cpus": 0.5, "num_blocks": 512, "max_running": 32, "lease_s": 30.0,
-                       **pool_overrides.get("decode", {})},
+            "decode": {"num_cpus": 0.5, "num_blocks": 512, "max_running": 32, **pool_overrides.get("decode", {})},
         },
-        "kvtransfer": {"backend": backend, "timeout_s": 30, **(kvtransfer or {})},
+        "kvtransfer": {"backend": backend, "timeout_s": 30, "lease_s": 30.0, **(kvtransfer or {})},
         "router": {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": 0,
                    "drain_grace_s": 10, **(router or {})},
         "ray": {"namespace": f"small-{backend}-{next(_namespaces)}"},
@@ -45,9 +45,11 @@ def make_config(model: str = TINY_MODEL, backend: str = "gloo", ratio: str = "1:
 
 
 @contextmanager
-def running(cfg: ClusterConfig, transport_extra: dict | None = None) -> Iterator[tuple[BackgroundDeployment, str]]:
-    """Start ``cfg`` in this process (router here, workers as Ray actors); yield it and the router's address."""
-    d = BackgroundDeployment(cfg, transport_extra)
+def running(cfg: ClusterConfig,
+            faults: TransferFaults | None = None) -> Iterator[tuple[BackgroundDeployment, str]]:
+    """Start ``cfg`` in this process (router here, workers as Ray actors); yield it and the router's address.
+    ``faults``: injected into every worker's KV transport (tests)."""
+    d = BackgroundDeployment(cfg, faults)
     try:
         address = d.start()
         yield d, address

@@ -413,7 +413,7 @@ async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
     p, d_ = (int(x) for x in args.ratio.split(":"))
     cfg = make_config(args.model, backend="gloo", ratio=args.ratio, replicas=args.replicas,
                       router={"max_queued": args.max_queued},
-                      decode={"lease_s": args.lease_s, "max_running": 32})
+                      kvtransfer={"lease_s": args.lease_s}, decode={"max_running": 32})
     pools = f"{cfg.pools.counts()[0]} prefill + {cfg.pools.counts()[1]} decode, ratio {p}:{d_}, kv gloo"
     log(f"starting the deployment: {pools}, model {args.model}")
     tokenizer = await asyncio.to_thread(load_tokenizer, args.model)
@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rate", type=float, default=6.0, help="mean arrivals per second between bursts")
     ap.add_argument("--burst", type=int, default=28, help="requests sent at once every 10 s")
     ap.add_argument("--max-queued", type=int, default=24, help="router.max_queued (bursts past it: RESOURCE_EXHAUSTED)")
-    ap.add_argument("--lease-s", type=float, default=30.0, help="pools.decode.lease_s (the project's default)")
+    ap.add_argument("--lease-s", type=float, default=30.0, help="kvtransfer.lease_s (the project's default)")
     ap.add_argument("--settle-s", type=float, default=None,
                     help="longest wait for the blocks to free (default 2 leases + 15 s)")
     ap.add_argument("--margin-s", type=float, default=30.0, help="lost = not ended by deadline + this")

@@ -137,7 +137,7 @@ def test_bad_values_are_refused_with_reason():
     assert problems("router: {port: -1}") == ["router.port: must be >= 0"]
     assert problems("model: {dtype: fp8}") == ["model.dtype: must be 'float32', 'bfloat16' or 'float16'; got 'fp8'"]
     assert problems('pools: {decode: {num_blocks: "12"}}') == ["pools.decode.num_blocks: must be an integer; got '12'"]
-    assert problems("pools: {decode: {lease_s: 0}}") == ["pools.decode.lease_s: must be > 0"]
+    assert problems("kvtransfer: {lease_s: 0}") == ["kvtransfer.lease_s: must be > 0"]
     assert problems("pools: {prefill: {resources: {GPU: 1}}}") == [
         "pools.prefill.resources: set CPU and GPU with num_cpus / num_gpus, not here (got GPU)"
     ]

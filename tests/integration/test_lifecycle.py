@@ -18,7 +18,7 @@ from router.client import Client
 
 @pytest.fixture(scope="module")
 def tiny_cluster(ray_head):
-    cfg = make_config(decode={"lease_s": 1.0})
+    cfg = make_config(kvtransfer={"lease_s": 1.0})
     with running(cfg) as (d, address):
         yield d, address
 

@@ -26,8 +26,8 @@ MAX_NEW = 40
 @pytest.fixture(scope="module")
 def cluster(ray_head):
     # Every push waits 0.4 s first, so prompts sit in the prefill worker long enough to be caught by a kill.
-    cfg = make_config(ratio="1:1", replicas=4, decode={"lease_s": 5.0}, router={"max_attempts": 3})
-    with running(cfg, transport_extra={"faults": TransferFaults(delay_s=0.4)}) as (d, address):
+    cfg = make_config(ratio="1:1", replicas=4, kvtransfer={"lease_s": 5.0}, router={"max_attempts": 3})
+    with running(cfg, faults=TransferFaults(delay_s=0.4)) as (d, address):
         yield d, address
 
 
