@@ -16,7 +16,9 @@ A request runs as one or more *attempts*; each attempt is:
    worker then frees its copy) and yields tokens until the request ends.
 5. Any exit — finish, error, client cancel, deadline — tells both workers to
    drop the attempt, so their blocks are freed within one call, and a call
-   that arrives after its abort is refused by the worker.
+   that arrives after its abort is refused by the worker. A request that its
+   first token finished never reaches the decode worker: its reservation
+   there is dropped at once too.
 
 When an attempt fails (a worker died or stalled, the KV could not be moved),
 the next attempt starts over on other workers from the prompt plus the
@@ -227,6 +229,11 @@ class RequestRunner:
                 if stream is not None:
                     ray.cancel(stream)
                 prefill.handle.abort.remote(transfer_id)
+                decode.handle.abort.remote(transfer_id)
+            elif stream is None:
+                # The first token finished the request (max_tokens=1, EOS or a
+                # stop first): the decode worker's reservation will never be
+                # used, so free it now rather than when its lease runs out.
                 decode.handle.abort.remote(transfer_id)
 
     async def _prefill(self, prefill: WorkerInfo, decode: WorkerInfo, transfer_id: str, req: ParsedRequest,

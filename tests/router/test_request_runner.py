@@ -194,3 +194,17 @@ def test_a_request_the_engine_failed_while_decoding_is_not_resumed_elsewhere(mon
     assert got == [FIRST]  # what the client had before the failure
     assert not spare.called("reserve") and len(prefill.called("prefill")) == 1 and runner.retries == 0
     assert failing.called("abort") and prefill.called("abort")
+
+
+def test_a_request_its_first_token_finished_drops_the_decode_reservation():
+    """max_tokens=1, EOS or a stop token first: no decode stream is opened, and the
+    blocks reserved for it on the decode worker are freed at once (not at lease end)."""
+    done = TokenChunk((7,), "a", True, "length")
+    prefill = Scripted(prefill=lambda *a: PrefillResult("prefill-0", done, 1.0, 1.1, 1.2, None))
+    decode = decode_handle()
+    chunks, _ = run(runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", decode)),
+                    max_tokens=1)
+    assert chunks == [done]
+    (transfer_id, *_), = decode.called("reserve")
+    assert not decode.called("generate")
+    assert decode.called("abort") == [(transfer_id,)]
