@@ -24,6 +24,7 @@ import torch
 
 from analysis.cost_model import ModelDims, dtype_bytes
 from analysis.machine_peaks import MachinePeaks
+from engine.chat_prompt import chat_prompt_ids
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import PagedKVCache
 from engine.kv_cache_manager import KVCacheManager, blocks_needed
@@ -120,14 +121,14 @@ class LLMEngine:
 
     # ----------------------------------------------------------------- input
     def tokenize(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-        """Token ids of a raw prompt, or of chat messages through the model's chat template."""
+        """Token ids of a raw prompt, or of chat messages through the model's chat template
+        (:func:`~engine.chat_prompt.chat_prompt_ids`: special-token text in a message stays text)."""
         if (prompt is None) == (messages is None):
             raise InvalidRequestError("prompt", "give exactly one of prompt or messages")
         if messages is not None:
             if not messages:
                 raise InvalidRequestError("messages", "must not be empty")
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return chat_prompt_ids(self.tokenizer, messages)
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def add_request(

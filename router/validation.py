@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from engine.chat_prompt import chat_prompt_ids
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from protos import serving_pb2
 from worker_common.messages import ModelLimits
@@ -61,9 +62,7 @@ def parse_request(req: serving_pb2.GenerateRequest, tokenizer, limits: ModelLimi
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
                 raise InvalidRequestError(f"chat.messages[{i}].role", f"must be one of {CHAT_ROLES}, got {m.role!r}")
-        text = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                             add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = chat_prompt_ids(tokenizer, [{"role": m.role, "content": m.content} for m in messages])
     if not ids:
         raise InvalidRequestError("prompt", "tokenizes to nothing")
     if len(ids) >= limits.max_model_len:
