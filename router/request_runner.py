@@ -298,6 +298,9 @@ class RequestRunner:
                     except Exception as exc:  # dead or stuck worker: skip it for this request
                         log.warning("reserve on %s failed: %r", worker_id, exc)
                         failed.add(worker_id)
+                        # A stuck call may still reserve when it runs: drop it
+                        # there (the worker refuses it if it comes later).
+                        decode.handle.abort.remote(transfer_id)
                         continue
                     if endpoint is not None:
                         return prefill, decode, endpoint

@@ -208,3 +208,22 @@ def test_a_request_its_first_token_finished_drops_the_decode_reservation():
     (transfer_id, *_), = decode.called("reserve")
     assert not decode.called("generate")
     assert decode.called("abort") == [(transfer_id,)]
+
+
+def test_a_reserve_that_times_out_is_aborted_on_its_decode_worker(monkeypatch):
+    """The router stops waiting, but the call may still reserve blocks when the
+    worker gets to it: it is aborted there, so those blocks come back."""
+    monkeypatch.setattr(request_runner, "CALL_TIMEOUT_S", 0.05)
+
+    def stuck(*args):
+        return asyncio.get_running_loop().create_future()  # never answers
+
+    slow = Scripted(reserve=stuck)
+    slow.reserve.remote = lambda *args: (slow.calls.append(("reserve", args)), stuck())[1]
+    prefill = Scripted(prefill=lambda *a: prefilled(None))
+    runner = runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", slow),
+                        queue_timeout_s=0.2)
+    with pytest.raises(NoCapacityError):
+        run(runner)
+    (transfer_id, *_), = slow.called("reserve")
+    assert slow.called("abort") == [(transfer_id,)]
