@@ -72,6 +72,11 @@ class _Request:
     detok: IncrementalDetokenizer
     seed: int
     pending_text: list[str] = field(default_factory=list)
+    stop_token_ids: frozenset[int] = frozenset()  # the params' ids as a set: checked once per token
+
+    @classmethod
+    def of(cls, seq: Sequence, detok: IncrementalDetokenizer, seed: int) -> _Request:
+        return cls(seq, detok, seed, stop_token_ids=frozenset(seq.params.stop_token_ids))
 
 
 class LLMEngine:
@@ -169,7 +174,7 @@ class LLMEngine:
             detok.skip_token(t)
         if emitted_text is not None:
             detok.mark_emitted(len(emitted_text))
-        self._requests[request_id] = _Request(seq, detok, seed)
+        self._requests[request_id] = _Request.of(seq, detok, seed)
         self.scheduler.add(seq)
 
     def _check_prompt(self, ids: list[int], params: SamplingParams, prefill_only: bool = False) -> None:
@@ -243,7 +248,7 @@ class LLMEngine:
         seq, params = req.seq, req.seq.params
         seq.output_token_ids.append(token)
         status = None
-        if (not params.ignore_eos and token in self.model.eos_token_ids) or token in params.stop_token_ids:
+        if (not params.ignore_eos and token in self.model.eos_token_ids) or token in req.stop_token_ids:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
             text = req.detok.flush()
         else:
@@ -347,7 +352,7 @@ class LLMEngine:
         if emitted_text is not None:
             detok.mark_emitted(len(emitted_text))
         self._arrivals += 1
-        self._requests[request_id] = _Request(seq, detok, handoff.seed)
+        self._requests[request_id] = _Request.of(seq, detok, handoff.seed)
         self.scheduler.running.append(seq)
         seq.status = SequenceStatus.RUNNING
         return True
