@@ -107,6 +107,17 @@ class RequestTrace(Timeline):
         self.transfer_bytes = 0
 
 
+def attempt_id(request_id: str, attempt: int) -> str:
+    """The id one attempt runs under on the workers (reservation, KV transfer,
+    engine request, abort): minted here, 128 random bits, nothing of the
+    client's ``request_id`` in it. So no client can reach another's request on
+    a worker by choosing or guessing an id, two requests with the same client
+    id never share one, and client-chosen characters never reach a transport."""
+    internal = f"a{attempt}-{uuid.uuid4().hex}"
+    log.debug("request %s attempt %d runs as %s", request_id, attempt, internal)
+    return internal
+
+
 def _token_event(chunk: TokenChunk, trace: RequestTrace) -> TokenChunk:
     """A worker's tokens on their way to the client, stamped on the trace as they leave."""
     trace.token_sent(len(chunk.token_ids))
@@ -183,7 +194,7 @@ class RequestRunner:
     async def _disaggregated_attempt(self, req: ParsedRequest, attempt: int, progress: _Progress,
                                      trace: RequestTrace, failed: set[str],
                                      deadline: float | None) -> AsyncIterator[TokenChunk]:
-        transfer_id = f"{req.request_id}-{attempt}-{uuid.uuid4().hex[:6]}"
+        transfer_id = attempt_id(req.request_id, attempt)
         kv_tokens = len(req.prompt_token_ids) + len(progress.token_ids)
         remaining = req.params.max_tokens - len(progress.token_ids)
         prefill, decode, endpoint = await self._reserve(transfer_id, kv_tokens, failed, deadline)
@@ -314,7 +325,7 @@ class RequestRunner:
     async def _colocated_attempt(self, req: ParsedRequest, attempt: int, progress: _Progress,
                                  trace: RequestTrace, failed: set[str],
                                  deadline: float | None) -> AsyncIterator[TokenChunk]:
-        request_id = f"{req.request_id}-{attempt}-{uuid.uuid4().hex[:6]}"
+        request_id = attempt_id(req.request_id, attempt)
         worker = await self._pick(failed, deadline)
         trace.prefill_worker = trace.decode_worker = worker.worker_id
         cost = len(req.prompt_token_ids) + req.params.max_tokens

@@ -227,3 +227,45 @@ def test_a_reserve_that_times_out_is_aborted_on_its_decode_worker(monkeypatch):
         run(runner)
     (transfer_id, *_), = slow.called("reserve")
     assert slow.called("abort") == [(transfer_id,)]
+
+
+def test_workers_see_ids_minted_per_attempt_not_the_client_s(monkeypatch):
+    """Two requests with the same client id (as if the server let both in), one of them
+    cancelled: each attempt ran under its own id, nothing of the client's id reached a
+    worker, and the cancel aborted only the cancelled request's id."""
+    monkeypatch.setattr(request_runner.ray, "cancel", lambda ref: None)
+
+    async def generate(*args):
+        yield Ack(2.0, 2.1, 4)
+        await asyncio.sleep(3600 if args[0] == held[0] else 0)
+        yield TokenChunk((8,), "b", True, "length")
+
+    held: list[str] = []
+    prefill = Scripted(prefill=lambda *a: prefilled(KVPushed(META, 64, 1.3, 1.4)))
+
+    def reserve(transfer_id, *a):
+        held.append(transfer_id)
+        return {"reserved": True}
+
+    decode = Scripted(reserve=reserve, generate=generate)
+    runner = runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", decode))
+    req = ParsedRequest("victim", [1, 2, 3], SamplingParams(max_tokens=2))
+
+    async def go() -> list[TokenChunk]:
+        async def consume() -> list[TokenChunk]:
+            return [ev async for ev in runner.run(req, RequestTrace())]
+
+        first = asyncio.ensure_future(consume())
+        while not held:
+            await asyncio.sleep(0.001)
+        second = await consume()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return second
+
+    assert [c.token_ids for c in asyncio.run(go())] == [(7,), (8,)]
+    assert len(held) == 2 and held[0] != held[1]
+    assert not any("victim" in args[0] for _, args in decode.calls + prefill.calls)
+    assert decode.called("abort") == [(held[0],)] and prefill.called("abort") == [(held[0],)]
+    assert all(len(t) >= 32 for t in held)  # 128 random bits: not guessable
