@@ -34,8 +34,8 @@ def all_free(address: str) -> bool:
     return all(used == 0 for used, _ in block_usage(address).values())
 
 
-def freed_within(address: str) -> float:
-    return wait_until(lambda: all_free(address), 10, "every worker's blocks back at capacity", 0.02)
+def freed_within(address: str, ending: str) -> float:
+    return wait_until(lambda: all_free(address), 10, f"every worker's blocks back at capacity after {ending}", 0.02)
 
 
 def worker_error(address: str) -> None:
@@ -110,6 +110,6 @@ def test_every_way_a_request_ends_frees_both_workers_blocks_within_a_second(clus
     took = {}
     for ending in ENDINGS:
         ending(address)
-        took[ending.__name__] = freed_within(address)
+        took[ending.__name__] = freed_within(address, ending.__name__)
     slow = {name: round(t, 2) for name, t in took.items() if t >= FREE_WITHIN_S}
     assert not slow, f"blocks still held after {FREE_WITHIN_S} s: {slow}"
