@@ -37,19 +37,18 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     template that rewrites content cannot be tokenized this safely).
     """
     nonce = uuid.uuid4().hex
-    holders = [f"\u27e6{nonce}:{i}\u27e7" for i in range(len(messages))]
-    templated = [{**m, "content": holder} for m, holder in zip(messages, holders)]
+    holder = re.compile(re.escape(f"\u27e6{nonce}:") + r"(\d+)" + re.escape("\u27e7"))
+    templated = [{**m, "content": f"\u27e6{nonce}:{i}\u27e7"} for i, m in enumerate(messages)]
     rendered = tokenizer.apply_chat_template(templated, add_generation_prompt=True, tokenize=False)
-    pieces = re.split("(" + "|".join(re.escape(h) for h in holders) + ")", rendered) if holders else [rendered]
-    if sorted(p for p in pieces[1::2]) != sorted(holders):
+    pieces = holder.split(rendered)  # template text, message index, template text, ...
+    if sorted(int(i) for i in pieces[1::2]) != list(range(len(messages))):
         raise InvalidRequestError("chat.messages", "the model's chat template does not keep message content as given")
-    content = {h: m["content"] for h, m in zip(holders, messages)}
     specials = _special_pattern(tokenizer)
     ids: list[int] = []
     text = ""  # plain text since the last template special token
     for i, piece in enumerate(pieces):
         if i % 2:  # a message's content: always text
-            text += content[piece]
+            text += messages[int(piece)]["content"]
             continue
         last = 0
         for match in specials.finditer(piece) if specials else ():
