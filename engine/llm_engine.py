@@ -24,6 +24,7 @@ import torch
 
 from analysis.cost_model import ModelDims, dtype_bytes
 from analysis.machine_peaks import MachinePeaks
+from engine.chat_prompt import chat_prompt_ids
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import PagedKVCache
 from engine.kv_cache_manager import KVCacheManager, blocks_needed
@@ -71,6 +72,11 @@ class _Request:
     detok: IncrementalDetokenizer
     seed: int
     pending_text: list[str] = field(default_factory=list)
+    stop_token_ids: frozenset[int] = frozenset()  # the params' ids as a set: checked once per token
+
+    @classmethod
+    def of(cls, seq: Sequence, detok: IncrementalDetokenizer, seed: int) -> _Request:
+        return cls(seq, detok, seed, stop_token_ids=frozenset(seq.params.stop_token_ids))
 
 
 class LLMEngine:
@@ -120,14 +126,14 @@ class LLMEngine:
 
     # ----------------------------------------------------------------- input
     def tokenize(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-        """Token ids of a raw prompt, or of chat messages through the model's chat template."""
+        """Token ids of a raw prompt, or of chat messages through the model's chat template
+        (:func:`~engine.chat_prompt.chat_prompt_ids`: special-token text in a message stays text)."""
         if (prompt is None) == (messages is None):
             raise InvalidRequestError("prompt", "give exactly one of prompt or messages")
         if messages is not None:
             if not messages:
                 raise InvalidRequestError("messages", "must not be empty")
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return chat_prompt_ids(self.tokenizer, messages)
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def add_request(
@@ -168,7 +174,7 @@ class LLMEngine:
             detok.skip_token(t)
         if emitted_text is not None:
             detok.mark_emitted(len(emitted_text))
-        self._requests[request_id] = _Request(seq, detok, seed)
+        self._requests[request_id] = _Request.of(seq, detok, seed)
         self.scheduler.add(seq)
 
     def _check_prompt(self, ids: list[int], params: SamplingParams, prefill_only: bool = False) -> None:
@@ -242,7 +248,7 @@ class LLMEngine:
         seq, params = req.seq, req.seq.params
         seq.output_token_ids.append(token)
         status = None
-        if (not params.ignore_eos and token in self.model.eos_token_ids) or token in params.stop_token_ids:
+        if (not params.ignore_eos and token in self.model.eos_token_ids) or token in req.stop_token_ids:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
             text = req.detok.flush()
         else:
@@ -346,7 +352,7 @@ class LLMEngine:
         if emitted_text is not None:
             detok.mark_emitted(len(emitted_text))
         self._arrivals += 1
-        self._requests[request_id] = _Request(seq, detok, handoff.seed)
+        self._requests[request_id] = _Request.of(seq, detok, handoff.seed)
         self.scheduler.running.append(seq)
         seq.status = SequenceStatus.RUNNING
         return True

@@ -21,6 +21,7 @@ class InvalidRequestError(ValueError):
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
 
 
 @dataclass(frozen=True)
@@ -64,5 +65,8 @@ class SamplingParams:
                 raise InvalidRequestError("stop", "stop strings must be non-empty")
             if len(s) > MAX_STOP_STRING_CHARS:
                 raise InvalidRequestError("stop", f"a stop string is longer than {MAX_STOP_STRING_CHARS} characters")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError("stop_token_ids",
+                                      f"at most {MAX_STOP_TOKEN_IDS} token ids, got {len(self.stop_token_ids)}")
         if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids", "token ids must be integers >= 0")

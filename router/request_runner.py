@@ -16,7 +16,9 @@ A request runs as one or more *attempts*; each attempt is:
    worker then frees its copy) and yields tokens until the request ends.
 5. Any exit — finish, error, client cancel, deadline — tells both workers to
    drop the attempt, so their blocks are freed within one call, and a call
-   that arrives after its abort is refused by the worker.
+   that arrives after its abort is refused by the worker. A request that its
+   first token finished never reaches the decode worker: its reservation
+   there is dropped at once too.
 
 When an attempt fails (a worker died or stalled, the KV could not be moved),
 the next attempt starts over on other workers from the prompt plus the
@@ -105,6 +107,17 @@ class RequestTrace(Timeline):
         self.transfer_bytes = 0
 
 
+def attempt_id(request_id: str, attempt: int) -> str:
+    """The id one attempt runs under on the workers (reservation, KV transfer,
+    engine request, abort): minted here, 128 random bits, nothing of the
+    client's ``request_id`` in it. So no client can reach another's request on
+    a worker by choosing or guessing an id, two requests with the same client
+    id never share one, and client-chosen characters never reach a transport."""
+    internal = f"a{attempt}-{uuid.uuid4().hex}"
+    log.debug("request %s attempt %d runs as %s", request_id, attempt, internal)
+    return internal
+
+
 def _token_event(chunk: TokenChunk, trace: RequestTrace) -> TokenChunk:
     """A worker's tokens on their way to the client, stamped on the trace as they leave."""
     trace.token_sent(len(chunk.token_ids))
@@ -181,7 +194,7 @@ class RequestRunner:
     async def _disaggregated_attempt(self, req: ParsedRequest, attempt: int, progress: _Progress,
                                      trace: RequestTrace, failed: set[str],
                                      deadline: float | None) -> AsyncIterator[TokenChunk]:
-        transfer_id = f"{req.request_id}-{attempt}-{uuid.uuid4().hex[:6]}"
+        transfer_id = attempt_id(req.request_id, attempt)
         kv_tokens = len(req.prompt_token_ids) + len(progress.token_ids)
         remaining = req.params.max_tokens - len(progress.token_ids)
         prefill, decode, endpoint = await self._reserve(transfer_id, kv_tokens, failed, deadline)
@@ -227,6 +240,11 @@ class RequestRunner:
                 if stream is not None:
                     ray.cancel(stream)
                 prefill.handle.abort.remote(transfer_id)
+                decode.handle.abort.remote(transfer_id)
+            elif stream is None:
+                # The first token finished the request (max_tokens=1, EOS or a
+                # stop first): the decode worker's reservation will never be
+                # used, so free it now rather than when its lease runs out.
                 decode.handle.abort.remote(transfer_id)
 
     async def _prefill(self, prefill: WorkerInfo, decode: WorkerInfo, transfer_id: str, req: ParsedRequest,
@@ -291,6 +309,9 @@ class RequestRunner:
                     except Exception as exc:  # dead or stuck worker: skip it for this request
                         log.warning("reserve on %s failed: %r", worker_id, exc)
                         failed.add(worker_id)
+                        # A stuck call may still reserve when it runs: drop it
+                        # there (the worker refuses it if it comes later).
+                        decode.handle.abort.remote(transfer_id)
                         continue
                     if endpoint is not None:
                         return prefill, decode, endpoint
@@ -304,7 +325,7 @@ class RequestRunner:
     async def _colocated_attempt(self, req: ParsedRequest, attempt: int, progress: _Progress,
                                  trace: RequestTrace, failed: set[str],
                                  deadline: float | None) -> AsyncIterator[TokenChunk]:
-        request_id = f"{req.request_id}-{attempt}-{uuid.uuid4().hex[:6]}"
+        request_id = attempt_id(req.request_id, attempt)
         worker = await self._pick(failed, deadline)
         trace.prefill_worker = trace.decode_worker = worker.worker_id
         cost = len(req.prompt_token_ids) + req.params.max_tokens

@@ -7,8 +7,8 @@ bad input (including undecodable bytes and invalid UTF-8) →
 INVALID_ARGUMENT; another model → NOT_FOUND; too large a request, too many
 requests in flight, or no KV room in time → RESOURCE_EXHAUSTED; shutting
 down or every attempt failed → UNAVAILABLE; a request the engine failed on
-its own (not retried) → INTERNAL, with the engine's message; a missing or
-wrong token → UNAUTHENTICATED. A client cancel or an expired deadline ends the request
+its own (not retried) → INTERNAL, with the engine's message; a request_id
+already in flight → ALREADY_EXISTS; a missing or wrong token → UNAUTHENTICATED. A client cancel or an expired deadline ends the request
 (CANCELLED / DEADLINE_EXCEEDED) and frees its KV blocks on both workers.
 """
 
@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import TypeVar
 
@@ -34,7 +36,7 @@ from router.request_runner import (NoCapacityError, RequestFailedError, RequestR
                                    WorkerFailedError)
 from router.request_decoding import WireError, make_request_deserializer
 from router.security import add_port, auth_interceptors
-from router.validation import parse_request
+from router.validation import check_limits, parse_request
 from worker_common.messages import ModelLimits
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ FINISH = {
     "abort": serving_pb2.FINISH_REASON_ABORT,
 }
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+HEALTH_INTERVAL_S = 0.25
 T = TypeVar("T")
 
 
@@ -63,7 +66,16 @@ class ServingServicer:
         self.max_queued = max_queued
         self.metrics = metrics
         self.inflight = 0
+        self.active_ids: set[str] = set()  # request ids in flight: a second one with the same id is refused
         self.accepting = True
+        # One thread tokenizes, off the event loop (a fast tokenizer is not
+        # safe to call from several threads at once); inputs are bounded by
+        # router.validation.LIMITS and each waiting request counts against max_queued.
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+    def close(self) -> None:
+        """Stop the tokenizing thread (after the server stopped)."""
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     async def _refuse(self, context, code: grpc.StatusCode, message: str, outcome: str) -> None:
         if self.metrics is not None:
@@ -77,6 +89,10 @@ class ServingServicer:
             await self._refuse(context, request.code, request.message(), outcome)
         if not self.accepting:
             await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "the router is shutting down", "rejected")
+        try:
+            check_limits(request)  # cheap, and before anything is parsed further
+        except InvalidRequestError as e:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
         if request.model and request.model != self.limits.name:
             await self._refuse(context, grpc.StatusCode.NOT_FOUND,
                                f"model: {request.model!r} is not served here; this cluster serves {self.limits.name!r}",
@@ -85,15 +101,35 @@ class ServingServicer:
             await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"router.max_queued: {self.max_queued} requests already in flight; retry later",
                                "rejected")
+        if request.request_id in self.active_ids:
+            await self._refuse(context, grpc.StatusCode.ALREADY_EXISTS,
+                               f"request_id: {request.request_id!r} is already in flight; ids must be unique "
+                               "among in-flight requests", "rejected")
+        request.request_id = request.request_id or uuid.uuid4().hex
+        # From here the request counts against max_queued and holds its id,
+        # tokenizing included: that is the one costly step of admission.
+        self.inflight += 1
+        self.active_ids.add(request.request_id)
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
         try:
-            parsed = parse_request(request, self.tokenizer, self.limits)
+            async for resp in self._admitted(request, context, trace):
+                yield resp
+        finally:
+            self.inflight -= 1
+            self.active_ids.discard(request.request_id)
+            if self.metrics is not None:
+                self.metrics.in_flight.dec()
+
+    async def _admitted(self, request, context, trace: RequestTrace):
+        """Tokenize (on the tokenizing thread, so streams and health checks go on) and run."""
+        try:
+            parsed = await asyncio.get_running_loop().run_in_executor(
+                self._tokenizing, parse_request, request, self.tokenizer, self.limits)
         except InvalidRequestError as e:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
         trace.admitted = time.time()
         deadline, why = request_deadline(context.time_remaining(), self.request_timeout_s)
-        self.inflight += 1
-        if self.metrics is not None:
-            self.metrics.in_flight.inc()
         outcome = "error"
         try:
             async with aclosing(self.runner.run(parsed, trace, deadline)) as events:
@@ -125,9 +161,6 @@ class ServingServicer:
         except RequestFailedError as e:
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
         finally:
-            self.inflight -= 1
-            if self.metrics is not None:
-                self.metrics.in_flight.dec()
             self._observe(outcome, parsed, trace)
 
     def _observe(self, outcome: str, parsed, trace: RequestTrace) -> None:
@@ -220,6 +253,10 @@ def fill_timings(pb: serving_pb2.Timings, t: RequestTrace) -> None:
 class RouterServer:
     """Owns the grpc.aio server, its health status and the directory refresh.
 
+    Health is SERVING while the router admits requests and the directory
+    knows a live worker of each kind a request needs; NOT_SERVING otherwise
+    (no live prefill or decode worker, or shutting down).
+
     ``tls`` is ``(cert_path, key_path)`` to serve TLS; ``token`` turns on
     bearer-token authentication (health checks and reflection stay open).
     """
@@ -240,25 +277,51 @@ class RouterServer:
         if self.port == 0:
             raise RuntimeError(f"router.port: cannot bind {host}:{port}")
         self.address = f"{host}:{self.port}"
+        self._health_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self.servicer.directory.refresh()
         self.servicer.directory.start()
         await self.server.start()
+        await self.update_health()
+        self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
+
+    def can_serve(self) -> bool:
+        """Whether a request could be served now: admitting, and a live worker of
+        each kind a request needs (a prefill and a decode worker; colocated: one replica)."""
+        directory = self.servicer.directory
+        kinds = ("colocated",) if self.servicer.runner.colocated else ("prefill", "decode")
+        return self.servicer.accepting and all(any(w.alive for w in directory.of_kind(k)) for k in kinds)
+
+    async def update_health(self) -> None:
+        """Set the health service's status (both the server's and the Serving service's) from :meth:`can_serve`."""
+        status = (health_pb2.HealthCheckResponse.SERVING if self.can_serve()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, status)
+
+    async def _watch_health(self) -> None:
+        # The directory polls every worker's status every refresh_s: follow it.
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            try:
+                await self.update_health()
+            except Exception:
+                log.exception("updating the health status failed")
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop admitting (health NOT_SERVING, new calls UNAVAILABLE), let in-flight ones finish
         for up to ``grace_s``, then cancel the rest (their KV is freed on both sides)."""
         self.servicer.accepting = False
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await self.update_health()
         deadline = time.monotonic() + grace_s
         while self.servicer.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.server.stop(grace=1.0)
         self.servicer.directory.stop()
+        self.servicer.close()
 
 
 def serving_handlers(servicer: ServingServicer, max_request_bytes: int) -> grpc.GenericRpcHandler:

@@ -5,6 +5,7 @@ router use, and lease reaping."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from worker_common.messages import ModelLimits
 from worker_common.worker_config import HandoffSettings, ModelConfig
 from worker_common.worker_status import KVTransferStats, WorkerStatus
 
+log = logging.getLogger(__name__)
 REAP_INTERVAL_S = 0.5
 TOMBSTONE_S = 120.0  # how long an aborted id stays refused (longer than any call in flight)
 
@@ -106,7 +108,11 @@ class WorkerBase(KVTransferActorMixin):
 
     # -------------------------------------------------------------- leases
     def _reap(self, deadlines: dict[str, float], on_expire: Callable[[str], Awaitable[Any]]) -> None:
-        """Start (once per ``deadlines``) a task that calls ``on_expire`` for each id past its deadline."""
+        """Start (once per ``deadlines``) a task that calls ``on_expire`` for each id past its deadline.
+
+        An ``on_expire`` that raises is logged and the reaping goes on: one bad
+        lease must not leave every later one holding its blocks for good.
+        """
         if any(getattr(t, "deadlines", None) is deadlines for t in self._reapers):
             return
 
@@ -116,7 +122,12 @@ class WorkerBase(KVTransferActorMixin):
                 now = time.monotonic()
                 for key in [k for k, deadline in deadlines.items() if deadline <= now]:
                     deadlines.pop(key, None)
-                    await on_expire(key)
+                    try:
+                        await on_expire(key)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("%s: expiring the lease of %s failed", self.worker_id, key)
 
         task = asyncio.get_running_loop().create_task(loop())
         task.deadlines = deadlines  # type: ignore[attr-defined]

@@ -107,3 +107,29 @@ def test_bad_input_gets_invalid_argument_naming_the_field(tiny_cluster):
     with pytest.raises(grpc.RpcError) as e:
         client.generate("x", model="some-other-model")
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_says_not_serving_without_a_decode_worker_and_serving_once_replaced(tiny_cluster):
+    """The router's health service tells the truth: its only decode worker killed, it
+    reports NOT_SERVING within seconds; the pool manager's replacement brings SERVING back."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    d, address = tiny_cluster
+    ok, down = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    channel = grpc.insecure_channel(address)
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    def status() -> int:
+        return stub.Check(health_pb2.HealthCheckRequest(service="splitserve.v1.Serving"), timeout=5).status
+
+    wait_for(lambda: status() == ok, 10.0, "a serving router")
+    victim, = [w.worker_id for w in d.deployment.router.servicer.directory.of_kind("decode")]
+    ray.kill(ray.get_actor(victim, namespace=d.deployment.cfg.ray.namespace))
+    t0 = time.monotonic()
+    wait_for(lambda: status() == down, 10.0, "NOT_SERVING after the only decode worker died")
+    assert time.monotonic() - t0 < 5.0
+    # The pool manager's own health loop replaces it; nothing here asks it to.
+    wait_for(lambda: status() == ok, 120.0, "SERVING once the decode worker was replaced")
+    assert [w.worker_id for w in d.deployment.router.servicer.directory.of_kind("decode") if w.alive] != [victim]
+    assert Client(address).generate("served again", max_tokens=3).finish_reason == "length"
+    channel.close()

@@ -194,3 +194,78 @@ def test_a_request_the_engine_failed_while_decoding_is_not_resumed_elsewhere(mon
     assert got == [FIRST]  # what the client had before the failure
     assert not spare.called("reserve") and len(prefill.called("prefill")) == 1 and runner.retries == 0
     assert failing.called("abort") and prefill.called("abort")
+
+
+def test_a_request_its_first_token_finished_drops_the_decode_reservation():
+    """max_tokens=1, EOS or a stop token first: no decode stream is opened, and the
+    blocks reserved for it on the decode worker are freed at once (not at lease end)."""
+    done = TokenChunk((7,), "a", True, "length")
+    prefill = Scripted(prefill=lambda *a: PrefillResult("prefill-0", done, 1.0, 1.1, 1.2, None))
+    decode = decode_handle()
+    chunks, _ = run(runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", decode)),
+                    max_tokens=1)
+    assert chunks == [done]
+    (transfer_id, *_), = decode.called("reserve")
+    assert not decode.called("generate")
+    assert decode.called("abort") == [(transfer_id,)]
+
+
+def test_a_reserve_that_times_out_is_aborted_on_its_decode_worker(monkeypatch):
+    """The router stops waiting, but the call may still reserve blocks when the
+    worker gets to it: it is aborted there, so those blocks come back."""
+    monkeypatch.setattr(request_runner, "CALL_TIMEOUT_S", 0.05)
+
+    def stuck(*args):
+        return asyncio.get_running_loop().create_future()  # never answers
+
+    slow = Scripted(reserve=stuck)
+    slow.reserve.remote = lambda *args: (slow.calls.append(("reserve", args)), stuck())[1]
+    prefill = Scripted(prefill=lambda *a: prefilled(None))
+    runner = runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", slow),
+                        queue_timeout_s=0.2)
+    with pytest.raises(NoCapacityError):
+        run(runner)
+    (transfer_id, *_), = slow.called("reserve")
+    assert slow.called("abort") == [(transfer_id,)]
+
+
+def test_workers_see_ids_minted_per_attempt_not_the_client_s(monkeypatch):
+    """Two requests with the same client id (as if the server let both in), one of them
+    cancelled: each attempt ran under its own id, nothing of the client's id reached a
+    worker, and the cancel aborted only the cancelled request's id."""
+    monkeypatch.setattr(request_runner.ray, "cancel", lambda ref: None)
+
+    async def generate(*args):
+        yield Ack(2.0, 2.1, 4)
+        await asyncio.sleep(3600 if args[0] == held[0] else 0)
+        yield TokenChunk((8,), "b", True, "length")
+
+    held: list[str] = []
+    prefill = Scripted(prefill=lambda *a: prefilled(KVPushed(META, 64, 1.3, 1.4)))
+
+    def reserve(transfer_id, *a):
+        held.append(transfer_id)
+        return {"reserved": True}
+
+    decode = Scripted(reserve=reserve, generate=generate)
+    runner = runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", decode))
+    req = ParsedRequest("victim", [1, 2, 3], SamplingParams(max_tokens=2))
+
+    async def go() -> list[TokenChunk]:
+        async def consume() -> list[TokenChunk]:
+            return [ev async for ev in runner.run(req, RequestTrace())]
+
+        first = asyncio.ensure_future(consume())
+        while not held:
+            await asyncio.sleep(0.001)
+        second = await consume()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return second
+
+    assert [c.token_ids for c in asyncio.run(go())] == [(7,), (8,)]
+    assert len(held) == 2 and held[0] != held[1]
+    assert not any("victim" in args[0] for _, args in decode.calls + prefill.calls)
+    assert decode.called("abort") == [(held[0],)] and prefill.called("abort") == [(held[0],)]
+    assert all(len(t) >= 32 for t in held)  # 128 random bits: not guessable
