@@ -11,7 +11,7 @@ import copy
 import json
 from pathlib import Path, PurePosixPath
 
-import jsonschema
+import jsonschema  # a dependency of ray itself, so no extra package
 import pytest
 import yaml
 
