@@ -11,6 +11,7 @@ Numbers are validated strictly (``"2"`` is not an int, ``true`` is not 1).
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -25,6 +26,31 @@ from cluster.config_yaml import FieldProblems, describe_error, read_yaml
 from worker_common.worker_config import DecodeEngineConfig, ModelConfig, PrefillEngineConfig, Settings
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
+# The longest timeout, lease or grace period accepted: a day. Longer is a typo
+# (or .inf) that would overflow a timer or hold resources for good.
+MAX_WAIT_S = 86400.0
+# The smallest KV chunk: below this a transfer is mostly per-message overhead
+# (chunk_bytes: 1 sends a 1 MB prompt's KV as a million messages).
+MIN_CHUNK_BYTES = 64 * 1024
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname: assume others can reach it
+
+
+def is_unspecified(host: str) -> bool:
+    """Whether ``host`` means "every interface" (0.0.0.0, ::): a bind address, not one to advertise."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 class ConfigError(ValueError):
@@ -211,18 +237,37 @@ class KVTransferConfig(Settings):
     """How prompt KV moves from prefill to decode actors."""
 
     backend: Literal["gloo", "nccl", "grpc", "ray", "inproc"] = "gloo"
-    timeout_s: float = Field(30, gt=0)  # bound on every transfer wait
+    timeout_s: float = Field(30, gt=0, le=MAX_WAIT_S)  # bound on every transfer wait
     # How long either side of a hand-off holds blocks for the other: reserved
     # decode blocks wait this long for their KV, pushed prefill KV this long
     # for the decode side's acknowledgement; then they are freed.
-    lease_s: float = Field(30.0, gt=0)
-    chunk_bytes: int = Field(4 * MiB, ge=1)
-    host: str = "127.0.0.1"  # address this node's transport binds / advertises
+    lease_s: float = Field(30.0, gt=0, le=MAX_WAIT_S)
+    chunk_bytes: int = Field(4 * MiB, ge=MIN_CHUNK_BYTES, le=1 * GiB)
+    # The address each worker's transport binds and advertises to its peers:
+    # one address (127.0.0.1 on one machine), or "auto": every worker uses
+    # its own node's address as Ray knows it (a multi-node cluster, where
+    # one value cannot be right for every pod).
+    host: str = Field("127.0.0.1", min_length=1)
     # The cluster's KV-plane secret: receivers accept only transfers whose
     # sender proves it (HMAC). From an environment variable or a file; unset
-    # means no check (fine on loopback, not on a shared network).
+    # means no check, which is allowed only on loopback.
     secret_env: str | None = None
     secret_file: str | None = None
+
+    @model_validator(mode="after")
+    def _reachable_needs_secret(self) -> KVTransferConfig:
+        problems: list[tuple[str, str]] = []
+        if self.secret_env is not None and self.secret_file is not None:
+            problems.append(("secret_file", "set secret_env or secret_file, not both"))
+        if is_unspecified(self.host):
+            problems.append(("host", f"{self.host} is not an address peers can reach; give this node's address, "
+                                     "or auto (each node's own)"))
+        elif not is_loopback(self.host) and self.secret_env is None and self.secret_file is None:
+            problems.append(("host", f"{self.host} is reachable from other machines: set secret_env or secret_file "
+                                     "so receivers accept only pushes proven with the cluster secret"))
+        if problems:
+            raise FieldProblems(problems)
+        return self
 
 
 class RouterConfig(Settings):
@@ -231,14 +276,17 @@ class RouterConfig(Settings):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)  # 0: pick a free port
     policy: Literal["round_robin", "least_loaded"] = "least_loaded"
-    max_queued: int = Field(256, ge=0)  # beyond this, new requests get RESOURCE_EXHAUSTED
-    request_timeout_s: float = Field(600, gt=0)
-    queue_timeout_s: float = Field(30, gt=0)  # longest wait for KV room before RESOURCE_EXHAUSTED
+    max_queued: int = Field(256, ge=1)  # beyond this, new requests get RESOURCE_EXHAUSTED (0 would refuse all)
+    request_timeout_s: float = Field(600, gt=0, le=MAX_WAIT_S)  # then DEADLINE_EXCEEDED, KV freed
+    queue_timeout_s: float = Field(30, gt=0, le=MAX_WAIT_S)  # longest wait for KV room before RESOURCE_EXHAUSTED
     max_request_bytes: int = Field(1 * MiB, ge=1024)  # larger requests get RESOURCE_EXHAUSTED
     max_attempts: int = Field(3, ge=1)  # a request whose worker dies is retried / resumed up to this
     transfer_retries: int = Field(1, ge=0)  # pushes of one KV again before recomputing it elsewhere
-    drain_grace_s: float = Field(30, ge=0)  # on stop: how long in-flight requests may take to finish
-    metrics_port: int | None = Field(9464, ge=0, le=65535)  # Prometheus /metrics on router.host; None: off
+    drain_grace_s: float = Field(30, ge=0, le=MAX_WAIT_S)  # on stop: how long in-flight requests may take to finish
+    # Prometheus /metrics, unauthenticated: so it binds to loopback only
+    # (scrape it from the same host or pod: a sidecar, kubectl port-forward).
+    metrics_port: int | None = Field(9464, ge=0, le=65535)  # None: off; 0: a free port
+    metrics_host: str = "127.0.0.1"
     # TLS for clients: both paths or neither.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -248,13 +296,38 @@ class RouterConfig(Settings):
     auth_token_file: str | None = None
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> RouterConfig:
+    def _secure_when_reachable(self) -> RouterConfig:
+        problems: list[tuple[str, str]] = []
         if (self.tls_cert is None) != (self.tls_key is None):
             missing = "tls_key" if self.tls_key is None else "tls_cert"
-            raise FieldProblems([(missing, "set both tls_cert and tls_key, or neither")])
+            problems.append((missing, "set both tls_cert and tls_key, or neither"))
         if self.auth_token_env is not None and self.auth_token_file is not None:
-            raise FieldProblems([("auth_token_file", "set auth_token_env or auth_token_file, not both")])
+            problems.append(("auth_token_file", "set auth_token_env or auth_token_file, not both"))
+        if not is_loopback(self.host):
+            # A token without TLS crosses the network in clear text; TLS without
+            # a token lets anyone in. Off loopback the router needs both.
+            missing = [what for what, ok in (("auth_token_env or auth_token_file", self.token_set),
+                                             ("tls_cert and tls_key", self.tls_set)) if not ok]
+            if missing:
+                problems.append(("host", f"{self.host} is reachable from other machines: set {' and '.join(missing)}"))
+        if not is_loopback(self.metrics_host):
+            problems.append(("metrics_host", f"{self.metrics_host} is not loopback: /metrics has no authentication, "
+                                             "so it binds to 127.0.0.1 (scrape it from the same host or pod)"))
+        if self.metrics_port is not None and self.metrics_port != 0 and self.metrics_port == self.port:
+            problems.append(("metrics_port", f"{self.metrics_port} is router.port too; give /metrics its own port"))
+        if problems:
+            raise FieldProblems(problems)
         return self
+
+    @property
+    def token_set(self) -> bool:
+        """Whether clients must present a bearer token."""
+        return self.auth_token_env is not None or self.auth_token_file is not None
+
+    @property
+    def tls_set(self) -> bool:
+        """Whether the client port serves TLS."""
+        return self.tls_cert is not None and self.tls_key is not None
 
 
 class RayConfig(Settings):
@@ -274,8 +347,27 @@ class ClusterConfig(Settings):
     router: RouterConfig = Field(default_factory=RouterConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
-    # A field validator (not a model validator) so these run even when another
+    # Field validators (not a model validator) so these run even when another
     # section is invalid: every problem is reported in one go.
+    @field_validator("pools")
+    @classmethod
+    def _kv_holds_a_full_request(cls, pools: PoolsConfig, info: ValidationInfo) -> PoolsConfig:
+        # A pool whose whole KV cache is shorter than the longest request it
+        # must accept refuses (or preempts forever) every long request.
+        model = info.data.get("model")
+        if model is None or model.max_model_len is None:
+            return pools  # the model's own length is checked before start (cluster.preflight)
+        problems = []
+        sections = [("decode", pools.decode)] + ([] if pools.colocated else [("prefill", pools.prefill)])
+        for name, section in sections:
+            if section.num_blocks is not None and section.num_blocks * section.block_size < model.max_model_len:
+                problems.append((f"{name}.num_blocks", f"{section.num_blocks} blocks of {section.block_size} tokens "
+                                 f"hold {section.num_blocks * section.block_size} tokens, less than model.max_model_len "
+                                 f"{model.max_model_len}"))
+        if problems:
+            raise FieldProblems(sorted(problems))
+        return pools
+
     @field_validator("kvtransfer")
     @classmethod
     def _backend_fits_cluster(cls, kv: KVTransferConfig, info: ValidationInfo) -> KVTransferConfig:

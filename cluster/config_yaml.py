@@ -86,6 +86,7 @@ def describe_error(err: Mapping[str, Any], root: type[BaseModel]) -> list[str]:
         "literal_error": f"must be {ctx.get('expected')}; got {got!r}",
         "int_type": f"must be an integer; got {got!r}",
         "float_type": f"must be a number; got {got!r}",
+        "finite_number": f"must be a finite number; got {got!r}",
         "string_type": f"must be a string; got {got!r}",
         "string_too_short": "must not be empty",
         "model_type": f"must be a mapping of fields; got {got!r}",

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from cluster.config import ClusterConfig
 from cluster.pool_manager import PoolManager, PoolSpec
+from cluster.preflight import preflight
 from engine.model_loader import load_tokenizer
 from kvtransfer.faults import TransferFaults
 from observability.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
@@ -73,6 +74,8 @@ class Deployment:
 
     async def start(self) -> str:
         cfg, rc = self.cfg, self.cfg.router
+        # KV caches that cannot fit stop the launch here, before any actor holds a CPU or GPU.
+        await asyncio.to_thread(preflight, cfg)
         # Secrets are read here, once; a missing one stops the launch with its source named.
         token = load_secret(env=rc.auth_token_env, file=rc.auth_token_file)
         kv_secret = load_secret(env=cfg.kvtransfer.secret_env, file=cfg.kvtransfer.secret_file)
@@ -104,7 +107,8 @@ class Deployment:
                                    max_request_bytes=rc.max_request_bytes)
         await self.router.start()
         if rc.metrics_port is not None:
-            self.metrics_server, self.metrics_port = start_metrics_server(self.registry, rc.host, rc.metrics_port)
+            self.metrics_server, self.metrics_port = start_metrics_server(self.registry, rc.metrics_host,
+                                                                            rc.metrics_port)
         log.info("serving %s on %s (metrics on %s)", cfg.model.name, self.router.address, self.metrics_port)
         return self.router.address
 

@@ -62,7 +62,7 @@ async def serve(cfg: ClusterConfig) -> None:
         p, d = cfg.pools.counts()
         pools = (f"{d} colocated" if cfg.pools.colocated
                  else f"{p} prefill + {d} decode, kvtransfer={cfg.kvtransfer.backend}")
-        metrics = (f"; metrics on http://{cfg.router.host}:{deployment.metrics_port}/metrics"
+        metrics = (f"; metrics on http://{cfg.router.metrics_host}:{deployment.metrics_port}/metrics"
                    if deployment.metrics_port is not None else "")
         print(f"splitserve: serving {cfg.model.name} on {address} ({pools}){metrics}", flush=True)
         await stop.wait()
@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"splitserve: {e}", file=sys.stderr)
         return 2
     connect_ray(cfg.ray)
-    asyncio.run(serve(cfg))
+    try:
+        asyncio.run(serve(cfg))
+    except ConfigError as e:  # cluster.preflight: KV that cannot fit, before any actor started
+        print(f"splitserve: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -18,9 +18,13 @@ from kvtransfer.faults import TransferFaults
 
 
 class Settings(BaseModel):
-    """A config section: unknown fields refused, frozen, numbers validated strictly."""
+    """A config section: unknown fields refused, frozen, numbers validated strictly.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    ``.inf`` and ``.nan`` are refused in every number: an infinite timeout or
+    lease is accepted by YAML but overflows (or never fires) at run time.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     @classmethod
     def part_of(cls, section: BaseModel) -> Self:
@@ -43,7 +47,8 @@ class PrefillEngineConfig(Settings):
     num_blocks: int = Field(1024, ge=1)  # KV kept only until decode acknowledges, so smaller than decode's
     max_running: int = Field(64, ge=1)
     max_batched_tokens: int = Field(2048, ge=1)  # prompt tokens packed into one prefill forward
-    batch_wait_ms: float = Field(2.0, ge=0)  # how long to wait to gather a batch before running it
+    # How long to wait to gather a batch before running it; past a second it only adds latency.
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000)
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments of :class:`engine.llm_engine.LLMEngine`."""
@@ -73,6 +78,23 @@ class DecodeEngineConfig(Settings):
         return self.model_dump()
 
 
+AUTO_HOST = "auto"  # kvtransfer.host: each node's own address, as Ray registered the node
+
+
+def resolve_host(host: str) -> str:
+    """``host`` as given, or for ``"auto"`` the address of the node this process runs on.
+
+    Call it in the worker, not where the config is read: one config serves
+    every node of a cluster, and each pod or machine must advertise its own
+    address to its peers (the one Ray itself uses to reach the node).
+    """
+    if host != AUTO_HOST:
+        return host
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
 @dataclass(frozen=True)
 class HandoffSettings:
     """How a worker moves KV (the ``kvtransfer`` section, plus what the
@@ -80,17 +102,18 @@ class HandoffSettings:
 
     backend: str
     lease_s: float  # how long either side holds blocks for the other (see cluster.config.KVTransferConfig)
-    host: str
+    host: str  # an address, or "auto": this node's (see resolve_host)
     chunk_bytes: int
     namespace: str  # where the ray backend finds its peers' actors
     secret: str | None = None
     faults: TransferFaults | None = None  # fault injection (tests)
 
     def transport_kwargs(self) -> dict[str, Any]:
-        """Constructor arguments of the backend's transport (:func:`kvtransfer.make_transport`)."""
+        """Constructor arguments of the backend's transport (:func:`kvtransfer.make_transport`);
+        called in the worker, so ``host: auto`` becomes that worker's node address."""
         # Ray's backend finds its peers by actor name; the others by address.
         kwargs: dict[str, Any] = ({"namespace": self.namespace} if self.backend == "ray"
-                                  else {"host": self.host, "chunk_bytes": self.chunk_bytes})
+                                  else {"host": resolve_host(self.host), "chunk_bytes": self.chunk_bytes})
         if self.secret is not None:
             kwargs["secret"] = self.secret
         if self.faults is not None:

@@ -24,7 +24,7 @@ def test_pool_specs_hand_each_worker_its_section_and_the_one_lease():
         "pools": {"ratio": "1:1", "replicas": 2,
                   "prefill": {"num_cpus": 0.5, "max_batched_tokens": 512, "batch_wait_ms": 5.0},
                   "decode": {"num_gpus": 0, "kv_cache_bytes": 1 << 20, "max_running": 8}},
-        "kvtransfer": {"backend": "grpc", "lease_s": 7.0, "chunk_bytes": 1024},
+        "kvtransfer": {"backend": "grpc", "lease_s": 7.0, "chunk_bytes": 65536},
     })
     faults = TransferFaults(delay_s=0.1)
     prefill, decode = pool_specs(cfg, kv_secret="s3cret", faults=faults)
@@ -33,7 +33,7 @@ def test_pool_specs_hand_each_worker_its_section_and_the_one_lease():
     assert prefill.engine == PrefillEngineConfig(max_batched_tokens=512, batch_wait_ms=5.0)
     assert decode.engine == DecodeEngineConfig(kv_cache_bytes=1 << 20, max_running=8)
     assert prefill.handoff is decode.handoff and prefill.handoff.lease_s == 7.0
-    assert prefill.handoff.transport_kwargs() == {"host": "127.0.0.1", "chunk_bytes": 1024, "secret": "s3cret",
+    assert prefill.handoff.transport_kwargs() == {"host": "127.0.0.1", "chunk_bytes": 65536, "secret": "s3cret",
                                                   "faults": faults}
     assert prefill.num_cpus == 0.5 and prefill.model == cfg.model
 
