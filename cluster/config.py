@@ -243,6 +243,10 @@ class KVTransferConfig(_Section):
     timeout_s: float = Field(30, gt=0)  # bound on every transfer wait
     chunk_bytes: int = Field(4 * MiB, ge=1)
     host: str = "127.0.0.1"  # address this node's transport binds / advertises
+    # grpc backend: a push stream that sends nothing for this long is closed
+    # (DEADLINE_EXCEEDED), and one sender holds at most this many open streams.
+    stream_idle_s: float = Field(10, gt=0, le=600)
+    max_streams_per_peer: int = Field(64, ge=1, le=1024)
     # The cluster's KV-plane secret: receivers accept only transfers whose
     # sender proves it (HMAC). From an environment variable or a file; unset
     # means no check (fine on loopback, not on a shared network).

@@ -37,8 +37,10 @@ def pool_specs(cfg: ClusterConfig, kv_secret: str | None = None,
     constructor arguments (tests pass fault injection this way)."""
     kv = cfg.kvtransfer
     # Ray's backend finds its peers by actor name; the others by address.
-    transport = ({"namespace": cfg.ray.namespace} if kv.backend == "ray"
-                 else {"host": kv.host, "chunk_bytes": kv.chunk_bytes})
+    transport: dict[str, Any] = ({"namespace": cfg.ray.namespace} if kv.backend == "ray"
+                                 else {"host": kv.host, "chunk_bytes": kv.chunk_bytes})
+    if kv.backend == "grpc":
+        transport.update(stream_idle_s=kv.stream_idle_s, max_streams_per_peer=kv.max_streams_per_peer)
     if kv_secret is not None:
         transport["secret"] = kv_secret
     transport.update(transport_extra or {})
