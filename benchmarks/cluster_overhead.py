@@ -5,9 +5,9 @@ Run from the repository root::
     python -m benchmarks.cluster_overhead [--json PATH] [--quick]
 
 One process, one local Ray cluster (started here with ``ray.init(address="local")``
-on 127.0.0.1 with token auth, and shut down at the end, also on error). The
-vocabulary is DESIGN.md section 4: TTFT, TPOT; figures are compared side by
-side in this one run and reported as ratios.
+on 127.0.0.1 with token auth, and shut down at the end, also on error). TTFT
+and TPOT are as defined in docs/architecture.md (Measurement); figures are
+compared side by side in this one run and reported as ratios.
 
 1. **Engine in-process vs cluster** (SmolLM2-135M-Instruct, float32, CPU).
    The same chat prompts (``max_tokens`` 32, ``ignore_eos``, greedy) run one
@@ -17,7 +17,7 @@ side in this one run and reported as ratios.
        returns a token for the request; TPOT is the mean gap of the later
        tokens, ``(t_last - t_first) / (tokens - 1)``;
    (b) a 1:1 deployment (router in this process, prefill and decode workers as
-       Ray actors, KV over gloo; ``tests.integration.clusters.make_config``),
+       Ray actors, KV over gloo; ``benchmarks.deployments.make_config``),
        measured at a blocking gRPC client: TTFT from just before
        ``Client.stream`` to the first response that carries a token, TPOT as
        above. The router's own ``timings`` of the last response
@@ -62,19 +62,21 @@ run: 4 prompts twice each, 5 transfers per size).
 
 The machine is shared: the busy cores seen before the run are recorded, and
 absolute times only mean something next to each other.
+
+This module runs the measurements; medians, ratios, targets and the tables
+are :mod:`benchmarks.cluster_overhead_report`.
 """
 
 from __future__ import annotations
 
-import os
+from cluster.local_ray import apply_ray_env
 
-# Ray reads these when it is imported (see tests/conftest.py): token auth, loopback only.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray reads its environment when it is imported: token auth and loopback only, set before any import of ray.
+apply_ray_env()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -87,12 +89,15 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import busy_cores, log, median  # noqa: E402
+from benchmarks.cluster_overhead_report import (BUSY_WARN_CORES, KV_TOKENS, SERVER_FIELDS, Events,  # noqa: E402
+                                                best_memcpy, judge_paths, judge_transfers, kv_nbytes, kv_shape,
+                                                median, render, stream_timing, summarize)
+from benchmarks.common import busy_cores, log  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.model_loader import DEFAULT_MODEL, load_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from kvtransfer.base import Endpoint, KVTransport, TransferStatus  # noqa: E402
-from kvtransfer.common import DEFAULT_CHUNK_BYTES  # noqa: E402
+from kvtransfer.chunking import DEFAULT_CHUNK_BYTES  # noqa: E402
 from kvtransfer.factory import make_transport  # noqa: E402
 from kvtransfer.inproc import InProcHub  # noqa: E402
 from kvtransfer.ray_transport import KVTransferActorMixin  # noqa: E402
@@ -107,18 +112,11 @@ PROMPTS = [
 MAX_TOKENS = 32
 ENGINE_NUM_BLOCKS = 512  # the decode pool's num_blocks in make_config
 
-KV_TOKENS = (128, 512, 2048)
-KV_LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M: [layers, 2, T, kv_heads, head_dim]
 TRANSFER_TIMEOUT_S = 60.0
 EXPECT_LEAD_S = 0.05   # expect -> send gap, about one prefill, as in the cluster
 POLL_S = 0.0002        # how often this benchmark polls a transfer's status
 RAY_NAMESPACE = "bench-cluster-overhead"
 ACTOR_START_TIMEOUT_S = 300.0
-
-TARGET_TPOT_RATIO = 1.15        # cluster TPOT / engine TPOT
-TARGET_TTFT_SLACK_MS = 15.0     # cluster TTFT - (engine TTFT + transfer_ms)
-TARGET_MEMCPY_FRACTION = 0.30   # fastest on-node backend / memcpy bandwidth
-BUSY_WARN_CORES = 0.25
 
 
 @dataclass(frozen=True)
@@ -151,21 +149,6 @@ def worker_threads(num_cpus: float) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- one request
-Events = list[tuple[float, int]]  # (time a response/step arrived, tokens it carried)
-
-
-def stream_timing(t0: float, events: Events) -> dict[str, Any]:
-    """TTFT and TPOT (ms) of one request from the arrival times of its tokens."""
-    if not events:
-        return {"ttft_ms": float("nan"), "tpot_ms": float("nan"), "tokens": 0}
-    (t_first, n_first), t_last = events[0], events[-1][0]
-    total = sum(n for _, n in events)
-    later = total - n_first
-    gaps = [(b[0] - a[0]) * 1e3 for a, b in zip(events, events[1:])]
-    return {"ttft_ms": (t_first - t0) * 1e3, "tpot_ms": (t_last - t_first) * 1e3 / later if later else float("nan"),
-            "tokens": total, "max_gap_ms": max(gaps) if gaps else 0.0}
-
-
 def engine_request(eng: LLMEngine, rid: str, question: str) -> tuple[dict[str, Any], list[int]]:
     """One request alone through the in-process engine; its timing and token ids."""
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0.0)
@@ -181,11 +164,6 @@ def engine_request(eng: LLMEngine, rid: str, question: str) -> tuple[dict[str, A
                 events.append((now, len(out.new_token_ids)))
                 tokens += out.new_token_ids
     return stream_timing(t0, events), tokens
-
-
-SERVER_FIELDS = ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms", "prefill_ms", "transfer_ms", "transfer_bytes")
-# other_ms: the router's TTFT less queue, prefill and transfer (tokenization, RPC hops, event loops)
-SUMMARY_FIELDS = SERVER_FIELDS + ("other_ms",)
 
 
 def cluster_request(client: Client, question: str) -> tuple[dict[str, Any], list[int]]:
@@ -217,22 +195,9 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "ttft_ms": median([r["ttft_ms"] for r in runs]),
-        "tpot_ms": median([r["tpot_ms"] for r in runs]),
-        "ttft_ms_mean": statistics.fmean(r["ttft_ms"] for r in runs),
-        "tpot_ms_mean": statistics.fmean(r["tpot_ms"] for r in runs),
-        "n": len(runs),
-    }
-    if runs and "server" in runs[0]:
-        out["server"] = {k: median([float(r["server"].get(k, float("nan"))) for r in runs]) for k in SUMMARY_FIELDS}
-    return out
-
-
 def compare_paths(settings: Settings, default_threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Section 1: the same prompts through the engine in-process and through a 1:1 deployment."""
-    from tests.integration.clusters import make_config, running
+    from benchmarks.deployments import make_config, running
 
     cfg = make_config(DEFAULT_MODEL, backend="gloo")
     threads = worker_threads(cfg.pools.decode.num_cpus)
@@ -283,31 +248,7 @@ def compare_paths(settings: Settings, default_threads: int) -> tuple[dict[str, A
     return engine, cluster
 
 
-def judge_paths(eng: dict[str, Any], clu: dict[str, Any]) -> dict[str, Any]:
-    """Ratios and the issue's two targets (medians)."""
-    transfer = clu["server"]["transfer_ms"]
-    ttft_bound = eng["ttft_ms"] + transfer + TARGET_TTFT_SLACK_MS
-    tpot_ratio = clu["tpot_ms"] / eng["tpot_ms"]
-    return {
-        "ratios": {"ttft": clu["ttft_ms"] / eng["ttft_ms"], "tpot": tpot_ratio},
-        "ttft_overhead_ms": clu["ttft_ms"] - eng["ttft_ms"],
-        "targets": {
-            "tpot": {"ratio": tpot_ratio, "target": TARGET_TPOT_RATIO, "met": tpot_ratio <= TARGET_TPOT_RATIO},
-            "ttft": {"cluster_ms": clu["ttft_ms"], "bound_ms": ttft_bound, "engine_ms": eng["ttft_ms"],
-                     "transfer_ms": transfer, "slack_ms": TARGET_TTFT_SLACK_MS, "met": clu["ttft_ms"] <= ttft_bound},
-        },
-    }
-
-
 # -------------------------------------------------------------- KV transfers
-def kv_shape(tokens: int) -> tuple[int, ...]:
-    return (KV_LAYERS, 2, tokens, KV_HEADS, HEAD_DIM)
-
-
-def kv_nbytes(tokens: int) -> int:
-    return tokens * KV_LAYERS * 2 * KV_HEADS * HEAD_DIM * 4
-
-
 def wait_success(tr: KVTransport, tid: str, timeout_s: float) -> float:
     """Poll until ``tid`` is done; the ``time.monotonic()`` of SUCCESS (raises if it failed)."""
     deadline = time.monotonic() + timeout_s
@@ -439,7 +380,7 @@ def measure_memcpy(reps: int) -> dict[int, dict[str, float]]:
 
 
 def transport_kwargs(backend: str) -> dict[str, Any]:
-    """What the cluster passes (cluster.deployment.pool_specs), for one process's transports."""
+    """What the cluster passes (worker_common.worker_config.HandoffSettings.transport_kwargs), for one process's transports."""
     if backend == "ray":
         return {"namespace": RAY_NAMESPACE}
     return {"host": "127.0.0.1", "chunk_bytes": DEFAULT_CHUNK_BYTES}
@@ -485,19 +426,6 @@ def wait_for_quiet(max_wait_s: float = 20.0, quiet_cores: float = BUSY_WARN_CORE
         log(f"waiting for the machine to settle ({busy} cores busy)")
 
 
-def best_memcpy(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
-    """Per size and kind, the faster of two memcpy samplings (the stricter reference)."""
-    out = {}
-    for tokens in KV_TOKENS:
-        x, y = a[tokens], b[tokens]
-        out[tokens] = {"tokens": tokens, "bytes": x["bytes"]}
-        for kind in ("", "first_touch_"):
-            best = min(x, y, key=lambda m: m[f"{kind}ms"])
-            out[tokens].update({f"{kind}ms": best[f"{kind}ms"], f"{kind}gbps": best[f"{kind}gbps"]})
-        out[tokens]["samplings_ms"] = [x["ms"], y["ms"]]
-    return out
-
-
 def measure_transfers(settings: Settings, memcpy_at_start: dict[int, dict[str, float]]) -> dict[str, Any]:
     """Section 2: every backend against memcpy, for every KV size."""
     reps = settings.transfer_reps
@@ -534,80 +462,6 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def judge_transfers(results: dict[str, Any], memcpy: dict[int, dict[str, float]]) -> dict[str, Any]:
-    """Per size, the fastest cross-process backend (and in-process, for reference) vs the target."""
-    per_size = {}
-    for tokens in KV_TOKENS:
-        entry = {}
-        for kind in ("processes", "threads"):
-            cands = [(name, r[str(tokens)]["fraction_of_memcpy"]) for name, r in results.items()
-                     if name.endswith(kind) and not name.startswith("inproc") and "error" not in r]
-            if cands:
-                name, frac = max(cands, key=lambda c: c[1])
-                entry[kind] = {"backend": name, "fraction_of_memcpy": frac, "met": frac >= TARGET_MEMCPY_FRACTION,
-                               "fraction_of_first_touch_memcpy":
-                                   results[name][str(tokens)]["fraction_of_first_touch_memcpy"]}
-        per_size[str(tokens)] = entry
-    met = all(e.get("processes", {}).get("met", False) for e in per_size.values())
-    return {"fraction": TARGET_MEMCPY_FRACTION, "judged_on": "processes", "per_size": per_size, "met": met}
-
-
-# --------------------------------------------------------------------- report
-def fmt_ok(met: bool) -> str:
-    return "met" if met else "NOT met"
-
-
-def print_paths(engine: dict[str, Any], cluster: dict[str, Any]) -> None:
-    m, s = engine["matched"], cluster["server"]
-    print(f"\n== Engine in-process vs cluster: {len(engine['prompts'])} prompts, "
-          f"{MAX_TOKENS} tokens, greedy, one at a time (medians of {m['n']}) ==")
-    print(f"{'path':<40} {'TTFT ms':>9} {'TPOT ms':>9}")
-    print(f"{'engine in-process, ' + str(engine['torch_threads']) + ' torch thread(s)':<40} "
-          f"{m['ttft_ms']:9.1f} {m['tpot_ms']:9.2f}")
-    if "default_threads" in engine:
-        d = engine["default_threads"]
-        print(f"{'engine in-process, ' + str(engine['default_torch_threads']) + ' torch threads':<40} "
-              f"{d['ttft_ms']:9.1f} {d['tpot_ms']:9.2f}")
-    print(f"{'cluster (client-side)':<40} {cluster['ttft_ms']:9.1f} {cluster['tpot_ms']:9.2f}")
-    print(f"{'cluster (router-side timings)':<40} {s['ttft_ms']:9.1f} {s['tpot_ms']:9.2f}")
-    print(f"  router breakdown: queue/reserve {s['queue_ms']:.1f} ms, prefill {s['prefill_ms']:.1f} ms, "
-          f"transfer {s['transfer_ms']:.1f} ms ({s['transfer_bytes'] / 1e6:.2f} MB), "
-          f"other {s['other_ms']:.1f} ms (medians of each)")
-    r, t = cluster["ratios"], cluster["targets"]
-    print(f"  cluster / engine: TTFT {r['ttft']:.2f}x (+{cluster['ttft_overhead_ms']:.1f} ms), TPOT {r['tpot']:.3f}x; "
-          f"same tokens {cluster['same_tokens_as_engine']}")
-    print(f"  target TPOT <= {TARGET_TPOT_RATIO}x engine: {t['tpot']['ratio']:.3f}x -> {fmt_ok(t['tpot']['met'])}")
-    print(f"  target TTFT <= engine {t['ttft']['engine_ms']:.1f} + transfer {t['ttft']['transfer_ms']:.1f} "
-          f"+ {TARGET_TTFT_SLACK_MS:.0f} = {t['ttft']['bound_ms']:.1f} ms: {t['ttft']['cluster_ms']:.1f} ms "
-          f"-> {fmt_ok(t['ttft']['met'])}")
-
-
-def print_transfers(tr: dict[str, Any]) -> None:
-    print(f"\n== KV transfer, [30, 2, T, 3, 64] float32, chunk {tr['chunk_bytes'] >> 20} MiB "
-          f"(median of {tr['reps']}; GB/s = payload bytes / time) ==")
-    print(f"{'backend':<18}" + "".join(f"{str(t) + ' tok (' + format(kv_nbytes(t) / 1e6, '.1f') + ' MB)':>30}"
-                                      for t in KV_TOKENS))
-    mc = tr["memcpy"]
-    rows = [("memcpy", {k: {**v, "fraction_of_memcpy": 1.0} for k, v in mc.items()}),
-            ("memcpy fresh dst", {k: {"ms": v["first_touch_ms"], "gbps": v["first_touch_gbps"],
-                                      "fraction_of_memcpy": v["gbps"] and v["first_touch_gbps"] / v["gbps"]}
-                                  for k, v in mc.items()})]
-    rows += list(tr["backends"].items())
-    for name, r in rows:
-        if "error" in r:
-            print(f"{name:<18} error: {r['error']}")
-            continue
-        cells = [r[str(t)] for t in KV_TOKENS]
-        print(f"{name:<18}" + "".join(f"{c['ms']:>9.2f} ms {c['gbps']:>6.2f} GB/s {c['fraction_of_memcpy']:>4.0%}"
-                                      for c in cells))
-    for tokens, e in tr["target"]["per_size"].items():
-        p = e.get("processes")
-        if p:
-            print(f"  target >= {TARGET_MEMCPY_FRACTION:.0%} of memcpy at {tokens} tokens: fastest cross-process "
-                  f"{p['backend']} {p['fraction_of_memcpy']:.0%} -> {fmt_ok(p['met'])} "
-                  f"(vs a fresh-buffer copy: {p['fraction_of_first_touch_memcpy']:.0%})")
-
-
 # ----------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -630,10 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     engine["machine"] = {"cpu_count": os.cpu_count(), "busy_cores_before_run": busy, "torch": torch.__version__,
                          "ray": ray.__version__, "quick": args.quick, "wall_s": round(time.monotonic() - t_start, 1)}
-    print_paths(engine, cluster)
-    print_transfers(transfer)
-    if busy is not None and busy > BUSY_WARN_CORES:
-        print(f"\nwarning: {busy} cores were busy with other work before the run; figures are noisy")
+    print(render(engine, cluster, transfer))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"engine": engine, "cluster": cluster, "transfer": transfer}, f, indent=2)

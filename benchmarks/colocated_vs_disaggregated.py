@@ -27,9 +27,10 @@ for that) but only one arm is driven at a time; the machine's load drifts
 each mixed run is repeated ``rounds`` times per rate, the arms' order rotated
 each round, and an arm's rounds are merged on one timeline.
 
-The trace (DESIGN.md section 4 vocabulary; the seed notes' interference case):
-a Poisson stream of short chat-sized requests (32 tokens in, 48 out: decode
-heavy) at each ``rate`` of the settings, plus one long prompt (768-1024
+The trace (TTFT, TPOT and goodput as in docs/architecture.md, Measurement) is
+the interference case disaggregation exists for, long prompts stalling the
+decode of short requests that share a worker with them: a Poisson stream of
+short chat-sized requests (32 tokens in, 48 out: decode heavy) at each ``rate`` of the settings, plus one long prompt (768-1024
 tokens in, 4 out) every ``long_every_s`` seconds. Prompts are exact-length
 raw prompts from :mod:`benchmarks.workloads` (SmolLM2's tokenizer), sent with
 ``max_tokens`` = output length and ``ignore_eos`` by
@@ -70,15 +71,16 @@ figures, the Markdown report and the plots is :mod:`benchmarks.cvd_report`.
 
 from __future__ import annotations
 
-import os
+from cluster.local_ray import apply_ray_env
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray reads its environment when it is imported: token auth and loopback only, set before any import of ray.
+apply_ray_env()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -86,6 +88,7 @@ from dataclasses import asdict, dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+from analysis.model_catalog import DEFAULT_MODEL  # noqa: E402
 from benchmarks.common import BUSY_WARN_CORES, CpuSampler, busy_cores, log  # noqa: E402
 from benchmarks.loadgen import Arrival, FixedConcurrency, Poisson, run_trace  # noqa: E402
 from benchmarks.slo import SLO, RequestRecord, goodput, summarize  # noqa: E402
@@ -94,7 +97,6 @@ from cluster.config import ClusterConfig, parse_config  # noqa: E402
 from benchmarks.cvd_report import (  # noqa: E402
     ARMS,
     DEFAULT_CHUNK_TOKENS,
-    DEFAULT_MODEL,
     LEASE_S,
     LONG_INPUT,
     LONG_OUTPUT,
@@ -147,20 +149,20 @@ def arm_config(arm: str, model: str = DEFAULT_MODEL, chunk_tokens: int = DEFAULT
     """The deployment dict of one arm (validate with :func:`cluster.config.parse_config`)."""
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
-    decode = {"num_cpus": WORKER_CPUS, "num_blocks": 512, "max_running": 64, "lease_s": LEASE_S,
+    decode = {"num_cpus": WORKER_CPUS, "num_blocks": 512, "max_running": 64,
               # colocated without chunking: a whole prompt in one step; chunked: 128 tokens a step
               "max_batched_tokens": chunk_tokens if arm == "chunked" else MAX_MODEL_LEN}
     pools: dict[str, Any] = {"replicas": REPLICAS, "decode": decode}
     if arm == "disaggregated":
         pools.update(mode="disaggregated", ratio="1:1",
-                     prefill={"num_cpus": WORKER_CPUS, "num_blocks": 256, "max_batch_tokens": MAX_MODEL_LEN,
+                     prefill={"num_cpus": WORKER_CPUS, "num_blocks": 256, "max_batched_tokens": MAX_MODEL_LEN,
                               "batch_wait_ms": 2.0})
     else:
         pools["mode"] = "colocated"
     return {
         "model": {"name": model, "dtype": "float32", "max_model_len": MAX_MODEL_LEN},
         "pools": pools,
-        "kvtransfer": {"backend": "gloo", "timeout_s": TRANSFER_TIMEOUT_S},
+        "kvtransfer": {"backend": "gloo", "timeout_s": TRANSFER_TIMEOUT_S, "lease_s": LEASE_S},
         "router": {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": None,
                    "drain_grace_s": 10, "request_timeout_s": REQUEST_TIMEOUT_S},
         "ray": {"namespace": f"{namespace}-{arm}"},

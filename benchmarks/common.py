@@ -13,13 +13,12 @@ cluster owned by the benchmark process, and how busy the shared machine is.
 
 from __future__ import annotations
 
-import os
+from cluster.local_ray import apply_ray_env
 
-# Ray reads these when it is imported (see tests/conftest.py): token auth, loopback only.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray reads its environment when it is imported: token auth and loopback only, set before any import of ray.
+apply_ray_env()
 
-import statistics  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -45,10 +44,6 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
 def busy_cores(probe_s: float = 1.0) -> float | None:
     """How many cores' worth of CPU the whole machine used over ``probe_s`` (``/proc/stat``)."""
 
@@ -61,15 +56,18 @@ def busy_cores(probe_s: float = 1.0) -> float | None:
 def start_ray(namespace: str, num_cpus: int = 2) -> None:
     """A fresh local Ray cluster owned by this process (``ray.shutdown()`` ends exactly it).
 
-    Not ``tests.ray_cluster.start_head``'s ``ray stop`` path: ``ray stop
-    --force`` kills every Ray process of this user on the machine, other
-    sessions' included.
+    ``ray.init(address="local")`` makes every Ray process a descendant of
+    this one, so the benchmark's CPU sampling counts them as its own and
+    its end ends them; :func:`cluster.local_ray.start_head` (a separate
+    ``ray start`` head) is for processes that must outlive or share a cluster.
     """
     import ray
     from ray._private import ray_constants
 
     single_node = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    ray_constants.ENABLE_RAY_CLUSTER = False  # keep _node_ip_address=127.0.0.1 (see tests/kvtransfer/conftest.py)
+    # Ray's single-node mode keeps _node_ip_address=127.0.0.1 (not the host's routable address). Ray reads
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into this constant at import; forced here, whatever the shell had set.
+    ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  namespace=namespace, log_to_driver=False, logging_level="WARNING")

@@ -15,7 +15,6 @@ from typing import Any
 
 from benchmarks.slo import SLO, RequestRecord, meets_slo, stats, summarize
 
-DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 MAX_MODEL_LEN = 2048
 SHORT_INPUT, SHORT_OUTPUT = 32, 48
 LONG_INPUT, LONG_OUTPUT = (768, 1024), 4
@@ -37,7 +36,6 @@ BASE_ARM = "colocated"
 
 SLO_SHORT = SLO(ttft_ms=1000.0, tpot_ms=200.0)   # a chat answer: first token within 1 s, 5 tokens/s after
 SLO_LONG = SLO(ttft_ms=8000.0, tpot_ms=500.0)    # a long document: a 1k-token prefill may take a few seconds here
-
 
 
 # ------------------------------------------------------------------ analysis

@@ -5,22 +5,22 @@ Run from the repository root::
     python -m benchmarks.engine [--json PATH] [--quick] [--wait-quiet SECONDS]
 
 Everything runs in one process on SmolLM2-135M-Instruct (float32, CPU),
-loaded once. The vocabulary is DESIGN.md section 4 (MBU / MFU against peaks
-measured in the same run, never a spec sheet).
+loaded once. MBU and MFU are fractions of peaks measured in the same run, never
+of a spec sheet (see docs/architecture.md, Measurement).
 
 What it measures, in order:
 
 1. **Machine peaks.** Memory bandwidth is the best of a few ``dst.copy_(src)``
    of a 256 MB tensor, counting read + write (2x the size) as bytes moved.
    Float32 FLOP/s is the best of a few 2048x2048 @ 2048x2048 matmuls. Both use
-   torch's default thread count (:mod:`engine.peaks`). Shared machines drift,
+   torch's default thread count (:mod:`analysis.machine_peaks`). Shared machines drift,
    so both are measured again at the end; the rooflines use the higher of the
    two (the stricter bound), and both samples are reported.
 2. **Decode** at batch 1, 8, 32 and 64 with ~256 tokens of context: B
    requests with 256 random (seeded) prompt tokens are prefilled, a couple of
    untimed decode steps warm up, then N decode steps are timed one by one.
    ms/step is the median step; tokens/s is B / median. Per step, the roofline
-   counts (:mod:`engine.cost_model`, from the model's dimensions)
+   counts (:mod:`analysis.cost_model`, from the model's dimensions)
      bytes = weights read once (the tied embedding / lm_head matrix once, plus
              the B embedding rows looked up) + KV read (B * ctx * KV bytes/token)
      FLOPs = 2 * (the layers' projection matrices + lm_head) * B
@@ -57,6 +57,9 @@ stretch a step 10-100x, so the report warns about any figure taken with more
 than ``CONTENTION_WARN_CORES`` busy elsewhere; ``--wait-quiet`` waits (up to a
 limit) for a quiet machine before each measurement. Absolute numbers on a
 shared CPU are noisy; compare figures from one run.
+
+This module runs the measurements; the rooflines, targets and the text
+report are :mod:`benchmarks.engine_report`.
 """
 
 from __future__ import annotations
@@ -75,33 +78,26 @@ from typing import Any, Callable
 
 import torch
 
-from engine.block_pool import blocks_needed
-from engine.cost_model import ModelDims, roofline_seconds
+from analysis.cost_model import ModelDims
+from analysis.machine_peaks import COPY_BYTES, MATMUL_N
+from analysis.machine_peaks import measure_peaks as measure_machine_peaks
+from benchmarks.engine_report import (CONTENTION_WARN_CORES, DECODE_PROMPT_LEN, PREFILL_LEN, TARGET_MIXED_RATIO,
+                                      finish_roofline, mark_decode_targets, render)
+from engine.kv_cache_manager import blocks_needed
 from engine.llm_engine import LLMEngine, RequestOutput, run_to_completion
 from engine.model_loader import DEFAULT_MODEL, LoadedModel, load_model
 from engine.model_runner import kv_layout_of
-from engine.peaks import COPY_BYTES, MATMUL_N
-from engine.peaks import measure_peaks as measure_machine_peaks
 from engine.sampling_params import SamplingParams
 
 BLOCK_SIZE = 16
 
 DECODE_BATCHES = (1, 8, 32, 64)
-DECODE_PROMPT_LEN = 256
 DECODE_WARMUP_STEPS = 2
-
-PREFILL_LEN = 512
 PREFILL_BATCHES = (1, 4)
 
 MIXED_SEED = 0
 MIXED_PROMPT_LENS = (32, 512)
 MIXED_OUTPUT_LENS = (16, 256)
-
-TARGET_DECODE_B1_BANDWIDTH = 0.60   # decode batch 1: fraction of its bandwidth roofline
-TARGET_DECODE_B64_COMPUTE = 0.40    # decode batch 64: fraction of its compute roofline
-TARGET_MIXED_RATIO = 3.0            # engine / generate() useful tokens per second
-
-CONTENTION_WARN_CORES = 0.25  # other processes' CPU use (in cores) above which a figure is flagged
 
 
 @dataclass(frozen=True)
@@ -195,7 +191,7 @@ def measure_peaks(reps: int, quiet_wait_s: float = 0.0) -> dict[str, float | Non
 # ------------------------------------------------------------------ model cost
 @dataclass(frozen=True)
 class ModelCost:
-    """The loaded model's dimensions and the bytes per parameter it runs in; formulas in :mod:`engine.cost_model`."""
+    """The loaded model's dimensions and the bytes per parameter it runs in; formulas in :mod:`analysis.cost_model`."""
 
     dims: ModelDims
     itemsize: int               # bytes per parameter (and per KV element: the cache uses the model's dtype)
@@ -235,24 +231,6 @@ class ModelCost:
             "head_dim": d.head_dim,
             "kv_bytes_per_token": d.kv_bytes_per_token(self.itemsize),
         }
-
-
-def roofline(nbytes: float, flops: float, seconds: float, peaks: dict[str, float]) -> dict[str, Any]:
-    """Roofline time of (bytes, FLOPs) on ``peaks`` and the fraction ``seconds`` achieves."""
-    bw_s = nbytes / (peaks["bandwidth_gbps"] * 1e9)
-    compute_s = flops / (peaks["matmul_gflops"] * 1e9)
-    roof_s, bound = roofline_seconds(nbytes, flops, peaks["bandwidth_gbps"] * 1e9, peaks["matmul_gflops"] * 1e9)
-    return {
-        "bytes": nbytes,
-        "flops": flops,
-        "roofline_ms": 1e3 * roof_s,
-        "bound": bound,
-        "fraction_of_roofline": roof_s / seconds,
-        "fraction_of_bandwidth_roofline": bw_s / seconds,
-        "fraction_of_compute_roofline": compute_s / seconds,
-        "achieved_gbps": nbytes / seconds / 1e9,
-        "achieved_gflops": flops / seconds / 1e9,
-    }
 
 
 # -------------------------------------------------------------------- helpers
@@ -462,120 +440,6 @@ def bench_mixed(loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
         "target_ratio": TARGET_MIXED_RATIO,
         "meets_target": ratio >= TARGET_MIXED_RATIO,
     }
-
-
-# ---------------------------------------------------------------------- report
-def finish_roofline(entries: list[dict[str, Any]], peaks: dict[str, float]) -> None:
-    """Replace each entry's raw ``_cost`` by its roofline figures against ``peaks``."""
-    for e in entries:
-        nbytes, flops, seconds = e.pop("_cost")
-        e.update(roofline(nbytes, flops, seconds, peaks))
-
-
-def mark_decode_targets(decode: list[dict[str, Any]]) -> None:
-    for e in decode:
-        if e["batch"] == 1:
-            e["target"] = {"metric": "fraction_of_bandwidth_roofline", "threshold": TARGET_DECODE_B1_BANDWIDTH}
-        elif e["batch"] == 64:
-            e["target"] = {"metric": "fraction_of_compute_roofline", "threshold": TARGET_DECODE_B64_COMPUTE}
-        else:
-            continue
-        e["target"]["met"] = e[e["target"]["metric"]] >= e["target"]["threshold"]
-
-
-def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def cores(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
-
-
-def contention_warning(result: dict[str, Any]) -> str | None:
-    """A warning line when other processes used a noticeable share of the CPUs during any measurement."""
-    m = result["machine"]
-    figures = [s["other_cpu_cores"] for s in m["samples"]]
-    figures += [e["other_cpu_cores"] for e in result["decode"] + result["prefill"]]
-    figures += [result["mixed"]["engine"]["other_cpu_cores"], result["mixed"]["generate"]["other_cpu_cores"]]
-    worst = max((f for f in figures if f is not None), default=None)
-    if worst is None or worst < CONTENTION_WARN_CORES:
-        return None
-    return (f"WARNING: other processes used up to {worst:.2f} of {m['cpu_count']} cores during a measurement "
-            "(column 'others'); those figures are contended and not trustworthy.")
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
-
-
-def target_note(e: dict[str, Any]) -> str:
-    t = e.get("target")
-    if t is None:
-        return ""
-    kind = "bw" if "bandwidth" in t["metric"] else "compute"
-    return f"{kind} >= {pct(t['threshold'])}: {'met' if t['met'] else 'NOT met'}"
-
-
-def render(result: dict[str, Any]) -> str:
-    m = result["machine"]
-    mdl = m["model"]
-    out = [
-        f"Machine: {m['cpu_count']} CPUs, torch {m['torch_version']} with {m['torch_threads']} threads",
-        f"  copy bandwidth {m['bandwidth_gbps']:.1f} GB/s (start {m['samples'][0]['bandwidth_gbps']:.1f}, "
-        f"end {m['samples'][1]['bandwidth_gbps']:.1f}); "
-        f"fp32 matmul {m['matmul_gflops']:.1f} GFLOP/s (start {m['samples'][0]['matmul_gflops']:.1f}, "
-        f"end {m['samples'][1]['matmul_gflops']:.1f})",
-        f"  other processes' CPU use: {cores(m['other_cpu_cores'])} cores over the run, "
-        f"{cores(m['samples'][0]['other_cpu_cores'])} / {cores(m['samples'][1]['other_cpu_cores'])} "
-        "during the start / end peak measurements",
-        f"Model: {mdl['name']}, {mdl['num_params'] / 1e6:.1f}M params ({mdl['param_bytes'] / 1e6:.0f} MB), "
-        f"KV {mdl['kv_bytes_per_token']} B/token",
-        "",
-        f"Decode (prompt {DECODE_PROMPT_LEN} tokens; median of timed steps)",
-        format_table(
-            ["batch", "ctx", "ms/step", "tok/s", "roofline ms", "bound", "of roofline", "of bw", "of compute",
-             "GB/s", "GFLOP/s", "others", "target"],
-            [[str(e["batch"]), f"{e['context']:.0f}", f"{e['ms_per_step']:.1f}", f"{e['tokens_per_s']:.1f}",
-              f"{e['roofline_ms']:.1f}", e["bound"], pct(e["fraction_of_roofline"]),
-              pct(e["fraction_of_bandwidth_roofline"]), pct(e["fraction_of_compute_roofline"]),
-              f"{e['achieved_gbps']:.1f}", f"{e['achieved_gflops']:.1f}", cores(e["other_cpu_cores"]),
-              target_note(e)]
-             for e in result["decode"]],
-        ),
-        "",
-        f"Prefill ({PREFILL_LEN}-token prompts, one step; median of reps)",
-        format_table(
-            ["batch", "tokens", "ms", "tok/s", "roofline ms", "bound", "of roofline", "of bw", "of compute",
-             "GFLOP/s", "others"],
-            [[str(e["batch"]), str(e["batch"] * e["prompt_len"]), f"{e['ms']:.0f}", f"{e['tokens_per_s']:.0f}",
-              f"{e['roofline_ms']:.0f}", e["bound"], pct(e["fraction_of_roofline"]),
-              pct(e["fraction_of_bandwidth_roofline"]), pct(e["fraction_of_compute_roofline"]),
-              f"{e['achieved_gflops']:.1f}", cores(e["other_cpu_cores"])]
-             for e in result["prefill"]],
-        ),
-    ]
-    mx = result["mixed"]
-    eng, gen = mx["engine"], mx["generate"]
-    out += [
-        "",
-        f"Mixed workload: {mx['n_requests']} requests, seed {mx['seed']}, prompts {mx['prompt_len_range']}, "
-        f"outputs {mx['output_len_range']}, batch {mx['batch_size']}",
-        format_table(
-            ["system", "wall s", "useful tok", "tok/s", "others", "notes"],
-            [["engine", f"{eng['wall_s']:.1f}", str(eng["useful_tokens"]), f"{eng['tokens_per_s']:.1f}",
-              cores(eng["other_cpu_cores"]), f"{eng['steps']} steps, {eng['preemptions']} preemptions"],
-             ["generate()", f"{gen['wall_s']:.1f}", str(gen["useful_tokens"]), f"{gen['tokens_per_s']:.1f}",
-              cores(gen["other_cpu_cores"]), f"{gen['generated_tokens']} generated, {pct(gen['wasted_fraction'])} wasted"]],
-        ),
-        f"  engine / generate() = {mx['ratio']:.2f}x (target >= {mx['target_ratio']:.0f}x: "
-        f"{'met' if mx['meets_target'] else 'NOT met'})",
-    ]
-    warning = contention_warning(result)
-    if warning:
-        out += ["", warning]
-    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------ main

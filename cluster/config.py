@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cluster.config_yaml import FieldProblems, describe_error, read_yaml
+from kvtransfer.stream_limits import (DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_STREAM_IDLE_S, MAX_STREAM_IDLE_S,
+                                      MAX_STREAMS_PER_PEER)
+from worker_common.worker_config import DecodeEngineConfig, ModelConfig, PrefillEngineConfig, Settings
 
 MiB = 1024 * 1024
 
@@ -36,10 +39,6 @@ class ConfigError(ValueError):
         super().__init__(f"invalid config {source} ({len(problems)} {noun}):\n" + "\n".join(f"  {p}" for p in problems))
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
 # Extra Ray resources an actor asks for (e.g. {"accelerator_type:H100": 0.001}).
 # CPU and GPU are refused here: Ray wants them as num_cpus / num_gpus.
 Resources = dict[str, Annotated[float, Field(ge=0)]]
@@ -52,54 +51,23 @@ def _no_cpu_gpu(resources: dict[str, float]) -> dict[str, float]:
     return resources
 
 
-class ModelConfig(_Section):
-    """Which model every worker loads."""
-
-    name: str = "builtin:smollm2-135m-instruct"  # builtin:<name>, a local HF dir or a .gguf file
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_model_len: int | None = Field(None, ge=2)  # None: the model's own context length
-
-
-class PrefillPoolConfig(_Section):
-    """One prefill actor's resources and batching knobs."""
+class _ActorResources(Settings):
+    """Ray resources of one pool's actors, and the pool's explicit size."""
 
     replicas: int | None = Field(None, ge=1)  # explicit count; else derived from pools.ratio
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
     resources: Resources = Field(default_factory=dict)
-    max_batch_tokens: int = Field(2048, ge=1)  # prompt tokens packed into one prefill forward
-    max_running: int = Field(64, ge=1)
-    batch_wait_ms: float = Field(2.0, ge=0)  # how long to wait to gather a batch before running it
-    block_size: int = Field(16, ge=1)
-    num_blocks: int = Field(1024, ge=1)  # KV kept only until decode acknowledges, so smaller than decode's
 
     _check_resources = field_validator("resources")(_no_cpu_gpu)
 
 
-class DecodePoolConfig(_Section):
-    """One decode actor's resources, paged KV budget and batching knobs."""
+class PrefillPoolConfig(PrefillEngineConfig, _ActorResources):
+    """One prefill actor's resources and engine knobs (the worker gets the :class:`PrefillEngineConfig` part)."""
 
-    replicas: int | None = Field(None, ge=1)
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
-    resources: Resources = Field(default_factory=dict)
-    block_size: int = Field(16, ge=1)
-    num_blocks: int | None = Field(2048, ge=1)  # exactly one of num_blocks / kv_cache_bytes
-    kv_cache_bytes: int | None = Field(None, ge=1)  # the worker turns bytes into blocks for its model
-    max_running: int = Field(64, ge=1)
-    max_batched_tokens: int = Field(2048, ge=1)
-    lease_s: float = Field(30.0, gt=0)  # how long reserved blocks wait for their KV before being freed
 
-    _check_resources = field_validator("resources")(_no_cpu_gpu)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bytes_replace_blocks(cls, data: Any) -> Any:
-        # num_blocks has a default, so a user who sets only kv_cache_bytes means
-        # "size by bytes": drop the default instead of reporting a conflict.
-        if isinstance(data, Mapping) and data.get("kv_cache_bytes") is not None and "num_blocks" not in data:
-            data = {**data, "num_blocks": None}
-        return data
+class DecodePoolConfig(DecodeEngineConfig, _ActorResources):
+    """One decode actor's resources and engine knobs (the worker gets the :class:`DecodeEngineConfig` part)."""
 
     @model_validator(mode="after")
     def _one_kv_budget(self) -> DecodePoolConfig:
@@ -131,7 +99,7 @@ def _replicas_of(pool: Any) -> Any:
     return getattr(pool, "replicas", None) if isinstance(pool, BaseModel) else None
 
 
-class PoolsConfig(_Section):
+class PoolsConfig(Settings):
     """Pool sizes, as ``ratio`` + total ``replicas`` or as explicit per-pool ``replicas``.
 
     Neither form given means ratio "1:1" with 2 replicas; ``ratio`` alone means
@@ -180,7 +148,7 @@ class PoolsConfig(_Section):
     @model_validator(mode="after")
     def _check_sizes(self) -> PoolsConfig:
         problems: list[tuple[str, str]] = []
-        if self.mode == "colocated":
+        if self.colocated:
             for k in ("prefill", "decode"):
                 if getattr(self, k).replicas is not None:
                     problems.append((f"{k}.replicas", "does not apply with mode colocated; set pools.replicas"))
@@ -206,6 +174,11 @@ class PoolsConfig(_Section):
             raise FieldProblems(problems)
         return self
 
+    @property
+    def colocated(self) -> bool:
+        """Whether every replica runs both phases (the one place that reads ``mode``)."""
+        return self.mode == "colocated"
+
     def ratio_pair(self) -> tuple[int, int]:
         """The prefill:decode ratio; from explicit counts reduced by their gcd when no ratio is set."""
         if self.ratio is not None:
@@ -216,7 +189,7 @@ class PoolsConfig(_Section):
 
     def counts(self) -> tuple[int, int]:
         """(prefill replicas, decode replicas) to start; colocated: (0, replicas)."""
-        if self.mode == "colocated":
+        if self.colocated:
             return 0, self.replicas if self.replicas is not None else 2
         if self.prefill.replicas is not None and self.decode.replicas is not None:
             return self.prefill.replicas, self.decode.replicas
@@ -236,17 +209,21 @@ def split_at_ratio(ratio: tuple[int, int], total: int) -> tuple[int, int]:
     return p * k, d * k
 
 
-class KVTransferConfig(_Section):
+class KVTransferConfig(Settings):
     """How prompt KV moves from prefill to decode actors."""
 
     backend: Literal["gloo", "nccl", "grpc", "ray", "inproc"] = "gloo"
     timeout_s: float = Field(30, gt=0)  # bound on every transfer wait
+    # How long either side of a hand-off holds blocks for the other: reserved
+    # decode blocks wait this long for their KV, pushed prefill KV this long
+    # for the decode side's acknowledgement; then they are freed.
+    lease_s: float = Field(30.0, gt=0)
     chunk_bytes: int = Field(4 * MiB, ge=1)
     host: str = "127.0.0.1"  # address this node's transport binds / advertises
     # grpc backend: a push stream that sends nothing for this long is closed
     # (DEADLINE_EXCEEDED), and one sender holds at most this many open streams.
-    stream_idle_s: float = Field(10, gt=0, le=600)
-    max_streams_per_peer: int = Field(64, ge=1, le=1024)
+    stream_idle_s: float = Field(DEFAULT_STREAM_IDLE_S, gt=0, le=MAX_STREAM_IDLE_S)
+    max_streams_per_peer: int = Field(DEFAULT_MAX_STREAMS_PER_PEER, ge=1, le=MAX_STREAMS_PER_PEER)
     # The cluster's KV-plane secret: receivers accept only transfers whose
     # sender proves it (HMAC). From an environment variable or a file; unset
     # means no check (fine on loopback, not on a shared network).
@@ -254,7 +231,7 @@ class KVTransferConfig(_Section):
     secret_file: str | None = None
 
 
-class RouterConfig(_Section):
+class RouterConfig(Settings):
     """The client-facing gRPC server."""
 
     host: str = "127.0.0.1"
@@ -286,7 +263,7 @@ class RouterConfig(_Section):
         return self
 
 
-class RayConfig(_Section):
+class RayConfig(Settings):
     """Where the launcher finds (or starts) Ray."""
 
     address: str | None = None  # None: join a running cluster ("auto") if any, else start a local one
@@ -294,7 +271,7 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(None, ge=1)  # CPUs of a local cluster started by the launcher
 
 
-class ClusterConfig(_Section):
+class ClusterConfig(Settings):
     """The whole deployment: the root of the YAML file."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)

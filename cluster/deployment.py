@@ -19,62 +19,48 @@ from prometheus_client import CollectorRegistry
 from cluster.config import ClusterConfig
 from cluster.pool_manager import PoolManager, PoolSpec
 from engine.model_loader import load_tokenizer
+from kvtransfer.faults import TransferFaults
 from observability.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
 from router.directory import WorkerDirectory
-from router.lifecycle import RequestRunner
 from router.policy import make_policy
+from router.request_runner import RequestRunner
 from router.security import load_secret
 from router.server import RouterServer, ServingServicer, fetch_limits
+from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, PrefillEngineConfig
 
 log = logging.getLogger(__name__)
 POOL_MANAGER_NAME = "pool_manager"
 
 
 def pool_specs(cfg: ClusterConfig, kv_secret: str | None = None,
-               transport_extra: dict[str, Any] | None = None) -> list[PoolSpec]:
-    """Worker constructor arguments and Ray resources of each pool: prefill and
-    decode, or the one colocated pool. ``transport_extra`` adds transport
-    constructor arguments (tests pass fault injection this way)."""
+               faults: TransferFaults | None = None) -> list[PoolSpec]:
+    """What each pool's workers are built from, and their Ray resources:
+    prefill and decode, or the one colocated pool (decode's settings).
+    ``faults``: injected into every worker's transport (tests)."""
     kv = cfg.kvtransfer
-    # Ray's backend finds its peers by actor name; the others by address.
-    transport: dict[str, Any] = ({"namespace": cfg.ray.namespace} if kv.backend == "ray"
-                                 else {"host": kv.host, "chunk_bytes": kv.chunk_bytes})
-    if kv.backend == "grpc":
-        transport.update(stream_idle_s=kv.stream_idle_s, max_streams_per_peer=kv.max_streams_per_peer)
-    if kv_secret is not None:
-        transport["secret"] = kv_secret
-    transport.update(transport_extra or {})
-    model = {"model": cfg.model.name, "dtype": cfg.model.dtype, "max_model_len": cfg.model.max_model_len}
+    handoff = HandoffSettings(backend=kv.backend, lease_s=kv.lease_s, host=kv.host, chunk_bytes=kv.chunk_bytes,
+                              namespace=cfg.ray.namespace, stream_idle_s=kv.stream_idle_s,
+                              max_streams_per_peer=kv.max_streams_per_peer, secret=kv_secret, faults=faults)
     p, d = cfg.pools.prefill, cfg.pools.decode
-    decode_kwargs = {**model, "block_size": d.block_size, "num_blocks": d.num_blocks,
-                     "kv_cache_bytes": d.kv_cache_bytes, "max_running": d.max_running,
-                     "max_batched_tokens": d.max_batched_tokens, "lease_s": d.lease_s,
-                     "transport_backend": kv.backend, "transport_kwargs": transport}
-    if cfg.pools.mode == "colocated":
-        return [PoolSpec(kind="colocated", worker_kwargs=decode_kwargs, num_cpus=d.num_cpus, num_gpus=d.num_gpus,
-                         resources=dict(d.resources))]
-    prefill = PoolSpec(
-        kind="prefill",
-        worker_kwargs={**model, "block_size": p.block_size, "num_blocks": p.num_blocks, "max_running": p.max_running,
-                       "max_batch_tokens": p.max_batch_tokens, "batch_wait_ms": p.batch_wait_ms,
-                       "hold_lease_s": d.lease_s, "transport_backend": kv.backend, "transport_kwargs": transport},
-        num_cpus=p.num_cpus, num_gpus=p.num_gpus, resources=dict(p.resources),
-    )
-    decode = PoolSpec(kind="decode", worker_kwargs=decode_kwargs, num_cpus=d.num_cpus, num_gpus=d.num_gpus,
-                      resources=dict(d.resources))
+    decode = PoolSpec(kind="colocated" if cfg.pools.colocated else "decode", model=cfg.model,
+                      engine=DecodeEngineConfig.part_of(d), handoff=handoff, num_cpus=d.num_cpus,
+                      num_gpus=d.num_gpus, resources=dict(d.resources))
+    if cfg.pools.colocated:
+        return [decode]
+    prefill = PoolSpec(kind="prefill", model=cfg.model, engine=PrefillEngineConfig.part_of(p), handoff=handoff,
+                       num_cpus=p.num_cpus, num_gpus=p.num_gpus, resources=dict(p.resources))
     return [prefill, decode]
 
 
 class Deployment:
     """Pools + router (+ metrics endpoint) for one config, driven from the current event loop.
 
-    ``transport_extra``: extra KV transport constructor arguments for every
-    worker (fault injection in tests).
+    ``faults``: injected into every worker's KV transport (tests).
     """
 
-    def __init__(self, cfg: ClusterConfig, transport_extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, cfg: ClusterConfig, faults: TransferFaults | None = None) -> None:
         self.cfg = cfg
-        self.transport_extra = transport_extra
+        self.faults = faults
         self.pool_manager: Any = None
         self.router: RouterServer | None = None
         self.registry = CollectorRegistry()
@@ -91,8 +77,8 @@ class Deployment:
         # Secrets are read here, once; a missing one stops the launch with its source named.
         token = load_secret(env=rc.auth_token_env, file=rc.auth_token_file)
         kv_secret = load_secret(env=cfg.kvtransfer.secret_env, file=cfg.kvtransfer.secret_file)
-        specs = pool_specs(cfg, kv_secret, self.transport_extra)
-        colocated = cfg.pools.mode == "colocated"
+        specs = pool_specs(cfg, kv_secret, self.faults)
+        colocated = cfg.pools.colocated
         ratio = (1,) if colocated else cfg.pools.ratio_pair()
         self.pool_manager = ray.remote(PoolManager).options(
             name=POOL_MANAGER_NAME, namespace=cfg.ray.namespace, num_cpus=0, max_concurrency=64,
@@ -106,13 +92,14 @@ class Deployment:
         limits = await fetch_limits(directory)
         runner = RequestRunner(directory, make_policy(rc.policy), make_policy(rc.policy),
                                transfer_timeout_s=cfg.kvtransfer.timeout_s,
-                               queue_timeout_s=min(rc.request_timeout_s, rc.queue_timeout_s),
+                               queue_timeout_s=rc.queue_timeout_s,
                                max_attempts=rc.max_attempts, transfer_retries=rc.transfer_retries,
                                colocated=colocated)
         metrics = RouterMetrics(self.registry)
         self.registry.register(WorkerStatusCollector(
             lambda: [w.status for w in list(directory.workers.values()) if w.status is not None]))
-        servicer = ServingServicer(runner, directory, tokenizer, limits, rc.max_queued, metrics)
+        servicer = ServingServicer(runner, directory, tokenizer, limits, rc.max_queued, metrics,
+                                   request_timeout_s=rc.request_timeout_s)
         tls = (rc.tls_cert, rc.tls_key) if rc.tls_cert and rc.tls_key else None
         self.router = RouterServer(servicer, rc.host, rc.port, tls=tls, token=token,
                                    max_request_bytes=rc.max_request_bytes)
@@ -141,8 +128,8 @@ class Deployment:
 class BackgroundDeployment:
     """A :class:`Deployment` on an event loop of its own thread, for sync callers (tests, CLIs)."""
 
-    def __init__(self, cfg: ClusterConfig, transport_extra: dict[str, Any] | None = None) -> None:
-        self.deployment = Deployment(cfg, transport_extra)
+    def __init__(self, cfg: ClusterConfig, faults: TransferFaults | None = None) -> None:
+        self.deployment = Deployment(cfg, faults)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="deployment", daemon=True)
         self._thread.start()

@@ -60,7 +60,7 @@ async def serve(cfg: ClusterConfig) -> None:
     try:
         address = await deployment.start()
         p, d = cfg.pools.counts()
-        pools = (f"{d} colocated" if cfg.pools.mode == "colocated"
+        pools = (f"{d} colocated" if cfg.pools.colocated
                  else f"{p} prefill + {d} decode, kvtransfer={cfg.kvtransfer.backend}")
         metrics = (f"; metrics on http://{cfg.router.host}:{deployment.metrics_port}/metrics"
                    if deployment.metrics_port is not None else "")

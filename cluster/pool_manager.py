@@ -27,8 +27,10 @@ from typing import Any
 import ray
 
 from cluster.config import split_at_ratio
-from decode_worker.worker import ColocatedWorker, DecodeWorker
+from decode_worker.colocated import ColocatedWorker
+from decode_worker.worker import DecodeWorker
 from prefill_worker.worker import PrefillWorker
+from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, ModelConfig, PrefillEngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +45,12 @@ class WorkerStartError(RuntimeError):
 
 @dataclass(frozen=True)
 class PoolSpec:
-    """How to build the actors of one pool."""
+    """How to build the actors of one pool: the worker's settings and its Ray resources."""
 
     kind: str  # "prefill" | "decode" | "colocated"
-    worker_kwargs: dict[str, Any]  # constructor arguments of the worker class
+    model: ModelConfig
+    engine: PrefillEngineConfig | DecodeEngineConfig  # the one that ``kind``'s worker class takes
+    handoff: HandoffSettings
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
@@ -114,7 +118,7 @@ class PoolManager:
         handle = ray.remote(WORKER_CLASSES[kind]).options(
             name=worker_id, namespace=self.namespace, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
             resources=spec.resources or None, max_restarts=0,
-        ).remote(worker_id, **spec.worker_kwargs)
+        ).remote(worker_id, model=spec.model, engine=spec.engine, handoff=spec.handoff)
         try:
             await asyncio.wait_for(handle.ping.remote(), timeout=READY_TIMEOUT_S)
             endpoint, node = await asyncio.wait_for(

@@ -1,6 +1,7 @@
 """The decode worker: a Ray actor that receives KV and streams tokens.
 
-Lifecycle of one request here (DESIGN.md section 2, steps 3 and 5):
+Lifecycle of one request here (its reserve and decode steps; the whole path
+is in docs/architecture.md, "Request lifecycle"):
 
 1. ``reserve`` (from the router): blocks for the prompt plus one token are
    held under a lease, and the transport is told to expect the KV from the
@@ -28,12 +29,13 @@ from typing import Any
 
 import torch
 
-from cluster.worker_base import WorkerBase
-from engine.kv_cache import KVLayout
-from engine.kv_handoff import KVHandoff
+from engine.async_engine import RequestFailedError
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from kvtransfer.base import TransferStatus
-from prefill_worker.worker import wait_transfer
+from worker_common.messages import Ack, DecodeEvent, ErrorReason, KVHandoffMeta, TokenChunk, WorkerError
+from worker_common.transfer_wait import wait_transfer
+from worker_common.worker_base import WorkerBase
+from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, ModelConfig
 from worker_common.worker_status import WorkerStatus
 
 
@@ -42,28 +44,10 @@ class DecodeWorker(WorkerBase):
 
     kind = "decode"
 
-    def __init__(
-        self,
-        worker_id: str,
-        *,
-        model: str,
-        dtype: str = "float32",
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        num_blocks: int | None = 2048,
-        kv_cache_bytes: int | None = None,
-        max_running: int = 64,
-        max_batched_tokens: int = 2048,
-        lease_s: float = 30.0,
-        transport_backend: str = "gloo",
-        transport_kwargs: dict | None = None,
-    ) -> None:
-        super().__init__(worker_id, model=model, dtype=dtype, max_model_len=max_model_len,
-                         engine_kwargs={"block_size": block_size, "num_blocks": num_blocks,
-                                        "kv_cache_bytes": kv_cache_bytes, "max_running": max_running,
-                                        "max_batched_tokens": max_batched_tokens},
-                         batch_wait_s=0.0, transport_backend=transport_backend, transport_kwargs=transport_kwargs)
-        self.lease_s = lease_s
+    def __init__(self, worker_id: str, *, model: ModelConfig, engine: DecodeEngineConfig,
+                 handoff: HandoffSettings) -> None:
+        super().__init__(worker_id, model=model, engine_args=engine.engine_args(), batch_wait_s=0.0,
+                         handoff=handoff)
         self._leases: dict[str, float] = {}  # transfer_id -> deadline, until imported
         # transfer_id -> the id its KV travels under: a re-armed push gets a fresh
         # one, so nothing left of the failed try (store keys, pair state) is reused.
@@ -111,9 +95,9 @@ class DecodeWorker(WorkerBase):
     def _expect(self, transfer_id: str, num_kv_tokens: int, sender: dict, timeout_s: float,
                 wire_id: str | None = None) -> None:
         lay = self.layout
-        shape = (lay.num_layers, 2, num_kv_tokens, lay.num_kv_heads, lay.head_dim)
         self._wire[transfer_id] = wire_id or transfer_id
-        self.kv_transport.expect(self._wire[transfer_id], shape, getattr(torch, lay.dtype), sender, timeout_s)
+        self.kv_transport.expect(self._wire[transfer_id], lay.kv_shape(num_kv_tokens), getattr(torch, lay.dtype),
+                                 sender, timeout_s)
         self._leases[transfer_id] = time.monotonic() + self.lease_s
 
     def _drop_wire(self, transfer_id: str) -> None:
@@ -121,15 +105,13 @@ class DecodeWorker(WorkerBase):
         self.kv_transport.abort(wire)
         self.kv_transport.forget(wire)
 
-    async def generate(self, transfer_id: str, handoff: dict[str, Any], params: SamplingParams,
-                       timeout_s: float = 30.0, emitted_text: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, transfer_id: str, handoff: KVHandoffMeta, params: SamplingParams,
+                       timeout_s: float, emitted_text: str) -> AsyncIterator[DecodeEvent]:
         """Wait for the KV, import it, acknowledge, then stream tokens.
 
-        ``handoff`` is the prefill worker's result (token ids, seed, layout);
-        ``emitted_text`` is all the text the client has been sent so far
-        (default: the prefill's first text). Yields ``{"ack": True, ...}``
-        first (with wall-clock stamps for the timeline), then ``{"token_ids",
-        "text", "finished", "finish_reason"}`` per step.
+        ``handoff`` came with the prefill worker's result; ``emitted_text`` is
+        all the text the client has been sent so far. Yields an :class:`Ack`
+        first, then a :class:`TokenChunk` per step (or a :class:`WorkerError`).
         """
         t_called = time.time()
         wire = self._wire.get(transfer_id, transfer_id)
@@ -138,42 +120,40 @@ class DecodeWorker(WorkerBase):
             error = self.kv_transport.error(wire)
             self._drop_wire(transfer_id)
             await self._drop_lease(transfer_id)
-            yield {"error": f"KV transfer failed: {error or status.name}"}
+            yield WorkerError(ErrorReason.TRANSFER_FAILED, error or status.name)
             return
         data = self.kv_transport.result(wire)
         self._drop_wire(transfer_id)
         self._leases.pop(transfer_id, None)
-        kv = KVHandoff(transfer_id, KVLayout(**handoff["layout"]), handoff["prompt_token_ids"],
-                       handoff["output_token_ids"], handoff["seed"], data)
-        text = handoff["text"] if emitted_text is None else emitted_text
-        ack = {"ack": True, "num_kv_tokens": kv.num_tokens, "t_called": t_called}
-        async for ev in self._run(transfer_id, params,
-                                  lambda e: e.import_kv(kv, params, request_id=transfer_id, emitted_text=text), ack):
+        kv = handoff.with_data(transfer_id, data)
+        async for ev in self._run(transfer_id, params, t_called, kv.num_tokens,
+                                  lambda e: e.import_kv(kv, params, request_id=transfer_id, emitted_text=emitted_text)):
             yield ev
 
     async def serve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     output_token_ids: list[int] | None = None,
-                    emitted_text: str | None = None) -> AsyncIterator[dict[str, Any]]:
+                    emitted_text: str | None = None) -> AsyncIterator[DecodeEvent]:
         """Run a whole request here, prefill included (colocated serving, and
         recompute when KV cannot be moved). Resumes after ``output_token_ids``.
 
-        Yields ``{"ack": True, ...}`` once the request has joined the engine,
-        then token dicts as :meth:`generate` does.
+        Yields an :class:`Ack` once the request has joined the engine, then
+        what :meth:`generate` yields.
         """
         if self._was_aborted(request_id):
-            yield {"error": "aborted"}
+            yield WorkerError(ErrorReason.ABORTED)
             return
-        ack = {"ack": True, "t_called": time.time()}
         start = (lambda e: e.add_request(request_id, params=params, prompt_token_ids=prompt_token_ids,
                                          output_token_ids=output_token_ids, emitted_text=emitted_text))
         try:
-            async for ev in self._run(request_id, params, start, ack):
+            async for ev in self._run(request_id, params, time.time(), 0, start):
                 yield ev
         except InvalidRequestError as e:
-            yield {"error": str(e), "invalid_field": e.field}
+            yield WorkerError(ErrorReason.INVALID_REQUEST, e.reason, field=e.field)
 
-    async def _run(self, request_id: str, params: SamplingParams, start, ack: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream one request's outputs from the engine, ack first; keeps the counters."""
+    async def _run(self, request_id: str, params: SamplingParams, t_called: float, num_kv_tokens: int,
+                   start) -> AsyncIterator[DecodeEvent]:
+        """Stream one request's outputs from the engine, ack first; keeps the counters.
+        A request the engine fails on its own ends with a ``REQUEST_FAILED`` :class:`WorkerError`."""
         self.outstanding_tokens += params.max_tokens
         produced = 0
         try:
@@ -181,13 +161,15 @@ class DecodeWorker(WorkerBase):
             async for out in self.engine.stream(request_id, start):
                 if first:
                     first = False
-                    yield {**ack, "t_joined": time.time(), **(getattr(out, "timestamps", None) or {})}
+                    stamps = getattr(out, "timestamps", None) or {}
+                    yield Ack(t_called, time.time(), num_kv_tokens, stamps.get("scheduled"), stamps.get("first_token"))
                 if out.finish_reason == "abort":
-                    yield {"error": "aborted"}
+                    yield WorkerError(ErrorReason.ABORTED)
                     return
                 produced += len(out.new_token_ids)
-                yield {"token_ids": out.new_token_ids, "text": out.new_text, "finished": out.finished,
-                       "finish_reason": out.finish_reason}
+                yield TokenChunk(tuple(out.new_token_ids), out.new_text, out.finished, out.finish_reason)
+        except RequestFailedError as e:  # the engine already dropped it and freed its blocks
+            yield WorkerError(ErrorReason.REQUEST_FAILED, str(e))
         finally:
             self.outstanding_tokens -= params.max_tokens
             self.tokens_generated += produced
@@ -210,9 +192,3 @@ class DecodeWorker(WorkerBase):
         self._drop_wire(transfer_id)
         await self._drop_lease(transfer_id)
 
-
-class ColocatedWorker(DecodeWorker):
-    """A replica that runs both phases of its requests (``pools.mode: colocated``):
-    the router calls :meth:`DecodeWorker.serve` on it and nothing moves."""
-
-    kind = "colocated"

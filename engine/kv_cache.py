@@ -23,6 +23,11 @@ class KVLayout:
         itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 
+    def kv_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
+        """Shape of ``num_tokens`` tokens' K and V as a hand-off carries them:
+        ``[layers, 2, tokens, kv_heads, head_dim]`` (token-major, block-size free)."""
+        return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
+
     def mismatches(self, other: "KVLayout") -> list[str]:
         """``["field: mine != theirs", ...]`` for every differing field."""
         a, b = asdict(self), asdict(other)

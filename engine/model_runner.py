@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from engine.block_pool import KVCacheManager
 from engine.kv_cache import KVLayout, PagedKVCache
+from engine.kv_cache_manager import KVCacheManager
 from engine.scheduler import ScheduledChunk
 
 

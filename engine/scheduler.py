@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_pool import KVCacheManager
+from engine.kv_cache_manager import KVCacheManager
 from engine.sequence import Sequence, SequenceStatus
 
 

@@ -7,7 +7,7 @@ Each :meth:`LLMEngine.step` that computes something is recorded once:
    (prompt chunks, recompute after preemption) and decode (one token
    attending to a cached context — the model runner's own split);
 2. the bytes it moved and the FLOPs it computed, from the analytic cost
-   model (:mod:`engine.cost_model`): a mixed step is the sum of its decode
+   model (:mod:`analysis.cost_model`): a mixed step is the sum of its decode
    part and its prefill part, with the weights read once (see
    :func:`step_cost`);
 3. cumulative counters (never reset) and a bounded ring of recent steps.
@@ -33,14 +33,14 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from engine.peaks import MachinePeaks
+    from analysis.machine_peaks import MachinePeaks
 
 DEFAULT_WINDOW_STEPS = 256
 DEFAULT_WINDOW_S = 10.0
 
 
 class CostModel(Protocol):
-    """What the accounting needs of :class:`engine.cost_model.ModelDims`."""
+    """What the accounting needs of :class:`analysis.cost_model.ModelDims`."""
 
     def decode_step(self, batch: int, context_len: float, dtype_bytes: float) -> tuple[float, float]: ...
 

@@ -12,6 +12,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from analysis.model_catalog import TINY_LLAMA_CONFIG
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 # ChatML, the same shape SmolLM2 uses.
@@ -51,16 +53,10 @@ def build_tiny_llama(
     """
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        **TINY_LLAMA_CONFIG,
         max_position_embeddings=max_position_embeddings,
         rope_theta=10000.0,
         initializer_range=0.15,
-        tie_word_embeddings=False,
         bos_token_id=0,
         eos_token_id=eos_token_id,
         pad_token_id=eos_token_id,

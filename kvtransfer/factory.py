@@ -21,7 +21,7 @@ def make_transport(backend: str, worker_id: str, **kwargs: Any) -> KVTransport:
     defaults to ``cuda``; ``stream_idle_s`` and ``max_streams_per_peer`` for
     grpc); ``inproc`` needs ``hub=InProcHub()`` shared by its peers. ``secret`` (every backend): the cluster secret; with one, the
     transport accepts only transfers whose sender proves it holds the same
-    secret (see :mod:`kvtransfer.common`). None (the default) accepts any.
+    secret (see :mod:`kvtransfer.push_proof`). None (the default) accepts any.
     """
     if backend in ("gloo", "nccl"):
         from kvtransfer.torch_dist import TorchDistTransport

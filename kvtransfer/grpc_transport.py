@@ -25,7 +25,7 @@ cost no worker):
 
 - The stream's metadata names its sender (``kv-sender``), transfer
   (``kv-transfer-id-bin``) and size (``kv-total-bytes``). With a cluster
-  secret (see :mod:`kvtransfer.common`) the sender's proof travels in
+  secret (see :mod:`kvtransfer.push_proof`) the sender's proof travels in
   ``kv-proof`` and is checked against those before any chunk is read: a
   stream without the right proof ends at once with ``UNAUTHENTICATED``.
   Then the transfer must be expected, from that sender, of that size, and
@@ -53,8 +53,10 @@ import numpy as np
 import torch
 
 from kvtransfer.base import Endpoint, TransferStatus
-from kvtransfer.common import DEFAULT_CHUNK_BYTES, Transfer, TransportBase, byte_view, chunk_ranges
+from kvtransfer.chunking import DEFAULT_CHUNK_BYTES, byte_view, chunk_ranges
 from kvtransfer.faults import TransferFaults
+from kvtransfer.stream_limits import DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_STREAM_IDLE_S, MAX_STREAMS_PER_PEER
+from kvtransfer.transport_base import Transfer, TransportBase
 from protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 
 # Room for the KvChunk fields around `data` in one gRPC message.
@@ -63,8 +65,6 @@ _SENDER_KEY = "kv-sender"  # metadata: who pushes, checked against expect(peer=.
 _PROOF_KEY = "kv-proof"  # metadata: the sender's proof that it holds the cluster secret
 _TRANSFER_KEY = "kv-transfer-id-bin"  # metadata: the transfer this stream carries (UTF-8; ids may be any text)
 _TOTAL_KEY = "kv-total-bytes"  # metadata: its size in bytes
-DEFAULT_STREAM_IDLE_S = 10.0
-DEFAULT_MAX_STREAMS_PER_PEER = 64
 _START_TIMEOUT_S = 30.0
 
 
@@ -144,7 +144,8 @@ class GrpcTransport(TransportBase):
 
     def __init__(self, worker_id: str, host: str = "127.0.0.1", port: int = 0, *,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, stream_idle_s: float = DEFAULT_STREAM_IDLE_S,
-                 max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER, max_streams: int = 1024,
+                 max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
+                 max_streams: int = MAX_STREAMS_PER_PEER,
                  faults: TransferFaults | None = None, secret: str | None = None) -> None:
         super().__init__(worker_id, faults, secret)
         if chunk_bytes <= 0:

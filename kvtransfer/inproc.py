@@ -21,8 +21,9 @@ import threading
 import torch
 
 from kvtransfer.base import Endpoint, TransferStatus
-from kvtransfer.common import DEFAULT_CHUNK_BYTES, Transfer, TransportBase, byte_view, chunk_ranges
+from kvtransfer.chunking import DEFAULT_CHUNK_BYTES, byte_view, chunk_ranges
 from kvtransfer.faults import TransferFaults
+from kvtransfer.transport_base import Transfer, TransportBase
 
 
 class InProcHub:

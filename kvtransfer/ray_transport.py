@@ -20,7 +20,7 @@ carries the actor's name and namespace. Lifecycle of one transfer:
 Ray's own serialization carries the object (inside the cluster's trust
 boundary); we only ever put a plain uint8 array and check the type we get.
 
-With a cluster secret (see :mod:`kvtransfer.common`) the sender passes its
+With a cluster secret (see :mod:`kvtransfer.push_proof`) the sender passes its
 proof to ``kvtransfer_deliver`` and the receiver checks it before anything
 else, in particular before ``ray.get`` deserializes the object. This is
 defence in depth: whoever may call a Ray actor's methods can already run
@@ -38,8 +38,9 @@ import ray
 import torch
 
 from kvtransfer.base import Endpoint, TransferError, TransferStatus
-from kvtransfer.common import Transfer, TransportBase, byte_view
+from kvtransfer.chunking import byte_view
 from kvtransfer.faults import TransferFaults
+from kvtransfer.transport_base import Transfer, TransportBase
 
 _POLL_S = 0.05  # how often a waiting sender checks for abort/deadline
 

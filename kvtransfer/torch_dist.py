@@ -34,7 +34,7 @@ Where the store listens: on ``host`` only (``kvtransfer.host`` in the
 config), never on every interface (:func:`~kvtransfer.torch_pairs.listening_store`);
 gloo's sockets bind the same interface.
 
-The cluster secret (``secret=``, see :mod:`kvtransfer.common`): the sender
+The cluster secret (``secret=``, see :mod:`kvtransfer.push_proof`): the sender
 puts its proof in the "go" record of step 3; the receiver checks it before
 it joins a group or posts a recv. A wrong or missing proof fails the
 transfer on the receiver ("peer did not present the cluster secret"), is
@@ -80,12 +80,13 @@ import torch
 import torch.distributed as dist
 
 from kvtransfer.base import Endpoint, TransferStatus
-from kvtransfer.common import (DEFAULT_CHUNK_BYTES, SECRET_REFUSED, Transfer, TransportBase, byte_view,
-                               chunk_ranges)
+from kvtransfer.chunking import DEFAULT_CHUNK_BYTES, byte_view, chunk_ranges
 from kvtransfer.faults import TransferFaults
+from kvtransfer.push_proof import SECRET_REFUSED
 from kvtransfer.torch_pairs import (BadRecord, RecordSeal, RecvPair, SendPair, await_accept, listening_store,
                                     new_group, poll, rendezvous_keys, store_claim, store_put, store_read,
                                     wait_works)
+from kvtransfer.transport_base import Transfer, TransportBase
 
 _PAIR_LOCK_POLL_S = 0.05
 log = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from kvtransfer.common import Transfer
+from kvtransfer.transport_base import Transfer
 
 T = TypeVar("T")
 

@@ -1,53 +1,45 @@
 """The prefill worker: a Ray actor that prefills prompts and pushes their KV.
 
-Lifecycle of one request here (DESIGN.md section 2, step 4):
+Lifecycle of one request here (its prefill step; the whole path is in
+docs/architecture.md, "Request lifecycle"):
 
 1. ``prefill`` arrives from the router with the prompt's token ids, the
    sampling parameters, a ``transfer_id`` and the endpoint of the decode
    worker that has reserved blocks for it.
 2. The request joins this worker's engine, which batches concurrent prompts
-   (within ``max_batch_tokens``, after waiting ``batch_wait_ms`` for company
+   (within ``max_batched_tokens``, after waiting ``batch_wait_ms`` for company
    when idle) and runs prefill; exactly one token is sampled.
 3. If that token already ends the request (EOS, ``max_tokens`` 1), the
    result says so and no KV moves. Otherwise the KV is exported and pushed to
    the reserved destination through the configured ``kvtransfer`` backend.
 4. When the push has succeeded, the first token and the hand-off metadata
-   go back to the router. The blocks stay held until the router's
+   go back to the router (a ``PrefillResult``; the types are in
+   ``worker_common.messages``). The blocks stay held until the router's
    ``release`` (sent once the decode side acknowledged) or until the hold's
    lease expires, whichever comes first.
-5. A failed push returns an error marked ``kv_held`` and keeps the KV held: the
-   router may re-arm the decode side and call ``resend`` once, or ``abort``.
+5. A failed push comes back as the result's ``push``: a ``WorkerError`` with
+   ``kv_held`` set, and the KV stays held: the router may re-arm the decode
+   side and call ``resend``, or ``abort``.
    A cancel frees the blocks at once, and a prefill that arrives after its
-   abort is refused. A failure is a value, never a dead worker.
+   abort is refused. A request the engine fails on its own comes back as a
+   ``WorkerError`` with ``REQUEST_FAILED``. A failure is a value, never a dead worker.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
-from cluster.worker_base import WorkerBase
+from engine.async_engine import RequestFailedError
 from engine.llm_engine import RequestOutput
 from engine.sampling_params import InvalidRequestError, SamplingParams
-from kvtransfer.base import KVTransport, TransferStatus
+from kvtransfer.base import TransferStatus
+from worker_common.messages import ErrorReason, KVHandoffMeta, KVPushed, PrefillResult, TokenChunk, WorkerError
+from worker_common.transfer_wait import wait_transfer
+from worker_common.worker_base import WorkerBase
+from worker_common.worker_config import HandoffSettings, ModelConfig, PrefillEngineConfig
 from worker_common.worker_status import WorkerStatus
-
-
-async def wait_transfer(transport: KVTransport, transfer_id: str, timeout_s: float) -> TransferStatus:
-    """Poll a transfer until it is done or ``timeout_s`` passes (then abort it)."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.0002
-    while True:
-        status = transport.poll(transfer_id)
-        if status.done:
-            return status
-        if time.monotonic() >= deadline:
-            transport.abort(transfer_id)
-            return TransferStatus.FAILED
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.001)  # a late look at a finished transfer adds straight to TTFT
 
 
 class PrefillWorker(WorkerBase):
@@ -55,28 +47,10 @@ class PrefillWorker(WorkerBase):
 
     kind = "prefill"
 
-    def __init__(
-        self,
-        worker_id: str,
-        *,
-        model: str,
-        dtype: str = "float32",
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        num_blocks: int = 1024,
-        max_running: int = 64,
-        max_batch_tokens: int = 2048,
-        batch_wait_ms: float = 2.0,
-        hold_lease_s: float = 30.0,
-        transport_backend: str = "gloo",
-        transport_kwargs: dict | None = None,
-    ) -> None:
-        super().__init__(worker_id, model=model, dtype=dtype, max_model_len=max_model_len,
-                         engine_kwargs={"block_size": block_size, "num_blocks": num_blocks,
-                                        "max_running": max_running, "max_batched_tokens": max_batch_tokens},
-                         batch_wait_s=batch_wait_ms / 1000, transport_backend=transport_backend,
-                         transport_kwargs=transport_kwargs)
-        self.hold_lease_s = hold_lease_s
+    def __init__(self, worker_id: str, *, model: ModelConfig, engine: PrefillEngineConfig,
+                 handoff: HandoffSettings) -> None:
+        super().__init__(worker_id, model=model, engine_args=engine.engine_args(),
+                         batch_wait_s=engine.batch_wait_ms / 1000, handoff=handoff)
         self._holds: dict[str, float] = {}  # transfer_id -> lease deadline
         self._wire: dict[str, str] = {}  # transfer_id -> the id of its push in flight (fresh on a resend)
         self.tokens_prefilled = 0
@@ -98,47 +72,46 @@ class PrefillWorker(WorkerBase):
         timeout_s: float = 30.0,
         output_token_ids: list[int] | None = None,
         emitted_text: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> PrefillResult | WorkerError:
         """Prefill one prompt and push its KV; see the module docstring.
 
         ``output_token_ids``/``emitted_text`` resume a request whose first
         outputs were streamed by a worker that died: they are prefilled with
-        the prompt and the next token is sampled. The result carries wall
-        clock stamps (``t_*``, ``time.time()``) of each stage for the
-        router's timeline.
+        the prompt and the next token is sampled.
         """
         t_received = time.time()
         self._reap(self._holds, self._drop)
         if self._was_aborted(transfer_id):
-            return {"error": "aborted before prefill started"}
+            return WorkerError(ErrorReason.ABORTED, "before prefill started")
         n_tokens = len(prompt_token_ids) + len(output_token_ids or ())
         self.outstanding_tokens += n_tokens
         try:
             first = await self._first_token(transfer_id, prompt_token_ids, params, output_token_ids, emitted_text)
         except InvalidRequestError as e:  # e.g. a prompt larger than this worker's KV cache
-            return {"error": str(e), "invalid_field": e.field}
+            return WorkerError(ErrorReason.INVALID_REQUEST, e.reason, field=e.field)
+        except RequestFailedError as e:  # this request alone failed in the engine (its blocks are free)
+            return WorkerError(ErrorReason.REQUEST_FAILED, str(e))
         finally:
             self.outstanding_tokens -= n_tokens
         t_prefilled = time.time()
         if first is None or first.finish_reason == "abort":
-            return {"error": "aborted"}
+            return WorkerError(ErrorReason.ABORTED)
         self.requests_served += 1
         self.tokens_prefilled += n_tokens
         stamps = getattr(first, "timestamps", None) or {}
-        result: dict[str, Any] = {
-            "token_ids": first.new_token_ids,
-            "text": first.new_text,
-            "finished": first.finished,
-            "finish_reason": first.finish_reason,
-            "transfer_bytes": 0,
-            "worker_id": self.worker_id,
-            "t_received": t_received,
-            "t_prefill_start": stamps.get("scheduled", t_received),
-            "t_prefill_end": stamps.get("first_token", t_prefilled),
-        }
+        result = PrefillResult(
+            worker_id=self.worker_id,
+            first=TokenChunk(tuple(first.new_token_ids), first.new_text, first.finished, first.finish_reason),
+            t_received=t_received,
+            t_prefill_start=stamps.get("scheduled", t_received),
+            t_prefill_end=stamps.get("first_token", t_prefilled),
+        )
         if first.finished:
             return result
-        return await self._push(transfer_id, decode_endpoint, timeout_s, result)
+        push = await self._push(transfer_id, decode_endpoint, timeout_s)
+        if isinstance(push, WorkerError) and push.reason is ErrorReason.ABORTED:
+            return push
+        return replace(result, push=push)
 
     async def _first_token(self, transfer_id: str, prompt_token_ids: list[int], params: SamplingParams,
                            output_token_ids: list[int] | None, emitted_text: str | None) -> RequestOutput | None:
@@ -153,16 +126,16 @@ class PrefillWorker(WorkerBase):
             first = out
         return first
 
-    async def resend(self, transfer_id: str, wire_id: str, decode_endpoint: dict, timeout_s: float,
-                     result: dict[str, Any]) -> dict[str, Any]:
+    async def resend(self, transfer_id: str, wire_id: str, decode_endpoint: dict,
+                     timeout_s: float) -> KVPushed | WorkerError:
         """Push a held KV again, under the fresh ``wire_id``, after a failed
         transfer (the decode side re-armed its reservation for that id)."""
         if self._holds.pop(transfer_id, None) is None or self._was_aborted(transfer_id):
-            return {**result, "error": "no held KV to resend"}
-        return await self._push(transfer_id, decode_endpoint, timeout_s, result, wire_id)
+            return WorkerError(ErrorReason.NO_HELD_KV, "nothing held to resend")
+        return await self._push(transfer_id, decode_endpoint, timeout_s, wire_id)
 
     async def _push(self, transfer_id: str, decode_endpoint: dict, timeout_s: float,
-                    result: dict[str, Any], wire_id: str | None = None) -> dict[str, Any]:
+                    wire_id: str | None = None) -> KVPushed | WorkerError:
         """Export and send the parked KV. On failure the KV stays held (under
         the hold lease) so that the router can ask for one more try."""
         t_start = time.time()
@@ -175,22 +148,12 @@ class PrefillWorker(WorkerBase):
         self._wire.pop(transfer_id, None)
         if self._was_aborted(transfer_id):
             await self.engine.abort(transfer_id)
-            return {**result, "error": "aborted during transfer"}
-        self._holds[transfer_id] = time.monotonic() + self.hold_lease_s
+            return WorkerError(ErrorReason.ABORTED, "during transfer")
+        self._holds[transfer_id] = time.monotonic() + self.lease_s
         if status != TransferStatus.SUCCESS:
-            return {**result, "error": f"KV transfer failed: {error or status.name}", "kv_held": True}
+            return WorkerError(ErrorReason.TRANSFER_FAILED, error or status.name, kv_held=True)
         self.transfer_seconds += time.time() - t_start
-        result = {k: v for k, v in result.items() if k not in ("error", "kv_held")}
-        result.update(
-            transfer_bytes=handoff.nbytes,
-            t_transfer_start=t_start,
-            t_transfer_end=time.time(),
-            layout=asdict(handoff.layout),
-            prompt_token_ids=handoff.prompt_token_ids,
-            output_token_ids=handoff.output_token_ids,
-            seed=handoff.seed,
-        )
-        return result
+        return KVPushed(KVHandoffMeta.of(handoff), handoff.nbytes, t_start, time.time())
 
     async def release(self, transfer_id: str) -> bool:
         """The decode side has the KV: free this side's blocks."""

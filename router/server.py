@@ -6,8 +6,9 @@ Errors map to gRPC statuses, each message naming the field or the limit:
 bad input (including undecodable bytes and invalid UTF-8) →
 INVALID_ARGUMENT; another model → NOT_FOUND; too large a request, too many
 requests in flight, or no KV room in time → RESOURCE_EXHAUSTED; shutting
-down or every attempt failed → UNAVAILABLE; a missing or wrong token →
-UNAUTHENTICATED. A client cancel or an expired deadline ends the request
+down or every attempt failed → UNAVAILABLE; a request the engine failed on
+its own (not retried) → INTERNAL, with the engine's message; a missing or
+wrong token → UNAUTHENTICATED. A client cancel or an expired deadline ends the request
 (CANCELLED / DEADLINE_EXCEEDED) and frees its KV blocks on both workers.
 """
 
@@ -16,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,10 +30,12 @@ from observability.metrics import RouterMetrics
 from observability.stages import TIMINGS_FIELDS, Timeline, stage_seconds
 from protos import serving_pb2
 from router.directory import STATUS_TIMEOUT_S, WorkerDirectory
-from router.lifecycle import NoCapacityError, RequestRunner, RequestTrace, WorkerFailedError
+from router.request_runner import (NoCapacityError, RequestFailedError, RequestRunner, RequestTrace,
+                                   WorkerFailedError)
+from router.request_decoding import WireError, make_request_deserializer
 from router.security import add_port, auth_interceptors
-from router.validation import ModelLimits, parse_request
-from router.wire import WireError, make_request_deserializer
+from router.validation import parse_request
+from worker_common.messages import ModelLimits
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
@@ -39,14 +45,18 @@ FINISH = {
     "abort": serving_pb2.FINISH_REASON_ABORT,
 }
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+T = TypeVar("T")
 
 
 class ServingServicer:
     """The ``Serving`` service (see protos/serving.proto); registered by :class:`RouterServer`."""
 
     def __init__(self, runner: RequestRunner, directory: WorkerDirectory, tokenizer, limits: ModelLimits,
-                 max_queued: int, metrics: RouterMetrics | None = None) -> None:
+                 max_queued: int, metrics: RouterMetrics | None = None, *,
+                 request_timeout_s: float | None = None) -> None:
+        """``request_timeout_s``: the longest a request may run in the router (None: no limit)."""
         self.runner = runner
+        self.request_timeout_s = request_timeout_s
         self.directory = directory
         self.tokenizer = tokenizer
         self.limits = limits
@@ -80,27 +90,30 @@ class ServingServicer:
         except InvalidRequestError as e:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
         trace.admitted = time.time()
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        deadline, why = request_deadline(context.time_remaining(), self.request_timeout_s)
         self.inflight += 1
         if self.metrics is not None:
             self.metrics.in_flight.inc()
         outcome = "error"
         try:
-            async for ev in self.runner.run(parsed, trace, deadline):
-                resp = serving_pb2.GenerateResponse(request_id=parsed.request_id, token_ids=ev.token_ids, text=ev.text)
-                if ev.finished:
-                    trace.finished = time.time()
-                    resp.finish_reason = FINISH.get(ev.finish_reason, serving_pb2.FINISH_REASON_UNSPECIFIED)
-                    resp.usage.prompt_tokens = len(parsed.prompt_token_ids)
-                    resp.usage.completion_tokens = trace.num_output_tokens
-                    fill_timings(resp.timings, trace)
-                    outcome = "ok"
-                yield resp
+            async with aclosing(self.runner.run(parsed, trace, deadline)) as events:
+                async for ev in until(events, deadline):
+                    resp = serving_pb2.GenerateResponse(request_id=parsed.request_id, token_ids=ev.token_ids, text=ev.text)
+                    if ev.finished:
+                        trace.finished = time.time()
+                        resp.finish_reason = FINISH.get(ev.finish_reason, serving_pb2.FINISH_REASON_UNSPECIFIED)
+                        resp.usage.prompt_tokens = len(parsed.prompt_token_ids)
+                        resp.usage.completion_tokens = trace.num_output_tokens
+                        fill_timings(resp.timings, trace)
+                        outcome = "ok"
+                    yield resp
         except asyncio.CancelledError:
             left = context.time_remaining()
             outcome = "deadline" if left is not None and left <= 0 else "cancelled"
             raise
+        except DeadlineExceeded:  # the runner's cleanup has run: both workers were told to drop the request
+            outcome = "deadline"
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, why)
         except InvalidRequestError as e:
             outcome = "invalid"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -109,6 +122,8 @@ class ServingServicer:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except WorkerFailedError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except RequestFailedError as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
         finally:
             self.inflight -= 1
             if self.metrics is not None:
@@ -142,6 +157,40 @@ class ServingServicer:
                     pb.free_blocks, pb.used_blocks, pb.num_blocks = s.free_blocks, s.used_blocks, s.num_blocks
                     pb.requests_served, pb.tokens_generated = s.requests_served, s.tokens_processed
         return resp
+
+
+def request_deadline(client_left_s: float | None, request_timeout_s: float | None) -> tuple[float | None, str]:
+    """(``time.monotonic()`` deadline or None, what to tell the client when it passes):
+    ``router.request_timeout_s`` from now, or the client's own deadline if sooner."""
+    if client_left_s is not None and (request_timeout_s is None or client_left_s < request_timeout_s):
+        return time.monotonic() + client_left_s, "the client's deadline passed"
+    if request_timeout_s is not None:
+        return (time.monotonic() + request_timeout_s,
+                f"router.request_timeout_s: the request ran longer than {request_timeout_s:g} s")
+    return None, ""
+
+
+class DeadlineExceeded(Exception):
+    """A request ran past its deadline (DEADLINE_EXCEEDED)."""
+
+
+async def until(events: AsyncIterator[T], deadline: float | None) -> AsyncIterator[T]:
+    """``events`` until ``deadline`` (``time.monotonic()``), then :class:`DeadlineExceeded`.
+
+    Only the wait for the next event is bounded, never the consumer's work
+    between events: the expiry cancels ``events`` where it waits (so its own
+    cleanup runs) and nothing else.
+    """
+    while True:
+        # The event loop's clock is time.monotonic(), so the deadline carries over as is.
+        try:
+            async with asyncio.timeout_at(deadline):
+                ev = await anext(events)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise DeadlineExceeded from None
+        yield ev
 
 
 def fill_timings(pb: serving_pb2.Timings, t: RequestTrace) -> None:
@@ -213,7 +262,7 @@ class RouterServer:
 
 
 def serving_handlers(servicer: ServingServicer, max_request_bytes: int) -> grpc.GenericRpcHandler:
-    """The ``Serving`` methods, with :mod:`router.wire`'s deserializer for Generate
+    """The ``Serving`` methods, with :mod:`router.request_decoding`'s deserializer for Generate
     (the generated ``add_ServingServicer_to_server`` would answer bad bytes with INTERNAL)."""
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
@@ -231,5 +280,4 @@ async def fetch_limits(directory: WorkerDirectory) -> ModelLimits:
     workers = list(directory.workers.values())
     if not workers:
         raise RuntimeError("no workers to ask for the model's limits")
-    lim = await asyncio.wait_for(workers[0].handle.limits.remote(), timeout=STATUS_TIMEOUT_S)
-    return ModelLimits(**lim)
+    return await asyncio.wait_for(workers[0].handle.limits.remote(), timeout=STATUS_TIMEOUT_S)

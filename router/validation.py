@@ -9,19 +9,11 @@ from dataclasses import dataclass
 
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from protos import serving_pb2
+from worker_common.messages import ModelLimits
 
 DEFAULT_MAX_TOKENS = 16
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REQUEST_ID_CHARS = 128
-
-
-@dataclass(frozen=True)
-class ModelLimits:
-    """What the router checks requests against (reported by a worker at start)."""
-
-    name: str
-    max_model_len: int
-    vocab_size: int
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ["router", "kvtransfer", "prefill_worker", "decode_worker", "worker_common", "observability", "cluster", "engine"]
+PACKAGES = ["router", "kvtransfer", "prefill_worker", "decode_worker", "worker_common", "observability", "cluster",
+            "engine", "analysis"]
 FORBIDDEN_MODULES = {"pickle", "cloudpickle", "dill", "marshal", "shelve", "_pickle"}
 FORBIDDEN_CALLS = {("torch", "load"), ("np", "load"), ("numpy", "load"), ("pickle", "loads"), ("pickle", "load")}
 

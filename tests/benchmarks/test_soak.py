@@ -1,4 +1,4 @@
-"""The soak benchmark's accounting, on fake records and a fake ClusterStatus (no cluster)."""
+"""The soak benchmark's accounting (soak_report) on fake records and a fake ClusterStatus; its plans (no cluster)."""
 
 from __future__ import annotations
 
@@ -6,21 +6,18 @@ import json
 import random
 from types import SimpleNamespace
 
-from benchmarks.soak import (
+from benchmarks.soak import Settings, build_parser, make_plan, rss_mb
+from benchmarks.soak_report import (
     REQUIRED_KEYS,
     ProcSample,
     Record,
-    Settings,
-    build_parser,
     build_report,
     classify,
     exit_code,
     leaked_blocks,
     leaked_by_worker,
-    make_plan,
     render,
     rss_growth,
-    rss_mb,
     tally,
     worker_blocks,
 )

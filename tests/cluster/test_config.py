@@ -137,7 +137,7 @@ def test_bad_values_are_refused_with_reason():
     assert problems("router: {port: -1}") == ["router.port: must be >= 0"]
     assert problems("model: {dtype: fp8}") == ["model.dtype: must be 'float32', 'bfloat16' or 'float16'; got 'fp8'"]
     assert problems('pools: {decode: {num_blocks: "12"}}') == ["pools.decode.num_blocks: must be an integer; got '12'"]
-    assert problems("pools: {decode: {lease_s: 0}}") == ["pools.decode.lease_s: must be > 0"]
+    assert problems("kvtransfer: {lease_s: 0}") == ["kvtransfer.lease_s: must be > 0"]
     assert problems("pools: {prefill: {resources: {GPU: 1}}}") == [
         "pools.prefill.resources: set CPU and GPU with num_cpus / num_gpus, not here (got GPU)"
     ]
@@ -252,7 +252,7 @@ def test_grpc_stream_bounds_are_validated_and_reach_the_transport():
     assert problems("kvtransfer: {max_streams_per_peer: 0}") == ["kvtransfer.max_streams_per_peer: must be >= 1"]
     cfg = load_config("kvtransfer: {backend: grpc, stream_idle_s: 2.5, max_streams_per_peer: 8}")
     for spec in pool_specs(cfg):
-        kw = spec.worker_kwargs["transport_kwargs"]
+        kw = spec.handoff.transport_kwargs()
         assert kw["stream_idle_s"] == 2.5 and kw["max_streams_per_peer"] == 8
     for spec in pool_specs(load_config("kvtransfer: {backend: gloo}")):  # only grpc takes them
-        assert "stream_idle_s" not in spec.worker_kwargs["transport_kwargs"]
+        assert "stream_idle_s" not in spec.handoff.transport_kwargs()

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from analysis.model_catalog import ModelNotFoundError, smollm2_gguf_path
 from engine.llm_engine import LLMEngine
-from engine.model_loader import ModelNotFoundError, load_model, smollm2_gguf_path
+from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
 from tests.reference import compare_greedy
 

@@ -1,6 +1,6 @@
 """Scheduler: plain Python, driven by hand as the engine would drive it."""
 
-from engine.block_pool import KVCacheManager
+from engine.kv_cache_manager import KVCacheManager
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus

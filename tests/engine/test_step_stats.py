@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine.cost_model import ModelDims, dtype_bytes
+from analysis.cost_model import ModelDims, dtype_bytes
+from analysis.machine_peaks import MachinePeaks
 from engine.llm_engine import LLMEngine
-from engine.peaks import MachinePeaks
 from engine.sampling_params import SamplingParams
 from engine.step_stats import StepStats, is_decode, step_cost
 

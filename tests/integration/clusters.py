@@ -1,48 +1,10 @@
-"""Helpers for the integration tests: configs, deployments, requests."""
+"""Helpers for the integration tests: requests and checks (configs and deployments: benchmarks.deployments)."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-from contextlib import contextmanager
 
-from cluster.config import ClusterConfig, parse_config
-from cluster.deployment import BackgroundDeployment
 from router.client import AsyncClient, Completion, build_request
-
-_namespaces = itertools.count()
-
-
-def make_config(model: str = "builtin:tiny-llama", backend: str = "gloo", ratio: str = "1:1", replicas: int = 2,
-                router: dict | None = None, mode: str = "disaggregated", kvtransfer: dict | None = None,
-                **pool_overrides) -> ClusterConfig:
-    """A small deployment for tests: random ports (metrics too), its own namespace."""
-    data = {
-        "model": {"name": model, "max_model_len": 1024},
-        "pools": {
-            "mode": mode,
-            "ratio": ratio,
-            "replicas": replicas,
-            "prefill": {"num_cpus": 0.5, "num_blocks": 256, "batch_wait_ms": 2.0, **pool_overrides.get("prefill", {})},
-            "decode": {"num_cpus": 0.5, "num_blocks": 512, "max_running": 32, "lease_s": 30.0,
-                       **pool_overrides.get("decode", {})},
-        },
-        "kvtransfer": {"backend": backend, "timeout_s": 30, **(kvtransfer or {})},
-        "router": {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": 0,
-                   "drain_grace_s": 10, **(router or {})},
-        "ray": {"namespace": f"test-{backend}-{next(_namespaces)}"},
-    }
-    return parse_config(data)
-
-
-@contextmanager
-def running(cfg: ClusterConfig, transport_extra: dict | None = None):
-    d = BackgroundDeployment(cfg, transport_extra)
-    try:
-        address = d.start()
-        yield d, address
-    finally:
-        d.stop()
 
 
 def generate_many(address: str, requests: list[dict]) -> list[Completion]:

@@ -20,11 +20,11 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.deployments import make_config, running
 from observability.stages import TIMINGS_FIELDS, Stage
 from protos import serving_pb2
 from router.client import AsyncClient, Client, build_request
-from tests.integration.clusters import (assert_exact, block_usage, make_config, running, wait_until,
-                                        word_prompts)
+from tests.integration.clusters import assert_exact, block_usage, wait_until, word_prompts
 
 MAX_NEW = 10
 SERVICE = "/splitserve.v1.Serving/Generate"
@@ -32,7 +32,7 @@ SERVICE = "/splitserve.v1.Serving/Generate"
 
 @pytest.fixture(scope="module")
 def cluster(ray_head):
-    cfg = make_config(decode={"lease_s": 2.0, "num_blocks": 256}, prefill={"num_blocks": 256},
+    cfg = make_config(kvtransfer={"lease_s": 2.0}, decode={"num_blocks": 256}, prefill={"num_blocks": 256},
                       router={"max_queued": 512, "max_request_bytes": 64 * 1024})
     with running(cfg) as (d, address):
         yield d, address
@@ -130,6 +130,26 @@ def test_bad_input_table_beside_valid_traffic(cluster, tiny_model):
     assert worker_ids(d) == before  # no worker restarted
     assert ray.get(d.deployment.pool_manager.stats.remote(), timeout=30)["replacements"] == replacements
     wait_until(lambda: all_free(address), 5, "blocks back after the bad-input run")
+
+
+def test_subnormal_temperature_beside_greedy_requests_all_succeed(cluster, tiny_model):
+    """temperature=1e-40 (a float32 subnormal) once overflowed the sampler and failed the whole batch;
+    now it samples safely, and so greedily in effect, while four greedy requests run beside it."""
+    _, address = cluster
+    texts = word_prompts(5, seed=23)
+
+    async def go():
+        client = AsyncClient(address, timeout_s=120)
+        try:
+            return await asyncio.gather(
+                *(client.generate(prompt=t, max_tokens=MAX_NEW, ignore_eos=True) for t in texts[:4]),
+                client.generate(prompt=texts[4], max_tokens=MAX_NEW, ignore_eos=True, temperature=1e-40, seed=3))
+        finally:
+            await client.close()
+
+    outs = asyncio.run(go())
+    assert_exact(tiny_model, texts, outs, MAX_NEW)
+    wait_until(lambda: all_free(address), 5, "blocks back after the subnormal-temperature run")
 
 
 def cancel_after(address: str, n_tokens: int, **kw) -> float:

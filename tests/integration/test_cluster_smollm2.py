@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.deployments import make_config, running
 from router.client import Client
-from tests.integration.clusters import chat_ids, generate_many, make_config, running
+from tests.integration.clusters import chat_ids, generate_many
 from tests.reference import Comparison, compare_greedy
 
 QUESTIONS = [

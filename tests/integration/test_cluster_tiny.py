@@ -11,8 +11,9 @@ import threading
 import pytest
 import ray
 
+from benchmarks.deployments import make_config, running
 from router.client import Client
-from tests.integration.clusters import generate_many, make_config, running
+from tests.integration.clusters import generate_many
 from tests.reference import Comparison, compare_greedy
 
 MAX_NEW = 12

@@ -12,9 +12,9 @@ import signal
 import pytest
 import ray
 
+from benchmarks.deployments import make_config, running
 from router.client import Client
-from tests.integration.clusters import (assert_exact, block_usage, generate_many, make_config, running, stream_all,
-                                        wait_until, word_prompts)
+from tests.integration.clusters import assert_exact, block_usage, generate_many, stream_all, wait_until, word_prompts
 
 
 @pytest.fixture(scope="module")

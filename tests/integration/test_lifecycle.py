@@ -12,13 +12,13 @@ import grpc
 import pytest
 import ray
 
+from benchmarks.deployments import make_config, running
 from router.client import Client
-from tests.integration.clusters import make_config, running
 
 
 @pytest.fixture(scope="module")
 def tiny_cluster(ray_head):
-    cfg = make_config(decode={"lease_s": 1.0})
+    cfg = make_config(kvtransfer={"lease_s": 1.0})
     with running(cfg) as (d, address):
         yield d, address
 

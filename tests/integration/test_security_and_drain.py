@@ -12,8 +12,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.deployments import make_config, running
 from router.client import AsyncClient, Client
-from tests.integration.clusters import assert_exact, make_config, running, wait_until, word_prompts
+from tests.integration.clusters import assert_exact, wait_until, word_prompts
 from tests.router.test_security import self_signed
 
 TOKEN = "cluster-test-token-42"

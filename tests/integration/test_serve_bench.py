@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from benchmarks import serve
-from tests.integration.clusters import make_config, running
+from benchmarks.deployments import make_config, running
 
 
 def test_serve_bench_constant_rate_sweep(ray_head, tmp_path, capsys):

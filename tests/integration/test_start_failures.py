@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
+from benchmarks.deployments import make_config, running
 from cluster.local_ray import RayStartError, start_head
-from tests.integration.clusters import make_config, running
 
 
 def test_head_that_cannot_start_reports_rays_output(tmp_path):

@@ -10,18 +10,19 @@ import time
 import grpc
 import pytest
 
+from benchmarks.deployments import make_config, running
 from kvtransfer.faults import TransferFaults
 from router.client import AsyncClient, Client
-from tests.integration.clusters import assert_exact, block_usage, make_config, running, wait_until, word_prompts
+from tests.integration.clusters import assert_exact, block_usage, wait_until, word_prompts
 
 
 @pytest.fixture(scope="module")
 def cluster(ray_head):
     # The prefill worker's first two pushes fail at once and its third is dropped (it times out after 3 s).
     # The decode lease (2 s) runs out during the dropped push (3 s): the re-push reserves again.
-    cfg = make_config(kvtransfer={"timeout_s": 3}, decode={"lease_s": 2.0, "max_running": 16},
+    cfg = make_config(kvtransfer={"timeout_s": 3, "lease_s": 2.0}, decode={"max_running": 16},
                       router={"max_queued": 32, "transfer_retries": 1})
-    with running(cfg, transport_extra={"faults": TransferFaults(fail_first_n=2, drop_first_n=1)}) as (d, address):
+    with running(cfg, faults=TransferFaults(fail_first_n=2, drop_first_n=1)) as (d, address):
         yield d, address
 
 

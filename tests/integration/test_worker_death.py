@@ -15,10 +15,10 @@ import time
 import pytest
 import ray
 
+from benchmarks.deployments import make_config, running
 from kvtransfer.faults import TransferFaults
 from router.client import Client
-from tests.integration.clusters import (assert_exact, block_usage, make_config, running, stream_all, wait_until,
-                                        word_prompts)
+from tests.integration.clusters import assert_exact, block_usage, stream_all, wait_until, word_prompts
 
 MAX_NEW = 40
 
@@ -26,8 +26,8 @@ MAX_NEW = 40
 @pytest.fixture(scope="module")
 def cluster(ray_head):
     # Every push waits 0.4 s first, so prompts sit in the prefill worker long enough to be caught by a kill.
-    cfg = make_config(ratio="1:1", replicas=4, decode={"lease_s": 5.0}, router={"max_attempts": 3})
-    with running(cfg, transport_extra={"faults": TransferFaults(delay_s=0.4)}) as (d, address):
+    cfg = make_config(ratio="1:1", replicas=4, kvtransfer={"lease_s": 5.0}, router={"max_attempts": 3})
+    with running(cfg, faults=TransferFaults(delay_s=0.4)) as (d, address):
         yield d, address
 
 

@@ -19,7 +19,7 @@ from router.client import Client  # noqa: E402
 
 def main() -> int:
     from cluster.deployment import BackgroundDeployment
-    from tests.integration.clusters import make_config
+    from benchmarks.deployments import make_config
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "resources": {"prefill_node": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": False})

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from kvtransfer.base import TransferStatus
-from kvtransfer.common import SECRET_REFUSED, transfer_proof
+from kvtransfer.push_proof import SECRET_REFUSED, transfer_proof
 from kvtransfer.grpc_transport import GrpcTransport
 from protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kvtransfer.base import KVTransport, TransferStatus
-from kvtransfer.common import SECRET_REFUSED, transfer_proof
+from kvtransfer.push_proof import SECRET_REFUSED, transfer_proof
 from kvtransfer.grpc_transport import GrpcTransport
 from kvtransfer.inproc import InProcHub, InProcTransport
 from kvtransfer.torch_dist import TorchDistTransport

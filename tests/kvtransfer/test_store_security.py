@@ -134,7 +134,7 @@ def test_altered_go_record_is_refused_and_the_receiver_lives_on() -> None:
 
 def test_unsealed_go_with_a_captured_proof_is_refused() -> None:
     """A "go" that carries a valid proof for its transfer, but steering fields its sender did not seal."""
-    from kvtransfer.common import transfer_proof
+    from kvtransfer.push_proof import transfer_proof
 
     a = TorchDistTransport("a", expect_grace_s=0.5, secret=SECRET)
     b = TorchDistTransport("b", expect_grace_s=0.5, secret=SECRET)

@@ -7,19 +7,15 @@ import pickle
 
 import pytest
 
-from decode_worker.worker import ColocatedWorker, DecodeWorker
 from engine.model_loader import TINY_MODEL
 from engine.step_stats import StepStatsSnapshot
-from kvtransfer.inproc import InProcHub
-from prefill_worker.worker import PrefillWorker
+from tests.local_workers import make_workers
 from worker_common.worker_status import KVTransferStats, WorkerStatus
 
 
 @pytest.fixture(scope="module")
 def workers():
-    hub = InProcHub()
-    kw = dict(model=TINY_MODEL, num_blocks=32, transport_backend="inproc", transport_kwargs={"hub": hub})
-    made = [PrefillWorker("p0", **kw), DecodeWorker("d0", **kw), ColocatedWorker("c0", **kw)]
+    made = make_workers(TINY_MODEL, num_blocks=32)
     yield made
     for w in made:
         w.shutdown()

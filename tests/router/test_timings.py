@@ -8,7 +8,7 @@ import pytest
 from observability.stages import TIMINGS_FIELDS, Stage, stage_seconds
 from protos import serving_pb2
 from router.client import format_stages
-from router.lifecycle import RequestTrace
+from router.request_runner import RequestTrace
 from router.server import fill_timings
 
 T0 = 1_700_000_000.0

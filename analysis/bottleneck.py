@@ -2,20 +2,20 @@
 
 Run from the repository root::
 
-    python -m cluster.analyze [--model NAME] [--hardware H100|H200|A100|local] [--dtype bf16]
+    python -m analysis.bottleneck [--model NAME] [--hardware H100|H200|A100|local] [--dtype bf16]
                               [--input-len 512] [--output-len 128] [--batch 64] [--rate R] [--json]
 
-The seed notes' bottleneck-driven framework as a tool: (1) identify the
-bottleneck (compute, bandwidth, memory capacity), (2) for this workload,
-(3) so the pools can be sized for it. All figures are rooflines from
-:mod:`engine.cost_model` (lower bounds on time; real kernels reach a
-fraction of them) on the peaks of :mod:`cluster.hardware`.
+Sizing by bottleneck, as a tool: find which resource (compute, memory
+bandwidth, memory capacity) bounds each phase for this workload, then size
+the prefill and decode pools for it (see docs/architecture.md). All figures
+are rooflines from :mod:`analysis.cost_model` (lower bounds on time; real
+kernels reach a fraction of them) on the peaks of :mod:`analysis.hardware`.
 
 What it reports:
 
 * weight bytes at fp32 / bf16 / fp8 / int4; KV bytes per token; the KV cache
-  at the workload's batch x (input + output) and at the notes' example point,
-  batch 512 x context 2048; whether weights + KV fit the worker's memory;
+  at the workload's batch x (input + output) and at Pope et al. 2022's example
+  point, batch 512 x context 2048; whether weights + KV fit the worker's memory;
 * FLOPs per token, and for one prefill step and one decode step: bytes,
   FLOPs, arithmetic intensity (FLOPs / byte) against the machine's ridge point
   (peak FLOP/s / peak bytes/s): above the ridge a phase is compute-bound,
@@ -53,11 +53,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from cluster.hardware import LINKS, PROFILES, HardwareProfile, Link, local_profile, measure_tcp_loopback
-from engine.cost_model import ModelDims, arithmetic_intensity, dtype_bytes, roofline_seconds
-from engine.peaks import MachinePeaks
+from analysis.cost_model import ModelDims, arithmetic_intensity, dtype_bytes, roofline_seconds
+from analysis.hardware import LINKS, PROFILES, HardwareProfile, Link, local_profile, measure_tcp_loopback
+from analysis.machine_peaks import MachinePeaks
+from analysis.model_catalog import (BUILTINS, DEFAULT_MODEL, SUPPORTED_MODEL_TYPES, TINY_LLAMA_CONFIG,
+                                    TINY_LLAMA_VOCAB_SIZE, TINY_MODEL, smollm2_gguf_path)
 
-# Real published dims, so the notes' large-model figures can be reproduced without any weights.
+# Real published dims, so large-model figures can be reproduced without any weights.
 PRESETS: dict[str, tuple[ModelDims, str]] = {
     "llama-3.1-8b": (ModelDims(32, 4096, 14336, 32, 8, 128, 128256), "Meta Llama 3.1 8B config.json"),
     "llama-3.1-70b": (ModelDims(80, 8192, 28672, 64, 8, 128, 128256), "Meta Llama 3.1 70B config.json"),
@@ -66,15 +68,13 @@ PRESETS: dict[str, tuple[ModelDims, str]] = {
     # d_ff = 4 d_model, 256k vocab, shared input/output embedding, multi-query attention (1 KV head).
     "palm-540b": (ModelDims(118, 18432, 73728, 48, 1, 256, 256000, tie_word_embeddings=True),
                   "PaLM 540B (multi-query attention)"),
-    # The notes' "500B+ model with batch 512 and context 2048 -> 3 TB of KV" is Pope et al. 2022's
-    # PaLM 540B with multi-head attention instead: every one of the 48 heads keeps its own K and V.
+    # Pope et al. 2022's "500B+ model with batch 512 and context 2048 -> 3 TB of KV" is PaLM 540B
+    # with multi-head attention instead: every one of the 48 heads keeps its own K and V.
     "palm-540b-mha": (ModelDims(118, 18432, 73728, 48, 48, 256, 256000, tie_word_embeddings=True),
                       "PaLM 540B dims with multi-head attention (Pope et al. 2022's KV example)"),
 }
-BUILTINS = ("builtin:smollm2-135m-instruct", "builtin:tiny-llama")
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")  # the same families engine.model_loader serves
 REPORT_DTYPES = ("fp32", "bf16", "fp8", "int4")
-REFERENCE_BATCH, REFERENCE_CONTEXT = 512, 2048       # the notes' KV cache example
+REFERENCE_BATCH, REFERENCE_CONTEXT = 512, 2048       # Pope et al. 2022's KV cache example
 RATIO_MAX_TERM, RATIO_TOLERANCE = 8, 0.10
 
 
@@ -82,20 +82,17 @@ RATIO_MAX_TERM, RATIO_TOLERANCE = 8, 0.10
 def load_dims(model: str) -> tuple[ModelDims, str]:
     """Dims of ``model`` (a preset, a ``builtin:`` name, or a HF config.json / model directory) and a source line.
 
-    No weights are loaded for presets and config files; ``builtin:tiny-llama``
-    is built in code (a fraction of a second) and SmolLM2's config is read
-    from its GGUF header, as the engine's loader does.
+    No weights are loaded: ``builtin:tiny-llama``'s shape is in
+    :mod:`analysis.model_catalog`, and SmolLM2's config is read from its GGUF
+    header, as the engine's loader does.
     """
     if model in PRESETS:
         return PRESETS[model]
-    if model == "builtin:tiny-llama":
-        from engine.model_loader import TINY_MODEL, load_model
-
-        return ModelDims.from_hf_config(load_model(TINY_MODEL).config), "built in code by engine.tiny_model"
-    if model == "builtin:smollm2-135m-instruct":
-        from transformers import AutoConfig
-
-        from engine.model_loader import smollm2_gguf_path
+    if model == TINY_MODEL:
+        config = SimpleNamespace(**TINY_LLAMA_CONFIG, vocab_size=TINY_LLAMA_VOCAB_SIZE, model_type="llama")
+        return ModelDims.from_hf_config(config), "the shape in analysis.model_catalog that engine.tiny_model builds"
+    if model == DEFAULT_MODEL:
+        from transformers import AutoConfig  # only here: its GGUF reader pulls torch in
 
         gguf = smollm2_gguf_path()
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -235,7 +232,7 @@ def analyze(model: str, dims: ModelDims, hw: HardwareProfile, dtype: str, kv_dty
 
 # -------------------------------------------------------------------- report
 def fmt_bytes(n: float) -> str:
-    """Decimal units (1 GB = 1e9 B), as the spec sheets and the notes use."""
+    """Decimal units (1 GB = 1e9 B), as the spec sheets use."""
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
@@ -295,7 +292,7 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"KV cache  {fmt_bytes(kv['bytes_per_token'])}/token; {fmt_bytes(kv['per_request_bytes'])} per request "
         f"({wl['input_len'] + wl['output_len']} tokens); {fmt_bytes(kv['batch_bytes'])} at batch {wl['batch']}",
-        f"          at batch {ref['batch']} x context {ref['context']} (the notes' example): "
+        f"          at batch {ref['batch']} x context {ref['context']} (Pope et al. 2022's example): "
         + " | ".join(f"{dt} {fmt_bytes(b)}" for dt, b in ref["bytes"].items())
         + f"; at {r['kv_dtype']} that is {fmt_num(ref['times_weights'])}x the {r['dtype']} weights",
         f"Memory    weights {fmt_bytes(mem['weights_bytes'])} + KV {fmt_bytes(mem['kv_bytes'])} of "
@@ -338,11 +335,11 @@ def render(r: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m cluster.analyze", description=__doc__.split("\n\n")[0],
+        prog="python -m analysis.bottleneck", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"models: {', '.join(BUILTINS)}, presets {', '.join(PRESETS)}, or a HF config.json / model dir\n"
                f"hardware: {', '.join(PROFILES)}, local (measured now)")
-    parser.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model name (see below)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (see below)")
     parser.add_argument("--hardware", default="H100", choices=[*PROFILES, "local"])
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp8", "int4"],
                         help="weight dtype (default bf16; fp32 for local, what the engine runs on CPUs)")
@@ -368,12 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wl = Workload(args.input_len, args.output_len, args.batch, args.prefill_tokens, args.rate)
     except ValueError as e:
-        raise SystemExit(f"python -m cluster.analyze: {e}") from None
+        raise SystemExit(f"python -m analysis.bottleneck: {e}") from None
     if args.devices is not None and args.devices < 1:
-        raise SystemExit("python -m cluster.analyze: --devices must be >= 1")
+        raise SystemExit("python -m analysis.bottleneck: --devices must be >= 1")
     dims, source = load_dims(args.model)
     if local:
-        from engine.peaks import measure_peaks
+        from analysis.machine_peaks import measure_peaks
 
         hw = local_profile(measure_peaks())
     else:

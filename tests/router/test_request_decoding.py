@@ -7,7 +7,7 @@ import grpc
 from protos import serving_pb2
 from router.client import build_request
 from router.server import SERVICE_NAME
-from router.wire import WireError, first_invalid_utf8, make_request_deserializer
+from router.request_decoding import WireError, first_invalid_utf8, make_request_deserializer
 
 decode = make_request_deserializer(4096)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.block_pool import BlockPool, BlockPoolError, KVCacheManager, blocks_needed
+from engine.kv_cache_manager import BlockPool, BlockPoolError, KVCacheManager, blocks_needed
 
 
 def test_allocate_and_free_return_blocks_to_the_free_list():
@@ -83,7 +83,7 @@ def test_core_modules_do_not_import_torch():
     import sys
 
     code = (
-        "import sys, engine.block_pool, engine.scheduler, engine.sequence, engine.sampling_params;"
+        "import sys, engine.kv_cache_manager, engine.scheduler, engine.sequence, engine.sampling_params;"
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

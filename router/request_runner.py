@@ -1,4 +1,4 @@
-"""One request's path through the cluster (DESIGN.md section 2).
+"""One request's path through the cluster (docs/architecture.md, "Request lifecycle").
 
 A request runs as one or more *attempts*; each attempt is:
 
@@ -22,7 +22,9 @@ When an attempt fails (a worker died or stalled, the KV could not be moved),
 the next attempt starts over on other workers from the prompt plus the
 tokens the client already has: nothing is sent twice, nothing is missing,
 and greedy output is the same as without the failure. After
-``max_attempts`` the client gets UNAVAILABLE.
+``max_attempts`` the client gets UNAVAILABLE. A request that a worker's
+engine failed on its own (``ErrorReason.REQUEST_FAILED``) is not retried:
+the client gets INTERNAL with the engine's message.
 
 In colocated mode (``pools.mode: colocated``) an attempt is a single call:
 one worker runs both phases (:meth:`DecodeWorker.serve`).
@@ -35,7 +37,8 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -45,6 +48,7 @@ from observability.stages import Timeline
 from router.directory import WorkerDirectory, WorkerInfo
 from router.policy import RoutingPolicy
 from router.validation import ParsedRequest
+from worker_common.messages import Ack, ErrorReason, KVPushed, PrefillResult, TokenChunk, WorkerError
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 30.0  # any control call; a worker that takes longer is treated as failed
@@ -58,20 +62,18 @@ class WorkerFailedError(RuntimeError):
     """Every attempt of this request failed (UNAVAILABLE)."""
 
 
+class RequestFailedError(RuntimeError):
+    """A worker's engine failed this request on its own (INTERNAL): not retried,
+    since the same request would fail the same way elsewhere, and the worker
+    is not blamed (the rest of its batch went on)."""
+
+
 class AttemptFailed(RuntimeError):
     """One attempt failed; the request may be retried elsewhere."""
 
     def __init__(self, worker_id: str | None, reason: str) -> None:
         super().__init__(reason)
         self.worker_id = worker_id
-
-
-@dataclass
-class TokenEvent:
-    token_ids: list[int]
-    text: str
-    finished: bool = False
-    finish_reason: str | None = None
 
 
 @dataclass
@@ -103,10 +105,22 @@ class RequestTrace(Timeline):
         self.transfer_bytes = 0
 
 
-def _token_event(ev: dict[str, Any], trace: RequestTrace) -> TokenEvent:
-    """A worker's token dict as an event for the client, stamped on the trace as it leaves."""
-    trace.token_sent(len(ev["token_ids"]))
-    return TokenEvent(ev["token_ids"], ev["text"], ev["finished"], ev["finish_reason"])
+def _token_event(chunk: TokenChunk, trace: RequestTrace) -> TokenChunk:
+    """A worker's tokens on their way to the client, stamped on the trace as they leave."""
+    trace.token_sent(len(chunk.token_ids))
+    return chunk
+
+
+def _failure(error: WorkerError, worker_id: str | None, where: str) -> Exception:
+    """What a worker's error means for the request: a refused request fails it
+    (INVALID_ARGUMENT), and so does one the engine failed alone (INTERNAL);
+    anything else fails this attempt, pinned on ``worker_id`` (``None``: on
+    neither worker) so the next attempt avoids it."""
+    if error.reason is ErrorReason.INVALID_REQUEST:
+        return InvalidRequestError(error.field or "request", error.detail)
+    if error.reason is ErrorReason.REQUEST_FAILED:
+        return RequestFailedError(f"{where}: {error.detail}")
+    return AttemptFailed(worker_id, f"{where}: {error}")
 
 
 @dataclass
@@ -134,7 +148,7 @@ class RequestRunner:
         self.retries = 0  # attempts beyond the first, over all requests (a metric)
 
     async def run(self, req: ParsedRequest, trace: RequestTrace,
-                  deadline: float | None = None) -> AsyncIterator[TokenEvent]:
+                  deadline: float | None = None) -> AsyncIterator[TokenChunk]:
         """Stream ``req``'s tokens; ``deadline`` (``time.monotonic()``) bounds waiting for capacity."""
         progress = _Progress()
         failed: set[str] = set()
@@ -145,12 +159,15 @@ class RequestRunner:
                 self.retries += 1
             run_one = self._colocated_attempt if self.colocated else self._disaggregated_attempt
             try:
-                async for ev in run_one(req, attempt, progress, trace, failed, deadline):
-                    progress.token_ids += ev.token_ids
-                    progress.text += ev.text
-                    yield ev
-                    if ev.finished:
-                        return
+                # aclosing: however this request ends, the attempt's cleanup
+                # (dropping it on both workers) runs now, not when collected.
+                async with aclosing(run_one(req, attempt, progress, trace, failed, deadline)) as events:
+                    async for ev in events:
+                        progress.token_ids += ev.token_ids
+                        progress.text += ev.text
+                        yield ev
+                        if ev.finished:
+                            return
                 raise AttemptFailed(None, "the worker's stream ended before the request finished")
             except AttemptFailed as f:
                 last = f
@@ -163,7 +180,7 @@ class RequestRunner:
     # ---------------------------------------------------------- disaggregated
     async def _disaggregated_attempt(self, req: ParsedRequest, attempt: int, progress: _Progress,
                                      trace: RequestTrace, failed: set[str],
-                                     deadline: float | None) -> AsyncIterator[TokenEvent]:
+                                     deadline: float | None) -> AsyncIterator[TokenChunk]:
         transfer_id = f"{req.request_id}-{attempt}-{uuid.uuid4().hex[:6]}"
         kv_tokens = len(req.prompt_token_ids) + len(progress.token_ids)
         remaining = req.params.max_tokens - len(progress.token_ids)
@@ -176,31 +193,32 @@ class RequestRunner:
         done = False
         try:
             try:
-                first = await self._prefill(prefill, decode, transfer_id, req, progress, endpoint, kv_tokens)
+                prefilled = await self._prefill(prefill, decode, transfer_id, req, progress, endpoint, kv_tokens)
             finally:
                 prefill.inflight_tokens -= kv_tokens
-            trace.prefill_queued, trace.prefill_start = first["t_received"], first["t_prefill_start"]
-            trace.prefill_end = first["t_prefill_end"]
-            trace.transfer_start = first.get("t_transfer_start", 0.0)
-            trace.transfer_end = first.get("t_transfer_end", 0.0)
-            trace.transfer_bytes = first["transfer_bytes"]
-            if first["finished"]:
-                done = True
-            yield _token_event(first, trace)
-            if done:
+            trace.prefill_queued, trace.prefill_start = prefilled.t_received, prefilled.t_prefill_start
+            trace.prefill_end = prefilled.t_prefill_end
+            pushed = prefilled.push
+            if isinstance(pushed, KVPushed):
+                trace.transfer_start, trace.transfer_end = pushed.t_transfer_start, pushed.t_transfer_end
+                trace.transfer_bytes = pushed.transfer_bytes
+            done = prefilled.first.finished
+            yield _token_event(prefilled.first, trace)
+            if done or not isinstance(pushed, KVPushed):  # finished, or (never) unfinished with no KV sent
                 return
             trace.decode_queued = time.time()
-            stream = decode.handle.generate.remote(transfer_id, first, req.params, self.transfer_timeout_s,
-                                                   progress.text)
+            stream = decode.handle.generate.remote(transfer_id, pushed.handoff, req.params,
+                                                   self.transfer_timeout_s, progress.text)
             async for ev in self._events(decode, stream, CALL_TIMEOUT_S + self.transfer_timeout_s):
-                if ev.get("ack"):
-                    trace.decode_start = ev.get("scheduled", ev["t_joined"])
-                    prefill.handle.release.remote(transfer_id)  # fire and forget: the hold has a lease anyway
-                    continue
-                done = ev["finished"]
-                yield _token_event(ev, trace)
-                if done:
-                    return
+                match ev:
+                    case Ack():
+                        trace.decode_start = ev.t_scheduled if ev.t_scheduled is not None else ev.t_joined
+                        prefill.handle.release.remote(transfer_id)  # fire and forget: the hold has a lease anyway
+                    case TokenChunk():
+                        done = ev.finished
+                        yield _token_event(ev, trace)
+                        if done:
+                            return
         finally:
             decode.inflight_tokens -= remaining
             if not done:
@@ -212,31 +230,36 @@ class RequestRunner:
                 decode.handle.abort.remote(transfer_id)
 
     async def _prefill(self, prefill: WorkerInfo, decode: WorkerInfo, transfer_id: str, req: ParsedRequest,
-                       progress: _Progress, endpoint: dict, kv_tokens: int) -> dict[str, Any]:
-        """Prefill and push; a failed push is retried into the same reservation."""
+                       progress: _Progress, endpoint: dict, kv_tokens: int) -> PrefillResult:
+        """Prefill and push; a failed push is retried into the same reservation.
+        The result's ``push`` is a :class:`KVPushed`, or ``None`` when the first token finished the request."""
         timeout = CALL_TIMEOUT_S + self.transfer_timeout_s
-        first = await self._call(prefill, prefill.handle.prefill.remote(
+        result = await self._call(prefill, prefill.handle.prefill.remote(
             transfer_id, req.prompt_token_ids, req.params, endpoint, self.transfer_timeout_s,
             progress.token_ids or None, progress.text or None), timeout)
+        match result:
+            case WorkerError():
+                raise _failure(result, prefill.worker_id, prefill.worker_id)
+            case PrefillResult():
+                push = result.push
+            case _:
+                raise AttemptFailed(prefill.worker_id, f"{prefill.worker_id}: unexpected reply {result!r}")
         for retry in range(1, self.transfer_retries + 1):
-            if not first.get("kv_held"):
+            if not (isinstance(push, WorkerError) and push.kv_held):
                 break
-            log.warning("KV transfer %s failed (%s); pushing it again", transfer_id, first["error"])
+            log.warning("KV transfer %s failed (%s); pushing it again", transfer_id, push)
             wire_id = f"{transfer_id}-r{retry}"  # a fresh id: nothing of the failed push is reused
             endpoint = await self._call(decode, decode.handle.rearm.remote(
                 transfer_id, wire_id, kv_tokens, prefill.endpoint, self.transfer_timeout_s), CALL_TIMEOUT_S)
             if endpoint is None:
                 break
-            first = await self._call(prefill, prefill.handle.resend.remote(
-                transfer_id, wire_id, endpoint, self.transfer_timeout_s, first), timeout)
-        if "error" in first:
-            if first.get("invalid_field"):
-                raise InvalidRequestError(first["invalid_field"], first["error"].split(": ", 1)[-1])
+            push = await self._call(prefill, prefill.handle.resend.remote(
+                transfer_id, wire_id, endpoint, self.transfer_timeout_s), timeout)
+        if isinstance(push, WorkerError):
             # A transfer that failed twice is not pinned on either worker: the
             # next attempt recomputes the prefill, on whichever pair ranks first.
-            raise AttemptFailed(None if first.get("kv_held") else prefill.worker_id,
-                                f"{prefill.worker_id}: {first['error']}")
-        return first
+            raise _failure(push, None if push.kv_held else prefill.worker_id, prefill.worker_id)
+        return replace(result, push=push)
 
     def _wait_limit(self, deadline: float | None) -> float:
         """Until when (``time.monotonic()``) to wait for capacity: the queue timeout or the client's deadline."""
@@ -280,7 +303,7 @@ class RequestRunner:
     # --------------------------------------------------------------- colocated
     async def _colocated_attempt(self, req: ParsedRequest, attempt: int, progress: _Progress,
                                  trace: RequestTrace, failed: set[str],
-                                 deadline: float | None) -> AsyncIterator[TokenEvent]:
+                                 deadline: float | None) -> AsyncIterator[TokenChunk]:
         request_id = f"{req.request_id}-{attempt}-{uuid.uuid4().hex[:6]}"
         worker = await self._pick(failed, deadline)
         trace.prefill_worker = trace.decode_worker = worker.worker_id
@@ -291,15 +314,17 @@ class RequestRunner:
                                             progress.token_ids or None, progress.text or None)
         try:
             async for ev in self._events(worker, stream, CALL_TIMEOUT_S + self.queue_timeout_s):
-                if ev.get("ack"):
-                    trace.prefill_queued = trace.decode_queued = ev["t_called"]
-                    trace.prefill_start = ev.get("scheduled", ev["t_called"])
-                    trace.prefill_end = trace.decode_start = ev.get("first_token", ev["t_joined"])
-                    continue
-                done = ev["finished"]
-                yield _token_event(ev, trace)
-                if done:
-                    return
+                match ev:
+                    case Ack():
+                        trace.prefill_queued = trace.decode_queued = ev.t_called
+                        trace.prefill_start = ev.t_scheduled if ev.t_scheduled is not None else ev.t_called
+                        trace.prefill_end = trace.decode_start = (
+                            ev.t_first_token if ev.t_first_token is not None else ev.t_joined)
+                    case TokenChunk():
+                        done = ev.finished
+                        yield _token_event(ev, trace)
+                        if done:
+                            return
         finally:
             worker.inflight_tokens -= cost
             if not done:
@@ -326,9 +351,9 @@ class RequestRunner:
         except Exception as exc:
             raise AttemptFailed(worker.worker_id, f"{worker.worker_id}: {exc!r}") from exc
 
-    async def _events(self, worker: WorkerInfo, stream: Any, first_timeout: float) -> AsyncIterator[dict[str, Any]]:
-        """The dicts a worker's streaming call yields; its death, an error
-        event or a stall (no event within the timeout) fails the attempt."""
+    async def _events(self, worker: WorkerInfo, stream: Any, first_timeout: float) -> AsyncIterator[Ack | TokenChunk]:
+        """What a worker's streaming call yields; its death, a :class:`WorkerError`
+        or a stall (no event within the timeout) fails the attempt."""
         timeout = first_timeout
         while True:
             try:
@@ -338,9 +363,11 @@ class RequestRunner:
                 return
             except Exception as exc:
                 raise AttemptFailed(worker.worker_id, f"{worker.worker_id}: {exc!r}") from exc
-            if "error" in ev:
-                if ev.get("invalid_field"):
-                    raise InvalidRequestError(ev["invalid_field"], ev["error"].split(": ", 1)[-1])
-                raise AttemptFailed(worker.worker_id, f"{worker.worker_id}: {ev['error']}")
-            yield ev
+            match ev:
+                case WorkerError():
+                    raise _failure(ev, worker.worker_id, worker.worker_id)
+                case Ack() | TokenChunk():
+                    yield ev
+                case _:
+                    raise AttemptFailed(worker.worker_id, f"{worker.worker_id}: unexpected event {ev!r}")
             timeout = CALL_TIMEOUT_S

@@ -1,4 +1,4 @@
-"""engine.cost_model against hand-computed figures, and against real HF models' parameter counts.
+"""analysis.cost_model against hand-computed figures, and against real HF models' parameter counts.
 
 The toy model used throughout: 2 layers, hidden 8, intermediate 12, 4 query
 heads and 2 KV heads of head_dim 2, vocab 10, untied. By hand:
@@ -23,8 +23,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.cost_model import ModelDims, arithmetic_intensity, dtype_bytes, roofline_seconds
-from engine.peaks import MachinePeaks, measure_peaks
+from analysis.cost_model import ModelDims, arithmetic_intensity, dtype_bytes, roofline_seconds
+from analysis.machine_peaks import MachinePeaks, measure_peaks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -155,8 +155,16 @@ def test_tiny_llama_counts_and_kv_layout(tiny_model):
     assert dims.kv_bytes_per_token(4) == kv_layout_of(tiny_model.model).bytes_per_token
 
 
-def test_import_does_not_pull_torch():
-    code = "import engine.cost_model, engine.peaks, sys; assert 'torch' not in sys.modules, 'torch imported'"
+def test_analysis_imports_neither_torch_nor_the_layers_above():
+    """Every analysis module imports without torch and without any package above analysis."""
+    modules = sorted(p.stem for p in (REPO / "analysis").glob("*.py") if p.stem != "__init__")
+    assert {"cost_model", "machine_peaks", "hardware", "bottleneck", "model_catalog"} <= set(modules)
+    code = (f"import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module('analysis.' + m)\n"
+            "above = ('torch', 'engine', 'kvtransfer', 'worker_common', 'prefill_worker', 'decode_worker',\n"
+            "         'observability', 'router', 'cluster', 'benchmarks')\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in above)\n"
+            "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 

@@ -10,12 +10,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from analysis.machine_peaks import measure_peaks_fast
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
 from engine.model_loader import load_model
-from engine.peaks import measure_peaks_fast
 from kvtransfer.factory import make_transport
 from kvtransfer.ray_transport import KVTransferActorMixin
+from worker_common.messages import ModelLimits
+from worker_common.worker_config import HandoffSettings, ModelConfig
 from worker_common.worker_status import KVTransferStats, WorkerStatus
 
 REAP_INTERVAL_S = 0.5
@@ -27,18 +29,17 @@ class WorkerBase(KVTransferActorMixin):
 
     kind = "worker"
 
-    def __init__(self, worker_id: str, *, model: str, dtype: str, max_model_len: int | None,
-                 engine_kwargs: dict[str, Any], batch_wait_s: float, transport_backend: str,
-                 transport_kwargs: dict | None, measure_peaks: bool = True) -> None:
+    def __init__(self, worker_id: str, *, model: ModelConfig, engine_args: dict[str, Any], batch_wait_s: float,
+                 handoff: HandoffSettings, measure_peaks: bool = True) -> None:
         self.worker_id = worker_id
-        loaded = load_model(model, dtype=dtype, max_model_len=max_model_len)
-        self._limits = {"name": model, "max_model_len": loaded.max_model_len,
-                        "vocab_size": int(loaded.config.vocab_size)}
+        loaded = load_model(model.name, dtype=model.dtype, max_model_len=model.max_model_len)
+        self._limits = ModelLimits(model.name, loaded.max_model_len, int(loaded.config.vocab_size))
         # Peaks measured here, on this worker's own cores, so its MBU/MFU compare like with like.
-        engine = LLMEngine(loaded, peaks=measure_peaks_fast() if measure_peaks else None, **engine_kwargs)
+        engine = LLMEngine(loaded, peaks=measure_peaks_fast() if measure_peaks else None, **engine_args)
         self.layout = engine.layout
         self.engine = AsyncEngine(engine, batch_wait_s=batch_wait_s)
-        self.kv_transport = make_transport(transport_backend, worker_id, **(transport_kwargs or {}))
+        self.lease_s = handoff.lease_s
+        self.kv_transport = make_transport(handoff.backend, worker_id, **handoff.transport_kwargs())
         self.requests_served = 0
         self.outstanding_tokens = 0
         self._reapers: list[asyncio.Task] = []
@@ -54,9 +55,9 @@ class WorkerBase(KVTransferActorMixin):
         """This actor's process id (fault-injection tests and the soak kill it)."""
         return os.getpid()
 
-    def limits(self) -> dict:
+    def limits(self) -> ModelLimits:
         """The served model's name and limits, for the router's validation."""
-        return dict(self._limits)
+        return self._limits
 
     def endpoint(self) -> dict:
         return self.kv_transport.endpoint()

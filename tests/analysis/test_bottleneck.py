@@ -1,6 +1,6 @@
-"""cluster.analyze and cluster.hardware against hand-computed figures, and the CLI end to end.
+"""analysis.bottleneck and analysis.hardware against hand-computed figures, and the CLI end to end.
 
-The toy model is the one of tests/engine/test_cost_model.py (2 layers, hidden 8,
+The toy model is the one of tests/analysis/test_cost_model.py (2 layers, hidden 8,
 intermediate 12, 4 heads / 2 KV heads of 2, vocab 10, untied): 1160 parameters,
 non-embedding 1000, one layer's matrices 480, lm_head 80; at bf16 its weights
 are 2320 bytes and its KV 32 bytes per token.
@@ -17,10 +17,11 @@ from types import MappingProxyType
 
 import pytest
 
-from cluster.analyze import PRESETS, Workload, analyze, devices_needed, load_dims, main, phase_cost, small_ratio
-from cluster.hardware import LINKS, PROFILES, HardwareProfile, Link, local_profile, measure_tcp_loopback
-from engine.cost_model import ModelDims
-from engine.peaks import MachinePeaks
+from analysis.bottleneck import PRESETS, Workload, analyze, devices_needed, load_dims, main, phase_cost, small_ratio
+from analysis.cost_model import ModelDims
+from analysis.hardware import LINKS, PROFILES, HardwareProfile, Link, local_profile, measure_tcp_loopback
+from analysis.machine_peaks import MachinePeaks
+from analysis.model_catalog import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,7 +80,7 @@ def test_toy_ratio_workers_memory_transfer():
     assert link["seconds"] == pytest.approx(2.0)
     assert link["max_requests_per_s"] == pytest.approx(0.5)
     assert link["tpot_multiple"] == pytest.approx(2.0 / 2.48)
-    # the notes' reference point, 512 x 2048 tokens at 64 / 32 / 16 bytes per token
+    # Pope et al. 2022's reference point, 512 x 2048 tokens at 64 / 32 / 16 bytes per token
     assert r["kv"]["reference"]["bytes"] == {"fp32": 512 * 2048 * 64, "bf16": 512 * 2048 * 32, "fp8": 512 * 2048 * 16}
     assert r["param_bytes"] == {"fp32": 4640, "bf16": 2320, "fp8": 1160, "int4": 580}
 
@@ -101,8 +102,8 @@ def test_phase_cost_bound_at_the_ridge():
     assert phase_cost(10, 101, peaks)["seconds"] == pytest.approx(0.101)
 
 
-def test_notes_kv_example_is_about_3_tb():
-    """The notes: a 500B+ model at batch 512 and context 2048 has ~3 TB of KV (Pope et al. 2022, PaLM 540B
+def test_pope_kv_example_is_about_3_tb():
+    """Pope et al. 2022: a 500B+ model at batch 512 and context 2048 has ~3 TB of KV (Pope et al. 2022, PaLM 540B
     with multi-head attention). 2 (K, V) * 118 layers * 48 heads * 256 = 2,899,968 values per token."""
     dims, _ = PRESETS["palm-540b-mha"]
     assert dims.param_count() > 500e9
@@ -170,11 +171,18 @@ def test_load_dims_from_config_json(tmp_path):
         load_dims(str(tmp_path / "nope"))
 
 
+def test_tiny_llama_dims_are_the_built_model(tiny_model):
+    """The catalogue's tiny-llama shape (what the report uses, without torch) is the model the engine builds."""
+    dims, _ = load_dims(TINY_MODEL)
+    assert dims == ModelDims.from_hf_config(tiny_model.config)
+    assert dims.param_count() == sum(p.numel() for p in tiny_model.model.parameters())
+
+
 def test_cli_text_on_tiny_llama(capsys):
     assert main(["--model", "builtin:tiny-llama", "--hardware", "H100", "--rate", "5"]) == 0
     out = capsys.readouterr().out
     for needle in ("builtin:tiny-llama", "ridge point 295 FLOP/byte", "prefill", "decode", "NVLink 4",
-                   "Suggested prefill:decode", "at 5 requests/s", "the notes' example"):
+                   "Suggested prefill:decode", "at 5 requests/s", "Pope et al. 2022's example"):
         assert needle in out, needle
 
 
@@ -198,8 +206,10 @@ def test_cli_refuses_bad_workload():
         main(["--model", "llama-3.1-8b", "--output-len", "1"])
 
 
-def test_presets_run_without_torch():
-    code = ("import sys, cluster.analyze as a; a.main(['--model', 'llama-3.1-405b', '--json']); "
+def test_presets_and_tiny_llama_run_without_torch():
+    code = ("import contextlib, io, sys, analysis.bottleneck as a\n"
+            "with contextlib.redirect_stdout(io.StringIO()): a.main(['--model', 'builtin:tiny-llama'])\n"
+            "a.main(['--model', 'llama-3.1-405b', '--json'])\n"
             "assert 'torch' not in sys.modules, 'torch imported'")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60, capture_output=True,
                          text=True).stdout

@@ -1,10 +1,11 @@
-"""Accelerator profiles and link speeds for ``python -m cluster.analyze``; torch-free.
+"""Accelerator profiles and link speeds for ``python -m analysis.bottleneck``; torch-free.
 
 The GPU figures are the vendors' published peaks (NVIDIA datasheets, SXM
 parts): *dense* tensor-core FLOP/s (no 2:4 sparsity) and HBM bandwidth. Real
 kernels reach some fraction of them, so times derived from them are lower
-bounds. For this machine, ``local_profile`` measures instead (DESIGN.md
-section 4: never quote a spec sheet for the machine you run on).
+bounds. For this machine, ``local_profile`` measures instead: the machine
+you run on is never described by a spec sheet (see docs/architecture.md,
+Measurement).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-from engine.peaks import MachinePeaks
+from analysis.machine_peaks import MachinePeaks
 
 TB = 1e12
 GB = 1e9
@@ -80,7 +81,7 @@ PROFILES: Mapping[str, HardwareProfile] = MappingProxyType({
 
 
 def local_profile(peaks: MachinePeaks, memory_bytes: float | None = None) -> HardwareProfile:
-    """A profile of this machine from peaks measured now (float32 copy and matmul, see :mod:`engine.peaks`)."""
+    """A profile of this machine from peaks measured now (float32 copy and matmul, :mod:`analysis.machine_peaks`)."""
     if memory_bytes is None:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return HardwareProfile(
@@ -89,7 +90,7 @@ def local_profile(peaks: MachinePeaks, memory_bytes: float | None = None) -> Har
         memory_bytes=float(memory_bytes),
         bandwidth_bytes_per_s=peaks.bandwidth_bytes_per_s,
         flops_per_s=MappingProxyType({"fp32": peaks.flops_per_s}),
-        source="engine.peaks: best dst.copy_(src) (read + write) and float32 matmul, measured now",
+        source="analysis.machine_peaks: best dst.copy_(src) (read + write) and float32 matmul, measured now",
         measured=True,
     )
 

@@ -1,8 +1,8 @@
 """Analytical cost of a Llama-family decoder, from its dimensions alone.
 
-Pure arithmetic, no torch: the router, the pool manager and ``python -m
-cluster.analyze`` use it without loading a model, and the engine benchmark
-uses it to put measured step times against a roofline.
+Pure arithmetic, no torch: ``python -m analysis.bottleneck`` uses it without
+loading a model, the engine counts its steps' bytes and FLOPs with it, and the
+engine benchmark puts measured step times against its roofline.
 
 The model counted is the Llama / Qwen2 / Mistral decoder: a token embedding,
 ``num_layers`` blocks of (RMSNorm, attention with ``num_heads`` query heads

@@ -20,30 +20,13 @@ The rules it enforces:
    thread blocked in a C++ call we cannot interrupt is left to end by its
    own deadline; it is a daemon), then releases the backend's resources.
 
-The cluster secret (``secret=``, every backend): when the receiver has one,
-it accepts a transfer only from a sender that proves it knows the same
-secret. The proof is ``HMAC-SHA256(secret, [transfer_id, sender worker id,
-nbytes])`` (:func:`transfer_proof`), computed by the sender and carried with
-the transfer's first message (gRPC metadata, the store's "go" record, the
-Ray deliver call); the receiver checks it with ``hmac.compare_digest``
-before it writes a byte or fetches anything. A push without the right proof
-fails that transfer on the receiver (if it expects one of that id) with
-:data:`SECRET_REFUSED` and is refused to the sender; the transport itself
-goes on serving other transfers. A receiver without a secret accepts any
-sender (the behaviour without secrets), and the secret is never logged,
-sent or shown in an endpoint. What it does not do: encrypt or sign the KV
-bytes themselves (an attacker on the network path can read or change them;
-use a private network), or protect the backends' control channels (see
-:mod:`kvtransfer.torch_dist` on the ``TCPStore``). A proof is good for one
-(transfer id, sender, size) only, and a receiver accepts one delivery per
-expected id, so a replayed proof buys nothing.
+With a cluster secret (``secret=``, every backend) a receiver accepts a push
+only with the sender's proof; the proof and its guarantees are in
+:mod:`kvtransfer.push_proof`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import logging
 import threading
 import time
@@ -55,20 +38,11 @@ import torch
 
 from kvtransfer.base import Endpoint, KVTransport, TransferError, TransferStatus
 from kvtransfer.faults import FaultInjector, TransferFaults
+from kvtransfer.push_proof import SECRET_REFUSED, proof_matches, transfer_proof
 
 Role = Literal["send", "recv"]
 
-DEFAULT_CHUNK_BYTES = 4 << 20
-SECRET_REFUSED = "peer did not present the cluster secret"
-_PROOF_CONTEXT = b"splitserve-kvtransfer-proof-v1\0"  # domain separation: this key signs nothing else
-
 log = logging.getLogger(__name__)
-
-
-def transfer_proof(secret: bytes, transfer_id: str, sender_id: str, nbytes: int) -> str:
-    """Hex HMAC-SHA256 by which a sender proves it knows ``secret`` for one transfer."""
-    msg = json.dumps([transfer_id, sender_id, int(nbytes)], separators=(",", ":")).encode()
-    return hmac.new(secret, _PROOF_CONTEXT + msg, hashlib.sha256).hexdigest()
 
 
 @dataclass(eq=False)
@@ -90,22 +64,6 @@ class Transfer:
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
-
-
-def byte_view(tensor: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of a contiguous tensor (any dtype, bf16 included)."""
-    if not tensor.is_contiguous():
-        raise ValueError("byte_view needs a contiguous tensor")
-    return tensor.reshape(-1).view(torch.uint8)
-
-
-def chunk_ranges(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
-    """``(offset, length)`` of each chunk; one empty chunk for a 0-byte payload."""
-    if chunk_bytes <= 0:
-        raise ValueError("chunk_bytes must be > 0")
-    if nbytes == 0:
-        return [(0, 0)]
-    return [(o, min(chunk_bytes, nbytes - o)) for o in range(0, nbytes, chunk_bytes)]
 
 
 def validate_timeout(timeout_s: float) -> float:
@@ -214,8 +172,7 @@ class TransportBase(KVTransport):
         """
         if self._secret is None:
             return None
-        expected = transfer_proof(self._secret, transfer_id, sender_id, nbytes)
-        if isinstance(proof, str) and proof.isascii() and hmac.compare_digest(expected, proof):
+        if proof_matches(self._secret, transfer_id, sender_id, nbytes, proof):
             return None
         with self._lock:
             self._stats["refused_unauthenticated"] += 1

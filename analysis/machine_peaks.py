@@ -1,7 +1,8 @@
 """This machine's memory bandwidth and matmul FLOP/s, measured on the spot.
 
-DESIGN.md section 4: MBU and MFU are fractions of peaks measured in the same
-run, never a spec sheet. Bandwidth is the best of a few ``dst.copy_(src)`` of
+MBU and MFU are fractions of peaks measured in the same run on the same
+machine, never of a spec sheet (see docs/architecture.md, Measurement): a
+spec sheet is not what this machine reaches today. Bandwidth is the best of a few ``dst.copy_(src)`` of
 a large float32 tensor, counting read + write (twice the tensor's size) as
 bytes moved; FLOP/s is the best of a few ``n x n @ n x n`` float32 matmuls
 (``2 n^3`` FLOPs). Both run on the CPU with torch's current thread count.

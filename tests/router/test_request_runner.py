@@ -1,0 +1,196 @@
+"""How the request runner dispatches on the workers' typed replies, against
+scripted stand-ins for the worker actors (no Ray, no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+from typing import Any
+
+import pytest
+
+from engine.kv_cache import KVLayout
+from engine.sampling_params import InvalidRequestError, SamplingParams
+from router import request_runner
+from router.directory import WorkerInfo
+from router.policy import make_policy
+from router.request_runner import (NoCapacityError, RequestFailedError, RequestRunner, RequestTrace,
+                                   WorkerFailedError)
+from router.validation import ParsedRequest
+from worker_common.messages import Ack, ErrorReason, KVHandoffMeta, KVPushed, PrefillResult, TokenChunk, WorkerError
+
+META = KVHandoffMeta(KVLayout(2, 1, 4, "float32"), (1, 2, 3), (7,), 5)
+FIRST = TokenChunk((7,), "a")
+
+
+class _Stream:
+    """A streaming call's reply: each ``__anext__`` gives an awaitable of the next item, as Ray's does."""
+
+    def __init__(self, gen) -> None:
+        self.gen = gen
+
+    async def __anext__(self) -> Any:
+        item = await self.gen.__anext__()
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(item)
+        return fut
+
+
+class _Method:
+    def __init__(self, actor: Scripted, name: str, reply) -> None:
+        self.actor, self.name, self.reply = actor, name, reply
+
+    def remote(self, *args) -> Any:
+        args = copy.deepcopy(args)  # Ray serializes the arguments at call time
+        self.actor.calls.append((self.name, args))
+        out = self.reply(*args)
+        if inspect.isasyncgen(out):
+            return _Stream(out)
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(out)
+        return fut
+
+
+class Scripted:
+    """An actor handle whose methods answer as scripted; ``calls`` records (method, args)."""
+
+    def __init__(self, **replies) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+        for name in ("abort", "release"):
+            replies.setdefault(name, lambda *a: True)
+        for name, reply in replies.items():
+            setattr(self, name, _Method(self, name, reply))
+
+    def called(self, name: str) -> list[tuple]:
+        return [args for n, args in self.calls if n == name]
+
+
+class Directory:
+    def __init__(self, *workers: WorkerInfo) -> None:
+        self.workers = {w.worker_id: w for w in workers}
+
+    def of_kind(self, kind: str) -> list[WorkerInfo]:
+        return [w for w in self.workers.values() if w.kind == kind]
+
+
+def worker(worker_id: str, kind: str, handle: Scripted) -> WorkerInfo:
+    return WorkerInfo(worker_id, kind, handle, {"worker_id": worker_id}, "node")
+
+
+def decode_handle(*events) -> Scripted:
+    async def generate(*args):
+        for ev in events:
+            yield ev
+
+    return Scripted(reserve=lambda *a: {"reserved": True}, rearm=lambda *a: {"rearmed": True}, generate=generate)
+
+
+def run(runner: RequestRunner, max_tokens: int = 2) -> tuple[list[TokenChunk], RequestTrace]:
+    req = ParsedRequest("req", [1, 2, 3], SamplingParams(max_tokens=max_tokens))
+    trace = RequestTrace()
+
+    async def go() -> list[TokenChunk]:
+        return [ev async for ev in runner.run(req, trace)]
+
+    return asyncio.run(go()), trace
+
+
+def runner_for(*workers: WorkerInfo, **kw) -> RequestRunner:
+    return RequestRunner(Directory(*workers), make_policy("round_robin"), make_policy("round_robin"), **kw)
+
+
+def prefilled(push) -> PrefillResult:
+    return PrefillResult("prefill-0", FIRST, 1.0, 1.1, 1.2, push)
+
+
+def test_a_held_kv_is_pushed_again_and_the_stream_follows():
+    pushed = KVPushed(META, 64, 1.3, 1.4)
+    prefill = Scripted(prefill=lambda *a: prefilled(WorkerError(ErrorReason.TRANSFER_FAILED, "reset", kv_held=True)),
+                       resend=lambda *a: pushed)
+    decode = decode_handle(Ack(2.0, 2.1, 4, t_scheduled=2.05), TokenChunk((8,), "b", True, "length"))
+    chunks, trace = run(runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", decode)))
+    assert chunks == [FIRST, TokenChunk((8,), "b", True, "length")]
+    (transfer_id, wire_id, *_), = decode.called("rearm")
+    assert prefill.called("resend")[0][:2] == (transfer_id, wire_id) and wire_id != transfer_id
+    generate_args, = decode.called("generate")
+    assert generate_args[1] == META and generate_args[4] == "a"  # the metadata whole; the text sent so far
+    assert prefill.called("release") == [(transfer_id,)]  # freed once the decode side acknowledged
+    assert not prefill.called("abort") and not decode.called("abort")
+    assert (trace.transfer_bytes, trace.transfer_start, trace.decode_start, trace.attempts) == (64, 1.3, 2.05, 1)
+
+
+def test_a_refused_request_fails_with_its_field():
+    prefill = Scripted(prefill=lambda *a: WorkerError(ErrorReason.INVALID_REQUEST, "too long", field="prompt"))
+    runner = runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", decode_handle()))
+    with pytest.raises(InvalidRequestError) as e:
+        run(runner)
+    assert (e.value.field, e.value.reason) == ("prompt", "too long")
+    assert len(prefill.called("prefill")) == 1
+
+
+def test_a_kv_that_failed_twice_is_recomputed_on_the_same_pair_but_an_aborted_prefill_is_not():
+    held = WorkerError(ErrorReason.TRANSFER_FAILED, "reset", kv_held=True)
+    prefill = Scripted(prefill=lambda *a: prefilled(held), resend=lambda *a: held)
+    runner = runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", decode_handle()),
+                        max_attempts=2)
+    with pytest.raises(WorkerFailedError, match="transfer_failed: reset"):
+        run(runner)
+    assert len(prefill.called("prefill")) == 2  # not pinned on the prefill worker: the next attempt used it again
+
+    prefill = Scripted(prefill=lambda *a: WorkerError(ErrorReason.ABORTED))
+    runner = runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", decode_handle()),
+                        max_attempts=2, queue_timeout_s=0.2)
+    with pytest.raises(NoCapacityError):  # pinned: no other prefill worker to try
+        run(runner)
+    assert len(prefill.called("prefill")) == 1
+
+
+def test_an_error_in_the_decode_stream_resumes_on_another_decode_worker(monkeypatch):
+    monkeypatch.setattr(request_runner.ray, "cancel", lambda ref: None)
+    second = TokenChunk((9,), "c", True, "length")
+    prefill = Scripted(prefill=lambda *a: prefilled(KVPushed(META, 64, 1.3, 1.4)) if a[5] is None
+                       else PrefillResult("prefill-0", second, 3.0, 3.1, 3.2, None))
+    broken = decode_handle(Ack(2.0, 2.1, 4), WorkerError(ErrorReason.TRANSFER_FAILED, "lost"))
+    spare = decode_handle()
+    runner = runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", broken),
+                        worker("decode-1", "decode", spare))
+    chunks, trace = run(runner)
+    assert [c.token_ids for c in chunks] == [(7,), (9,)] and trace.attempts == 2
+    resumed = prefill.called("prefill")[1]
+    assert resumed[5] == [7] and resumed[6] == "a"  # the second attempt resumes after what the client has
+    assert broken.called("abort") and spare.called("reserve")
+
+
+def test_a_request_the_engine_failed_is_not_retried_on_another_prefill_worker():
+    failed = WorkerError(ErrorReason.REQUEST_FAILED, "sampling failed: every logit is non-finite")
+    first, spare = Scripted(prefill=lambda *a: failed), Scripted(prefill=lambda *a: failed)
+    decode = decode_handle()
+    runner = runner_for(worker("prefill-0", "prefill", first), worker("prefill-1", "prefill", spare),
+                        worker("decode-0", "decode", decode), max_attempts=3)
+    with pytest.raises(RequestFailedError, match="prefill-0: sampling failed: every logit is non-finite"):
+        run(runner)
+    assert len(first.called("prefill")) == 1 and not spare.called("prefill") and runner.retries == 0
+    (transfer_id, *_), = decode.called("reserve")
+    assert decode.called("abort") == [(transfer_id,)]  # the reservation is dropped at once
+
+
+def test_a_request_the_engine_failed_while_decoding_is_not_resumed_elsewhere(monkeypatch):
+    monkeypatch.setattr(request_runner.ray, "cancel", lambda ref: None)
+    prefill = Scripted(prefill=lambda *a: prefilled(KVPushed(META, 64, 1.3, 1.4)))
+    failing = decode_handle(Ack(2.0, 2.1, 4), WorkerError(ErrorReason.REQUEST_FAILED, "sampling failed: nan"))
+    spare = decode_handle()
+    runner = runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", failing),
+                        worker("decode-1", "decode", spare), max_attempts=3)
+    req = ParsedRequest("req", [1, 2, 3], SamplingParams(max_tokens=4))
+    got: list[TokenChunk] = []
+
+    async def go() -> None:
+        async for ev in runner.run(req, RequestTrace()):
+            got.append(ev)
+
+    with pytest.raises(RequestFailedError, match="decode-0: sampling failed: nan"):
+        asyncio.run(go())
+    assert got == [FIRST]  # what the client had before the failure
+    assert not spare.called("reserve") and len(prefill.called("prefill")) == 1 and runner.retries == 0
+    assert failing.called("abort") and prefill.called("abort")

@@ -1,0 +1,103 @@
+"""The settings a worker is built from, one type per config section it reads.
+
+``cluster.config`` builds its YAML sections on these (a pool section is the
+engine section plus the actor's resources), and the deployment hands each
+worker the engine part of its section as is: a setting has one name from the
+YAML file to the engine, and nothing is renamed or borrowed on the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kvtransfer.faults import TransferFaults
+from kvtransfer.stream_limits import DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_STREAM_IDLE_S
+
+
+class Settings(BaseModel):
+    """A config section: unknown fields refused, frozen, numbers validated strictly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @classmethod
+    def part_of(cls, section: BaseModel) -> Self:
+        """This type's fields of ``section`` (a section that extends this type), as this type."""
+        return cls.model_validate(section.model_dump(include=set(cls.model_fields)))
+
+
+class ModelConfig(Settings):
+    """Which model every worker loads."""
+
+    name: str = "builtin:smollm2-135m-instruct"  # builtin:<name>, a local HF dir or a .gguf file
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int | None = Field(None, ge=2)  # None: the model's own context length
+
+
+class PrefillEngineConfig(Settings):
+    """A prefill worker's engine and batching knobs."""
+
+    block_size: int = Field(16, ge=1)
+    num_blocks: int = Field(1024, ge=1)  # KV kept only until decode acknowledges, so smaller than decode's
+    max_running: int = Field(64, ge=1)
+    max_batched_tokens: int = Field(2048, ge=1)  # prompt tokens packed into one prefill forward
+    batch_wait_ms: float = Field(2.0, ge=0)  # how long to wait to gather a batch before running it
+
+    def engine_args(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`engine.llm_engine.LLMEngine`."""
+        return self.model_dump(exclude={"batch_wait_ms"})
+
+
+class DecodeEngineConfig(Settings):
+    """A decode (or colocated) worker's paged KV budget and batching knobs."""
+
+    block_size: int = Field(16, ge=1)
+    num_blocks: int | None = Field(2048, ge=1)  # exactly one of num_blocks / kv_cache_bytes
+    kv_cache_bytes: int | None = Field(None, ge=1)  # the worker turns bytes into blocks for its model
+    max_running: int = Field(64, ge=1)
+    max_batched_tokens: int = Field(2048, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bytes_replace_blocks(cls, data: Any) -> Any:
+        # num_blocks has a default, so a user who sets only kv_cache_bytes means
+        # "size by bytes": drop the default instead of reporting a conflict.
+        if isinstance(data, Mapping) and data.get("kv_cache_bytes") is not None and "num_blocks" not in data:
+            data = {**data, "num_blocks": None}
+        return data
+
+    def engine_args(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`engine.llm_engine.LLMEngine`."""
+        return self.model_dump()
+
+
+@dataclass(frozen=True)
+class HandoffSettings:
+    """How a worker moves KV (the ``kvtransfer`` section, plus what the
+    deployment adds: the loaded secret, the Ray namespace, test faults)."""
+
+    backend: str
+    lease_s: float  # how long either side holds blocks for the other (see cluster.config.KVTransferConfig)
+    host: str
+    chunk_bytes: int
+    namespace: str  # where the ray backend finds its peers' actors
+    stream_idle_s: float = DEFAULT_STREAM_IDLE_S  # grpc: a push stream silent this long is closed
+    max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER  # grpc: open push streams per sender
+    secret: str | None = None
+    faults: TransferFaults | None = None  # fault injection (tests)
+
+    def transport_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments of the backend's transport (:func:`kvtransfer.make_transport`)."""
+        # Ray's backend finds its peers by actor name; the others by address.
+        kwargs: dict[str, Any] = ({"namespace": self.namespace} if self.backend == "ray"
+                                  else {"host": self.host, "chunk_bytes": self.chunk_bytes})
+        if self.backend == "grpc":
+            kwargs.update(stream_idle_s=self.stream_idle_s, max_streams_per_peer=self.max_streams_per_peer)
+        if self.secret is not None:
+            kwargs["secret"] = self.secret
+        if self.faults is not None:
+            kwargs["faults"] = self.faults
+        return kwargs
