@@ -23,6 +23,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cluster.config_yaml import FieldProblems, describe_error, read_yaml
+from kvtransfer.stream_limits import (DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_STREAM_IDLE_S, MAX_STREAM_IDLE_S,
+                                      MAX_STREAMS_PER_PEER)
 from worker_common.worker_config import DecodeEngineConfig, ModelConfig, PrefillEngineConfig, Settings
 
 MiB = 1024 * 1024
@@ -248,6 +250,10 @@ class KVTransferConfig(Settings):
     # its own node's address as Ray knows it (a multi-node cluster, where
     # one value cannot be right for every pod).
     host: str = Field("127.0.0.1", min_length=1)
+    # grpc backend: a push stream that sends nothing for this long is closed
+    # (DEADLINE_EXCEEDED), and one sender holds at most this many open streams.
+    stream_idle_s: float = Field(DEFAULT_STREAM_IDLE_S, gt=0, le=MAX_STREAM_IDLE_S)
+    max_streams_per_peer: int = Field(DEFAULT_MAX_STREAMS_PER_PEER, ge=1, le=MAX_STREAMS_PER_PEER)
     # The cluster's KV-plane secret: receivers accept only transfers whose
     # sender proves it (HMAC). From an environment variable or a file; unset
     # means no check, which is allowed only on loopback.

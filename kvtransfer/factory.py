@@ -18,8 +18,8 @@ def make_transport(backend: str, worker_id: str, **kwargs: Any) -> KVTransport:
 
     ``kwargs`` go to the backend's constructor: ``host``, ``port``,
     ``chunk_bytes``, ``faults``, ``secret`` ... (``device`` for nccl, which
-    defaults to ``cuda``); ``inproc`` needs ``hub=InProcHub()`` shared by its
-    peers. ``secret`` (every backend): the cluster secret; with one, the
+    defaults to ``cuda``; ``stream_idle_s`` and ``max_streams_per_peer`` for
+    grpc); ``inproc`` needs ``hub=InProcHub()`` shared by its peers. ``secret`` (every backend): the cluster secret; with one, the
     transport accepts only transfers whose sender proves it holds the same
     secret (see :mod:`kvtransfer.push_proof`). None (the default) accepts any.
     """

@@ -9,6 +9,14 @@ have agreed, through the receiver's ``TCPStore``, that this transfer happens,
 with which size, tag, group generation and sequence number. The store only
 ever holds small JSON strings (never pickles).
 
+Every record that steers a transfer (the registration, "go" with its
+generation, sequence and chunk size, the acknowledgements, the accept and
+broken markers) is sealed with the cluster secret when there is one
+(:class:`RecordSeal`): an HMAC over the record's key and every field, so a
+record written or altered by someone without the secret is refused
+(:class:`BadRecord`) instead of steering a gloo op. The seal binds the key,
+so a sealed record cannot be moved to another transfer or pair either.
+
 A *pair group* is a 2-rank process group (receiver rank 0, sender rank 1)
 built directly from ``ProcessGroupGloo``/``ProcessGroupNCCL`` over a
 ``PrefixStore`` of the receiver's store: no ``init_process_group``, no
@@ -18,7 +26,11 @@ drop it and the next transfer builds generation ``gen + 1``.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,21 +50,71 @@ _ABSENT = "\x00absent"
 _POLL_MIN_S, _POLL_MAX_S = 0.0002, 0.001  # completion is noticed within ~1 ms: it adds to TTFT
 
 
-def store_read(store: dist.Store, key: str) -> dict[str, Any] | None:
-    """The JSON value under ``key``, or None if there is none (never blocks)."""
+_SEAL_CONTEXT = b"splitserve-kvtransfer-store-record-v1\0"  # domain separation from the push proof
+_MAC = "mac"
+
+
+class BadRecord(ValueError):
+    """A store record that is not valid JSON, not sealed, or whose seal does not match its key and fields."""
+
+
+class RecordSeal:
+    """Seals store records with the cluster secret and checks the seals of records read.
+
+    Without a secret, :meth:`seal` adds nothing and :meth:`open` takes any
+    record (the behaviour without secrets). ``open(..., required=False)``
+    also takes an unsealed record: a sender uses it for a receiver whose
+    endpoint says it has no secret.
+    """
+
+    def __init__(self, secret: bytes | None) -> None:
+        self._secret = secret
+
+    def _mac(self, key: str, fields: dict[str, Any]) -> str:
+        assert self._secret is not None
+        msg = json.dumps([key, fields], sort_keys=True, separators=(",", ":")).encode()
+        return hmac.new(self._secret, _SEAL_CONTEXT + msg, hashlib.sha256).hexdigest()
+
+    def seal(self, key: str, value: dict[str, Any]) -> dict[str, Any]:
+        return dict(value) if self._secret is None else {**value, _MAC: self._mac(key, value)}
+
+    def open(self, key: str, raw: bytes, required: bool = True) -> dict[str, Any]:
+        """The record's fields (seal removed); :class:`BadRecord` if it must be sealed and is not."""
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise BadRecord(f"store record {key} is not a JSON object")
+        mac = value.pop(_MAC, None)
+        if self._secret is None or not required:
+            return value
+        if not (isinstance(mac, str) and mac.isascii() and hmac.compare_digest(self._mac(key, value), mac)):
+            raise BadRecord(f"store record {key} is unsealed or altered (not written with the cluster secret)")
+        return value
+
+
+def store_read(store: dist.Store, key: str, seal: RecordSeal, required: bool = True) -> dict[str, Any] | None:
+    """The record under ``key``, or None if there is none (never blocks); :class:`BadRecord` if it fails its seal."""
     raw = store.compare_set(key, _ABSENT, _ABSENT)
-    return None if raw == _ABSENT.encode() else json.loads(raw)
+    return None if raw == _ABSENT.encode() else seal.open(key, raw, required)
 
 
-def store_claim(store: dist.Store, key: str, value: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
-    """Write ``value`` under ``key`` only if the key is absent: (won, value now there)."""
-    mine = json.dumps(value, sort_keys=True)
+def store_claim(store: dist.Store, key: str, value: dict[str, Any], seal: RecordSeal,
+                required: bool = True) -> tuple[bool, dict[str, Any]]:
+    """Write ``value`` (sealed) under ``key`` only if the key is absent: (won, record now there).
+
+    Raises :class:`BadRecord` if the record that beat ours fails its seal.
+    """
+    mine = json.dumps(seal.seal(key, value), sort_keys=True)
     raw = store.compare_set(key, "", mine)
-    return raw == mine.encode(), json.loads(raw)
+    if raw == mine.encode():
+        return True, dict(value)
+    return False, seal.open(key, raw, required)
 
 
-def store_put(store: dist.Store, key: str, value: dict[str, Any]) -> None:
-    store.set(key, json.dumps(value, sort_keys=True))
+def store_put(store: dist.Store, key: str, value: dict[str, Any], seal: RecordSeal) -> None:
+    store.set(key, json.dumps(seal.seal(key, value), sort_keys=True))
 
 
 def poll(fn: Callable[[], T | None], t: Transfer, until: float) -> T | None:
@@ -72,7 +134,7 @@ def poll(fn: Callable[[], T | None], t: Transfer, until: float) -> T | None:
 
 
 def await_accept(store: dist.Store, accept_key: str, dkey: str, deadline: float,
-                 closed: Callable[[], bool]) -> dict[str, Any] | None:
+                 closed: Callable[[], bool], seal: RecordSeal, required: bool) -> dict[str, Any] | None:
     """Sender, before joining a new pair group: None once the receiver joins too.
 
     The receiver writes ``accept_key`` right before it joins (we consume
@@ -80,13 +142,23 @@ def await_accept(store: dist.Store, accept_key: str, dkey: str, deadline: float,
     record is returned. ``{"s": "timeout"|"closed", "why": ...}`` when the
     deadline passes or the transport closes first. Does not stop on abort:
     the transfer is committed, and the receiver's ops must find their match.
+    An accept marker or refusal that fails its seal is ignored (and a bad
+    accept marker dropped): only the receiver can let the sender in or out.
     """
     delay = _POLL_MIN_S
     while True:
-        if store.check([accept_key]):
+        try:
+            accepted = store_read(store, accept_key, seal, required) is not None
+        except BadRecord:
+            accepted = False
+            store.delete_key(accept_key)
+        if accepted:
             store.delete_key(accept_key)
             return None
-        value = store_read(store, dkey)
+        try:
+            value = store_read(store, dkey, seal, required)
+        except BadRecord:
+            value = None
         if value is not None and value.get("s") != "go":
             return value
         if closed():
@@ -97,12 +169,49 @@ def await_accept(store: dist.Store, accept_key: str, dkey: str, deadline: float,
         delay = min(delay * 2, _POLL_MAX_S)
 
 
+def listening_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+    """A ``TCPStore`` server that listens on ``host`` only (port 0: a free one).
+
+    Left to itself, ``TCPStore`` binds its server socket to every interface
+    whatever ``host_name`` says; so we bind the socket to ``host`` ourselves
+    and hand it over (``master_listen_fd``), and the store closes it.
+    """
+    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind(addr)
+        sock.listen(512)
+        bound = sock.getsockname()[1]
+    except OSError:
+        sock.close()
+        raise
+    fd = sock.detach()
+    try:
+        return dist.TCPStore(host, bound, None, True, timedelta(seconds=timeout_s), wait_for_workers=False,
+                             master_listen_fd=fd)
+    except Exception:
+        os.close(fd)
+        raise
+
+
+def rendezvous_keys(backend: str, prefix: str) -> list[str]:
+    """The keys a pair group of ``backend`` leaves under ``prefix`` in the store.
+
+    gloo: each rank's address, under ``<device index>/<rank>``; gloo may read
+    them again after the group is built, so they are deleted only once the
+    generation is superseded. NCCL exchanges its unique id on the first op,
+    under names of its own; those are not listed (and stay).
+    """
+    return [f"{prefix}/0/0", f"{prefix}/0/1"] if backend == "gloo" else []
+
+
 def new_group(backend: str, host: str, port: int, prefix: str, rank: int, timeout_s: float,
               gloo_device: Any = None) -> Any:
     """Build one 2-rank group over the store at host:port; blocks until the peer joins.
 
     Each group gets its own store client whose timeout bounds the rendezvous
-    (the shared control client must not be blocked by it).
+    (the shared control client must not be blocked by it). The group's
+    rendezvous leaves keys under ``prefix`` (see :func:`rendezvous_keys`).
     """
     timeout = timedelta(seconds=max(timeout_s, 0.001))
     client = dist.TCPStore(host, port, None, False, timeout, wait_for_workers=False)

@@ -15,6 +15,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvtransfer.faults import TransferFaults
+from kvtransfer.stream_limits import DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_STREAM_IDLE_S
 
 
 class Settings(BaseModel):
@@ -105,6 +106,8 @@ class HandoffSettings:
     host: str  # an address, or "auto": this node's (see resolve_host)
     chunk_bytes: int
     namespace: str  # where the ray backend finds its peers' actors
+    stream_idle_s: float = DEFAULT_STREAM_IDLE_S  # grpc: a push stream silent this long is closed
+    max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER  # grpc: open push streams per sender
     secret: str | None = None
     faults: TransferFaults | None = None  # fault injection (tests)
 
@@ -114,6 +117,8 @@ class HandoffSettings:
         # Ray's backend finds its peers by actor name; the others by address.
         kwargs: dict[str, Any] = ({"namespace": self.namespace} if self.backend == "ray"
                                   else {"host": resolve_host(self.host), "chunk_bytes": self.chunk_bytes})
+        if self.backend == "grpc":
+            kwargs.update(stream_idle_s=self.stream_idle_s, max_streams_per_peer=self.max_streams_per_peer)
         if self.secret is not None:
             kwargs["secret"] = self.secret
         if self.faults is not None:

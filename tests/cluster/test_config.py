@@ -242,3 +242,17 @@ def test_router_security_and_limits_are_validated():
     assert only.startswith("router.max_attempts: ")
     cfg = load_config("router: {metrics_port: null, max_request_bytes: 4096}")
     assert cfg.router.metrics_port is None and cfg.router.max_request_bytes == 4096
+
+
+def test_grpc_stream_bounds_are_validated_and_reach_the_transport():
+    from cluster.deployment import pool_specs
+
+    assert problems("kvtransfer: {stream_idle_s: 0}") == ["kvtransfer.stream_idle_s: must be > 0"]
+    assert problems("kvtransfer: {stream_idle_s: .inf}") == ["kvtransfer.stream_idle_s: must be <= 600"]
+    assert problems("kvtransfer: {max_streams_per_peer: 0}") == ["kvtransfer.max_streams_per_peer: must be >= 1"]
+    cfg = load_config("kvtransfer: {backend: grpc, stream_idle_s: 2.5, max_streams_per_peer: 8}")
+    for spec in pool_specs(cfg):
+        kw = spec.handoff.transport_kwargs()
+        assert kw["stream_idle_s"] == 2.5 and kw["max_streams_per_peer"] == 8
+    for spec in pool_specs(load_config("kvtransfer: {backend: gloo}")):  # only grpc takes them
+        assert "stream_idle_s" not in spec.handoff.transport_kwargs()

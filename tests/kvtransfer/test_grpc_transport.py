@@ -24,10 +24,16 @@ def rx():
     tr.close()
 
 
+def stream_metadata(sender: str, transfer_id: str, total_bytes: int) -> tuple[tuple[str, str | bytes], ...]:
+    return (("kv-sender", sender), ("kv-transfer-id-bin", transfer_id.encode()), ("kv-total-bytes", str(total_bytes)))
+
+
 def push(rx: GrpcTransport, chunks: list[kvtransfer_pb2.KvChunk], sender: str = "tx") -> kvtransfer_pb2.PushAck:
+    """A raw push whose metadata names the first chunk's transfer and size."""
     with grpc.insecure_channel(f"127.0.0.1:{rx.port}") as channel:
         stub = kvtransfer_pb2_grpc.KvTransferStub(channel)
-        return stub.Push(iter(chunks), timeout=10, metadata=(("kv-sender", sender),))
+        md = stream_metadata(sender, chunks[0].transfer_id, chunks[0].total_bytes)
+        return stub.Push(iter(chunks), timeout=10, metadata=md)
 
 
 def test_raw_push_of_raw_bytes(rx: GrpcTransport) -> None:

@@ -34,7 +34,8 @@ def test_pool_specs_hand_each_worker_its_section_and_the_one_lease():
     assert decode.engine == DecodeEngineConfig(kv_cache_bytes=1 << 20, max_running=8)
     assert prefill.handoff is decode.handoff and prefill.handoff.lease_s == 7.0
     assert prefill.handoff.transport_kwargs() == {"host": "127.0.0.1", "chunk_bytes": 65536, "secret": "s3cret",
-                                                  "faults": faults}
+                                                  "faults": faults, "stream_idle_s": 10.0,
+                                                  "max_streams_per_peer": 64}  # grpc's stream bounds
     assert prefill.num_cpus == 0.5 and prefill.model == cfg.model
 
 
