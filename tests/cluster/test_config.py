@@ -248,7 +248,8 @@ def test_grpc_stream_bounds_are_validated_and_reach_the_transport():
     from cluster.deployment import pool_specs
 
     assert problems("kvtransfer: {stream_idle_s: 0}") == ["kvtransfer.stream_idle_s: must be > 0"]
-    assert problems("kvtransfer: {stream_idle_s: .inf}") == ["kvtransfer.stream_idle_s: must be <= 600"]
+    assert problems("kvtransfer: {stream_idle_s: .inf}") == ["kvtransfer.stream_idle_s: must be a finite number; got inf"]
+    assert problems("kvtransfer: {stream_idle_s: 601}") == ["kvtransfer.stream_idle_s: must be <= 600"]
     assert problems("kvtransfer: {max_streams_per_peer: 0}") == ["kvtransfer.max_streams_per_peer: must be >= 1"]
     cfg = load_config("kvtransfer: {backend: grpc, stream_idle_s: 2.5, max_streams_per_peer: 8}")
     for spec in pool_specs(cfg):
