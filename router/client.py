@@ -3,6 +3,7 @@
     python -m router.client "Why is the sky blue?"          # chat message, streamed
     python -m router.client --raw "Once upon a time"        # raw prompt
     python -m router.client --status                        # pools and workers
+    python -m router.client --address h1:50051,h2:50051 "Hi"   # router replicas: retried on the next
     SPLITSERVE_TOKEN=... python -m router.client --tls-ca ca.pem --address host:50051 "Hi"
 
 With ``--tls-ca`` the channel is TLS and trusts that CA (or self-signed
@@ -14,6 +15,7 @@ call. A token sent without TLS is readable by anyone on the path.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import time
@@ -94,25 +96,127 @@ def _open_channel(address: str, tls_ca: str | None, server_name: str | None, aio
             else grpc.secure_channel(address, creds, options=options))
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When the client library tries a request again on another router address.
+
+    Only ``UNAVAILABLE`` (a router that died, is draining or cannot be
+    reached) and only before the first response: once tokens have streamed,
+    a retry could duplicate them, so the error goes to the caller.
+    """
+
+    max_tries: int = 4  # calls in all, over the addresses in turn
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+
+    def backoff_s(self, failed_tries: int) -> float:
+        """Pause after ``failed_tries`` failed calls (exponential, capped)."""
+        return min(self.max_backoff_s, self.initial_backoff_s * 2 ** max(failed_tries - 1, 0))
+
+
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+NO_RETRY = RetryPolicy(max_tries=1)
+
+
+def parse_addresses(address: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``"h1:p1,h2:p2"`` or a list of ``host:port`` strings -> a non-empty list."""
+    parts = address.split(",") if isinstance(address, str) else list(address)
+    addresses = [a.strip() for a in parts if a and a.strip()]
+    if not addresses:
+        raise ValueError(f"no router address in {address!r}")
+    return addresses
+
+
+class _Routers:
+    """One channel per router address, and which one to use next (rotating on failure)."""
+
+    def __init__(self, address: str | list[str], tls_ca: str | None, server_name: str | None, aio: bool) -> None:
+        self.addresses = parse_addresses(address)
+        self.channels = [_open_channel(a, tls_ca, server_name, aio) for a in self.addresses]
+        self.stubs = [serving_pb2_grpc.ServingStub(c) for c in self.channels]
+        self.current = 0
+
+    def advance(self) -> None:
+        self.current = (self.current + 1) % len(self.addresses)
+
+
+class RetryingStream:
+    """The responses of one ``Generate``, retried on another router while none has arrived.
+
+    Iterate it like the gRPC call it wraps; :meth:`cancel` cancels the call in
+    flight. The first call starts at once (as a plain gRPC call does).
+    """
+
+    def __init__(self, routers: _Routers, request: serving_pb2.GenerateRequest, timeout_s: float,
+                 metadata: tuple, retry: RetryPolicy) -> None:
+        self._routers, self._request, self._metadata, self._retry = routers, request, metadata, retry
+        self._deadline = time.monotonic() + timeout_s
+        self._tries = 0
+        self._started = False  # a response has arrived: no more retries
+        self._cancelled = False
+        self._call = self._start()
+
+    def _start(self):
+        self._tries += 1
+        remaining = max(self._deadline - time.monotonic(), 0.001)
+        return self._routers.stubs[self._routers.current].Generate(self._request, timeout=remaining,
+                                                                   metadata=self._metadata)
+
+    def __iter__(self) -> "RetryingStream":
+        return self
+
+    def __next__(self) -> serving_pb2.GenerateResponse:
+        while True:
+            try:
+                resp = next(self._call)
+                self._started = True
+                return resp
+            except grpc.RpcError as e:
+                if (self._started or self._cancelled or e.code() not in RETRYABLE_CODES
+                        or self._tries >= self._retry.max_tries or time.monotonic() >= self._deadline):
+                    raise
+                self._routers.advance()
+                time.sleep(self._retry.backoff_s(self._tries))
+                self._call = self._start()
+
+    def cancel(self) -> bool:
+        self._cancelled = True
+        return self._call.cancel()
+
+
 class Client:
     """Blocking client; every call has a deadline.
 
+    ``address``: one ``host:port``, or several (a list, or comma-separated)
+    of router replicas: a request that gets ``UNAVAILABLE`` before its first
+    token is tried again on the next one, per ``retry``.
     ``tls_ca``: trust this CA / self-signed certificate (a PEM file path or
     the PEM text) and speak TLS; ``server_name``: the name to check the
     server's certificate against when it differs from the address's host;
     ``token``: sent as ``authorization: Bearer <token>`` on every call.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 600.0, *, tls_ca: str | None = None,
-                 token: str | None = None, server_name: str | None = None) -> None:
+    def __init__(self, address: str | list[str] = DEFAULT_ADDRESS, timeout_s: float = 600.0, *,
+                 tls_ca: str | None = None, token: str | None = None, server_name: str | None = None,
+                 retry: RetryPolicy = RetryPolicy()) -> None:
         self.metadata = auth_metadata(token)  # validated before a channel is opened
-        self.channel = _open_channel(address, tls_ca, server_name, aio=False)
-        self.stub = serving_pb2_grpc.ServingStub(self.channel)
+        self.routers = _Routers(address, tls_ca, server_name, aio=False)
         self.timeout_s = timeout_s
+        self.retry = retry
 
-    def stream(self, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> Iterator[serving_pb2.GenerateResponse]:
-        return self.stub.Generate(build_request(prompt, messages, **kw), timeout=self.timeout_s,
-                                  metadata=self.metadata)
+    @property
+    def channel(self) -> grpc.Channel:
+        """The channel to the router in use now."""
+        return self.routers.channels[self.routers.current]
+
+    @property
+    def stub(self) -> serving_pb2_grpc.ServingStub:
+        """A stub on the router in use now (no retries: for tests that need the raw call)."""
+        return self.routers.stubs[self.routers.current]
+
+    def stream(self, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> RetryingStream:
+        return RetryingStream(self.routers, build_request(prompt, messages, **kw), self.timeout_s, self.metadata,
+                              self.retry)
 
     def generate(self, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> Completion:
         c = Completion()
@@ -124,7 +228,7 @@ class Client:
         return self.stub.ClusterStatus(serving_pb2.ClusterStatusRequest(), timeout=30, metadata=self.metadata)
 
     def health(self, service: str = "", timeout_s: float = 2.0) -> int:
-        """One health ``Check``: the ``HealthCheckResponse`` status (SERVING is 1)."""
+        """One health ``Check`` of the router in use now: the ``HealthCheckResponse`` status (SERVING is 1)."""
         stub = health_pb2_grpc.HealthStub(self.channel)
         return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s,
                           metadata=self.metadata).status
@@ -143,23 +247,51 @@ class Client:
             time.sleep(0.5)
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self.routers.channels:
+            channel.close()
 
 
 class AsyncClient:
-    """``grpc.aio`` client; takes the same ``tls_ca``/``token``/``server_name`` as :class:`Client`."""
+    """``grpc.aio`` client; takes the same arguments as :class:`Client`, and retries the same way."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 600.0, *, tls_ca: str | None = None,
-                 token: str | None = None, server_name: str | None = None) -> None:
+    def __init__(self, address: str | list[str] = DEFAULT_ADDRESS, timeout_s: float = 600.0, *,
+                 tls_ca: str | None = None, token: str | None = None, server_name: str | None = None,
+                 retry: RetryPolicy = RetryPolicy()) -> None:
         self.metadata = auth_metadata(token)
-        self.channel = _open_channel(address, tls_ca, server_name, aio=True)
-        self.stub = serving_pb2_grpc.ServingStub(self.channel)
+        self.routers = _Routers(address, tls_ca, server_name, aio=True)
         self.timeout_s = timeout_s
+        self.retry = retry
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self.routers.channels[self.routers.current]
+
+    @property
+    def stub(self) -> serving_pb2_grpc.ServingStub:
+        return self.routers.stubs[self.routers.current]
 
     async def stream(self, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> AsyncIterator[serving_pb2.GenerateResponse]:
-        async for resp in self.stub.Generate(build_request(prompt, messages, **kw), timeout=self.timeout_s,
-                                             metadata=self.metadata):
-            yield resp
+        request = build_request(prompt, messages, **kw)
+        deadline = time.monotonic() + self.timeout_s
+        tries = 0
+        while True:
+            tries += 1
+            started = False
+            call = self.stub.Generate(request, timeout=max(deadline - time.monotonic(), 0.001),
+                                      metadata=self.metadata)
+            try:
+                async for resp in call:
+                    started = True
+                    yield resp
+                return
+            except grpc.RpcError as e:
+                if (started or e.code() not in RETRYABLE_CODES or tries >= self.retry.max_tries
+                        or time.monotonic() >= deadline):
+                    raise
+            finally:
+                call.cancel()  # no-op once finished; ends the call if the consumer stopped early
+            self.routers.advance()
+            await asyncio.sleep(self.retry.backoff_s(tries))
 
     async def generate(self, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> Completion:
         c = Completion()
@@ -178,7 +310,8 @@ class AsyncClient:
         return resp.status
 
     async def close(self) -> None:
-        await self.channel.close()
+        for channel in self.routers.channels:
+            await channel.close()
 
 
 def cli_token(token_file: str | None) -> str | None:
@@ -193,7 +326,8 @@ def cli_token(token_file: str | None) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompt", nargs="?")
-    ap.add_argument("--address", default=DEFAULT_ADDRESS)
+    ap.add_argument("--address", default=DEFAULT_ADDRESS,
+                    help="router host:port, or several comma-separated (tried in turn while UNAVAILABLE)")
     ap.add_argument("--raw", action="store_true", help="send the prompt as raw text, not as a chat message")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--timeline", action="store_true", help="print where the time went, stage by stage")
