@@ -2,8 +2,8 @@
 attainment, run summaries and DistServe goodput.
 
 Torch- and gRPC-free, so that any report can load saved records
-(:meth:`RequestRecord.from_dict`) and recompute. Vocabulary as in DESIGN.md
-§4, all measured at the client:
+(:meth:`RequestRecord.from_dict`) and recompute. Vocabulary as in
+docs/architecture.md ("Measurement"), all measured at the client:
 
 - **TTFT**: request sent -> first response carrying tokens.
 - **TPOT**: (last token's arrival - first token's arrival) / (tokens - 1);

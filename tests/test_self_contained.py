@@ -1,0 +1,26 @@
+"""Nothing in the repository points outside it: a user has only the repo."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# Background notes that live beside the checkout on the development machine, never in it.
+OUTSIDE = re.compile(r"\.\./shared|shared/DESIGN|DESIGN\.md|seed notes", re.IGNORECASE)
+
+
+def test_no_tracked_file_cites_notes_outside_the_repo():
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    hits = []
+    for name in files:
+        path = REPO / name
+        if name == "tests/test_self_contained.py" or not path.is_file():
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue  # binary (PNG, ...)
+        hits += [f"{name}:{i}: {line.strip()}" for i, line in enumerate(text.splitlines(), 1) if OUTSIDE.search(line)]
+    assert not hits, "\n".join(hits)
