@@ -110,8 +110,7 @@ def test_pool_manager_killed_serving_continues_and_it_returns_to_repair(ray_head
         outs = [client.generate(f"served without a manager {i}", max_tokens=4, ignore_eos=True) for i in range(4)]
         assert all(len(o.token_ids) == 4 for o in outs)
         # It returns under its name and adopts the live workers instead of creating new ones.
-        wait_until(lambda: set(ray.get(ray.get_actor(POOL_MANAGER_NAME, namespace=namespace).stats.remote(),
-                                       timeout=30)["adopted"]) == workers, 120, "the manager back, adopting", 0.5)
+        wait_until(lambda: adopted(namespace) == workers, 120, "the manager back, adopting", 0.5)
         assert worker_names(namespace) == workers
         # Health checking resumed: a later worker death is repaired.
         manager = ray.get_actor(POOL_MANAGER_NAME, namespace=namespace)
@@ -123,6 +122,15 @@ def test_pool_manager_killed_serving_continues_and_it_returns_to_repair(ray_head
         assert len(out.token_ids) == 4
         client.close()
     assert named_actors(namespace) == []
+
+
+def adopted(namespace: str) -> set[str] | None:
+    """The workers the pool manager's current incarnation adopted; None while it is restarting."""
+    try:
+        manager = ray.get_actor(POOL_MANAGER_NAME, namespace=namespace)
+        return set(ray.get(manager.stats.remote(), timeout=30)["adopted"])
+    except (ValueError, ray.exceptions.RayError):
+        return None
 
 
 def flaky_worker(counter: str, failures: int, slow_s: float):
