@@ -24,7 +24,11 @@ seconds (``--quick``: 60) the driver sends a seeded mix of requests, at most
 
 At a third of the run one worker of the ``--kill`` kind is SIGKILLed (its pid
 from the actor's ``pid()``); the router retries or resumes its requests and
-the pool manager replaces it. Then traffic stops, every request ends, and the
+the pool manager replaces it. At two thirds the pool manager itself is
+SIGKILLed (unless ``--no-kill-manager``): the router keeps routing with the
+workers it knows, Ray restarts the manager and it adopts them (reported under
+``manager_kill``). The router is this process: killing it is not part of
+the run. Then traffic stops, every request ends, and the
 benchmark waits (at most ``--settle-s``) for every worker's KV blocks to be
 free.
 
@@ -388,6 +392,37 @@ async def inject_kill(pool_manager: Any, kind: str, at_s: float, driver: Driver,
     return out
 
 
+async def inject_manager_kill(pool_manager: Any, at_s: float, driver: Driver) -> dict[str, Any]:
+    """At ``at_s``, SIGKILL the pool manager; wait until Ray has restarted it and it has adopted
+    the live workers (the router serves from its cached table meanwhile)."""
+    out: dict[str, Any] = {"requested": True}
+    await asyncio.sleep(max(at_s - driver.now(), 0))
+    try:
+        before = {w["worker_id"] for w in (await ray_get(pool_manager.table.remote()))["workers"]}
+        pid = await ray_get(pool_manager.pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        t_kill = driver.now()
+        out.update(pid=pid, at_s=round(t_kill, 2), inflight_at_kill=len(driver.inflight))
+        log(f"killed the pool manager (pid {pid}) at t={t_kill:.1f} s with {len(driver.inflight)} in flight")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            try:
+                stats = await ray_get(pool_manager.stats.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - still restarting
+                continue
+            out.update(back_s=round(driver.now() - t_kill, 2), adopted=sorted(stats["adopted"]),
+                       workers_before=sorted(before), new_pid=await ray_get(pool_manager.pid.remote()))
+            log(f"the pool manager is back after {out['back_s']} s, adopting {out['adopted']}")
+            break
+        else:
+            out["error"] = "the pool manager was not back within 300 s"
+    except Exception as e:  # noqa: BLE001 - reported, and fails the run
+        out["error"] = repr(e)
+        log(f"pool manager kill failed: {e!r}")
+    return out
+
+
 async def settle(client: Any, router_servicer: Any, settle_s: float) -> tuple[list[dict[str, Any]], float]:
     """Poll ClusterStatus until no worker holds a block (and the router has nothing in flight)."""
     t0 = time.monotonic()
@@ -445,9 +480,12 @@ async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
         burst = kill_burst_plans(args.kill, args.kill_burst, prompts, prompts.max_model_len)
         kill_task = asyncio.create_task(inject_kill(pool_manager, args.kill, t_start + s.duration_s / 3, driver,
                                                     samples, burst)) if args.kill != "none" else None
+        manager_task = asyncio.create_task(inject_manager_kill(pool_manager, t_start + 2 * s.duration_s / 3, driver)
+                                           ) if args.kill_manager else None
         sent = await driver.traffic(plans, t_start + s.duration_s, random.Random(s.seed + 2))
         drain_s = round(driver.now() - s.duration_s, 1)  # after the last send until every request ended
         kill = await kill_task if kill_task is not None else {"requested": False}
+        manager_kill = await manager_task if manager_task is not None else {"requested": False}
         log(f"all {sent} requests ended; settling (at most {args.settle_s:.0f} s)")
         blocks_end, settle_s = await settle(driver.client, servicer, args.settle_s)
         for smp in samples.values():
@@ -472,6 +510,7 @@ async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
             router_retries=getattr(dep.deployment.router.servicer.runner, "retries", None),
             post_check=post_check, other_cpu_cores={"before": busy_before, "after": busy_after},
         )
+        report["manager_kill"] = manager_kill
         if args.records:
             report["request_records"] = [asdict(r) for r in records]
         return report
@@ -490,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--replicas", type=int, default=4, help="workers over both pools (a multiple of P+D)")
     ap.add_argument("--kill", choices=("decode", "prefill", "none"), default="decode",
                     help="the kind of worker SIGKILLed at a third of the run")
+    ap.add_argument("--no-kill-manager", dest="kill_manager", action="store_false",
+                    help="do not SIGKILL the pool manager at two thirds of the run")
     ap.add_argument("--kill-burst", type=int, default=8,
                     help="requests sent just before the kill so that the victim is busy")
     ap.add_argument("--concurrency", type=int, default=32, help="most requests in flight")

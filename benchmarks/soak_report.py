@@ -169,6 +169,9 @@ def exit_code(report: Mapping[str, Any]) -> int:
     kill = report.get("kill") or {}
     if kill.get("requested") and not kill.get("back_to_size_s"):
         bad = True  # the worker was not killed or not replaced
+    manager = report.get("manager_kill") or {}
+    if manager.get("requested") and not manager.get("back_s"):
+        bad = True  # the pool manager was not killed or did not come back
     return 1 if bad else 0
 
 
@@ -195,6 +198,13 @@ def render(report: Mapping[str, Any]) -> str:
                      f"pool back to size after {k.get('back_to_size_s')} s")
     elif k.get("requested"):
         lines.append(f"  kill: NOT DONE ({k.get('error', 'unknown')})")
+    m = report.get("manager_kill") or {}
+    if m.get("back_s"):
+        lines.append(f"  pool manager kill: pid {m.get('pid')} at t={m.get('at_s')} s, {m.get('inflight_at_kill')} "
+                     f"requests in flight; back after {m['back_s']} s, adopting {len(m.get('adopted', []))} of "
+                     f"{len(m.get('workers_before', []))} workers")
+    elif m.get("requested"):
+        lines.append(f"  pool manager kill: NOT DONE ({m.get('error', 'unknown')})")
     lines.append("  RSS (MB, after warm-up -> end, growth):")
     for label, row in report["rss_mb"].items():
         g = report["rss_growth_mb"].get(label)

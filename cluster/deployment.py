@@ -3,6 +3,13 @@
 ``Deployment`` is what ``cluster.launch`` serves and what the integration
 tests start; it is the only code that reads the whole config tree and turns
 it into the explicit arguments of the pool manager, workers and router.
+
+The pool manager and the workers are detached named actors of the
+deployment's Ray namespace: they outlive the process that launched them. A
+launch finds a pool manager already running in its namespace (its
+predecessor was killed) and adopts it with its workers; one that is gone is
+created anew (it adopts the live workers by name). ``stop`` ends every named
+actor of the namespace, so a stopped deployment leaks none.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import ray
 from prometheus_client import CollectorRegistry
 
 from cluster.config import ClusterConfig
-from cluster.pool_manager import PoolManager, PoolSpec
+from cluster.pool_manager import PoolManager, PoolSpec, kill_named_actors
 from cluster.preflight import preflight
 from engine.model_loader import load_tokenizer
 from kvtransfer.faults import TransferFaults
@@ -31,6 +38,7 @@ from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, Pre
 
 log = logging.getLogger(__name__)
 POOL_MANAGER_NAME = "pool_manager"
+SUPERVISE_INTERVAL_S = 2.0
 
 
 def pool_specs(cfg: ClusterConfig, kv_secret: str | None = None,
@@ -67,6 +75,8 @@ class Deployment:
         self.registry = CollectorRegistry()
         self.metrics_server: Any = None
         self.metrics_port: int | None = None
+        self._pool_args: tuple = ()
+        self._supervisor: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
@@ -80,17 +90,14 @@ class Deployment:
         # Secrets are read here, once; a missing one stops the launch with its source named.
         token = load_secret(env=rc.auth_token_env, file=rc.auth_token_file)
         kv_secret = load_secret(env=cfg.kvtransfer.secret_env, file=cfg.kvtransfer.secret_file)
-        specs = pool_specs(cfg, kv_secret, self.faults)
+        self._pool_args = (pool_specs(cfg, kv_secret, self.faults),
+                           (1,) if cfg.pools.colocated else cfg.pools.ratio_pair(),
+                           (cfg.pools.counts()[1],) if cfg.pools.colocated else cfg.pools.counts())
+        self.pool_manager = await asyncio.to_thread(self.find_or_create_pool_manager)
+        await self.pool_manager.start.remote()
         colocated = cfg.pools.colocated
-        ratio = (1,) if colocated else cfg.pools.ratio_pair()
-        self.pool_manager = ray.remote(PoolManager).options(
-            name=POOL_MANAGER_NAME, namespace=cfg.ray.namespace, num_cpus=0, max_concurrency=64,
-        ).remote(specs, ratio, namespace=cfg.ray.namespace)
-        p_count, d_count = cfg.pools.counts()
-        counts = (d_count,) if colocated else (p_count, d_count)
-        await self.pool_manager.start.remote(*counts)
         tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model.name)
-        directory = WorkerDirectory(self.pool_manager)
+        directory = WorkerDirectory(self.pool_manager, find_pool_manager=self.find_pool_manager)
         await directory.refresh()
         limits = await fetch_limits(directory)
         runner = RequestRunner(directory, make_policy(rc.policy), make_policy(rc.policy),
@@ -111,22 +118,66 @@ class Deployment:
             self.metrics_server, self.metrics_port = start_metrics_server(self.registry, rc.metrics_host,
                                                                             rc.metrics_port)
         log.info("serving %s on %s (metrics on %s)", cfg.model.name, self.router.address, self.metrics_port)
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
         return self.router.address
 
+    def find_pool_manager(self) -> Any:
+        """The pool manager's current handle, by name (ValueError if there is none)."""
+        return ray.get_actor(POOL_MANAGER_NAME, namespace=self.cfg.ray.namespace)
+
+    def find_or_create_pool_manager(self) -> Any:
+        """The namespace's pool manager: the running one (adopted with its workers) or a new one.
+
+        Detached, so it outlives this process; Ray restarts it when its process dies
+        (the new incarnation adopts the live workers by name)."""
+        try:
+            return self.find_pool_manager()
+        except ValueError:
+            pass
+        specs, ratio, counts = self._pool_args
+        return ray.remote(PoolManager).options(
+            name=POOL_MANAGER_NAME, namespace=self.cfg.ray.namespace, lifetime="detached", get_if_exists=True,
+            num_cpus=0, max_concurrency=64, max_restarts=-1,
+        ).remote(specs, ratio, counts, namespace=self.cfg.ray.namespace)
+
+    async def _supervise(self) -> None:
+        """Recreate the pool manager when it is gone for good (killed, or Ray gave up restarting it)."""
+        while True:
+            await asyncio.sleep(SUPERVISE_INTERVAL_S)
+            try:
+                await asyncio.to_thread(self.find_pool_manager)
+            except ValueError:
+                log.warning("the pool manager is gone; recreating it (it adopts the live workers)")
+                try:
+                    pm = await asyncio.to_thread(self.find_or_create_pool_manager)
+                    await asyncio.wait_for(pm.table.remote(), timeout=60)
+                except Exception:
+                    log.exception("recreating the pool manager failed; retrying")
+            except Exception:
+                log.exception("supervision check failed")
+
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain the router (``router.drain_grace_s`` unless given), then stop every actor."""
+        """Drain the router (``router.drain_grace_s`` unless given), then stop every actor of the namespace."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            self._supervisor = None
         if self.router is not None:
             await self.router.stop(self.cfg.router.drain_grace_s if grace_s is None else grace_s)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
             self.metrics_server = None
-        if self.pool_manager is not None:
-            try:
+        try:
+            if self.pool_manager is not None:
                 await asyncio.wait_for(self.pool_manager.stop.remote(), timeout=60)
-            finally:
-                ray.kill(self.pool_manager)
-                self.pool_manager = None
+        except Exception:
+            log.exception("the pool manager did not stop its workers; killing them")
+        finally:
+            self.pool_manager = None
+            # Everything here is detached: whatever is still alive (a worker being started,
+            # the manager itself) would outlive this process otherwise.
+            killed = await asyncio.to_thread(kill_named_actors, self.cfg.ray.namespace)
+            log.info("stopped %s", killed)
 
 
 class BackgroundDeployment:

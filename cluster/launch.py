@@ -4,6 +4,12 @@ Submitted with ``ray job submit`` it joins that Ray cluster; run bare, it
 joins a running local cluster or starts one. It creates the pools, starts
 the router, and serves until SIGTERM/SIGINT (``ray job stop``), then stops
 admitting, lets in-flight requests finish and stops the actors.
+
+The pool manager and the workers are detached actors of the deployment's Ray
+namespace: a launch that dies without stopping (SIGKILL) leaves them serving
+for the next launch, which adopts them. ``--teardown`` kills every named
+actor of the namespace instead (``python -m cluster.submit --stop`` runs it
+after the job has stopped, so nothing outlives a stopped deployment).
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ async def serve(cfg: ClusterConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="deployment YAML (default: built-in defaults)")
+    ap.add_argument("--teardown", action="store_true",
+                    help="kill every actor the deployment left in its namespace (after its job stopped)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -84,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"splitserve: {e}", file=sys.stderr)
         return 2
     connect_ray(cfg.ray)
+    if args.teardown:
+        from cluster.pool_manager import kill_named_actors
+
+        killed = kill_named_actors(cfg.ray.namespace)
+        print(f"splitserve: killed {len(killed)} leftover actors of namespace {cfg.ray.namespace!r}: "
+              f"{', '.join(sorted(killed)) or 'none'}", flush=True)
+        return 0
     try:
         asyncio.run(serve(cfg))
     except ConfigError as e:  # cluster.preflight: KV that cannot fit, before any actor started

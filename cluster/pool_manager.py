@@ -1,14 +1,22 @@
 """The pool manager: creates, health-checks, replaces and scales the actor
 pools at the configured prefill:decode ratio.
 
-It runs as a named Ray actor (``<namespace>/pool_manager``) so that the
-router in the launch process and the ``cluster.scale`` CLI both reach it.
+It runs as a named, detached Ray actor (``<namespace>/pool_manager``) so
+that the routers and the ``cluster.scale`` CLI reach it by name, and it
+creates the workers as named, detached actors (``<namespace>/<kind>-<n>``):
+none of them dies with the process that launched the deployment. Ray
+restarts the manager when its process dies (``max_restarts=-1``); the first
+call to the new incarnation adopts the live workers by name (instead of
+creating new ones) and resumes the health checks. The pool targets survive
+in Ray's internal KV store, so a ``cluster.scale`` is not undone.
 
 - ``start(P, D)`` creates ``P`` prefill and ``D`` decode actors (or, in
   colocated mode, ``start(N)`` creates ``N`` colocated actors that run both
   phases) and waits until each answers a ping.
 - A health loop pings every actor (with a timeout); one that is dead or
-  unresponsive is replaced by a fresh actor under a new id.
+  unresponsive is replaced by a fresh actor under a new id. Replacements
+  start in the background (never under the manager's lock); one that fails
+  to start is killed and retried with exponential backoff.
 - ``scale(total)`` moves to the counts for ``total`` at the ratio. New
   actors join as soon as they are ready; removed ones first leave the
   routing table, then are drained (no running, reserved, queued or held
@@ -20,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +47,37 @@ log = logging.getLogger(__name__)
 WORKER_CLASSES = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}
 PING_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 600.0  # model loading on a busy 2-core machine is slow
+RETRY_BASE_S = 1.0  # a failed worker start is retried after 1, 2, 4, ... s
+RETRY_MAX_S = 60.0
+WORKER_NAME = re.compile(r"(prefill|decode|colocated)-(\d+)")
+
+
+def worker_actor_name(kind: str, index: int) -> str:
+    """A worker's actor name (and id) in the deployment's namespace; :data:`WORKER_NAME` parses it."""
+    return f"{kind}-{index}"
+
+
+def retry_delay_s(failures: int) -> float:
+    """Backoff before the next start of a pool whose last ``failures`` starts failed in a row."""
+    return min(RETRY_BASE_S * 2 ** max(failures - 1, 0), RETRY_MAX_S)
+
+
+def named_actors(namespace: str) -> list[str]:
+    """Names of the live named actors of ``namespace``."""
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace]
+
+
+def kill_named_actors(namespace: str) -> list[str]:
+    """Kill every named actor of ``namespace`` (the deployment's pool manager, routers and
+    workers: all detached, so nothing else ends them); return their names."""
+    killed = []
+    for name in named_actors(namespace):
+        try:
+            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+            killed.append(name)
+        except ValueError:
+            pass  # gone meanwhile
+    return killed
 
 
 class WorkerStartError(RuntimeError):
@@ -78,14 +119,15 @@ def start_failure_cause(error: BaseException, spec: PoolSpec) -> str:
 
 
 class PoolManager:
-    """Plain class; launched with ``ray.remote(PoolManager).options(name=...)``."""
+    """Plain class; launched with ``ray.remote(PoolManager).options(name=..., lifetime="detached")``."""
 
-    def __init__(self, specs: list[PoolSpec], ratio: tuple[int, ...], *, namespace: str,
+    def __init__(self, specs: list[PoolSpec], ratio: tuple[int, ...], counts: tuple[int, ...], *, namespace: str,
                  health_interval_s: float = 2.0, drain_timeout_s: float = 120.0) -> None:
         """``specs``: the pools, prefill then decode (or one colocated pool);
-        ``ratio``: their replica ratio, one entry per spec."""
-        if len(specs) != len(ratio):
-            raise ValueError(f"{len(specs)} pools but a ratio of {len(ratio)} parts")
+        ``ratio``: their replica ratio, one entry per spec; ``counts``: the
+        initial pool sizes (a restarted manager keeps the last targets instead)."""
+        if not len(specs) == len(ratio) == len(counts):
+            raise ValueError(f"{len(specs)} pools but a ratio of {len(ratio)} parts and {len(counts)} counts")
         self.specs = {spec.kind: spec for spec in specs}
         self.kinds = tuple(self.specs)
         self.ratio = ratio
@@ -93,67 +135,154 @@ class PoolManager:
         self.health_interval_s = health_interval_s
         self.drain_timeout_s = drain_timeout_s
         self.workers: dict[str, WorkerEntry] = {}
-        self.targets = {kind: 0 for kind in self.kinds}
+        self.targets = dict(zip(self.kinds, counts))
         self.version = 0  # bumps whenever the routing table changes
+        self.incarnation = uuid.uuid4().hex  # tells this incarnation's tables from a predecessor's
         self.replacements = 0
+        self.adopted: list[str] = []  # workers this incarnation found alive instead of creating
+        self.start_failures = 0  # worker starts that failed (each killed, then retried)
         self._next_index = {kind: 0 for kind in self.kinds}
+        self._pending = {kind: 0 for kind in self.kinds}  # starts under way
+        self._failures = {kind: 0 for kind in self.kinds}  # consecutive failed starts
+        self._retry_at = {kind: 0.0 for kind in self.kinds}  # time.monotonic() of the next allowed start
         self._health: asyncio.Task | None = None
+        self._resumed = False
+        self._stopped = False
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------- creation
-    async def start(self, *counts: int) -> dict:
-        """Create the pools with ``counts`` actors (one count per pool) and wait until all answer."""
+    async def start(self) -> dict:
+        """Adopt the live workers, create the missing ones and wait until they answer
+        (WorkerStartError if one fails); then keep them healthy. Idempotent."""
+        await self._resume()
         async with self._lock:
-            self.targets = dict(zip(self.kinds, counts, strict=True))
-            await self._reconcile()
-        if self._health is None:
+            tasks = self._reconcile()
+        await self._wait(tasks)
+        return await self.table()
+
+    async def _resume(self) -> None:
+        """First call of this incarnation (fresh, or restarted by Ray): adopt the pools' live
+        workers by name, restore the targets and start the health loop."""
+        if self._resumed:
+            return
+        async with self._lock:
+            if self._resumed:
+                return
+            saved = _load_targets(self.namespace)
+            if saved is not None and set(saved) == set(self.kinds):
+                self.targets = saved
+            await self._adopt()
+            self._resumed = True
             self._health = asyncio.get_running_loop().create_task(self._health_loop())
-        return self.table()
+
+    async def _adopt(self) -> None:
+        names = await asyncio.to_thread(named_actors, self.namespace)
+        for name in names:
+            m = WORKER_NAME.fullmatch(name)
+            if m is None or m.group(1) not in self.specs:
+                continue
+            kind, index = m.group(1), int(m.group(2))
+            self._next_index[kind] = max(self._next_index[kind], index + 1)
+            try:
+                handle = await asyncio.to_thread(ray.get_actor, name, namespace=self.namespace)
+                entry = await self._describe(name, kind, handle, PING_TIMEOUT_S)
+            except Exception as e:
+                log.warning("not adopting %s (%s); killing it", name, e)
+                try:
+                    ray.kill(ray.get_actor(name, namespace=self.namespace), no_restart=True)
+                except Exception:
+                    pass
+                continue
+            self.workers[name] = entry
+            self.adopted.append(name)
+            self.version += 1
+        if self.adopted:
+            log.info("adopted live workers %s", self.adopted)
+
+    @staticmethod
+    async def _describe(worker_id: str, kind: str, handle: Any, ready_timeout_s: float) -> WorkerEntry:
+        await asyncio.wait_for(handle.ping.remote(), timeout=ready_timeout_s)
+        endpoint, node = await asyncio.wait_for(
+            asyncio.gather(handle.endpoint.remote(), handle.node_id.remote()), timeout=PING_TIMEOUT_S)
+        return WorkerEntry(worker_id, kind, handle, endpoint, node)
 
     async def _create(self, kind: str) -> WorkerEntry:
         spec = self.specs[kind]
-        index = self._next_index[kind]
+        worker_id = worker_actor_name(kind, self._next_index[kind])
         self._next_index[kind] += 1
-        worker_id = f"{kind}-{index}"
+        # Detached: the worker outlives the manager (a restarted manager adopts it by name).
         handle = ray.remote(WORKER_CLASSES[kind]).options(
-            name=worker_id, namespace=self.namespace, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
-            resources=spec.resources or None, max_restarts=0,
+            name=worker_id, namespace=self.namespace, lifetime="detached", num_cpus=spec.num_cpus,
+            num_gpus=spec.num_gpus, resources=spec.resources or None, max_restarts=0,
         ).remote(worker_id, model=spec.model, engine=spec.engine, handoff=spec.handoff)
         try:
-            await asyncio.wait_for(handle.ping.remote(), timeout=READY_TIMEOUT_S)
-            endpoint, node = await asyncio.wait_for(
-                asyncio.gather(handle.endpoint.remote(), handle.node_id.remote()), timeout=PING_TIMEOUT_S)
-        except Exception as e:
+            entry = await self._describe(worker_id, kind, handle, READY_TIMEOUT_S)
+        except BaseException as e:
             # Never leave a half-started actor holding CPUs/GPUs; say why it failed.
             ray.kill(handle, no_restart=True)
+            if not isinstance(e, Exception):
+                raise
             raise WorkerStartError(f"{worker_id} failed to start: {start_failure_cause(e, spec)}") from e
-        return WorkerEntry(worker_id, kind, handle, endpoint, node)
+        if self._stopped:  # stop() came while it started: it must not outlive the pools
+            ray.kill(handle, no_restart=True)
+            raise WorkerStartError(f"{worker_id} started after the pools were stopped")
+        return entry
 
-    async def _reconcile(self) -> None:
-        """Create or drain actors until each pool matches its target."""
+    async def _add(self, kind: str) -> WorkerEntry:
+        """Start one worker of ``kind`` and put it in the table; a failure is counted and
+        backs that pool's next start off (the health loop retries it)."""
+        self._pending[kind] += 1
+        try:
+            entry = await self._create(kind)
+        except Exception as e:
+            self._failures[kind] += 1
+            self.start_failures += 1
+            delay = retry_delay_s(self._failures[kind])
+            self._retry_at[kind] = time.monotonic() + delay
+            log.warning("%s; retrying the %s pool in %.0f s", e, kind, delay)
+            raise
+        finally:
+            self._pending[kind] -= 1
+        self._failures[kind] = 0
+        self.workers[entry.worker_id] = entry
+        self.version += 1
+        return entry
+
+    def _reconcile(self) -> list[asyncio.Task]:
+        """(Under the lock.) Start or drain actors until each pool matches its target; return the
+        start tasks, which run on their own (the lock is not held while models load)."""
+        loop = asyncio.get_running_loop()
         adds = []
+        now = time.monotonic()
         for kind in self.kinds:
             live = [w for w in self.workers.values() if w.kind == kind and not w.draining]
-            missing = self.targets[kind] - len(live)
-            adds += [self._create(kind) for _ in range(max(missing, 0))]
+            missing = self.targets[kind] - len(live) - self._pending[kind]
+            if missing > 0 and now >= self._retry_at[kind]:
+                adds += [loop.create_task(self._add(kind)) for _ in range(missing)]
             for w in sorted(live, key=lambda w: w.worker_id, reverse=True)[:max(-missing, 0)]:
                 w.draining = True
                 self.version += 1
-                asyncio.get_running_loop().create_task(self._drain_and_kill(w))
-        # Keep every actor that did start even when another failed (it would leak otherwise).
-        results = await asyncio.gather(*adds, return_exceptions=True)
-        for entry in results:
-            if isinstance(entry, WorkerEntry):
-                self.workers[entry.worker_id] = entry
-                self.version += 1
+                loop.create_task(self._drain_and_kill(w))
+        return adds
+
+    @staticmethod
+    async def _wait(tasks: list[asyncio.Task]) -> None:
+        """Wait for every start (keeping every actor that did start); raise the first failure."""
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise errors[0]
 
+    def _set_targets(self, targets: dict[str, int]) -> None:
+        self.targets = targets
+        _save_targets(self.namespace, targets)
+
     # -------------------------------------------------------------- queries
-    def table(self) -> dict:
+    async def table(self) -> dict:
         """The routing table: live, non-draining workers and their endpoints."""
+        await self._resume()
         return {
+            "incarnation": self.incarnation,
             "version": self.version,
             "targets": dict(self.targets),
             "workers": [
@@ -163,12 +292,21 @@ class PoolManager:
             ],
         }
 
-    def counts(self) -> dict[str, int]:
+    async def counts(self) -> dict[str, int]:
+        await self._resume()
         live = [w for w in self.workers.values() if not w.draining]
         return {kind: sum(w.kind == kind for w in live) for kind in self.kinds}
 
-    def stats(self) -> dict:
-        return {"replacements": self.replacements, "draining": sum(w.draining for w in self.workers.values())}
+    async def stats(self) -> dict:
+        await self._resume()
+        return {"replacements": self.replacements, "draining": sum(w.draining for w in self.workers.values()),
+                "adopted": list(self.adopted), "start_failures": self.start_failures,
+                "pending": sum(self._pending.values())}
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     # -------------------------------------------------------------- scaling
     async def scale(self, total: int) -> dict[str, int]:
@@ -176,10 +314,13 @@ class PoolManager:
         counts = split_at_ratio(self.ratio, total) if len(self.kinds) == 2 else (total,)
         if total < 1:
             raise ValueError(f"total must be >= 1, got {total}")
+        await self._resume()
         async with self._lock:
-            self.targets = dict(zip(self.kinds, counts))
-            await self._reconcile()
-        return self.counts()
+            self._set_targets(dict(zip(self.kinds, counts)))
+            self._retry_at = {kind: 0.0 for kind in self.kinds}  # an explicit resize tries at once
+            tasks = self._reconcile()
+        await self._wait(tasks)
+        return await self.counts()
 
     async def _drain_and_kill(self, w: WorkerEntry) -> None:
         deadline = time.monotonic() + self.drain_timeout_s
@@ -195,7 +336,7 @@ class PoolManager:
             await asyncio.wait_for(w.handle.shutdown.remote(), timeout=PING_TIMEOUT_S)
         except Exception:
             pass
-        ray.kill(w.handle)
+        ray.kill(w.handle, no_restart=True)
         self.workers.pop(w.worker_id, None)
 
     # --------------------------------------------------------------- health
@@ -208,7 +349,8 @@ class PoolManager:
                 log.exception("health check failed")
 
     async def check_health(self) -> list[str]:
-        """Ping every worker; replace the dead. Returns the ids replaced."""
+        """Ping every worker; replace the dead (in the background). Returns the ids found dead."""
+        await self._resume()
         async with self._lock:
             live = [w for w in self.workers.values() if not w.draining]
 
@@ -224,15 +366,17 @@ class PoolManager:
             for w in dead:
                 log.warning("worker %s is dead; replacing it", w.worker_id)
                 self.workers.pop(w.worker_id, None)
-                ray.kill(w.handle)
+                ray.kill(w.handle, no_restart=True)
                 self.version += 1
                 self.replacements += 1
-            if dead:
-                await self._reconcile()
+            if not self._stopped:
+                for task in self._reconcile():  # failures are logged and retried by _add's backoff
+                    task.add_done_callback(lambda t: t.cancelled() or t.exception())
             return [w.worker_id for w in dead]
 
     async def stop(self) -> None:
         """Kill every actor (after the router stopped sending work)."""
+        self._stopped = True
         if self._health is not None:
             self._health.cancel()
         for w in list(self.workers.values()):
@@ -240,6 +384,30 @@ class PoolManager:
                 await asyncio.wait_for(w.handle.shutdown.remote(), timeout=PING_TIMEOUT_S)
             except Exception:
                 pass
-            ray.kill(w.handle)
+            ray.kill(w.handle, no_restart=True)
         self.workers.clear()
         self.version += 1
+        _save_targets(self.namespace, None)
+
+
+def _targets_key(namespace: str) -> bytes:
+    return f"splitserve/{namespace}/pool_targets".encode()
+
+
+def _save_targets(namespace: str, targets: dict[str, int] | None) -> None:
+    """Keep the pool targets where a restarted manager finds them (Ray's GCS key-value store)."""
+    from ray.experimental import internal_kv
+
+    if targets is None:
+        internal_kv._internal_kv_del(_targets_key(namespace))
+    else:
+        internal_kv._internal_kv_put(_targets_key(namespace), ",".join(f"{k}={v}" for k, v in targets.items()))
+
+
+def _load_targets(namespace: str) -> dict[str, int] | None:
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(_targets_key(namespace))
+    if not raw:
+        return None
+    return {k: int(v) for k, v in (item.split("=") for item in raw.decode().split(","))}

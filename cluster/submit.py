@@ -9,8 +9,12 @@ it needs set by itself: the project's Ray token and loopback environment
 ``ray job stop`` time to drain. It waits until the router answers SERVING;
 when the job fails first, the error carries the end of the job's log (the
 real cause, e.g. a missing model or a taken port). The id of the submitted
-job is kept in ``.splitserve/job_id`` so that ``--stop`` (and ``make stop``)
-stop exactly it.
+job is kept in ``.splitserve/job_id`` (its config's path in
+``.splitserve/job_config``) so that ``--stop`` (and ``make stop``) stop
+exactly it. The job's own stop path (SIGTERM: drain, then stop the actors)
+ends the deployment's detached actors; ``--stop`` then runs
+``cluster.launch --teardown`` as a short job of its own, which kills any
+that a killed entrypoint left behind.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from cluster.local_ray import REPO, STATE_DIR, RayStartError, ray_bin, ray_env
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 JOB_ID_FILE = STATE_DIR / "job_id"
+JOB_CONFIG_FILE = STATE_DIR / "job_config"
 CLI_TIMEOUT_S = 120.0
 AGENT_WAIT_TRIES = 30  # a fresh head's dashboard agent takes a while to accept jobs
 JOB_LOG_TAIL_CHARS = 4000
@@ -60,6 +65,7 @@ def submit(config_path: str | Path, dashboard: str = DEFAULT_DASHBOARD) -> str:
                             f"{run.stderr[-2000:]}")
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     JOB_ID_FILE.write_text(match.group(1))
+    JOB_CONFIG_FILE.write_text(str(path))
     return match.group(1)
 
 
@@ -101,7 +107,20 @@ def stop_job(dashboard: str = DEFAULT_DASHBOARD, timeout_s: float = 300.0) -> st
     if run.returncode != 0 and "does not exist" not in run.stdout + run.stderr:
         raise RuntimeError(f"ray job stop {job_id} failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
     JOB_ID_FILE.unlink(missing_ok=True)
+    if JOB_CONFIG_FILE.exists():
+        teardown(JOB_CONFIG_FILE.read_text().strip(), dashboard, timeout_s)
+        JOB_CONFIG_FILE.unlink(missing_ok=True)
     return job_id
+
+
+def teardown(config_path: str, dashboard: str = DEFAULT_DASHBOARD, timeout_s: float = 300.0) -> str:
+    """Kill the actors a stopped deployment left in its namespace (``cluster.launch --teardown``,
+    run as a job and waited for); return its output."""
+    run = job_cli(dashboard, "submit", "--", sys.executable, "-m", "cluster.launch", "--config", config_path,
+                  "--teardown", timeout_s=timeout_s)
+    if run.returncode != 0:
+        raise RuntimeError(f"teardown of {config_path} failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+    return run.stdout
 
 
 def router_address(cfg: ClusterConfig) -> str:

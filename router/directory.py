@@ -1,11 +1,16 @@
 """The router's view of the pools: worker handles, endpoints and load,
-refreshed from the pool manager and from the workers' own status."""
+refreshed from the pool manager and from the workers' own status.
+
+The table is a cache: while the pool manager is unreachable (dead, being
+restarted or recreated) the router keeps routing to the workers it knows and
+keeps polling their status; it finds the manager again by name."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from router.policy import WorkerLoad
@@ -38,30 +43,55 @@ class WorkerInfo:
 
 
 class WorkerDirectory:
-    """Refreshes from the pool manager every ``refresh_s`` seconds."""
+    """Refreshes from the pool manager every ``refresh_s`` seconds.
 
-    def __init__(self, pool_manager: Any, refresh_s: float = 0.5) -> None:
+    ``find_pool_manager``: returns the pool manager's current handle (by name);
+    called when the one held stops answering (it may have been recreated).
+    """
+
+    def __init__(self, pool_manager: Any, refresh_s: float = 0.5,
+                 find_pool_manager: Callable[[], Any] | None = None) -> None:
         self.pool_manager = pool_manager
+        self.find_pool_manager = find_pool_manager
         self.refresh_s = refresh_s
+        self.table_failures = 0  # refreshes in a row that could not reach the pool manager
         self.workers: dict[str, WorkerInfo] = {}
         self.targets: dict[str, int] = {}
-        self.version = -1
+        self.version: tuple[str, int] | None = None  # (the manager's incarnation, its table version)
         self._task: asyncio.Task | None = None
 
     def of_kind(self, kind: str) -> list[WorkerInfo]:
         return [w for w in self.workers.values() if w.kind == kind]
 
     async def refresh(self) -> None:
+        """Fetch the table (keeping the cached one if the pool manager is unreachable), then poll status."""
+        try:
+            await self.refresh_table()
+        except Exception as e:
+            self.table_failures += 1
+            log.warning("pool manager unreachable (%s); routing with the %d workers known", e, len(self.workers))
+            if self.find_pool_manager is not None:
+                try:
+                    self.pool_manager = await asyncio.to_thread(self.find_pool_manager)
+                except Exception:
+                    pass  # not back yet
+            if self.version is None:
+                raise  # no table ever: nothing to route with
+        await self.poll_status()
+
+    async def refresh_table(self) -> None:
         table = await asyncio.wait_for(self.pool_manager.table.remote(), timeout=STATUS_TIMEOUT_S)
+        self.table_failures = 0
         self.targets = table["targets"]
-        if table["version"] != self.version:
+        # A recreated manager counts versions afresh: its incarnation tells its tables apart.
+        version = (table["incarnation"], table["version"])
+        if version != self.version:
             fresh = {}
             for w in table["workers"]:
                 old = self.workers.get(w["worker_id"])
                 fresh[w["worker_id"]] = old or WorkerInfo(w["worker_id"], w["kind"], w["handle"], w["endpoint"], w["node_id"])
             self.workers = fresh
-            self.version = table["version"]
-        await self.poll_status()
+            self.version = version
 
     async def poll_status(self) -> None:
         async def one(w: WorkerInfo) -> None:

@@ -79,3 +79,7 @@ def test_ray_job_submit_serves_and_stops(ray_head, tiny_model, tmp_path):
     assert "splitserve: serving builtin:tiny-llama" in logs
     assert "splitserve: stopping" in logs, logs[-2000:]  # SIGTERM from `ray job stop` drained the router
     assert "splitserve: stopped" in logs, logs[-2000:]  # ... and it exited by itself, not by SIGKILL
+    # The pool manager and the workers are detached (they outlive a killed entrypoint): the stop ended them.
+    from cluster.pool_manager import named_actors
+
+    assert named_actors("test-job-submit") == []
