@@ -69,7 +69,9 @@ def test_dead_actor_is_replaced_and_pools_return_to_size(tiny_cluster):
     ray.kill(victim)
     replaced = ray.get(pm.check_health.remote(), timeout=300)
     assert replaced == ["decode-0"]
-    assert ray.get(pm.counts.remote(), timeout=30) == {"prefill": 1, "decode": 1}
+    # The replacement starts in the background (the manager's lock is not held while a model loads).
+    wait_for(lambda: ray.get(pm.counts.remote(), timeout=30) == {"prefill": 1, "decode": 1}, 300.0,
+             "the replacement to start")
     wait_for(lambda: {p.kind: [w.worker_id for w in p.workers] for p in Client(address).status().pools}
              == {"prefill": ["prefill-0"], "decode": ["decode-1"]}, 10.0, "the router to see the new actor")
     out = Client(address).generate("after the replacement", max_tokens=4, ignore_eos=True)
