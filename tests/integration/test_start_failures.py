@@ -24,17 +24,26 @@ def test_head_that_cannot_start_reports_rays_output(tmp_path):
     assert len(message.splitlines()) > 2, message
 
 
-def test_worker_that_cannot_start_names_the_cause_and_leaks_no_actor(ray_head):
+def test_worker_that_cannot_start_names_the_cause_and_leaks_no_actor(ray_head, tiny_model, tmp_path):
     import ray
 
-    cfg = make_config(model="/nonexistent/model-dir")
+    # A missing model is refused before any actor starts, naming the field.
+    with pytest.raises(Exception) as err:
+        with running(make_config(model="/nonexistent/model-dir")):
+            pass
+    assert "model.name" in str(err.value) and "/nonexistent/model-dir" in str(err.value), str(err.value)
+    # A model whose config passes that check but whose weights are missing fails in the worker:
+    # the error the user sees carries the worker's own cause.
+    broken = tmp_path / "no-weights"
+    broken.mkdir()
+    tiny_model.config.to_json_file(str(broken / "config.json"))
+    cfg = make_config(model=str(broken))
     with pytest.raises(Exception) as err:
         with running(cfg):
             pass
     message = str(err.value)
-    assert "failed to start" in message and "/nonexistent/model-dir" in message, message
-    assert "nothing is downloaded" in message, message  # the loader's own explanation reached the user
+    # The worker's own cause (here: no tokenizer files beside the config) reached the user.
+    assert "failed to start" in message and "tokenizer" in message, message
     # Named actors still alive in the deployment's namespace (through this driver's own connection).
     alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == cfg.ray.namespace]
     assert alive == [], alive
-    assert ray.is_initialized()
