@@ -118,9 +118,7 @@ class AsyncEngine:
             with self._lock:
                 has_work = self.engine.scheduler.has_work()
             if not has_work:
-                idle = True
-                self._wake.wait(timeout=IDLE_POLL_S)
-                self._wake.clear()
+                idle = self._sleep_until_woken()
                 continue
             if idle and self.batch_wait_s > 0:
                 time.sleep(self.batch_wait_s)  # let concurrent arrivals join this batch
@@ -139,12 +137,16 @@ class AsyncEngine:
                 # Requests wait but none could be scheduled (no free block): sleep
                 # until something changes (a call: new request, abort, release)
                 # instead of spinning a core on empty schedules.
-                idle = True
-                self._wake.wait(timeout=IDLE_POLL_S)
-                self._wake.clear()
+                idle = self._sleep_until_woken()
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)
+
+    def _sleep_until_woken(self) -> bool:
+        """Wait for a call to change the engine's state (or ``IDLE_POLL_S``); the loop is idle after it."""
+        self._wake.wait(timeout=IDLE_POLL_S)
+        self._wake.clear()
+        return True
 
     def _deliver(self, request_id: str, item: Any) -> None:
         queue = self._queues.get(request_id)

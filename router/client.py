@@ -109,6 +109,11 @@ class RetryPolicy:
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
 
+    def should_retry(self, error: grpc.RpcError, *, started: bool, tries: int, deadline: float) -> bool:
+        """Whether a call that failed with ``error`` is tried again (the one rule for sync and async)."""
+        return (not started and error.code() in RETRYABLE_CODES and tries < self.max_tries
+                and time.monotonic() < deadline)
+
     def backoff_s(self, failed_tries: int) -> float:
         """Pause after ``failed_tries`` failed calls (exponential, capped)."""
         return min(self.max_backoff_s, self.initial_backoff_s * 2 ** max(failed_tries - 1, 0))
@@ -172,8 +177,8 @@ class RetryingStream:
                 self._started = True
                 return resp
             except grpc.RpcError as e:
-                if (self._started or self._cancelled or e.code() not in RETRYABLE_CODES
-                        or self._tries >= self._retry.max_tries or time.monotonic() >= self._deadline):
+                if self._cancelled or not self._retry.should_retry(e, started=self._started, tries=self._tries,
+                                                                   deadline=self._deadline):
                     raise
                 self._routers.advance()
                 time.sleep(self._retry.backoff_s(self._tries))
@@ -285,8 +290,7 @@ class AsyncClient:
                     yield resp
                 return
             except grpc.RpcError as e:
-                if (started or e.code() not in RETRYABLE_CODES or tries >= self.retry.max_tries
-                        or time.monotonic() >= deadline):
+                if not self.retry.should_retry(e, started=started, tries=tries, deadline=deadline):
                     raise
             finally:
                 call.cancel()  # no-op once finished; ends the call if the consumer stopped early
