@@ -61,18 +61,9 @@ def start_ray(namespace: str, num_cpus: int = 2) -> None:
     its end ends them; :func:`cluster.local_ray.start_head` (a separate
     ``ray start`` head) is for processes that must outlive or share a cluster.
     """
-    import ray
-    from ray._private import ray_constants
+    from cluster.local_ray import init_private_cluster
 
-    single_node = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    # Ray's single-node mode keeps _node_ip_address=127.0.0.1 (not the host's routable address). Ray reads
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into this constant at import; forced here, whatever the shell had set.
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 namespace=namespace, log_to_driver=False, logging_level="WARNING")
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = single_node
+    init_private_cluster(namespace, num_cpus, logging_level="WARNING")
 
 
 # ------------------------------------------------------------------ contention

@@ -81,6 +81,36 @@ def apply_ray_env() -> None:
     os.environ.update(ray_env())
 
 
+def init_private_cluster(namespace: str, num_cpus: int = 2, *, tries: int = 1, **init_kwargs) -> None:
+    """``ray.init`` a fresh local cluster owned by this process, on 127.0.0.1 only.
+
+    ``address="local"``: a cluster of our own even when another head is up on
+    the machine, and ``ray.shutdown()`` ends exactly it. Ray's single-node
+    mode keeps ``_node_ip_address=127.0.0.1`` instead of the host's routable
+    address; Ray reads it into a constant at import, so it is forced for this
+    init only. ``tries``: Ray gives its raylet a fixed 30 s to start, which a
+    loaded machine can miss.
+    """
+    apply_ray_env()
+    import ray
+    from ray._private import ray_constants
+
+    single_node = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        for attempt in range(tries):
+            try:
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                         namespace=namespace, log_to_driver=False, **init_kwargs)
+                return
+            except Exception:
+                ray.shutdown()
+                if attempt == tries - 1:
+                    raise
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = single_node
+
+
 def ray_bin() -> str:
     """The ``ray`` CLI of this interpreter's environment (not whatever is on PATH)."""
     candidate = Path(sys.executable).parent / "ray"

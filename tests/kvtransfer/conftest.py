@@ -17,7 +17,6 @@ no transport thread outlives it.
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -66,34 +65,14 @@ def no_leaked_threads() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def ray_hosts() -> Iterator[list[Any]]:
     """A local Ray cluster for the session and a few transport-hosting actors."""
-    os.environ["RAY_AUTH_MODE"] = "token"  # Ray 2.60 expects token auth
     import ray
-    from ray._private import ray_constants
 
+    from cluster.local_ray import init_private_cluster
     from tests.kvtransfer.ray_hosts import TransportHost
 
     started = not ray.is_initialized()
     if started:
-        # ray.init() turns _node_ip_address="127.0.0.1" into the host's routable
-        # IP unless Ray's single-node mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
-        # read when ray is imported) is on; switch it on just for this init so
-        # the test cluster listens on loopback only.
-        single_node = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        try:
-            for attempt in range(2):  # Ray gives its raylet a fixed 30 s to start: a loaded box can miss it
-                try:
-                    # address="local": a fresh cluster of our own, even when another
-                    # session's `ray start` head is up on this machine.
-                    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                             namespace=RAY_NAMESPACE, log_to_driver=False, configure_logging=False)
-                    break
-                except Exception:
-                    ray.shutdown()
-                    if attempt == 1:
-                        raise
-        finally:
-            ray_constants.ENABLE_RAY_CLUSTER = single_node
+        init_private_cluster(RAY_NAMESPACE, 2, tries=2, configure_logging=False)
     # PYTHONPATH per actor: it also holds on a cluster that someone else's ray.init() started.
     env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "token"}}
     hosts = [TransportHost.options(name=f"kvt-host-{i}", namespace=RAY_NAMESPACE, runtime_env=env).remote()
