@@ -2,7 +2,8 @@
 
 The cluster benchmarks (``cluster_overhead``, ``soak``) and the integration
 tests all run this same shape: half a CPU per worker, a few hundred KV blocks,
-a router on a random port, and a Ray namespace of its own per config.
+one router in this process on a random port (``router={"replicas": N}`` for
+N router replica actors instead), and a Ray namespace of its own per config.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def make_config(model: str = TINY_MODEL, backend: str = "gloo", ratio: str = "1:
             "decode": {"num_cpus": 0.5, "num_blocks": 512, "max_running": 32, **pool_overrides.get("decode", {})},
         },
         "kvtransfer": {"backend": backend, "timeout_s": 30, "lease_s": 30.0, **(kvtransfer or {})},
+        # One in-process router unless asked: the tests look inside it (and start faster).
         "router": {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": 0,
-                   "drain_grace_s": 10, **(router or {})},
+                   "drain_grace_s": 10, "replicas": 1, **(router or {})},
         "ray": {"namespace": f"small-{backend}-{next(_namespaces)}"},
     }
     return parse_config(data)

@@ -15,6 +15,7 @@ import ipaddress
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -53,6 +54,12 @@ def is_unspecified(host: str) -> bool:
         return ipaddress.ip_address(host).is_unspecified
     except ValueError:
         return False
+
+
+def default_router_replicas() -> int:
+    """``router.replicas`` when unset: 2 where N processes can serve one port (Linux:
+    gRPC binds with SO_REUSEPORT), else 1."""
+    return 2 if sys.platform.startswith("linux") else 1
 
 
 class ConfigError(ValueError):
@@ -280,7 +287,12 @@ class RouterConfig(Settings):
     """The client-facing gRPC server."""
 
     host: str = "127.0.0.1"
-    port: int = Field(50051, ge=0, le=65535)  # 0: pick a free port
+    port: int = Field(50051, ge=0, le=65535)  # 0: pick a free port (once, at launch: every replica serves it)
+    # Router processes serving ``port`` together (SO_REUSEPORT; the kernel spreads
+    # connections over them). 1: the router runs inside the launch process; more:
+    # detached Ray actors (num_cpus=0) on the launch's node, restarted by Ray when
+    # one dies. Replica i serves /metrics on metrics_port + i.
+    replicas: int = Field(default_factory=lambda: default_router_replicas(), ge=1, le=64)
     policy: Literal["round_robin", "least_loaded"] = "least_loaded"
     max_queued: int = Field(256, ge=1)  # beyond this, new requests get RESOURCE_EXHAUSTED (0 would refuse all)
     request_timeout_s: float = Field(600, gt=0, le=MAX_WAIT_S)  # then DEADLINE_EXCEEDED, KV freed
@@ -319,8 +331,16 @@ class RouterConfig(Settings):
         if not is_loopback(self.metrics_host):
             problems.append(("metrics_host", f"{self.metrics_host} is not loopback: /metrics has no authentication, "
                                              "so it binds to 127.0.0.1 (scrape it from the same host or pod)"))
-        if self.metrics_port is not None and self.metrics_port != 0 and self.metrics_port == self.port:
-            problems.append(("metrics_port", f"{self.metrics_port} is router.port too; give /metrics its own port"))
+        if self.metrics_port is not None and self.metrics_port != 0:
+            last = self.metrics_port + self.replicas - 1  # replica i serves /metrics on metrics_port + i
+            if self.metrics_port <= self.port <= last:
+                problems.append(("metrics_port", f"{self.metrics_port}..{last} (one per router replica) includes "
+                                                 f"router.port {self.port}; give /metrics ports of their own"))
+            if last > 65535:
+                problems.append(("metrics_port", f"{self.metrics_port} + {self.replicas} replicas passes 65535"))
+        if self.replicas > 1 and not sys.platform.startswith("linux"):
+            problems.append(("replicas", f"{self.replicas} router processes share one port through SO_REUSEPORT, "
+                                         "which gRPC sets on Linux only; use 1 here"))
         if problems:
             raise FieldProblems(problems)
         return self

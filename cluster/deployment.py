@@ -1,39 +1,43 @@
-"""A running deployment: the pool manager actor plus the router server.
+"""A running deployment: the pool manager actor plus the routers.
 
 ``Deployment`` is what ``cluster.launch`` serves and what the integration
 tests start; it is the only code that reads the whole config tree and turns
-it into the explicit arguments of the pool manager, workers and router.
+it into the explicit arguments of the pool manager, workers and routers.
 
 The pool manager and the workers are detached named actors of the
 deployment's Ray namespace: they outlive the process that launched them. A
 launch finds a pool manager already running in its namespace (its
 predecessor was killed) and adopts it with its workers; one that is gone is
-created anew (it adopts the live workers by name). ``stop`` ends every named
+created anew (it adopts the live workers by name). With ``router.replicas``
+1 the router runs in this process; with N > 1 it runs as N detached
+:class:`~cluster.router_replica.RouterReplica` actors on this node sharing
+one port (adopted by name too, restarted by Ray when one dies), and this
+process only supervises. ``stop`` drains the routers, then ends every named
 actor of the namespace, so a stopped deployment leaks none.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import threading
 from typing import Any
 
 import ray
-
 from prometheus_client import CollectorRegistry
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.config import ClusterConfig
+from cluster.local_ray import free_port
 from cluster.pool_manager import PoolManager, PoolSpec, kill_named_actors
 from cluster.preflight import preflight
-from engine.model_loader import load_tokenizer
+from cluster.router_replica import (READY_TIMEOUT_S, RouterReplica, RouterSettings, RouterStats, RunningRouter,
+                                    router_actor_name, start_router)
 from kvtransfer.faults import TransferFaults
-from observability.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
-from router.directory import WorkerDirectory
-from router.policy import make_policy
-from router.request_runner import RequestRunner
 from router.security import load_secret
-from router.server import RouterServer, ServingServicer, fetch_limits
+from router.server import RouterServer
 from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, PrefillEngineConfig
 
 log = logging.getLogger(__name__)
@@ -61,6 +65,19 @@ def pool_specs(cfg: ClusterConfig, kv_secret: str | None = None,
     return [prefill, decode]
 
 
+def router_settings(cfg: ClusterConfig, token: str | None) -> RouterSettings:
+    """What each router is built from (``port`` as configured: 0 is resolved at start)."""
+    rc = cfg.router
+    tls = (os.path.abspath(rc.tls_cert), os.path.abspath(rc.tls_key)) if rc.tls_cert and rc.tls_key else None
+    return RouterSettings(
+        model_name=cfg.model.name, host=rc.host, port=rc.port, policy=rc.policy, max_queued=rc.max_queued,
+        request_timeout_s=rc.request_timeout_s, queue_timeout_s=rc.queue_timeout_s,
+        max_request_bytes=rc.max_request_bytes, max_attempts=rc.max_attempts, transfer_retries=rc.transfer_retries,
+        transfer_timeout_s=cfg.kvtransfer.timeout_s, drain_grace_s=rc.drain_grace_s, colocated=cfg.pools.colocated,
+        namespace=cfg.ray.namespace, pool_manager_name=POOL_MANAGER_NAME, metrics_host=rc.metrics_host,
+        metrics_port=rc.metrics_port, tls=tls, token=token)
+
+
 class Deployment:
     """Pools + router (+ metrics endpoint) for one config, driven from the current event loop.
 
@@ -71,17 +88,21 @@ class Deployment:
         self.cfg = cfg
         self.faults = faults
         self.pool_manager: Any = None
-        self.router: RouterServer | None = None
-        self.registry = CollectorRegistry()
-        self.metrics_server: Any = None
-        self.metrics_port: int | None = None
+        self.router: RouterServer | None = None  # the in-process router (router.replicas 1), else None
+        self.replicas: list[Any] = []  # the RouterReplica actors (router.replicas > 1), by index
+        self.router_settings: RouterSettings | None = None
+        self.registry = CollectorRegistry()  # the in-process router's metrics
+        self.metrics_port: int | None = None  # router 0's /metrics port (replica i: this + i)
+        self._local: RunningRouter | None = None
+        self._address: str | None = None
         self._pool_args: tuple = ()
         self._supervisor: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
-        assert self.router is not None, "not started"
-        return self.router.address
+        """``host:port`` every router of the deployment serves."""
+        assert self._address is not None, "not started"
+        return self._address
 
     async def start(self) -> str:
         cfg, rc = self.cfg, self.cfg.router
@@ -95,31 +116,64 @@ class Deployment:
                            (cfg.pools.counts()[1],) if cfg.pools.colocated else cfg.pools.counts())
         self.pool_manager = await asyncio.to_thread(self.find_or_create_pool_manager)
         await self.pool_manager.start.remote()
-        colocated = cfg.pools.colocated
-        tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model.name)
-        directory = WorkerDirectory(self.pool_manager, find_pool_manager=self.find_pool_manager)
-        await directory.refresh()
-        limits = await fetch_limits(directory)
-        runner = RequestRunner(directory, make_policy(rc.policy), make_policy(rc.policy),
-                               transfer_timeout_s=cfg.kvtransfer.timeout_s,
-                               queue_timeout_s=rc.queue_timeout_s,
-                               max_attempts=rc.max_attempts, transfer_retries=rc.transfer_retries,
-                               colocated=colocated)
-        metrics = RouterMetrics(self.registry)
-        self.registry.register(WorkerStatusCollector(
-            lambda: [w.status for w in list(directory.workers.values()) if w.status is not None]))
-        servicer = ServingServicer(runner, directory, tokenizer, limits, rc.max_queued, metrics,
-                                   request_timeout_s=rc.request_timeout_s)
-        tls = (rc.tls_cert, rc.tls_key) if rc.tls_cert and rc.tls_key else None
-        self.router = RouterServer(servicer, rc.host, rc.port, tls=tls, token=token,
-                                   max_request_bytes=rc.max_request_bytes)
-        await self.router.start()
-        if rc.metrics_port is not None:
-            self.metrics_server, self.metrics_port = start_metrics_server(self.registry, rc.metrics_host,
-                                                                            rc.metrics_port)
-        log.info("serving %s on %s (metrics on %s)", cfg.model.name, self.router.address, self.metrics_port)
+        self.router_settings = router_settings(cfg, token)
+        if rc.replicas == 1:
+            # One router, in this process (tests reach its servicer through ``self.router``).
+            self._local = await start_router(self.router_settings, self.pool_manager, self.find_pool_manager,
+                                             rc.metrics_port, self.registry)
+            self.router, self.metrics_port = self._local.server, self._local.metrics_port
+            self._address = self.router.address
+        else:
+            self.replicas = await asyncio.to_thread(self.find_or_create_replicas)
+            stats = await asyncio.gather(*(asyncio.wait_for(h.ready.remote(), timeout=READY_TIMEOUT_S)
+                                           for h in self.replicas))
+            self._address = stats[0].address
+            self.metrics_port = stats[0].metrics_port
+        log.info("serving %s on %s with %d router(s) (metrics on %s)", cfg.model.name, self._address,
+                 rc.replicas, self.metrics_port)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
-        return self.router.address
+        return self._address
+
+    def find_or_create_replicas(self) -> list[Any]:
+        """The namespace's router replicas ``router-0..N-1``: those running (a killed launch left
+        them serving) are adopted, the missing ones created on this node. Port 0 is resolved
+        here, once: every replica (and every Ray restart of one) binds the same port."""
+        n, namespace = self.cfg.router.replicas, self.cfg.ray.namespace
+        handles: dict[int, Any] = {}
+        for i in range(n):
+            try:
+                handles[i] = ray.get_actor(router_actor_name(i), namespace=namespace)
+            except ValueError:
+                pass
+        port = self.cfg.router.port
+        if handles:  # serve where the adopted replicas serve
+            port = ray.get(next(iter(handles.values())).ready.remote(), timeout=READY_TIMEOUT_S).address
+            port = int(port.rsplit(":", 1)[1])
+        elif port == 0:
+            port = free_port()
+        self.router_settings = dataclasses.replace(self.router_settings, port=port, reuse_port=True)
+        for i in range(n):
+            if i not in handles:
+                handles[i] = self.create_replica(i)
+        return [handles[i] for i in range(n)]
+
+    def create_replica(self, index: int) -> Any:
+        """Router replica ``index``: detached (it outlives this process), no CPU reserved (it
+        would not fit beside the workers on a small machine), on this node (it binds
+        ``router.host`` here), and restarted by Ray whenever its process dies."""
+        return ray.remote(RouterReplica).options(
+            name=router_actor_name(index), namespace=self.cfg.ray.namespace, lifetime="detached",
+            get_if_exists=True, num_cpus=0, max_restarts=-1, max_concurrency=4,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+        ).remote(index, self.router_settings)
+
+    async def router_stats(self) -> list[RouterStats]:
+        """Every router's :class:`RouterStats` (a replica that does not answer is left out)."""
+        if self._local is not None:
+            return [self._local.stats(0)]
+        results = await asyncio.gather(*(asyncio.wait_for(h.stats.remote(), timeout=30) for h in self.replicas),
+                                       return_exceptions=True)
+        return [r for r in results if isinstance(r, RouterStats)]
 
     def find_pool_manager(self) -> Any:
         """The pool manager's current handle, by name (ValueError if there is none)."""
@@ -141,7 +195,8 @@ class Deployment:
         ).remote(specs, ratio, counts, namespace=self.cfg.ray.namespace)
 
     async def _supervise(self) -> None:
-        """Recreate the pool manager when it is gone for good (killed, or Ray gave up restarting it)."""
+        """Recreate the pool manager, or a router replica, when it is gone for good (killed, or
+        Ray gave up restarting it). A replica whose process died is restarted by Ray itself."""
         while True:
             await asyncio.sleep(SUPERVISE_INTERVAL_S)
             try:
@@ -155,18 +210,31 @@ class Deployment:
                     log.exception("recreating the pool manager failed; retrying")
             except Exception:
                 log.exception("supervision check failed")
+            for i, _ in enumerate(self.replicas):
+                try:
+                    await asyncio.to_thread(ray.get_actor, router_actor_name(i), namespace=self.cfg.ray.namespace)
+                except ValueError:
+                    log.warning("router replica %d is gone; recreating it", i)
+                    self.replicas[i] = await asyncio.to_thread(self.create_replica, i)
+                except Exception:
+                    log.exception("supervision check of router replica %d failed", i)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain the router (``router.drain_grace_s`` unless given), then stop every actor of the namespace."""
+        """Drain the routers (``router.drain_grace_s`` unless given), then stop every actor of the namespace."""
+        grace = self.cfg.router.drain_grace_s if grace_s is None else grace_s
         if self._supervisor is not None:
             self._supervisor.cancel()
             self._supervisor = None
-        if self.router is not None:
-            await self.router.stop(self.cfg.router.drain_grace_s if grace_s is None else grace_s)
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-            self.metrics_server.server_close()
-            self.metrics_server = None
+        if self._local is not None:
+            await self._local.stop(grace)
+            self._local = None
+        if self.replicas:
+            # Every replica drains at once; one that is dead or stuck is killed below with the rest.
+            drained = await asyncio.gather(*(asyncio.wait_for(h.drain.remote(grace), timeout=grace + 60)
+                                             for h in self.replicas), return_exceptions=True)
+            for i, r in enumerate(drained):
+                if isinstance(r, BaseException):
+                    log.warning("router replica %d did not drain (%r); killing it", i, r)
         try:
             if self.pool_manager is not None:
                 await asyncio.wait_for(self.pool_manager.stop.remote(), timeout=60)
@@ -175,8 +243,9 @@ class Deployment:
         finally:
             self.pool_manager = None
             # Everything here is detached: whatever is still alive (a worker being started,
-            # the manager itself) would outlive this process otherwise.
+            # the manager, the router replicas) would outlive this process otherwise.
             killed = await asyncio.to_thread(kill_named_actors, self.cfg.ray.namespace)
+            self.replicas = []
             log.info("stopped %s", killed)
 
 

@@ -5,9 +5,10 @@ joins a running local cluster or starts one. It creates the pools, starts
 the router, and serves until SIGTERM/SIGINT (``ray job stop``), then stops
 admitting, lets in-flight requests finish and stops the actors.
 
-The pool manager and the workers are detached actors of the deployment's Ray
-namespace: a launch that dies without stopping (SIGKILL) leaves them serving
-for the next launch, which adopts them. ``--teardown`` kills every named
+The pool manager, the workers and (with ``router.replicas`` > 1) the router
+replicas are detached actors of the deployment's Ray namespace: a launch that
+dies without stopping (SIGKILL) leaves them serving (the replicas keep the
+port open), and the next launch adopts them. ``--teardown`` kills every named
 actor of the namespace instead (``python -m cluster.submit --stop`` runs it
 after the job has stopped, so nothing outlives a stopped deployment).
 """
@@ -68,9 +69,12 @@ async def serve(cfg: ClusterConfig) -> None:
         p, d = cfg.pools.counts()
         pools = (f"{d} colocated" if cfg.pools.colocated
                  else f"{p} prefill + {d} decode, kvtransfer={cfg.kvtransfer.backend}")
-        metrics = (f"; metrics on http://{cfg.router.metrics_host}:{deployment.metrics_port}/metrics"
-                   if deployment.metrics_port is not None else "")
-        print(f"splitserve: serving {cfg.model.name} on {address} ({pools}){metrics}", flush=True)
+        n = cfg.router.replicas
+        metrics = "" if deployment.metrics_port is None else (
+            f"; metrics on http://{cfg.router.metrics_host}:{deployment.metrics_port}/metrics"
+            + (f" (router replica i: port {deployment.metrics_port} + i)" if n > 1 else ""))
+        routers = "1 router in this process" if n == 1 else f"{n} router replicas"
+        print(f"splitserve: serving {cfg.model.name} on {address} ({pools}; {routers}){metrics}", flush=True)
         await stop.wait()
         print(f"splitserve: stopping (draining in-flight requests for up to {cfg.router.drain_grace_s:.0f} s)",
               flush=True)

@@ -79,9 +79,13 @@ def build_request(prompt: str | None = None, messages: list[dict] | None = None,
     return req
 
 
-def _channel_options(server_name: str | None) -> list[tuple[str, str]]:
-    # Check the server's certificate against this name instead of the address's host.
-    return [("grpc.ssl_target_name_override", server_name)] if server_name else []
+def _channel_options(server_name: str | None) -> list[tuple[str, str | int]]:
+    # Each client its own connection (gRPC otherwise shares one per target in a
+    # process): router replicas behind one port get the clients spread over them.
+    options: list[tuple[str, str | int]] = [("grpc.use_local_subchannel_pool", 1)]
+    if server_name:  # check the server's certificate against this name instead of the address's host
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return options
 
 
 def _open_channel(address: str, tls_ca: str | None, server_name: str | None, aio: bool) -> grpc.Channel:
@@ -90,7 +94,8 @@ def _open_channel(address: str, tls_ca: str | None, server_name: str | None, aio
     if tls_ca is None:
         if server_name:
             raise ValueError("server_name only applies to TLS: give tls_ca as well")
-        return grpc.aio.insecure_channel(address) if aio else grpc.insecure_channel(address)
+        return (grpc.aio.insecure_channel(address, options=options) if aio
+                else grpc.insecure_channel(address, options=options))
     creds = channel_credentials(tls_ca)
     return (grpc.aio.secure_channel(address, creds, options=options) if aio
             else grpc.secure_channel(address, creds, options=options))

@@ -66,6 +66,7 @@ class ServingServicer:
         self.max_queued = max_queued
         self.metrics = metrics
         self.inflight = 0
+        self.admitted = 0  # requests admitted since start (tests and the soak tell replicas apart by it)
         self.active_ids: set[str] = set()  # request ids in flight: a second one with the same id is refused
         self.accepting = True
         # One thread tokenizes, off the event loop (a fast tokenizer is not
@@ -109,6 +110,7 @@ class ServingServicer:
         # From here the request counts against max_queued and holds its id,
         # tokenizing included: that is the one costly step of admission.
         self.inflight += 1
+        self.admitted += 1
         self.active_ids.add(request.request_id)
         if self.metrics is not None:
             self.metrics.in_flight.inc()
@@ -259,14 +261,21 @@ class RouterServer:
 
     ``tls`` is ``(cert_path, key_path)`` to serve TLS; ``token`` turns on
     bearer-token authentication (health checks and reflection stay open).
+    ``reuse_port``: bind with SO_REUSEPORT (``grpc.so_reuseport``), so that
+    router replicas in other processes serve the same port; the kernel spreads
+    new connections over them. gRPC does this by default on Linux; replicas
+    ask for it explicitly.
     """
 
     def __init__(self, servicer: ServingServicer, host: str, port: int, *, tls: tuple[str, str] | None = None,
-                 token: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+                 token: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 reuse_port: bool = False) -> None:
         self.servicer = servicer
         # gRPC's own limit sits above ours, so that our deserializer can name the limit in its error.
-        self.server = grpc.aio.server(interceptors=auth_interceptors(token), options=[
-            ("grpc.max_receive_message_length", max_request_bytes * 2 + 1024)])
+        options = [("grpc.max_receive_message_length", max_request_bytes * 2 + 1024)]
+        if reuse_port:
+            options.append(("grpc.so_reuseport", 1))
+        self.server = grpc.aio.server(interceptors=auth_interceptors(token), options=options)
         self.server.add_generic_rpc_handlers((serving_handlers(servicer, max_request_bytes),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

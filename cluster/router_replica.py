@@ -1,0 +1,188 @@
+"""One router, in the launch process or as a replica actor: its settings, how it
+is built and started, and the :class:`RouterReplica` actor.
+
+With ``router.replicas: N`` > 1 the deployment runs N :class:`RouterReplica`
+actors (``<namespace>/router-<i>``): detached, ``num_cpus=0``, pinned to the
+launch's node, ``max_restarts=-1``. Each binds ``router.host:router.port``
+with SO_REUSEPORT, so the kernel spreads new connections over the live ones,
+and each finds the pool manager by name and routes to any worker, so any of
+them serves any request. A replica's death (SIGKILL) ends only the streams it
+carried; Ray restarts its process under the same name and it binds the port
+again. Replica ``i`` serves ``/metrics`` on ``router.metrics_port + i``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from engine.model_loader import load_tokenizer
+from observability.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
+from router.directory import WorkerDirectory
+from router.policy import make_policy
+from router.request_runner import RequestRunner
+from router.server import RouterServer, ServingServicer, fetch_limits
+
+log = logging.getLogger(__name__)
+ROUTER_NAME_PREFIX = "router-"
+FIND_MANAGER_TIMEOUT_S = 120.0  # a replica restarted while the pool manager is restarting too waits for it
+READY_TIMEOUT_S = 600.0  # loading the tokenizer on a busy 2-core machine is slow
+
+
+def router_actor_name(index: int) -> str:
+    """Replica ``index``'s actor name in the deployment's namespace."""
+    return f"{ROUTER_NAME_PREFIX}{index}"
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """Everything one router needs (``cluster.deployment`` fills it from the config)."""
+
+    model_name: str
+    host: str
+    port: int  # the port every replica binds (resolved from 0 before any replica starts)
+    policy: str
+    max_queued: int
+    request_timeout_s: float
+    queue_timeout_s: float
+    max_request_bytes: int
+    max_attempts: int
+    transfer_retries: int
+    transfer_timeout_s: float
+    drain_grace_s: float
+    colocated: bool
+    namespace: str
+    pool_manager_name: str
+    metrics_host: str
+    metrics_port: int | None  # replica 0's; None: off, 0: a free port each
+    tls: tuple[str, str] | None  # absolute (cert, key) paths: a replica's working directory is not the launch's
+    token: str | None
+    reuse_port: bool = False  # SO_REUSEPORT, explicitly (replicas share the port)
+
+    def metrics_port_of(self, index: int) -> int | None:
+        """Where replica ``index`` serves /metrics: ``metrics_port + index`` (0 and None as they are)."""
+        return self.metrics_port + index if self.metrics_port else self.metrics_port
+
+
+@dataclass(frozen=True)
+class RouterStats:
+    """What a router reports about itself (crosses the actor boundary)."""
+
+    index: int
+    pid: int
+    address: str
+    metrics_port: int | None
+    inflight: int  # requests admitted and not finished
+    admitted: int  # requests admitted since this process started
+    retries: int  # attempts beyond the first, over all requests
+    accepting: bool  # False once draining
+
+
+class RunningRouter:
+    """A started router: the gRPC server, its directory and its /metrics endpoint."""
+
+    def __init__(self, server: RouterServer, metrics_server: Any, metrics_port: int | None) -> None:
+        self.server = server
+        self.metrics_server = metrics_server
+        self.metrics_port = metrics_port
+
+    def stats(self, index: int) -> RouterStats:
+        s = self.server.servicer
+        return RouterStats(index=index, pid=os.getpid(), address=self.server.address, metrics_port=self.metrics_port,
+                           inflight=s.inflight, admitted=s.admitted, retries=s.runner.retries,
+                           accepting=s.accepting)
+
+    async def stop(self, grace_s: float) -> None:
+        """Drain (see :meth:`RouterServer.stop`), then close /metrics."""
+        await self.server.stop(grace_s)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
+
+
+async def start_router(s: RouterSettings, pool_manager: Any, find_pool_manager: Callable[[], Any],
+                       metrics_port: int | None, registry: CollectorRegistry | None = None) -> RunningRouter:
+    """Build the router for ``s`` on the pools of ``pool_manager`` and start serving."""
+    registry = registry if registry is not None else CollectorRegistry()
+    tokenizer = await asyncio.to_thread(load_tokenizer, s.model_name)
+    directory = WorkerDirectory(pool_manager, find_pool_manager=find_pool_manager)
+    await directory.refresh()
+    limits = await fetch_limits(directory)
+    runner = RequestRunner(directory, make_policy(s.policy), make_policy(s.policy),
+                           transfer_timeout_s=s.transfer_timeout_s, queue_timeout_s=s.queue_timeout_s,
+                           max_attempts=s.max_attempts, transfer_retries=s.transfer_retries, colocated=s.colocated)
+    metrics = RouterMetrics(registry)
+    registry.register(WorkerStatusCollector(
+        lambda: [w.status for w in list(directory.workers.values()) if w.status is not None]))
+    servicer = ServingServicer(runner, directory, tokenizer, limits, s.max_queued, metrics,
+                               request_timeout_s=s.request_timeout_s)
+    server = RouterServer(servicer, s.host, s.port, tls=s.tls, token=s.token,
+                          max_request_bytes=s.max_request_bytes, reuse_port=s.reuse_port)
+    await server.start()
+    metrics_server, bound = None, None
+    if metrics_port is not None:
+        metrics_server, bound = start_metrics_server(registry, s.metrics_host, metrics_port)
+    return RunningRouter(server, metrics_server, bound)
+
+
+class RouterReplica:
+    """Plain class; launched with ``ray.remote(RouterReplica).options(name=router_actor_name(i),
+    lifetime="detached", num_cpus=0, max_restarts=-1, ...)``.
+
+    The constructor starts the router on an event loop of its own thread and
+    returns once it serves, so a Ray restart (which runs only the constructor)
+    brings a dead replica back serving. Methods are plain and quick; the actor
+    is threaded (``max_concurrency``) so that :meth:`stats` answers during a drain.
+    """
+
+    def __init__(self, index: int, settings: RouterSettings) -> None:
+        import ray
+
+        self.index = index
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"router-{index}", daemon=True)
+        self._thread.start()
+
+        def find() -> Any:
+            return ray.get_actor(settings.pool_manager_name, namespace=settings.namespace)
+
+        async def start() -> RunningRouter:
+            deadline = time.monotonic() + FIND_MANAGER_TIMEOUT_S
+            while True:
+                try:
+                    manager = await asyncio.to_thread(find)
+                    return await start_router(settings, manager, find, settings.metrics_port_of(index))
+                except Exception as e:
+                    # The pool manager may be restarting (it died with us, or Ray is bringing it back).
+                    if time.monotonic() > deadline:
+                        raise
+                    log.warning("router %d cannot start yet (%s); retrying", index, e)
+                    await asyncio.sleep(1.0)
+
+        self._router = asyncio.run_coroutine_threadsafe(start(), self._loop).result(READY_TIMEOUT_S)
+        log.info("router replica %d serving on %s", index, self._router.server.address)
+
+    def ready(self) -> RouterStats:
+        """Answers once the constructor has returned, that is once this replica serves."""
+        return self.stats()
+
+    def stats(self) -> RouterStats:
+        return self._router.stats(self.index)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def drain(self, grace_s: float) -> RouterStats:
+        """Stop admitting, let in-flight requests finish for up to ``grace_s``, stop serving."""
+        asyncio.run_coroutine_threadsafe(self._router.stop(grace_s), self._loop).result(grace_s + 30)
+        return self.stats()
