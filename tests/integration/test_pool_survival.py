@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from cluster import pool_manager as pm_module
 from cluster.deployment import POOL_MANAGER_NAME, pool_specs
 from cluster.local_ray import free_port
 from cluster.pool_manager import PoolManager, WorkerStartError, named_actors
+from cluster.router_replica import ROUTER_NAME_PREFIX
 from router.client import Client
 from tests.integration.clusters import wait_until
 
@@ -69,6 +71,8 @@ def test_launch_killed_pools_survive_and_a_relaunch_adopts_them(ray_head, tmp_pa
         before = Client(address).generate("before the kill", max_tokens=8, ignore_eos=True)
         workers = worker_names(namespace)
         assert len(workers) == 2
+        routers = router_pids(namespace)
+        assert len(routers) == 2  # router.replicas defaults to 2: actors of their own, not the launch process
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         time.sleep(3)  # long enough for Ray to reap whatever the dead driver owned
@@ -76,11 +80,18 @@ def test_launch_killed_pools_survive_and_a_relaunch_adopts_them(ray_head, tmp_pa
         manager = ray.get_actor(POOL_MANAGER_NAME, namespace=namespace)
         table = ray.get(manager.table.remote(), timeout=30)
         assert {w["worker_id"] for w in table["workers"]} == workers
+        # The router replicas did not die with the launch: the port serves with no launch process at all.
+        orphaned = Client(address).generate("before the kill", max_tokens=8, ignore_eos=True)
+        assert orphaned.token_ids == before.token_ids
         relaunch = launch(config, ray_head)
-        wait_serving(address, relaunch)
+        relaunch_output = collect_lines(relaunch)
+        wait_until(lambda: any("splitserve: serving" in line for line in relaunch_output) or relaunch.poll() is not None,
+                   300, "the relaunch serving", 0.2)
+        assert relaunch.poll() is None, "".join(relaunch_output)[-3000:]
         after = Client(address).generate("before the kill", max_tokens=8, ignore_eos=True)
         assert after.token_ids == before.token_ids
         assert worker_names(namespace) == workers  # rediscovered, none created anew
+        assert router_pids(namespace) == routers  # the replicas adopted too
         # Killed again, nothing stops the detached actors: `cluster.submit --stop`'s teardown does.
         relaunch.send_signal(signal.SIGKILL)
         relaunch.wait(timeout=30)
@@ -89,7 +100,7 @@ def test_launch_killed_pools_survive_and_a_relaunch_adopts_them(ray_head, tmp_pa
         teardown = subprocess.run([sys.executable, "-m", "cluster.launch", "--config", str(config), "--teardown"],
                                   env=env, capture_output=True, text=True, timeout=120)
         assert teardown.returncode == 0, teardown.stderr[-2000:]
-        assert "killed 3 leftover actors" in teardown.stdout, teardown.stdout
+        assert "killed 5 leftover actors" in teardown.stdout, teardown.stdout  # manager, 2 workers, 2 routers
         wait_until(lambda: named_actors(namespace) == [], 30, "no actor left in the namespace", 0.5)
     finally:
         for p in (first, relaunch):
@@ -122,6 +133,19 @@ def test_pool_manager_killed_serving_continues_and_it_returns_to_repair(ray_head
         assert len(out.token_ids) == 4
         client.close()
     assert named_actors(namespace) == []
+
+
+def router_pids(namespace: str) -> dict[str, int]:
+    """The router replicas of ``namespace`` and their pids."""
+    return {n: ray.get(ray.get_actor(n, namespace=namespace).pid.remote(), timeout=60)
+            for n in named_actors(namespace) if n.startswith(ROUTER_NAME_PREFIX)}
+
+
+def collect_lines(proc: subprocess.Popen) -> list[str]:
+    """The lines ``proc`` prints, appended by a thread as they come."""
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return lines
 
 
 def adopted(namespace: str) -> set[str] | None:
