@@ -1,15 +1,17 @@
-"""Soak: mixed traffic, client cancels and one worker kill against a real local cluster.
+"""Soak: mixed traffic, client cancels, and kills of a worker, a router replica and the pool
+manager against a real local cluster.
 
 Run from the repository root::
 
-    python -m benchmarks.soak [--quick] [--duration-s 180] [--kill decode|prefill] [--json PATH]
+    python -m benchmarks.soak [--quick] [--duration-s 180] [--kill decode|prefill] [--routers 2] [--json PATH]
 
 One process, one local Ray cluster (2 CPUs on 127.0.0.1, started and shut
 down here with :func:`benchmarks.common.start_ray`), one disaggregated
 deployment (default 2 prefill + 2 decode workers on ``builtin:tiny-llama``,
-KV over gloo) whose router runs in this process. For ``--duration-s``
-seconds (``--quick``: 60) the driver sends a seeded mix of requests, at most
-``--concurrency`` in flight:
+KV over gloo, ``--routers`` 2 router replica actors sharing one port). For
+``--duration-s`` seconds (``--quick``: 60) the driver sends a seeded mix of
+requests over ``--connections`` channels (the kernel hands each connection
+to one router replica), at most ``--concurrency`` in flight:
 
 - raw prompts and chat requests of random prompt and output lengths
   (``ignore_eos``), greedy or sampled;
@@ -22,15 +24,21 @@ seconds (``--quick``: 60) the driver sends a seeded mix of requests, at most
   passes ``router.max_queued`` (``--max-queued``, 24): some are refused with
   RESOURCE_EXHAUSTED.
 
+Like :mod:`router.client`, the driver sends a call again when it fails with
+UNAVAILABLE before any response (``client_retries``).
+
 At a third of the run one worker of the ``--kill`` kind is SIGKILLed (its pid
 from the actor's ``pid()``); the router retries or resumes its requests and
-the pool manager replaces it. At two thirds the pool manager itself is
-SIGKILLed (unless ``--no-kill-manager``): the router keeps routing with the
-workers it knows, Ray restarts the manager and it adopts them (reported under
-``manager_kill``). The router is this process: killing it is not part of
-the run. Then traffic stops, every request ends, and the
-benchmark waits (at most ``--settle-s``) for every worker's KV blocks to be
-free.
+the pool manager replaces it. At half the run the router replica carrying the
+most requests is SIGKILLed (unless ``--no-kill-router``, or ``--routers 1``,
+where the router runs in this process): only the streams it carried and that
+had already answered end (UNAVAILABLE, counted as failed); the others are
+retried on the live replicas, and Ray restarts it (``router_kill``). At two
+thirds the pool manager itself is SIGKILLed (unless ``--no-kill-manager``):
+the routers keep routing with the workers they know, Ray restarts the manager
+and it adopts them (reported under ``manager_kill``). Then traffic stops,
+every request ends, and the benchmark waits (at most ``--settle-s``) for
+every worker's KV blocks to be free.
 
 Each request ends in exactly one class:
 
@@ -44,13 +52,14 @@ Each request ends in exactly one class:
 Also reported: **leaked blocks** (after the settle, the blocks in use on
 every worker in ClusterStatus, replacements included: ``max(used_blocks,
 num_blocks - free_blocks)`` summed; must be 0) and the **RSS growth** (MB,
-``VmRSS`` of ``/proc/<pid>/status``) of the router process (this one: it also
-runs the client) and of every worker actor, from just after the warm-up to
-the end (a replacement from when it joined; the killed worker is reported as
-replaced). stdout gets the summary, progress goes to stderr. ``--json PATH``
-writes one object with at least the keys ``completed``, ``failed``, ``lost``,
-``leaked_blocks`` and ``rss_growth_mb``. The exit status is 1 when anything
-was lost or leaked (or the kill could not be done), else 0.
+``VmRSS`` of ``/proc/<pid>/status``) of this process (the client, and the
+router with ``--routers 1``), of each router replica and of every worker
+actor, from just after the warm-up to the end (a replacement from when it
+joined; a killed process is reported as replaced). stdout gets the summary,
+progress goes to stderr. ``--json PATH`` writes one object with at least the
+keys ``completed``, ``failed``, ``lost``, ``leaked_blocks`` and
+``rss_growth_mb``. The exit status is 1 when anything was lost or leaked (or
+a kill could not be done or its victim did not come back), else 0.
 
 This module runs the soak; the accounting and the report are
 :mod:`benchmarks.soak_report`.
@@ -195,12 +204,16 @@ def make_plan(index: int, rng: random.Random, s: Settings, prompts: PromptMaker)
 
 
 class Driver:
-    """Sends plans through one grpc.aio channel and records how each one ended."""
+    """Sends plans over ``connections`` grpc.aio channels (plan i on channel i mod n, so that
+    router replicas, which the kernel gives whole connections, all get traffic) and records
+    how each one ended. Like :mod:`router.client`, a call that fails UNAVAILABLE before any
+    response (a router replica died or is draining) is sent again, per its ``RetryPolicy``."""
 
-    def __init__(self, address: str, s: Settings, t0: float) -> None:
+    def __init__(self, address: str, s: Settings, t0: float, connections: int = 1) -> None:
         from router.client import AsyncClient
 
-        self.client = AsyncClient(address)
+        self.clients = [AsyncClient(address) for _ in range(max(connections, 1))]
+        self.client = self.clients[0]
         self.s = s
         self.t0 = t0
         self.records: list[Record] = []
@@ -238,29 +251,45 @@ class Driver:
 
         async def consume() -> None:
             nonlocal call, timer
-            call = self.client.stub.Generate(build_request(prompt, messages, **kw), timeout=plan.deadline_s,
-                                             metadata=self.client.metadata)
-            if plan.cancel_after_s is not None:
-                timer = asyncio.get_running_loop().call_later(plan.cancel_after_s, cancel)
-            try:
-                async for resp in call:
-                    if resp.token_ids and r.first_token_at is None:
-                        r.first_token_at = self.now()
-                    r.tokens += len(resp.token_ids)
-                    if resp.finish_reason:
-                        r.finish_reason = FINISH_NAMES[resp.finish_reason]
-                        r.attempts = resp.timings.attempts
-                        r.prefill_worker = resp.timings.prefill_worker
-                        r.decode_worker = resp.timings.decode_worker
-                    if not r.request_id:
-                        r.request_id = resp.request_id
-            except grpc.RpcError as e:
-                r.status, r.details = e.code().name, (e.details() or "")[:300]
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not r.cancel_sent or (task is not None and task.cancelling()):
-                    raise  # the watchdog, not our cancel
-                r.status = "CANCELLED"
+            client = self.clients[plan.index % len(self.clients)]
+            request = build_request(prompt, messages, **kw)
+            deadline = time.monotonic() + (plan.deadline_s if plan.deadline_s is not None else self.s.hang_s)
+            tries = 0
+            while True:
+                tries += 1
+                answered = False  # any response: from then on a retry could duplicate tokens
+                timeout = max(deadline - time.monotonic(), 0.001) if plan.deadline_s is not None else None
+                call = client.stub.Generate(request, timeout=timeout, metadata=client.metadata)
+                if plan.cancel_after_s is not None and timer is None:
+                    timer = asyncio.get_running_loop().call_later(plan.cancel_after_s, cancel)
+                try:
+                    async for resp in call:
+                        answered = True
+                        if resp.token_ids and r.first_token_at is None:
+                            r.first_token_at = self.now()
+                        r.tokens += len(resp.token_ids)
+                        if resp.finish_reason:
+                            r.finish_reason = FINISH_NAMES[resp.finish_reason]
+                            r.attempts = resp.timings.attempts
+                            r.prefill_worker = resp.timings.prefill_worker
+                            r.decode_worker = resp.timings.decode_worker
+                        if not r.request_id:
+                            r.request_id = resp.request_id
+                    return
+                except grpc.RpcError as e:
+                    if not r.cancel_sent and client.retry.should_retry(e, started=answered, tries=tries,
+                                                                       deadline=deadline):
+                        r.client_retries += 1
+                        await asyncio.sleep(client.retry.backoff_s(tries))
+                        continue
+                    r.status, r.details = e.code().name, (e.details() or "")[:300]
+                    return
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if not r.cancel_sent or (task is not None and task.cancelling()):
+                        raise  # the watchdog, not our cancel
+                    r.status = "CANCELLED"
+                    return
 
         bound = (plan.deadline_s + self.s.margin_s) if plan.deadline_s is not None else self.s.hang_s
         r.sent_at = self.now()
@@ -305,7 +334,8 @@ class Driver:
         return sent
 
     async def close(self) -> None:
-        await self.client.close()
+        for client in self.clients:
+            await client.close()
 
 
 # ------------------------------------------------------------- the cluster
@@ -423,13 +453,74 @@ async def inject_manager_kill(pool_manager: Any, at_s: float, driver: Driver) ->
     return out
 
 
-async def settle(client: Any, router_servicer: Any, settle_s: float) -> tuple[list[dict[str, Any]], float]:
-    """Poll ClusterStatus until no worker holds a block (and the router has nothing in flight)."""
+async def inject_router_kill(dep: Any, at_s: float, driver: Driver, samples: dict[str, ProcSample],
+                             burst: list[Plan]) -> dict[str, Any]:
+    """At ``at_s``, send ``burst``, then SIGKILL the router replica carrying the most requests; wait
+    until Ray has restarted it and it serves again (the others serve meanwhile; clients retry on them)."""
+    import ray
+
+    from cluster.router_replica import router_actor_name
+
+    out: dict[str, Any] = {"requested": True}
+    await asyncio.sleep(max(at_s - driver.now(), 0))
+    try:
+        # Long streams over every connection first, so that every replica carries some, started
+        # and not, when one dies (traffic alone may leave nothing in flight at that instant).
+        mine = [driver.spawn(p) for p in burst]
+        until = time.monotonic() + 15
+        while time.monotonic() < until and not all(t.done() for t in mine):
+            stats = await dep.router_stats()
+            started = [r for r in driver.inflight.values() if r.index in {p.index for p in burst} and r.first_token_at]
+            if len(started) >= len(burst) // 2 and all(st.inflight > 0 for st in stats):
+                break
+            await asyncio.sleep(0.05)
+        stats = await dep.router_stats()
+        victim = max(stats, key=lambda st: st.inflight)
+        name = router_actor_name(victim.index)
+        for r in driver.inflight.values():
+            r.during_router_kill = True
+        os.kill(victim.pid, signal.SIGKILL)
+        t_kill = driver.now()
+        out.update(replica=name, pid=victim.pid, at_s=round(t_kill, 2), inflight_at_kill=len(driver.inflight),
+                   carried=victim.inflight, others_inflight={router_actor_name(st.index): st.inflight
+                                                             for st in stats if st.index != victim.index})
+        log(f"killed router replica {name} (pid {victim.pid}) at t={t_kill:.1f} s carrying {victim.inflight} "
+            f"requests ({len(driver.inflight)} in flight in all)")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            try:
+                handle = await asyncio.to_thread(ray.get_actor, name, namespace=dep.cfg.ray.namespace)
+                back = await ray_get(handle.stats.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - still restarting
+                continue
+            if back.pid != victim.pid:
+                out.update(back_s=round(driver.now() - t_kill, 2), new_pid=back.pid)
+                samples[f"{name}#2"] = ProcSample(f"{name}#2", back.pid, rss_mb(back.pid),
+                                                  note=f"restarted after {out['back_s']} s")
+                if name in samples:
+                    samples[name].note = f"killed at t={t_kill:.1f} s"
+                log(f"router replica {name} back after {out['back_s']} s (pid {back.pid})")
+                break
+        else:
+            out["error"] = "the router replica was not back within 300 s"
+    except Exception as e:  # noqa: BLE001 - reported, and fails the run
+        out["error"] = repr(e)
+        log(f"router kill failed: {e!r}")
+    return out
+
+
+async def router_inflight(dep: Any) -> int:
+    return sum(st.inflight for st in await dep.router_stats())
+
+
+async def settle(client: Any, dep: Any, settle_s: float) -> tuple[list[dict[str, Any]], float]:
+    """Poll ClusterStatus until no worker holds a block (and no router has anything in flight)."""
     t0 = time.monotonic()
     rows: list[dict[str, Any]] = []
     while True:
         rows = worker_blocks(await client.status())
-        inflight = getattr(router_servicer, "inflight", 0)
+        inflight = await router_inflight(dep)
         if leaked_blocks(rows) == 0 and inflight == 0:
             break
         if time.monotonic() - t0 > settle_s:
@@ -444,12 +535,14 @@ async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
     from cluster.deployment import BackgroundDeployment
     from engine.model_loader import load_tokenizer
     from benchmarks.deployments import make_config
+    from cluster.router_replica import router_actor_name
 
     p, d_ = (int(x) for x in args.ratio.split(":"))
     cfg = make_config(args.model, backend="gloo", ratio=args.ratio, replicas=args.replicas,
-                      router={"max_queued": args.max_queued},
+                      router={"max_queued": args.max_queued, "replicas": args.routers},
                       kvtransfer={"lease_s": args.lease_s}, decode={"max_running": 32})
-    pools = f"{cfg.pools.counts()[0]} prefill + {cfg.pools.counts()[1]} decode, ratio {p}:{d_}, kv gloo"
+    pools = (f"{cfg.pools.counts()[0]} prefill + {cfg.pools.counts()[1]} decode, ratio {p}:{d_}, kv gloo, "
+             f"{args.routers} router{'s' if args.routers > 1 else ''}")
     log(f"starting the deployment: {pools}, model {args.model}")
     tokenizer = await asyncio.to_thread(load_tokenizer, args.model)
     rng = random.Random(s.seed)
@@ -459,9 +552,8 @@ async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
     address = await asyncio.to_thread(dep.start)
     log(f"router at {address}")
     t0 = time.monotonic()
-    driver = Driver(address, s, t0)
+    driver = Driver(address, s, t0, connections=args.connections)
     try:
-        servicer = dep.deployment.router.servicer
         pool_manager = dep.deployment.pool_manager
         # Warm-up: every worker sees a few requests before the RSS baseline.
         warm = [make_plan(-(i + 1), random.Random(1000 + i), Settings(duration_s=0, invalid_frac=0, cancel_frac=0,
@@ -471,7 +563,12 @@ async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
         res = await asyncio.gather(*(driver.run_one(w, record=False) for w in warm))
         log(f"warm-up: {Counter(classify(r) for r in res)}")
         pids = await worker_pids(pool_manager)
-        samples = {"router": ProcSample("router", os.getpid(), rss_mb(os.getpid()))}
+        label = "driver+router" if args.routers == 1 else "driver"  # the client (and the in-process router)
+        samples = {label: ProcSample(label, os.getpid(), rss_mb(os.getpid()))}
+        if args.routers > 1:
+            for st in await dep.deployment.router_stats():
+                name = router_actor_name(st.index)
+                samples[name] = ProcSample(name, st.pid, rss_mb(st.pid))
         for wid, pid in sorted(pids.items()):
             samples[wid] = ProcSample(wid, pid, rss_mb(pid))
         driver.t0 = time.monotonic()  # from here on, times are from the start of the traffic
@@ -480,14 +577,20 @@ async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
         burst = kill_burst_plans(args.kill, args.kill_burst, prompts, prompts.max_model_len)
         kill_task = asyncio.create_task(inject_kill(pool_manager, args.kill, t_start + s.duration_s / 3, driver,
                                                     samples, burst)) if args.kill != "none" else None
+        router_burst = [replace(p, index=2 * 10**6 + p.index, kwargs={**p.kwargs, "request_id": f"soak-router-kill-{j}"})
+                        for j, p in enumerate(kill_burst_plans("decode", args.kill_burst, prompts,
+                                                               prompts.max_model_len))]
+        router_task = asyncio.create_task(inject_router_kill(dep.deployment, t_start + s.duration_s / 2, driver,
+                                                             samples, router_burst)) if args.kill_router else None
         manager_task = asyncio.create_task(inject_manager_kill(pool_manager, t_start + 2 * s.duration_s / 3, driver)
                                            ) if args.kill_manager else None
         sent = await driver.traffic(plans, t_start + s.duration_s, random.Random(s.seed + 2))
         drain_s = round(driver.now() - s.duration_s, 1)  # after the last send until every request ended
         kill = await kill_task if kill_task is not None else {"requested": False}
         manager_kill = await manager_task if manager_task is not None else {"requested": False}
+        router_kill = await router_task if router_task is not None else {"requested": False}
         log(f"all {sent} requests ended; settling (at most {args.settle_s:.0f} s)")
-        blocks_end, settle_s = await settle(driver.client, servicer, args.settle_s)
+        blocks_end, settle_s = await settle(driver.client, dep.deployment, args.settle_s)
         for smp in samples.values():
             smp.end_mb = rss_mb(smp.pid)
         # Still serving after all that?
@@ -500,15 +603,21 @@ async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
         busy_after = await asyncio.to_thread(busy_cores, 1.0)
         records = driver.records
         during = [r for r in records if r.during_kill]
+        during_router = [r for r in records if r.during_router_kill]
+        routers_end = await dep.deployment.router_stats()
         report = build_report(
             records, blocks_end, list(samples.values()), kill,
             duration_s=s.duration_s, drain_s=drain_s, settle_s=settle_s, model=args.model, pools=pools, seed=s.seed,
             concurrency=s.concurrency, max_queued=args.max_queued, lease_s=args.lease_s,
             inflight_at_kill_outcomes=dict(Counter(classify(r) for r in during)),
             inflight_at_kill_attempts=dict(Counter(r.attempts for r in during if classify(r) == "completed")),
-            router_inflight_end=getattr(servicer, "inflight", None),
-            router_retries=getattr(dep.deployment.router.servicer.runner, "retries", None),
-            post_check=post_check, other_cpu_cores={"before": busy_before, "after": busy_after},
+            inflight_at_router_kill_outcomes=dict(Counter(
+                f"{classify(r)}:{r.status}" if r.status else classify(r) for r in during_router)),
+            client_retries=sum(r.client_retries for r in records),
+            router_inflight_end=sum(st.inflight for st in routers_end),
+            # a killed replica's count dies with it: attempts beyond the first since each router started
+            router_retries=sum(st.retries for st in routers_end),
+            router_kill=router_kill, post_check=post_check, other_cpu_cores={"before": busy_before, "after": busy_after},
         )
         report["manager_kill"] = manager_kill
         if args.records:
@@ -531,6 +640,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the kind of worker SIGKILLed at a third of the run")
     ap.add_argument("--no-kill-manager", dest="kill_manager", action="store_false",
                     help="do not SIGKILL the pool manager at two thirds of the run")
+    ap.add_argument("--routers", type=int, default=2,
+                    help="router.replicas: router replica actors sharing the port (1: the router runs in this process)")
+    ap.add_argument("--no-kill-router", dest="kill_router", action="store_false",
+                    help="do not SIGKILL a router replica at half the run (never done with --routers 1)")
+    ap.add_argument("--connections", type=int, default=4,
+                    help="client channels the traffic is spread over (router replicas get whole connections)")
     ap.add_argument("--kill-burst", type=int, default=8,
                     help="requests sent just before the kill so that the victim is busy")
     ap.add_argument("--concurrency", type=int, default=32, help="most requests in flight")
@@ -550,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.kill_router = args.kill_router and args.routers > 1
     duration = args.duration_s if args.duration_s is not None else (60.0 if args.quick else 180.0)
     if args.settle_s is None:
         args.settle_s = 2 * args.lease_s + 15.0

@@ -41,6 +41,8 @@ class Record:
     cancel_sent: bool = False          # this client cancelled the call before it ended
     hung: bool = False                 # still open at deadline + margin (or the hang bound)
     during_kill: bool = False          # in flight when the worker was killed
+    during_router_kill: bool = False   # in flight when a router replica was killed
+    client_retries: int = 0            # calls sent again after UNAVAILABLE before any response (a dead router)
 
 
 def classify(r: Record) -> str:
@@ -136,6 +138,9 @@ def build_report(records: list[Record], blocks_end: list[dict[str, Any]], sample
                  kill: dict[str, Any], **extra: Any) -> dict[str, Any]:
     counts = tally(records)
     replaced = {kill["worker_id"]: kill.get("replacement_id") or "?"} if kill.get("worker_id") else {}
+    router_kill = extra.get("router_kill") or {}
+    if router_kill.get("replica"):
+        replaced[router_kill["replica"]] = f"{router_kill['replica']}#2"
     report = {
         "completed": counts["completed"],
         "failed": counts["failed"],
@@ -172,6 +177,9 @@ def exit_code(report: Mapping[str, Any]) -> int:
     manager = report.get("manager_kill") or {}
     if manager.get("requested") and not manager.get("back_s"):
         bad = True  # the pool manager was not killed or did not come back
+    router = report.get("router_kill") or {}
+    if router.get("requested") and not router.get("back_s"):
+        bad = True  # the router replica was not killed or did not come back
     return 1 if bad else 0
 
 
@@ -205,6 +213,14 @@ def render(report: Mapping[str, Any]) -> str:
                      f"{len(m.get('workers_before', []))} workers")
     elif m.get("requested"):
         lines.append(f"  pool manager kill: NOT DONE ({m.get('error', 'unknown')})")
+    rk = report.get("router_kill") or {}
+    if rk.get("back_s"):
+        lines.append(f"  router kill: {rk.get('replica')} (pid {rk.get('pid')}) at t={rk.get('at_s')} s carrying "
+                     f"{rk.get('carried')} requests (others: {rk.get('others_inflight')}); restarted after "
+                     f"{rk['back_s']} s; in flight then: {report.get('inflight_at_router_kill_outcomes')}; "
+                     f"{report.get('client_retries', 0)} calls retried by the client")
+    elif rk.get("requested"):
+        lines.append(f"  router kill: NOT DONE ({rk.get('error', 'unknown')})")
     lines.append("  RSS (MB, after warm-up -> end, growth):")
     for label, row in report["rss_mb"].items():
         g = report["rss_growth_mb"].get(label)

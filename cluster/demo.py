@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo request failed: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
     print("\nThe cluster keeps running: try `.venv/bin/python -m router.client \"your question\"`\n"
-          "(add --timeline for where the time went); metrics at http://127.0.0.1:9464/metrics.\n"
+          "(add --timeline for where the time went); metrics at http://127.0.0.1:9464/metrics\n"
+          "(router replica i: port 9464 + i).\n"
           "Stop it with `make stop` (stops this checkout's job and Ray head only).")
     return 0
 

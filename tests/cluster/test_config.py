@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,14 @@ def test_grpc_stream_bounds_are_validated_and_reach_the_transport():
         assert kw["stream_idle_s"] == 2.5 and kw["max_streams_per_peer"] == 8
     for spec in pool_specs(load_config("kvtransfer: {backend: gloo}")):  # only grpc takes them
         assert "stream_idle_s" not in spec.handoff.transport_kwargs()
+
+
+def test_router_replicas_default_to_two_on_linux_and_one_elsewhere(monkeypatch):
+    import cluster.config as config
+
+    assert ClusterConfig().router.replicas == (2 if sys.platform.startswith("linux") else 1)
+    monkeypatch.setattr(config.sys, "platform", "darwin")
+    assert ClusterConfig().router.replicas == 1
+    with pytest.raises(ConfigError) as info:
+        load_config("router: {replicas: 2}")
+    assert any(p.startswith("router.replicas: ") for p in info.value.problems), info.value.problems

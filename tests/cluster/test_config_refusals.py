@@ -32,6 +32,10 @@ REFUSED = [
     ("model: {max_model_len: 2048}\npools: {mode: colocated, decode: {num_blocks: 64}}", "pools.decode.num_blocks"),
     ("router: {metrics_port: 50051}", "router.metrics_port"),
     ("router: {port: 9000, metrics_port: 9000}", "router.metrics_port"),
+    # Replica i serves /metrics on metrics_port + i: none of them may be the client port.
+    ("router: {replicas: 2, port: 9465, metrics_port: 9464}", "router.metrics_port"),
+    ("router: {replicas: 2, metrics_port: 65535}", "router.metrics_port"),
+    ("router: {replicas: 0}", "router.replicas"),
     ("pools: {decode: {num_blocks: 1e15}}", "pools.decode.num_blocks"),
     ("kvtransfer: {secret_env: KV, secret_file: /kv}", "kvtransfer.secret_file"),
     # Off loopback: the router needs a token and TLS, the KV plane a secret, /metrics stays local.
@@ -68,6 +72,8 @@ ACCEPTED = [
     "model: {max_model_len: 2048}\npools: {prefill: {num_blocks: 128}, decode: {num_blocks: 128}}",
     "model: {max_model_len: 2048}\npools: {mode: colocated, prefill: {num_blocks: 1}, decode: {num_blocks: 128}}",
     "router: {request_timeout_s: 86400, drain_grace_s: 0}",
+    "router: {replicas: 1, port: 9465, metrics_port: 9464}",  # one router: 9465 is not a /metrics port
+    "router: {replicas: 3, port: 9463, metrics_port: 9464}",
 ]
 
 
