@@ -8,7 +8,7 @@ skipped: it is what runs this. Every ``python -m <module>`` the README
 mentions in its prose must exist and answer ``--help``.
 
 The bash blocks drive the real ``make run`` deployment on its documented
-ports (Ray 6379/8265, router 50051, metrics 9464); when something else holds
+ports (Ray 6379/8265, router 50051, metrics 9464 and 9465); when something else holds
 one of them the block test is skipped with the reason, never run against it.
 """
 
@@ -24,7 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
-DEMO_PORTS = (6379, 8265, 50051, 9464)
+DEMO_PORTS = (6379, 8265, 50051, 9464, 9465)  # 9465: router replica 1's /metrics
 COMMAND_TIMEOUT_S = 900
 SKIPPED = {"make test"}  # the command running this test
 
