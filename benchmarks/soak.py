@@ -510,6 +510,15 @@ async def inject_router_kill(dep: Any, at_s: float, driver: Driver, samples: dic
     return out
 
 
+def router_kill_outcome(r: Record) -> str:
+    """How a request in flight at the router kill ended; a failure says whether tokens had streamed
+    (then it reached the dead router: the client may not retry) or not (it should have been retried)."""
+    c = classify(r)
+    if c != "failed":
+        return c
+    return f"failed:{r.status}:{'after' if r.first_token_at is not None else 'before'} the first token"
+
+
 async def router_inflight(dep: Any) -> int:
     return sum(st.inflight for st in await dep.router_stats())
 
@@ -611,8 +620,7 @@ async def soak(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
             concurrency=s.concurrency, max_queued=args.max_queued, lease_s=args.lease_s,
             inflight_at_kill_outcomes=dict(Counter(classify(r) for r in during)),
             inflight_at_kill_attempts=dict(Counter(r.attempts for r in during if classify(r) == "completed")),
-            inflight_at_router_kill_outcomes=dict(Counter(
-                f"{classify(r)}:{r.status}" if r.status else classify(r) for r in during_router)),
+            inflight_at_router_kill_outcomes=dict(Counter(router_kill_outcome(r) for r in during_router)),
             client_retries=sum(r.client_retries for r in records),
             router_inflight_end=sum(st.inflight for st in routers_end),
             # a killed replica's count dies with it: attempts beyond the first since each router started

@@ -6,7 +6,7 @@ import json
 import random
 from types import SimpleNamespace
 
-from benchmarks.soak import Settings, build_parser, make_plan, rss_mb
+from benchmarks.soak import Settings, build_parser, make_plan, router_kill_outcome, rss_mb
 from benchmarks.soak_report import (
     REQUIRED_KEYS,
     ProcSample,
@@ -159,3 +159,22 @@ def test_make_plan_mix_is_seeded_and_mixed():
 def test_parser_defaults():
     args = build_parser().parse_args(["--quick", "--json", "/tmp/x.json"])
     assert args.quick and args.duration_s is None and args.kill == "decode" and args.model == "builtin:tiny-llama"
+
+
+def test_router_kill_outcome_says_whether_a_failure_had_streamed():
+    assert router_kill_outcome(rec(1, status="UNAVAILABLE", first_token_at=1.0, tokens=3)) == \
+        "failed:UNAVAILABLE:after the first token"
+    assert router_kill_outcome(rec(2, status="UNAVAILABLE")) == "failed:UNAVAILABLE:before the first token"
+    assert router_kill_outcome(rec(3, finish_reason="length", client_retries=1)) == "completed"
+
+
+def test_a_router_kill_without_a_restart_fails_the_run_and_its_victim_is_reported_replaced():
+    kill = {"requested": False}
+    router_kill = {"requested": True, "replica": "router-1", "pid": 7, "carried": 3}
+    samples = [ProcSample("router-1", 7, 100.0, None)]
+    report = build_report([rec(1, finish_reason="length")], [], samples, kill, router_kill=router_kill)
+    assert exit_code(report) == 1  # not back
+    assert report["rss_growth_mb"]["router-1"] == "replaced by router-1#2"
+    report["router_kill"]["back_s"] = 3.0
+    assert exit_code(report) == 0
+    assert "router kill: router-1" in render(report)
