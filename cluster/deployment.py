@@ -79,7 +79,7 @@ def router_settings(cfg: ClusterConfig, token: str | None) -> RouterSettings:
 
 
 class Deployment:
-    """Pools + router (+ metrics endpoint) for one config, driven from the current event loop.
+    """Pools + routers (+ metrics endpoints) for one config, driven from the current event loop.
 
     ``faults``: injected into every worker's KV transport (tests).
     """
