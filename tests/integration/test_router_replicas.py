@@ -108,7 +108,7 @@ def test_a_router_replica_killed_under_load_loses_only_its_own_streams(ray_head)
         # Only streams the dead replica carried, and only those already streaming, end in an error.
         assert all(o.replica == 0 and o.tokens > 0 and o.sent_at < t_kill and o.code == "UNAVAILABLE"
                    for o in failed), failed
-        assert len(failed) <= carried
+        assert len(failed) <= min(carried + 1, 4)  # 2 connections x 2 streams on it (+1: one admitted as we killed)
         # Everything else was served in full, on both sides of the kill.
         assert all(o.tokens == MAX_TOKENS for o in outcomes if o.code == "OK")
         after = [o for o in outcomes if o.sent_at > t_kill]
