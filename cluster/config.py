@@ -242,7 +242,8 @@ class KVTransferConfig(Settings):
     backend: Literal["gloo", "nccl", "grpc", "ray", "inproc"] = "gloo"
     # Pairs of workers on one node: "shm" moves their KV through shared memory
     # (one copy; chosen per pair, by Ray node id), "backend" through `backend`
-    # like any other pair. Pairs on different nodes always use `backend`.
+    # like any other pair. Pairs on different nodes always use `backend`, and
+    # nccl keeps every pair (GPU KV goes GPU to GPU).
     same_node: Literal[SAME_NODE_MODES] = DEFAULT_SAME_NODE  # type: ignore[valid-type]
     # shm: each receiver keeps pre-faulted shared-memory buffers for reuse, up
     # to this many bytes (beyond: one-off buffers, slower, freed after use).

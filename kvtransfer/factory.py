@@ -28,13 +28,15 @@ def make_transport(backend: str, worker_id: str, *, same_node: str = "backend", 
 
     ``same_node="shm"``: peers on this node (``node_id``, the Ray node id)
     get their KV through shared memory, the others through ``backend``
-    (:class:`~kvtransfer.node_local.NodeLocalTransport`). ``backend="shm"``
+    (:class:`~kvtransfer.node_local.NodeLocalTransport`); not with ``nccl``
+    (GPU KV) or ``inproc``, which stay as they are. ``backend="shm"``
     alone reaches only peers on this node. ``shm_pool_bytes``: the shared-memory
     receiver's buffer pool (:mod:`kvtransfer.shm_buffers`).
     """
     if same_node not in SAME_NODE_MODES:
         raise ValueError(f"same_node must be one of {', '.join(SAME_NODE_MODES)}, not {same_node!r}")
-    if backend == "shm" or (same_node == "shm" and backend != "inproc"):
+    # nccl keeps its pairs: its KV lives in GPU memory, which NCCL moves between GPUs of one node directly.
+    if backend == "shm" or (same_node == "shm" and backend not in ("inproc", "nccl")):
         from kvtransfer.shm_transport import ShmTransport
 
         shm_kwargs = {k: kwargs[k] for k in ("faults", "secret") if k in kwargs}

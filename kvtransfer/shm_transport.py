@@ -49,12 +49,13 @@ import os
 import secrets
 import socket
 import struct
+import time
 from typing import Any
 
 import torch
 
 from kvtransfer.base import Endpoint, TransferStatus
-from kvtransfer.chunking import DEFAULT_CHUNK_BYTES, byte_view, chunk_ranges
+from kvtransfer.chunking import DEFAULT_CHUNK_BYTES, byte_view
 from kvtransfer.faults import TransferFaults
 from kvtransfer.shm_buffers import BufferPool, PeerMappings, ShmBuffer, host_key
 from kvtransfer.shm_settings import DEFAULT_SHM_POOL_BYTES
@@ -68,6 +69,7 @@ _HANDSHAKE_S = 5.0  # a connection must name its transfer within this
 _MAX_CONNECTIONS = 256  # open control connections at once; more are closed unanswered
 _SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
 _CRED = struct.Struct("3i")  # pid, uid, gid
+_PEER_CHECK_S = 0.005  # during a long copy, how often the sender looks whether the receiver hung up
 
 
 class ProtocolError(RuntimeError):
@@ -113,6 +115,16 @@ def recv_frame(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], l
         if isinstance(e, ValueError):  # bad JSON or UTF-8
             raise ProtocolError("malformed control message") from e
         raise
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer closed the connection (or it broke); never blocks, consumes nothing."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def _peer_uid(sock: socket.socket) -> int:
@@ -336,9 +348,16 @@ class ShmTransport(TransportBase):
                                     fds[0] if fds else None, [str(x) for x in live])
             dst = torch.frombuffer(mm, dtype=torch.uint8, count=n)
             src = byte_view(t.tensor if t.tensor.device.type == "cpu" else t.tensor.cpu())
-            for off, k in chunk_ranges(n, self.chunk_bytes):
+            next_check = time.monotonic() + _PEER_CHECK_S
+            for off in range(0, n, self.chunk_bytes):  # (a range, not chunk_ranges: tiny chunks make long lists)
+                k = min(self.chunk_bytes, n - off)
                 if t.status.done:  # aborted or timed out: stop writing
                     break
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + _PEER_CHECK_S
+                    if _hung_up(sock):  # the receiver aborted or died: stop now, not after the copy
+                        self._fail(t, f"{t.peer.get('worker_id')} ended the transfer during the copy")
+                        break
                 dst[off:off + k].copy_(src[off:off + k])
                 chunks += 1
             del dst

@@ -38,10 +38,12 @@ def pool_sizes(address: str) -> dict[str, int]:
     return {p.kind: len(p.workers) for p in Client(address).status().pools}
 
 
-@pytest.mark.parametrize("backend", ["gloo", "grpc", "ray"])
-def test_backend_end_to_end(ray_head, tiny_model, backend):
+# same_node "backend": the pair is on one node, so the default ("shm") would bypass the backend under test.
+@pytest.mark.parametrize("backend,same_node", [("gloo", "backend"), ("grpc", "backend"), ("ray", "backend"),
+                                               ("gloo", "shm")])
+def test_backend_end_to_end(ray_head, tiny_model, backend, same_node):
     texts = prompts(8, seed=hash(backend) % 1000)
-    with running(make_config(backend=backend)) as (_, address):
+    with running(make_config(backend=backend, kvtransfer={"same_node": same_node})) as (_, address):
         outs = generate_many(address, [dict(prompt=t, max_tokens=MAX_NEW, ignore_eos=True) for t in texts])
         status = Client(address).status()
     check_exact(tiny_model, texts, outs)
