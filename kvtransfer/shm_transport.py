@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import socket
 import struct
 import time
@@ -118,11 +119,19 @@ def recv_frame(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], l
 
 
 def _hung_up(sock: socket.socket) -> bool:
-    """Whether the peer closed the connection (or it broke); never blocks, consumes nothing."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
+    """Whether the peer closed the connection (or it broke); never blocks, consumes nothing.
+
+    (A zero-timeout poll first: a socket with a timeout waits on EAGAIN even with MSG_DONTWAIT.)
+    """
+    p = select.poll()
+    p.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+    events = p.poll(0)
+    if not events:
         return False
+    if events[0][1] & (select.POLLHUP | select.POLLERR):
+        return True
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""  # readable: returns at once
     except OSError:
         return True
 
