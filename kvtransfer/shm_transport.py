@@ -201,11 +201,12 @@ class ShmTransport(TransportBase):
         else:
             dst = torch.empty(shape, dtype=dtype)
         try:
-            t = self._new_transfer(transfer_id, "recv", peer, timeout_s, dst, TransferStatus.WAITING)
+            with self._lock:  # a sender that connects at once must find the buffer with the transfer
+                t = self._new_transfer(transfer_id, "recv", peer, timeout_s, dst, TransferStatus.WAITING)
+                t.scratch["buf"] = buf
         except BaseException:
             del dst  # its buffer goes back to the pool
             raise
-        t.scratch["buf"] = buf
 
     def _accept_loop(self) -> None:
         while True:
