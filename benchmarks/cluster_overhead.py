@@ -38,7 +38,11 @@ compared side by side in this one run and reported as ratios.
      process (threads);
    - ``gloo`` / ``grpc`` / ``ray`` with sender and receiver each in its own Ray
      actor process, as deployed (the ray backend needs its receiver in a named
-     actor anyway).
+     actor anyway);
+   - ``shm`` (shared memory) in this process and across two actor processes,
+     and ``gloo+shm``: what a deployment with the default
+     ``kvtransfer.same_node: shm`` holds (gloo for other nodes; this pair is on
+     one node, so its KV goes through shared memory).
    Per transfer: the receiver ``expect``\\ s, then (after a 50 ms lead, about a
    prefill, so the receiver's polling has settled as it has in the cluster)
    the sender ``send``\\ s; both sides poll every 0.2 ms until SUCCESS. Time =
@@ -52,13 +56,15 @@ compared side by side in this one run and reported as ratios.
    (the receivers allocate their destination at ``expect``, so its pages fault
    in during the transfer) is shown next to it. Bandwidth everywhere is
    payload bytes / time (not read + write). Target: the fastest on-node
-   backend moves KV at >= 30% of the memcpy bandwidth (judged per size on the
+   backend moves KV at >= 50% of the memcpy bandwidth (judged per size on the
    cross-process figures; the in-process ones are shown alongside).
 
 stdout gets the tables; progress goes to stderr. ``--json PATH`` writes one
 object with exactly the keys ``engine``, ``cluster`` and ``transfer``.
 ``--quick`` runs 2 prompts once each and 2 timed transfers per size (the full
-run: 4 prompts twice each, 5 transfers per size).
+run: 4 prompts twice each, 5 transfers per size). ``--transfers-only`` skips
+section 1 (no model, no deployment): memcpy and every backend side by side,
+and the JSON holds only ``transfer``.
 
 The machine is shared: the busy cores seen before the run are recorded, and
 absolute times only mean something next to each other.
@@ -91,7 +97,7 @@ import torch  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.cluster_overhead_report import (BUSY_WARN_CORES, KV_TOKENS, SERVER_FIELDS, Events,  # noqa: E402
                                                 best_memcpy, judge_paths, judge_transfers, kv_nbytes, kv_shape,
-                                                median, render, stream_timing, summarize)
+                                                median, render, render_transfers, stream_timing, summarize)
 from benchmarks.common import busy_cores, log  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.model_loader import DEFAULT_MODEL, load_model  # noqa: E402
@@ -101,6 +107,7 @@ from kvtransfer.chunking import DEFAULT_CHUNK_BYTES  # noqa: E402
 from kvtransfer.factory import make_transport  # noqa: E402
 from kvtransfer.inproc import InProcHub  # noqa: E402
 from kvtransfer.ray_transport import KVTransferActorMixin  # noqa: E402
+from kvtransfer.shm_settings import DEFAULT_SHM_POOL_BYTES  # noqa: E402
 from router.client import Client  # noqa: E402
 
 PROMPTS = [
@@ -274,7 +281,7 @@ class KVHost(KVTransferActorMixin):
 
     def open(self, backend: str, worker_id: str, kwargs: dict[str, Any]) -> Endpoint:
         self.close()
-        self.kv_transport = make_transport(backend, worker_id, **kwargs)
+        self.kv_transport = make_transport(backend.removesuffix("+shm"), worker_id, **kwargs)
         return self.kv_transport.endpoint()
 
     def expect(self, tid: str, tokens: int, peer: Endpoint, timeout_s: float) -> None:
@@ -379,11 +386,22 @@ def measure_memcpy(reps: int) -> dict[int, dict[str, float]]:
     return out
 
 
+IN_PROCESS_BACKENDS = ("inproc", "gloo", "grpc", "shm")
+CROSS_PROCESS_BACKENDS = ("gloo", "grpc", "ray", "shm", "gloo+shm")
+
+
 def transport_kwargs(backend: str) -> dict[str, Any]:
-    """What the cluster passes (worker_common.worker_config.HandoffSettings.transport_kwargs), for one process's transports."""
+    """What the cluster passes (worker_common.worker_config.HandoffSettings.transport_kwargs), for one process's transports.
+
+    ``<backend>+shm``: ``backend`` with ``same_node: shm``, on this (the driver's) node, where the actors run too.
+    """
     if backend == "ray":
         return {"namespace": RAY_NAMESPACE}
-    return {"host": "127.0.0.1", "chunk_bytes": DEFAULT_CHUNK_BYTES}
+    kwargs: dict[str, Any] = {"host": "127.0.0.1", "chunk_bytes": DEFAULT_CHUNK_BYTES}
+    if backend.endswith("+shm"):
+        kwargs.update(same_node="shm", node_id=ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+                      shm_pool_bytes=DEFAULT_SHM_POOL_BYTES)
+    return kwargs
 
 
 def in_process_pair(backend: str, reps: int, memcpy: dict[int, dict[str, float]]) -> dict[str, Any]:
@@ -433,13 +451,13 @@ def measure_transfers(settings: Settings, memcpy_at_start: dict[int, dict[str, f
     log(f"memcpy reference ({torch.get_num_threads()} torch threads), second sampling; {busy} cores busy")
     memcpy = best_memcpy(memcpy_at_start, measure_memcpy(reps))
     results: dict[str, Any] = {}
-    for backend in ("inproc", "gloo", "grpc"):
+    for backend in IN_PROCESS_BACKENDS:
         results[f"{backend}/threads"] = guarded(lambda b=backend: in_process_pair(b, reps, memcpy))
     hosts = [RemoteKVHost.options(name=f"bench-kvhost-{i}", namespace=RAY_NAMESPACE).remote() for i in range(2)]
     try:
         pids = ray.get([h.pid.remote() for h in hosts], timeout=ACTOR_START_TIMEOUT_S)
         log(f"transport actors up (pids {pids})")
-        for backend in ("gloo", "grpc", "ray"):
+        for backend in CROSS_PROCESS_BACKENDS:
             results[f"{backend}/processes"] = guarded(lambda b=backend: cross_process_pair(b, hosts, reps, memcpy))
     finally:
         for h in hosts:
@@ -467,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
     ap.add_argument("--quick", action="store_true", help="fewer prompts and transfer repetitions")
+    ap.add_argument("--transfers-only", action="store_true", help="only section 2: memcpy and the KV backends")
     args = ap.parse_args(argv)
     settings = QUICK if args.quick else FULL
     t_start = time.monotonic()
@@ -477,17 +496,27 @@ def main(argv: list[str] | None = None) -> int:
     memcpy_at_start = measure_memcpy(settings.transfer_reps)
     start_ray()
     try:
-        engine, cluster = compare_paths(settings, default_threads)
+        if not args.transfers_only:
+            engine, cluster = compare_paths(settings, default_threads)
         log("KV transfers")
         transfer = measure_transfers(settings, memcpy_at_start)
     finally:
         ray.shutdown()
-    engine["machine"] = {"cpu_count": os.cpu_count(), "busy_cores_before_run": busy, "torch": torch.__version__,
-                         "ray": ray.__version__, "quick": args.quick, "wall_s": round(time.monotonic() - t_start, 1)}
-    print(render(engine, cluster, transfer))
+    machine = {"cpu_count": os.cpu_count(), "busy_cores_before_run": busy, "torch": torch.__version__,
+               "ray": ray.__version__, "quick": args.quick, "wall_s": round(time.monotonic() - t_start, 1)}
+    if args.transfers_only:
+        transfer["machine"] = machine
+        print(render_transfers(transfer))
+        if busy is not None and busy > BUSY_WARN_CORES:
+            print(f"\nwarning: {busy} cores were busy with other work before the run; figures are noisy")
+        report: dict[str, Any] = {"transfer": transfer}
+    else:
+        engine["machine"] = machine
+        print(render(engine, cluster, transfer))
+        report = {"engine": engine, "cluster": cluster, "transfer": transfer}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"engine": engine, "cluster": cluster, "transfer": transfer}, f, indent=2)
+            json.dump(report, f, indent=2)
         log(f"wrote {args.json}")
     log(f"done in {time.monotonic() - t_start:.0f} s")
     return 0

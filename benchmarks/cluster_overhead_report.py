@@ -17,7 +17,7 @@ KV_LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M: [layers, 2, T, kv_hea
 
 TARGET_TPOT_RATIO = 1.15        # cluster TPOT / engine TPOT
 TARGET_TTFT_SLACK_MS = 15.0     # cluster TTFT - (engine TTFT + transfer_ms)
-TARGET_MEMCPY_FRACTION = 0.30   # fastest on-node backend / memcpy bandwidth
+TARGET_MEMCPY_FRACTION = 0.50   # fastest on-node backend / memcpy bandwidth (issue 12: >= 50 %)
 BUSY_WARN_CORES = 0.25
 
 Events = list[tuple[float, int]]  # (time a response/step arrived, tokens it carried)

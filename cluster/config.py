@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cluster.config_yaml import FieldProblems, describe_error, read_yaml
+from kvtransfer.shm_settings import DEFAULT_SAME_NODE, DEFAULT_SHM_POOL_BYTES, MAX_SHM_POOL_BYTES, SAME_NODE_MODES
 from kvtransfer.stream_limits import (DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_STREAM_IDLE_S, MAX_STREAM_IDLE_S,
                                       MAX_STREAMS_PER_PEER)
 from worker_common.worker_config import DecodeEngineConfig, ModelConfig, PrefillEngineConfig, Settings
@@ -246,6 +247,14 @@ class KVTransferConfig(Settings):
     """How prompt KV moves from prefill to decode actors."""
 
     backend: Literal["gloo", "nccl", "grpc", "ray", "inproc"] = "gloo"
+    # Pairs of workers on one node: "shm" moves their KV through shared memory
+    # (one copy; chosen per pair, by Ray node id), "backend" through `backend`
+    # like any other pair. Pairs on different nodes always use `backend`, and
+    # nccl keeps every pair (GPU KV goes GPU to GPU).
+    same_node: Literal[SAME_NODE_MODES] = DEFAULT_SAME_NODE  # type: ignore[valid-type]
+    # shm: each receiver keeps pre-faulted shared-memory buffers for reuse, up
+    # to this many bytes (beyond: one-off buffers, slower, freed after use).
+    shm_pool_bytes: int = Field(DEFAULT_SHM_POOL_BYTES, ge=0, le=MAX_SHM_POOL_BYTES)
     timeout_s: float = Field(30, gt=0, le=MAX_WAIT_S)  # bound on every transfer wait
     # How long either side of a hand-off holds blocks for the other: reserved
     # decode blocks wait this long for their KV, pushed prefill KV this long

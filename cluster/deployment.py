@@ -53,7 +53,8 @@ def pool_specs(cfg: ClusterConfig, kv_secret: str | None = None,
     kv = cfg.kvtransfer
     handoff = HandoffSettings(backend=kv.backend, lease_s=kv.lease_s, host=kv.host, chunk_bytes=kv.chunk_bytes,
                               namespace=cfg.ray.namespace, stream_idle_s=kv.stream_idle_s,
-                              max_streams_per_peer=kv.max_streams_per_peer, secret=kv_secret, faults=faults)
+                              max_streams_per_peer=kv.max_streams_per_peer, same_node=kv.same_node,
+                              shm_pool_bytes=kv.shm_pool_bytes, secret=kv_secret, faults=faults)
     p, d = cfg.pools.prefill, cfg.pools.decode
     decode = PoolSpec(kind="colocated" if cfg.pools.colocated else "decode", model=cfg.model,
                       engine=DecodeEngineConfig.part_of(d), handoff=handoff, num_cpus=d.num_cpus,

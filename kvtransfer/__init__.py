@@ -2,7 +2,8 @@
 
 One contract (:class:`KVTransport`, in :mod:`kvtransfer.base`) and its
 backends: ``torch_dist`` (gloo / NCCL), ``grpc_transport``,
-``ray_transport`` and the in-process fake ``inproc``; build one with
+``ray_transport``, ``shm_transport`` (shared memory, one node; chosen per
+pair by ``node_local``) and the in-process fake ``inproc``; build one with
 :func:`make_transport`. Faults are injected with :class:`TransferFaults`.
 """
 

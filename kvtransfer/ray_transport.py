@@ -178,7 +178,8 @@ class KVTransferActorMixin:
     """Mix into a Ray actor class that keeps its transport in ``self.kv_transport``.
 
     Gives the actor the ``kvtransfer_deliver`` method that senders'
-    :class:`RayTransport` call. It returns at once (the fetch runs in a
+    :class:`RayTransport` call (also when the Ray transport is the cross-node
+    half of a :class:`~kvtransfer.node_local.NodeLocalTransport`). It returns at once (the fetch runs in a
     background thread), so it does not hold up the actor's other calls.
     """
 
@@ -186,6 +187,8 @@ class KVTransferActorMixin:
 
     def kvtransfer_deliver(self, transfer_id: str, refs: list[ray.ObjectRef], sender_id: str | None = None,
                            nbytes: int | None = None, proof: str | None = None) -> None:
-        if not isinstance(self.kv_transport, RayTransport):
-            raise TransferError(f"this actor's transport is {type(self.kv_transport).__name__}, not RayTransport")
-        self.kv_transport.deliver(transfer_id, refs, sender_id, nbytes, proof)
+        # A NodeLocalTransport keeps the cross-node transport as ``remote``.
+        tr = getattr(self.kv_transport, "remote", self.kv_transport)
+        if not isinstance(tr, RayTransport):
+            raise TransferError(f"this actor's transport is {type(tr).__name__}, not RayTransport")
+        tr.deliver(transfer_id, refs, sender_id, nbytes, proof)

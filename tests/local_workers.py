@@ -1,6 +1,8 @@
 """Real worker objects in the test process (no Ray): each kind built the way
 the pool manager builds its actors, from a ModelConfig, its engine section
-and HandoffSettings; KV moves over the gRPC transport on loopback."""
+and HandoffSettings; KV moves through shared memory (``same_node: shm``, the
+default: these workers share a process, so a node), gRPC on loopback being the
+cross-node half that this pair does not use."""
 
 from __future__ import annotations
 

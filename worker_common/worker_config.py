@@ -15,6 +15,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvtransfer.faults import TransferFaults
+from kvtransfer.shm_settings import DEFAULT_SAME_NODE, DEFAULT_SHM_POOL_BYTES
 from kvtransfer.stream_limits import DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_STREAM_IDLE_S
 
 
@@ -96,6 +97,13 @@ def resolve_host(host: str) -> str:
     return ray.util.get_node_ip_address()
 
 
+def resolve_node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray): peers with the same one share memory."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 @dataclass(frozen=True)
 class HandoffSettings:
     """How a worker moves KV (the ``kvtransfer`` section, plus what the
@@ -108,6 +116,8 @@ class HandoffSettings:
     namespace: str  # where the ray backend finds its peers' actors
     stream_idle_s: float = DEFAULT_STREAM_IDLE_S  # grpc: a push stream silent this long is closed
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER  # grpc: open push streams per sender
+    same_node: str = DEFAULT_SAME_NODE  # "shm": pairs on one node move KV through shared memory
+    shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES  # shm: the receiver's pool of reusable buffers
     secret: str | None = None
     faults: TransferFaults | None = None  # fault injection (tests)
 
@@ -119,6 +129,8 @@ class HandoffSettings:
                                   else {"host": resolve_host(self.host), "chunk_bytes": self.chunk_bytes})
         if self.backend == "grpc":
             kwargs.update(stream_idle_s=self.stream_idle_s, max_streams_per_peer=self.max_streams_per_peer)
+        if self.same_node == "shm":
+            kwargs.update(same_node="shm", node_id=resolve_node_id(), shm_pool_bytes=self.shm_pool_bytes)
         if self.secret is not None:
             kwargs["secret"] = self.secret
         if self.faults is not None:

@@ -65,13 +65,14 @@ def test_best_memcpy_and_judge_transfers():
     best = best_memcpy(memcpy(5.0), memcpy(10.0))
     assert all(best[t]["gbps"] == 10.0 for t in KV_TOKENS)
     results = {"inproc/threads": backend(0.9), "gloo/threads": backend(0.5), "grpc/processes": backend(0.2),
-               "gloo/processes": backend(0.35), "ray/processes": {"error": "boom"}}
+               "shm/processes": backend(0.55), "ray/processes": {"error": "boom"}}
     verdict = judge_transfers(results, best)
     first = verdict["per_size"][str(KV_TOKENS[0])]
-    assert first["processes"]["backend"] == "gloo/processes" and first["processes"]["met"]   # 35% >= 30%
+    assert first["processes"]["backend"] == "shm/processes" and first["processes"]["met"]   # 55% >= 50%
     assert first["threads"]["backend"] == "gloo/threads"      # inproc is never the candidate
     assert verdict["met"]
     assert not judge_transfers({"grpc/processes": backend(0.2)}, best)["met"]
+    assert not judge_transfers({"gloo/processes": backend(0.45)}, best)["met"]  # 45% < 50%
 
 
 def test_render_both_sections_and_the_busy_warning():
@@ -81,7 +82,7 @@ def test_render_both_sections_and_the_busy_warning():
                 "backends": results, "target": judge_transfers(results, memcpy(10.0))}
     text = render(engine, cluster, transfer)
     for needle in ("32 tokens, greedy", "target TPOT <= 1.15x engine: 1.048x -> met", "-> NOT met",
-                   "ray/processes      error: boom", "fastest cross-process gloo/processes 35% -> met"):
+                   "ray/processes      error: boom", "fastest cross-process gloo/processes 35% -> NOT met"):
         assert needle in text, needle
     assert "warning" not in text
     engine["machine"]["busy_cores_before_run"] = 1.5

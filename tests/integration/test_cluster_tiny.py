@@ -38,12 +38,23 @@ def pool_sizes(address: str) -> dict[str, int]:
     return {p.kind: len(p.workers) for p in Client(address).status().pools}
 
 
-@pytest.mark.parametrize("backend", ["gloo", "grpc", "ray"])
-def test_backend_end_to_end(ray_head, tiny_model, backend):
+# same_node "backend": the pair is on one node, so the default ("shm") would bypass the backend under test.
+@pytest.mark.parametrize("backend,same_node", [("gloo", "backend"), ("grpc", "backend"), ("ray", "backend"),
+                                               ("gloo", "shm")])
+def test_backend_end_to_end(ray_head, tiny_model, backend, same_node):
     texts = prompts(8, seed=hash(backend) % 1000)
-    with running(make_config(backend=backend)) as (_, address):
+    with running(make_config(backend=backend, kvtransfer={"same_node": same_node})) as (d, address):
         outs = generate_many(address, [dict(prompt=t, max_tokens=MAX_NEW, ignore_eos=True) for t in texts])
         status = Client(address).status()
+        workers = ray.get(d.deployment.pool_manager.table.remote(), timeout=60)["workers"]
+    # With shm, every worker advertises shared memory on its own Ray node (all one node here), so every
+    # prefill/decode pair takes it (kvtransfer.node_local); without, none advertises it.
+    shm = [w["endpoint"].get("shm") for w in workers]
+    if same_node == "shm":
+        assert all(s is not None and s["node"] == w["node_id"] for s, w in zip(shm, workers))
+        assert len({(s["node"], s["host_key"]) for s in shm}) == 1
+    else:
+        assert shm == [None] * len(workers)
     check_exact(tiny_model, texts, outs)
     for pool in status.pools:
         assert all(w.requests_served > 0 for w in pool.workers), pool

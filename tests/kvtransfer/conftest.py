@@ -8,6 +8,10 @@ backend under test and closes them after the test:
 - ``gloo-actors``: gloo transports each in its own Ray actor process, so
   sender and receiver are separate processes, as deployed.
 - ``nccl``: two CUDA devices in this process; skipped without them.
+- ``shm``: shared-memory transports in this process; ``shm-actors``: each in
+  its own Ray actor process. After every shm test, once its transports are
+  closed, no shared-memory buffer of ours is left mapped or open in any of
+  those processes, and nothing of ours is in ``/dev/shm``.
 
 One local Ray cluster (2 CPUs, 127.0.0.1, token auth) serves the whole
 session, started only if a Ray-backed test runs. Every test also checks that
@@ -30,9 +34,10 @@ from kvtransfer.base import KVTransport
 from kvtransfer.faults import TransferFaults
 from kvtransfer.grpc_transport import GrpcTransport
 from kvtransfer.inproc import InProcHub, InProcTransport
+from kvtransfer.shm_transport import ShmTransport
 from kvtransfer.torch_dist import TorchDistTransport
 
-from .helpers import MakeTransport, needs_two_gpus
+from .helpers import MakeTransport, needs_two_gpus, shm_leftovers
 from .ray_hosts import RAY_NAMESPACE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +51,10 @@ BACKENDS = [
     pytest.param("ray"),
     pytest.param("gloo-actors"),
     pytest.param("nccl", marks=needs_two_gpus),
+    pytest.param("shm"),
+    pytest.param("shm-actors"),
 ]
+ACTOR_BACKENDS = {"ray": "ray", "gloo-actors": "gloo", "shm-actors": "shm"}
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +108,7 @@ def make(request: pytest.FixtureRequest) -> Iterator[MakeTransport]:
     """``make(faults=None, chunk_bytes=1 MiB) -> KVTransport`` for the backend under test."""
     backend: str = request.param
     hub, created, ids = InProcHub(), [], itertools.count()
-    hosts: list[Any] = request.getfixturevalue("ray_hosts") if backend in ("ray", "gloo-actors") else []
+    hosts: list[Any] = request.getfixturevalue("ray_hosts") if backend in ACTOR_BACKENDS else []
 
     def make_one(faults: TransferFaults | None = None, chunk_bytes: int = 1 << 20) -> KVTransport:
         n = next(ids)
@@ -116,14 +124,16 @@ def make(request: pytest.FixtureRequest) -> Iterator[MakeTransport]:
             tr = TorchDistTransport(wid, "nccl", device=f"cuda:{n}", **kw)
         elif backend == "grpc":
             tr = GrpcTransport(wid, **kw)
+        elif backend == "shm":
+            tr = ShmTransport(wid, **kw)
         else:
             import ray
 
             from tests.kvtransfer.ray_hosts import CALL_TIMEOUT_S, ActorTransport
 
             assert n < len(hosts), "a test may use at most N_HOSTS actor-hosted transports"
-            kind = "ray" if backend == "ray" else "gloo"
-            tr = ActorTransport(hosts[n], ray.get(hosts[n].open.remote(kind, wid, kw), timeout=CALL_TIMEOUT_S))
+            tr = ActorTransport(hosts[n], ray.get(hosts[n].open.remote(ACTOR_BACKENDS[backend], wid, kw),
+                                                  timeout=CALL_TIMEOUT_S))
         created.append(tr)
         return tr
 
@@ -131,3 +141,14 @@ def make(request: pytest.FixtureRequest) -> Iterator[MakeTransport]:
     yield make_one
     for tr in created:
         tr.close()
+    n_created = len(created)
+    created.clear()  # closed and dropped: whatever they held must be gone now
+    if backend == "shm":
+        assert shm_leftovers() == [], "shared-memory buffers outlived their transports"
+    elif backend == "shm-actors":
+        import ray
+
+        from tests.kvtransfer.ray_hosts import CALL_TIMEOUT_S
+
+        left = ray.get([h.shm_leftovers.remote() for h in hosts[:n_created]], timeout=CALL_TIMEOUT_S)
+        assert left == [[]] * n_created, "shared-memory buffers outlived their transports"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import time
 from collections.abc import Callable
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from kvtransfer.base import KVTransport, TransferStatus
+from kvtransfer.shm_buffers import MEMFD_NAME
 
 MakeTransport = Callable[..., KVTransport]
 
@@ -46,3 +49,26 @@ def transfer(src: KVTransport, dst: KVTransport, tid: str, x: torch.Tensor, time
 def assert_same_bytes(a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.shape == b.shape and a.dtype == b.dtype
     assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def shm_leftovers(settle_s: float = 5.0) -> list[str]:
+    """This process's shared-memory buffers still mapped or open, and our entries in /dev/shm (after a GC).
+
+    Retries for a moment: a transport thread may still be dropping its last reference.
+    """
+    deadline = time.monotonic() + settle_s
+    while True:
+        gc.collect()
+        with open("/proc/self/maps") as f:
+            left = [line.strip() for line in f if MEMFD_NAME in line]
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # closed meanwhile (the listdir's own descriptor, for one)
+                continue
+            if MEMFD_NAME in target:
+                left.append(f"fd {fd}: {target}")
+        left += [f"/dev/shm/{name}" for name in os.listdir("/dev/shm") if "splitserve" in name]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)

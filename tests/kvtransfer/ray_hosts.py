@@ -47,6 +47,12 @@ class TransportHost(KVTransferActorMixin):
             self.kv_transport.close()
             self.kv_transport = None
 
+    def shm_leftovers(self) -> list[str]:
+        """Shared-memory buffers still mapped or open in this actor's process."""
+        from tests.kvtransfer.helpers import shm_leftovers
+
+        return shm_leftovers()
+
     def pid(self) -> int:
         import os
 

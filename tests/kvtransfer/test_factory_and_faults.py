@@ -10,6 +10,7 @@ from kvtransfer.faults import FaultInjector
 from kvtransfer.grpc_transport import GrpcTransport
 from kvtransfer.inproc import InProcHub, InProcTransport
 from kvtransfer.ray_transport import RayTransport
+from kvtransfer.shm_transport import ShmTransport
 from kvtransfer.torch_dist import TorchDistTransport
 
 pytestmark = pytest.mark.timeout(60)
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.timeout(60)
     ("grpc", GrpcTransport, {}),
     ("ray", RayTransport, {}),
     ("inproc", InProcTransport, {"hub": InProcHub()}),
+    ("shm", ShmTransport, {}),
 ])
 def test_make_transport(backend, cls, kwargs) -> None:
     tr = make_transport(backend, "w", **kwargs)
@@ -35,7 +37,7 @@ def test_make_transport_refuses_bad_input() -> None:
         make_transport("carrier-pigeon", "w")
     with pytest.raises(ValueError, match="hub"):
         make_transport("inproc", "w")
-    assert set(kvtransfer.BACKENDS) == {"gloo", "nccl", "grpc", "ray", "inproc"}
+    assert set(kvtransfer.BACKENDS) == {"gloo", "nccl", "grpc", "ray", "inproc", "shm"}
 
 
 def test_fault_injector_counts_sends() -> None:

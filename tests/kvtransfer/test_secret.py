@@ -1,4 +1,4 @@
-"""The cluster secret on the KV plane, for every CPU backend (inproc, gloo, grpc, ray).
+"""The cluster secret on the KV plane, for every CPU backend (inproc, gloo, grpc, ray, shm).
 
 A receiver with a secret accepts a transfer only from a sender that proves
 the same secret: a wrong or missing proof fails that transfer on both sides
@@ -22,6 +22,7 @@ from kvtransfer.base import KVTransport, TransferStatus
 from kvtransfer.push_proof import SECRET_REFUSED, transfer_proof
 from kvtransfer.grpc_transport import GrpcTransport
 from kvtransfer.inproc import InProcHub, InProcTransport
+from kvtransfer.shm_transport import ShmTransport
 from kvtransfer.torch_dist import TorchDistTransport
 
 from .helpers import assert_same_bytes, kv, transfer, wait_done
@@ -52,6 +53,8 @@ class Sides:
             return TorchDistTransport(wid, "gloo", chunk_bytes=1 << 16, expect_grace_s=0.5, secret=secret)
         if self.backend == "grpc":
             return GrpcTransport(wid, chunk_bytes=1 << 16, secret=secret)
+        if self.backend == "shm":
+            return ShmTransport(wid, chunk_bytes=1 << 16, secret=secret)
         from kvtransfer.ray_transport import RayTransport
 
         return RayTransport(wid, secret=secret)  # a driver-side sender: it needs no actor
@@ -81,7 +84,7 @@ class Sides:
             tr.close()
 
 
-@pytest.fixture(params=["inproc", "gloo", "grpc", "ray"])
+@pytest.fixture(params=["inproc", "gloo", "grpc", "ray", "shm"])
 def sides(request: pytest.FixtureRequest) -> Iterator[Sides]:
     s = Sides(request.param, request)
     yield s

@@ -24,7 +24,7 @@ def test_pool_specs_hand_each_worker_its_section_and_the_one_lease():
         "pools": {"ratio": "1:1", "replicas": 2,
                   "prefill": {"num_cpus": 0.5, "max_batched_tokens": 512, "batch_wait_ms": 5.0},
                   "decode": {"num_gpus": 0, "kv_cache_bytes": 1 << 20, "max_running": 8}},
-        "kvtransfer": {"backend": "grpc", "lease_s": 7.0, "chunk_bytes": 65536},
+        "kvtransfer": {"backend": "grpc", "lease_s": 7.0, "chunk_bytes": 65536, "shm_pool_bytes": 1 << 20},
     })
     faults = TransferFaults(delay_s=0.1)
     prefill, decode = pool_specs(cfg, kv_secret="s3cret", faults=faults)
@@ -35,13 +35,16 @@ def test_pool_specs_hand_each_worker_its_section_and_the_one_lease():
     assert prefill.handoff is decode.handoff and prefill.handoff.lease_s == 7.0
     assert prefill.handoff.transport_kwargs() == {"host": "127.0.0.1", "chunk_bytes": 65536, "secret": "s3cret",
                                                   "faults": faults, "stream_idle_s": 10.0,
-                                                  "max_streams_per_peer": 64}  # grpc's stream bounds
+                                                  "max_streams_per_peer": 64,  # grpc's stream bounds
+                                                  # same-node pairs through shared memory (the default);
+                                                  # no Ray here, so no node id: the host key alone decides
+                                                  "same_node": "shm", "node_id": None, "shm_pool_bytes": 1 << 20}
     assert prefill.num_cpus == 0.5 and prefill.model == cfg.model
 
 
 def test_colocated_is_one_pool_of_decode_settings():
     cfg = parse_config({"pools": {"mode": "colocated", "replicas": 3, "decode": {"max_running": 4}},
-                        "kvtransfer": {"backend": "ray"}})
+                        "kvtransfer": {"backend": "ray", "same_node": "backend"}})
     assert cfg.pools.colocated and cfg.pools.counts() == (0, 3)
     (spec,) = pool_specs(cfg)
     assert spec.kind == "colocated" and spec.engine == DecodeEngineConfig(max_running=4)
