@@ -31,7 +31,7 @@ from kvtransfer.faults import TransferFaults
 from observability.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
 from router.directory import WorkerDirectory
 from router.policy import make_policy
-from router.request_runner import RequestRunner
+from router.request_runner import ConditionalPrefill, RequestRunner
 from router.security import load_secret
 from router.server import RouterServer, ServingServicer, fetch_limits
 from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, PrefillEngineConfig
@@ -100,11 +100,14 @@ class Deployment:
         directory = WorkerDirectory(self.pool_manager, find_pool_manager=self.find_pool_manager)
         await directory.refresh()
         limits = await fetch_limits(directory)
-        runner = RequestRunner(directory, make_policy(rc.policy), make_policy(rc.policy),
+        runner = RequestRunner(directory, make_policy(rc.policy, rc.prefix_cache_weight),
+                               make_policy(rc.policy, rc.prefix_cache_weight),
                                transfer_timeout_s=cfg.kvtransfer.timeout_s,
                                queue_timeout_s=rc.queue_timeout_s,
                                max_attempts=rc.max_attempts, transfer_retries=rc.transfer_retries,
-                               colocated=colocated)
+                               colocated=colocated,
+                               conditional=ConditionalPrefill(rc.conditional_prefill_max_tokens,
+                                                              rc.conditional_prefill_min_cached_ratio))
         metrics = RouterMetrics(self.registry)
         self.registry.register(WorkerStatusCollector(
             lambda: [w.status for w in list(directory.workers.values()) if w.status is not None]))

@@ -187,13 +187,14 @@ class BlockPool:
         return True
 
     def recent_hashes(self, limit: int) -> tuple[int, ...]:
-        """Up to ``limit`` hashes of cached blocks, most recently used first."""
-        out = []
-        for h in reversed(self._by_hash):
-            if len(out) >= limit:
-                break
-            out.append(h)
-        return tuple(out)
+        """Up to ``limit`` hashes of cached blocks, most recently used first.
+
+        Safe to call from another thread than the one that allocates (a
+        worker's status call): ``list()`` copies the keys in one step under
+        the GIL, where iterating would fail if the engine changed them meanwhile.
+        """
+        keys = list(self._by_hash)
+        return tuple(reversed(keys[-limit:])) if limit > 0 else ()
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

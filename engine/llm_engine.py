@@ -90,6 +90,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     kv_ready: bool = False
     timestamps: dict[str, float] | None = None
+    num_cached_tokens: int = 0  # with ``timestamps``: tokens this engine found in its prefix cache for it
     error: str | None = None  # with finish_reason "error": why this request (alone) failed
 
 
@@ -300,6 +301,7 @@ class LLMEngine:
         if "first_token" not in seq.timestamps:
             seq.timestamps["first_token"] = time.time()
             out.timestamps = dict(seq.timestamps)
+            out.num_cached_tokens = seq.num_cached_tokens or 0
         if status is not None:
             self.scheduler.remove(seq)
             seq.status = status
