@@ -15,7 +15,7 @@ other:
 - ``off``: ``pools.*.prefix_caching: false``, ``router.policy: least_loaded``,
   no conditional disaggregation: every prompt prefilled whole, its whole KV moved;
 - ``on``: prefix caching on both pools, ``router.policy: prefix_aware``, and
-  ``router.conditional_prefill_max_tokens`` (default 64): a prompt whose
+  ``router.conditional_prefill_max_tokens`` (default 128): a prompt whose
   part uncached on the chosen decode worker is that short is prefilled there.
 
 Each workload is sent closed loop, one request in flight (TTFT is then the
@@ -60,7 +60,7 @@ class Settings:
     conversations: int = 2
     turns: int = 5
     output_tokens: tuple[int, int] = (16, 16)
-    conditional_tokens: int = 64
+    conditional_tokens: int = 128
     seed: int = 0
 
 

@@ -15,7 +15,7 @@ def test_arms_differ_only_in_caching_and_routing():
     assert not off.pools.prefill.prefix_caching and not off.pools.decode.prefix_caching
     assert on.pools.prefill.prefix_caching and on.pools.decode.prefix_caching
     assert (off.router.policy, on.router.policy) == ("least_loaded", "prefix_aware")
-    assert (off.router.conditional_prefill_max_tokens, on.router.conditional_prefill_max_tokens) == (0, 64)
+    assert (off.router.conditional_prefill_max_tokens, on.router.conditional_prefill_max_tokens) == (0, 128)
     assert off.pools.counts() == on.pools.counts() and off.pools.decode.num_cpus == on.pools.decode.num_cpus
 
 
