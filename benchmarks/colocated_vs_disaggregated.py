@@ -20,6 +20,11 @@ has the same 2 cores' worth of workers:
     decode worker), KV over gloo.
 (c) ``chunked``: as (a) with ``max_batched_tokens`` = 128: a long prompt is
     prefilled 128 tokens a step, each step also carrying the running decodes.
+(d) ``conditional``: as (b) (prefix caching on, as by default in every arm)
+    with ``router.policy: prefix_aware`` and conditional disaggregation
+    (``router.conditional_prefill_max_tokens`` = ``CONDITIONAL_TOKENS``, 64): a
+    short prompt is prefilled by the decode worker itself, no transfer; only
+    long prompts use the prefill worker.
 
 All three deployments are up at once (the Ray head declares 6 logical CPUs
 for that) but only one arm is driven at a time; the machine's load drifts
@@ -96,6 +101,7 @@ from benchmarks.workloads import BenchRequest, WorkloadSpec, generate  # noqa: E
 from cluster.config import ClusterConfig, parse_config  # noqa: E402
 from benchmarks.cvd_report import (  # noqa: E402
     ARMS,
+    CONDITIONAL_TOKENS,
     DEFAULT_CHUNK_TOKENS,
     LEASE_S,
     LONG_INPUT,
@@ -153,18 +159,21 @@ def arm_config(arm: str, model: str = DEFAULT_MODEL, chunk_tokens: int = DEFAULT
               # colocated without chunking: a whole prompt in one step; chunked: 128 tokens a step
               "max_batched_tokens": chunk_tokens if arm == "chunked" else MAX_MODEL_LEN}
     pools: dict[str, Any] = {"replicas": REPLICAS, "decode": decode}
-    if arm == "disaggregated":
+    if arm in ("disaggregated", "conditional"):
         pools.update(mode="disaggregated", ratio="1:1",
                      prefill={"num_cpus": WORKER_CPUS, "num_blocks": 256, "max_batched_tokens": MAX_MODEL_LEN,
                               "batch_wait_ms": 2.0})
     else:
         pools["mode"] = "colocated"
+    router: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": None,
+                              "drain_grace_s": 10, "request_timeout_s": REQUEST_TIMEOUT_S}
+    if arm == "conditional":
+        router.update(policy="prefix_aware", conditional_prefill_max_tokens=CONDITIONAL_TOKENS)
     return {
         "model": {"name": model, "dtype": "float32", "max_model_len": MAX_MODEL_LEN},
         "pools": pools,
         "kvtransfer": {"backend": "gloo", "timeout_s": TRANSFER_TIMEOUT_S, "lease_s": LEASE_S},
-        "router": {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": None,
-                   "drain_grace_s": 10, "request_timeout_s": REQUEST_TIMEOUT_S},
+        "router": router,
         "ray": {"namespace": f"{namespace}-{arm}"},
     }
 

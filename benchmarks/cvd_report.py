@@ -29,9 +29,12 @@ DEFAULT_CHUNK_TOKENS = 128
 REQUEST_TIMEOUT_S = 300.0
 NAMESPACE = "bench-colocated-vs-disaggregated"
 
-ARMS = ("colocated", "disaggregated", "chunked")
+ARMS = ("colocated", "disaggregated", "chunked", "conditional")
 ARM_TITLES = {"colocated": "(a) colocated", "disaggregated": "(b) disaggregated 1:1",
-              "chunked": "(c) colocated + chunked prefill"}
+              "chunked": "(c) colocated + chunked prefill",
+              "conditional": "(d) disaggregated 1:1 + prefix_aware + conditional"}
+#: Arm (d): a prompt this short (uncached on its decode worker) is prefilled there, no transfer.
+CONDITIONAL_TOKENS = 64
 BASE_ARM = "colocated"
 
 SLO_SHORT = SLO(ttft_ms=1000.0, tpot_ms=200.0)   # a chat answer: first token within 1 s, 5 tokens/s after
@@ -310,7 +313,7 @@ def write_plots(result: dict, records: dict[str, dict[str, list[RequestRecord]]]
     out.mkdir(parents=True, exist_ok=True)
     rates = [rate_key(r) for r in result["settings"]["rates"]]
     arms = list(records)
-    colors = {a: c for a, c in zip(ARMS, ("tab:red", "tab:blue", "tab:green"))}
+    colors = {a: c for a, c in zip(ARMS, ("tab:red", "tab:blue", "tab:green", "tab:purple"))}
     written = []
 
     fig, axes = plt.subplots(1, len(rates), figsize=(6.5 * len(rates), 4.5), squeeze=False)

@@ -33,7 +33,8 @@ from benchmarks.workloads import BenchRequest
 from protos import serving_pb2
 from router.client import FINISH_NAMES, AsyncClient
 
-TIMING_FIELDS = ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms", "prefill_ms", "transfer_ms", "transfer_bytes")
+TIMING_FIELDS = ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms", "prefill_ms", "transfer_ms", "transfer_bytes",
+                 "prefill_cached_tokens", "decode_cached_tokens", "transfer_bytes_saved")
 
 
 class Arrival(ABC):
@@ -252,6 +253,7 @@ async def run_trace(address: str | None, requests: Sequence[BenchRequest], arriv
                     rec.prompt_tokens = resp.usage.prompt_tokens
                     rec.completion_tokens = resp.usage.completion_tokens
                     rec.server = {k: float(getattr(resp.timings, k)) for k in TIMING_FIELDS}
+                    rec.path = resp.timings.path
             rec.end_s = time.perf_counter() - t0
             texts[i] = "".join(parts)
         except grpc.aio.AioRpcError as e:

@@ -27,8 +27,10 @@ from observability.stages import TIMINGS_FIELDS, Stage
 
 ATTAINMENT_TARGET = 0.9
 #: The router's ``Timings`` fields a record's ``server`` may hold, averaged by
-#: :func:`summarize`: every stage's duration, the whole-request latencies, the KV bytes.
-SERVER_FIELDS = (*(TIMINGS_FIELDS[stage] for stage in Stage), "ttft_ms", "tpot_ms", "e2e_ms", "transfer_bytes")
+#: :func:`summarize`: every stage's duration, the whole-request latencies, the KV bytes,
+#: the prefix-cache hits (tokens not computed / not moved, bytes not moved).
+SERVER_FIELDS = (*(TIMINGS_FIELDS[stage] for stage in Stage), "ttft_ms", "tpot_ms", "e2e_ms", "transfer_bytes",
+                 "prefill_cached_tokens", "decode_cached_tokens", "transfer_bytes_saved")
 
 
 @dataclass
@@ -56,6 +58,7 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     server: dict[str, float] = field(default_factory=dict)
+    path: str = ""  # the router's Timings.path: disaggregated, decode_only or colocated
 
     @property
     def ok(self) -> bool:

@@ -302,7 +302,15 @@ class RouterConfig(Settings):
     # detached Ray actors (num_cpus=0) on the launch's node, restarted by Ray when
     # one dies. Replica i serves /metrics on metrics_port + i.
     replicas: int = Field(default_factory=lambda: default_router_replicas(), ge=1, le=64)
-    policy: Literal["round_robin", "least_loaded"] = "least_loaded"
+    policy: Literal["round_robin", "least_loaded", "prefix_aware"] = "least_loaded"
+    # prefix_aware: cost = outstanding tokens - prefix_cache_weight * tokens the worker caches (router/policy.py)
+    prefix_cache_weight: float = Field(1.0, ge=0, le=1000)
+    # Conditional disaggregation: the decode worker prefills a prompt itself (no prefill
+    # worker, no KV transfer) when the part it does not cache is at most this many tokens
+    # (0: never on that ground) ...
+    conditional_prefill_max_tokens: int = Field(0, ge=0)
+    # ... or when it caches at least this share of the prompt (null: never on that ground).
+    conditional_prefill_min_cached_ratio: float | None = Field(None, gt=0, le=1)
     max_queued: int = Field(256, ge=1)  # beyond this, new requests get RESOURCE_EXHAUSTED (0 would refuse all)
     request_timeout_s: float = Field(600, gt=0, le=MAX_WAIT_S)  # then DEADLINE_EXCEEDED, KV freed
     queue_timeout_s: float = Field(30, gt=0, le=MAX_WAIT_S)  # longest wait for KV room before RESOURCE_EXHAUSTED

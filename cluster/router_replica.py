@@ -28,7 +28,7 @@ from engine.model_loader import load_tokenizer
 from observability.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
 from router.directory import WorkerDirectory
 from router.policy import make_policy
-from router.request_runner import RequestRunner
+from router.request_runner import ConditionalPrefill, RequestRunner
 from router.server import RouterServer, ServingServicer, fetch_limits
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class RouterSettings:
     host: str
     port: int  # the port every replica binds (resolved from 0 before any replica starts)
     policy: str
+    prefix_cache_weight: float
+    conditional: ConditionalPrefill
     max_queued: int
     request_timeout_s: float
     queue_timeout_s: float
@@ -117,9 +119,11 @@ async def start_router(s: RouterSettings, pool_manager: Any, find_pool_manager: 
     directory = WorkerDirectory(pool_manager, find_pool_manager=find_pool_manager)
     await directory.refresh()
     limits = await fetch_limits(directory)
-    runner = RequestRunner(directory, make_policy(s.policy), make_policy(s.policy),
+    runner = RequestRunner(directory, make_policy(s.policy, s.prefix_cache_weight),
+                           make_policy(s.policy, s.prefix_cache_weight),
                            transfer_timeout_s=s.transfer_timeout_s, queue_timeout_s=s.queue_timeout_s,
-                           max_attempts=s.max_attempts, transfer_retries=s.transfer_retries, colocated=s.colocated)
+                           max_attempts=s.max_attempts, transfer_retries=s.transfer_retries, colocated=s.colocated,
+                           conditional=s.conditional)
     metrics = RouterMetrics(registry)
     registry.register(WorkerStatusCollector(
         lambda: [w.status for w in list(directory.workers.values()) if w.status is not None]))

@@ -6,6 +6,10 @@ is in docs/architecture.md, "Request lifecycle"):
 1. ``reserve`` (from the router): blocks for the prompt plus one token are
    held under a lease, and the transport is told to expect the KV from the
    named prefill worker. No room → ``None``, and the router tries elsewhere.
+   Given the token ids, the reservation starts with the blocks of the
+   prompt's prefix that this worker caches (an earlier turn of the
+   conversation, a shared system prompt): only the KV after them is
+   expected, and the answer (:class:`Reserved`) says from which token.
 2. The prefill worker pushes the KV straight into this worker's transport.
 3. ``generate`` (a streaming call from the router) waits for the transfer,
    imports the KV into the reserved blocks, yields an acknowledgement (the
@@ -32,7 +36,7 @@ import torch
 from engine.async_engine import RequestFailedError
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from kvtransfer.base import TransferStatus
-from worker_common.messages import Ack, DecodeEvent, ErrorReason, KVHandoffMeta, TokenChunk, WorkerError
+from worker_common.messages import Ack, DecodeEvent, ErrorReason, KVHandoffMeta, Reserved, TokenChunk, WorkerError
 from worker_common.transfer_wait import wait_transfer
 from worker_common.worker_base import WorkerBase
 from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, ModelConfig
@@ -59,41 +63,56 @@ class DecodeWorker(WorkerBase):
 
     # ------------------------------------------------------------ requests
     async def reserve(self, transfer_id: str, num_kv_tokens: int, sender: dict,
-                      timeout_s: float = 30.0) -> dict | None:
+                      timeout_s: float = 30.0, token_ids: list[int] | None = None) -> Reserved | None:
         """Hold blocks for an incoming KV of ``num_kv_tokens`` tokens (plus the
-        next one); return this worker's endpoint, or ``None`` if full."""
+        next one); ``None`` if full. ``token_ids`` (the KV's tokens): reuse
+        the cached prefix of them, and expect only the KV after it."""
         self._reap(self._leases, self._expire)
-        if not await self._hold(transfer_id, num_kv_tokens):
+        cached = await self._hold(transfer_id, num_kv_tokens, token_ids)
+        if cached is None:
             return None
-        self._expect(transfer_id, num_kv_tokens, sender, timeout_s)
-        return self.kv_transport.endpoint()
+        self._expect(transfer_id, num_kv_tokens - cached, sender, timeout_s)
+        return Reserved(self.kv_transport.endpoint(), cached)
 
-    async def _hold(self, transfer_id: str, num_kv_tokens: int) -> bool:
-        """Reserve blocks for the KV plus the next token, unless the request was (or is being) aborted."""
+    async def _hold(self, transfer_id: str, num_kv_tokens: int, token_ids: list[int] | None = None,
+                    max_cached: int | None = None) -> int | None:
+        """Reserve blocks for the KV plus the next token, unless the request was (or is being) aborted;
+        the number of leading tokens found cached, or ``None``."""
         if self._was_aborted(transfer_id):
-            return False
-        if not await self.engine.call(lambda e: e.reserve(transfer_id, num_kv_tokens + 1)):
-            return False
+            return None
+        reservation = await self.engine.call(
+            lambda e: e.reserve(transfer_id, num_kv_tokens + 1, token_ids, max_cached))
+        if reservation is None:
+            return None
         if self._was_aborted(transfer_id):  # the abort ran while the blocks were being reserved
             await self.engine.call(lambda e: e.cancel_reservation(transfer_id))
-            return False
-        return True
+            return None
+        return reservation.cached_tokens
 
     async def rearm(self, transfer_id: str, wire_id: str, num_kv_tokens: int, sender: dict,
-                    timeout_s: float = 30.0) -> dict | None:
-        """After a failed transfer: expect the KV again, under ``wire_id``, into
-        the same reservation. If the lease had run out meanwhile (a prefill
-        queue longer than the lease), reserve again; ``None`` if there is no room."""
+                    timeout_s: float = 30.0, token_ids: list[int] | None = None,
+                    kv_start: int = 0) -> dict | None:
+        """After a failed transfer: expect the KV (from token ``kv_start``, as
+        first reserved) again, under ``wire_id``, into the same reservation. If
+        the lease had run out meanwhile (a prefill queue longer than the
+        lease), reserve again, which must find the same ``kv_start`` tokens
+        cached; ``None`` if there is no room or they are gone."""
         if self._was_aborted(transfer_id):
             return None
-        if transfer_id not in self._leases and not await self._hold(transfer_id, num_kv_tokens):
-            return None
+        if transfer_id not in self._leases:
+            cached = await self._hold(transfer_id, num_kv_tokens, token_ids if kv_start else None, kv_start)
+            if cached is None:
+                return None
+            if cached != kv_start:  # evicted meanwhile: the push would miss tokens
+                await self.engine.call(lambda e: e.cancel_reservation(transfer_id))
+                return None
         self._drop_wire(transfer_id)
-        self._expect(transfer_id, num_kv_tokens, sender, timeout_s, wire_id)
+        self._expect(transfer_id, num_kv_tokens - kv_start, sender, timeout_s, wire_id)
         return self.kv_transport.endpoint()
 
     def _expect(self, transfer_id: str, num_kv_tokens: int, sender: dict, timeout_s: float,
                 wire_id: str | None = None) -> None:
+        """Expect ``num_kv_tokens`` tokens' KV (what is not cached here) from ``sender``."""
         lay = self.layout
         self._wire[transfer_id] = wire_id or transfer_id
         self.kv_transport.expect(self._wire[transfer_id], lay.kv_shape(num_kv_tokens), getattr(torch, lay.dtype),
@@ -162,7 +181,8 @@ class DecodeWorker(WorkerBase):
                 if first:
                     first = False
                     stamps = getattr(out, "timestamps", None) or {}
-                    yield Ack(t_called, time.time(), num_kv_tokens, stamps.get("scheduled"), stamps.get("first_token"))
+                    yield Ack(t_called, time.time(), num_kv_tokens, stamps.get("scheduled"), stamps.get("first_token"),
+                              out.num_cached_tokens)
                 if out.finish_reason == "abort":
                     yield WorkerError(ErrorReason.ABORTED)
                     return

@@ -1,55 +1,154 @@
-"""Paged KV memory bookkeeping: a block pool and per-sequence block tables.
+"""Paged KV memory bookkeeping: a block pool, per-sequence block tables and
+the prefix cache.
 
 Torch-free on purpose: the tensors that hold K and V live in
 :mod:`engine.kv_cache`; this module only decides which block ids a sequence
-owns. Blocks are reference counted so that a later prefix cache can share a
-block between sequences; a block returns to the free list when its count
-drops to zero.
+owns.
+
+Prefix caching (``enable_caching``): once a block is *full* and its tokens
+computed, it is named by a chained hash (:func:`hash_block`: the parent
+block's hash, the block's token ids and a KV-compatibility key — model,
+dtype or quantization, layout — so that KV written under one format is never
+read under another). A block whose last owner frees it keeps its contents
+and its hash: it is *cached* and evictable, and counts as free. A new
+sequence takes every leading full block of its tokens that is cached
+(:meth:`KVCacheManager.match_prefix`) instead of computing it again; a block
+is evicted (its hash forgotten, its slots reused) only when a fresh block is
+needed and no never-hashed block is left, least recently used first.
+
+Blocks are reference counted: a cached block shared by several sequences
+returns to the free (evictable) set only when its last owner frees it, so
+preempting, cancelling or aborting one sharer never frees what another
+still reads. A full block is never written again (positions only grow, and
+a sequence that restarts frees its blocks first), which is what makes
+sharing safe.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 class BlockPoolError(RuntimeError):
     """A caller broke the pool's contract (double free, unknown block)."""
 
 
+_PARENT = struct.Struct("<Q")
+
+
+def hash_block(parent: int | None, token_ids: Sequence[int], cache_key: str) -> int:
+    """The 64-bit name of one full block: its parent's name, its token ids and the KV-compatibility key.
+
+    Stable across processes and machines (blake2b, little-endian packing), so
+    a router can compute the same names as the workers for routing.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(b"\x01" if parent is None else b"\x00" + _PARENT.pack(parent))
+    h.update(cache_key.encode())
+    h.update(b"\x00")
+    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    return int.from_bytes(h.digest(), "little")
+
+
+def chain_hashes(token_ids: Sequence[int], block_size: int, cache_key: str,
+                 max_blocks: int | None = None, start: Sequence[int] = ()) -> list[int]:
+    """Chained hashes of the full blocks of ``token_ids`` (at most ``max_blocks``).
+
+    ``start``: hashes of the first blocks, already known (the chain goes on after them).
+    """
+    n = len(token_ids) // block_size
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    out = list(start)
+    parent = out[-1] if out else None
+    for i in range(len(out), n):
+        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size], cache_key)
+        out.append(parent)
+    return out
+
+
 class BlockPool:
-    """A fixed set of ``num_blocks`` KV blocks with a free list and refcounts."""
+    """A fixed set of ``num_blocks`` KV blocks with refcounts and a cache of hashed blocks.
+
+    A block with refcount 0 is free: either *plain* (never hashed, or its
+    hash dropped) or *cached* (hashed; reusable by :meth:`acquire` until
+    :meth:`allocate` evicts it, least recently freed first).
+    """
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: deque[int] = deque(range(num_blocks))  # plain free blocks
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached free blocks, LRU first
         self._refcount = [0] * num_blocks
+        self._hash_of: dict[int, int] = {}  # block -> its hash
+        self._by_hash: OrderedDict[int, int] = OrderedDict()  # hash -> block, least recently used first
+        self.evictions = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks no sequence holds (cached ones included: they can be evicted)."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached_free(self) -> int:
+        """Free blocks that still hold a cached prefix (evictable)."""
+        return len(self._evictable)
+
+    @property
+    def num_hashed(self) -> int:
+        """Blocks with a hash, held or free."""
+        return len(self._by_hash)
 
     def refcount(self, block_id: int) -> int:
         return self._refcount[block_id]
 
+    def lookup(self, block_hash: int) -> int | None:
+        """The block cached under ``block_hash``, if any."""
+        return self._by_hash.get(block_hash)
+
     def allocate(self, n: int) -> list[int] | None:
         """Take ``n`` free blocks (refcount 1 each), or ``None`` if fewer are free.
 
-        All-or-nothing, so a failed allocation never leaves blocks half-taken.
+        Plain blocks go first; then cached ones are evicted, least recently
+        used first. All-or-nothing, so a failed allocation never leaves
+        blocks half-taken.
         """
         if n < 0:
             raise ValueError(f"cannot allocate {n} blocks")
-        if n > len(self._free):
+        if n > self.num_free:
             return None
-        blocks = [self._free.popleft() for _ in range(n)]
-        for b in blocks:
+        blocks = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.popleft()
+            else:
+                b, _ = self._evictable.popitem(last=False)
+                del self._by_hash[self._hash_of.pop(b)]
+                self.evictions += 1
             self._refcount[b] = 1
+            blocks.append(b)
         return blocks
+
+    def acquire(self, blocks: Sequence[int]) -> None:
+        """Take one more reference to cached blocks (held or free); a free one leaves the evictable set."""
+        for b in blocks:
+            if b not in self._hash_of:
+                raise BlockPoolError(f"block {b} is not cached; cannot acquire it")
+        for b in blocks:
+            if self._refcount[b] == 0:
+                del self._evictable[b]
+            self._refcount[b] += 1
+            self._by_hash.move_to_end(self._hash_of[b])
 
     def incref(self, blocks: list[int]) -> None:
         """Share already-allocated blocks with one more owner."""
@@ -60,16 +159,42 @@ class BlockPool:
             self._refcount[b] += 1
 
     def free(self, blocks: list[int]) -> None:
-        """Drop one reference to each block; blocks reaching zero become free."""
+        """Drop one reference to each block; a block reaching zero becomes free (cached if hashed)."""
         for b in blocks:
             if not 0 <= b < self.num_blocks:
                 raise BlockPoolError(f"block {b} is not in this pool")
             if self._refcount[b] == 0:
                 raise BlockPoolError(f"block {b} freed twice")
-        for b in blocks:
+        # Later blocks of a sequence depend on earlier ones: free them
+        # first, so eviction (LRU) takes a chain's tail before its head.
+        for b in reversed(blocks):
             self._refcount[b] -= 1
             if self._refcount[b] == 0:
-                self._free.append(b)
+                if b in self._hash_of:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
+
+    def register(self, block_id: int, block_hash: int) -> bool:
+        """Name a held, full, computed block by its hash; ``False`` if the hash
+        already names another block (that one stays the cached copy) or this block has a name."""
+        if self._refcount[block_id] == 0:
+            raise BlockPoolError(f"block {block_id} is free; only a held block can be cached")
+        if block_hash in self._by_hash or block_id in self._hash_of:
+            return False
+        self._by_hash[block_hash] = block_id
+        self._hash_of[block_id] = block_hash
+        return True
+
+    def recent_hashes(self, limit: int) -> tuple[int, ...]:
+        """Up to ``limit`` hashes of cached blocks, most recently used first.
+
+        Safe to call from another thread than the one that allocates (a
+        worker's status call): ``list()`` copies the keys in one step under
+        the GIL, where iterating would fail if the engine changed them meanwhile.
+        """
+        keys = list(self._by_hash)
+        return tuple(reversed(keys[-limit:])) if limit > 0 else ()
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -77,19 +202,51 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+@dataclass(frozen=True)
+class PrefixMatch:
+    """The leading cached full blocks of a token sequence (:meth:`KVCacheManager.match_prefix`)."""
+
+    blocks: tuple[int, ...] = ()
+    hashes: tuple[int, ...] = ()
+    num_tokens: int = 0  # tokens these blocks hold
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    """Prefix-cache counters since the manager was made."""
+
+    queried_tokens: int = 0  # tokens of sequences looked up when they were first admitted
+    hit_tokens: int = 0  # of those, tokens found cached (not computed)
+    evictions: int = 0  # cached blocks whose contents were dropped for reuse
+    cached_blocks: int = 0  # free blocks that still hold a cached prefix (evictable, counted as free)
+
+    @property
+    def hit_rate(self) -> float | None:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else None
+
+
 class KVCacheManager:
-    """Facade over the pool: which blocks each sequence owns.
+    """Facade over the pool: which blocks each sequence owns, and the prefix cache.
 
     ``allocate_slots`` returns ``False`` for "no room now" rather than
-    raising, so the scheduler can preempt or wait.
+    raising, so the scheduler can preempt or wait. ``cache_key`` names the
+    KV format (model, dtype or quantization, layout): blocks are only shared
+    between sequences whose KV has the same key, and since a manager holds
+    one format, the key is part of every block hash.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, *, enable_caching: bool = False,
+                 cache_key: str = "") -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.cache_key = cache_key
         self._tables: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[int]] = {}  # seq -> hashes of its leading full, computed blocks
+        self.queried_tokens = 0
+        self.hit_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -109,8 +266,80 @@ class KVCacheManager:
         have = len(self._tables.get(seq_id, ()))
         return blocks_needed(num_tokens, self.block_size) - have <= self.pool.num_free
 
-    def allocate_slots(self, seq_id: str, num_tokens: int) -> bool:
-        """Grow ``seq_id``'s table to hold ``num_tokens`` tokens in total."""
+    # --------------------------------------------------------------- prefix
+    def match_prefix(self, token_ids: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
+        """The leading full blocks of ``token_ids`` that are cached, up to ``max_tokens`` tokens.
+
+        By default at least the last token is left out (``len - 1``): a
+        sequence must compute one token to have logits to sample from.
+        Takes nothing; pass the match to :meth:`allocate_slots`.
+        """
+        if not self.enable_caching:
+            return PrefixMatch()
+        limit = len(token_ids) - 1 if max_tokens is None else min(max_tokens, len(token_ids))
+        blocks: list[int] = []
+        hashes: list[int] = []
+        parent = None
+        bs = self.block_size
+        for i in range(max(limit, 0) // bs):
+            parent = hash_block(parent, token_ids[i * bs:(i + 1) * bs], self.cache_key)
+            block = self.pool.lookup(parent)
+            if block is None:
+                break
+            blocks.append(block)
+            hashes.append(parent)
+        return PrefixMatch(tuple(blocks), tuple(hashes), len(blocks) * bs)
+
+    def record_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
+        """Count one sequence's first lookup (the hit-rate metric)."""
+        self.queried_tokens += queried_tokens
+        self.hit_tokens += hit_tokens
+
+    def cache_stats(self) -> PrefixCacheStats:
+        return PrefixCacheStats(self.queried_tokens, self.hit_tokens, self.pool.evictions, self.pool.num_cached_free)
+
+    def cached_hashes(self, limit: int) -> tuple[int, ...]:
+        """Up to ``limit`` hashes of this manager's cached blocks, most recently used first (for routing)."""
+        return self.pool.recent_hashes(limit) if self.enable_caching else ()
+
+    def commit(self, seq_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        """Cache every full block of ``seq_id`` whose tokens are computed (``token_ids[:num_computed_tokens]``)."""
+        if not self.enable_caching:
+            return
+        table = self._tables.get(seq_id)
+        if table is None:
+            return
+        known = self._hashes.setdefault(seq_id, [])
+        full = min(num_computed_tokens // self.block_size, len(table))
+        if full <= len(known):
+            return
+        hashes = chain_hashes(token_ids, self.block_size, self.cache_key, full, start=known)
+        for i in range(len(known), full):
+            self.pool.register(table[i], hashes[i])
+        known[:] = hashes
+
+    # ----------------------------------------------------------- allocation
+    def allocate_slots(self, seq_id: str, num_tokens: int, prefix: PrefixMatch | None = None) -> bool:
+        """Grow ``seq_id``'s table to hold ``num_tokens`` tokens in total.
+
+        ``prefix`` (a new sequence only): start the table with these cached
+        blocks, shared, and allocate only the rest. All-or-nothing.
+        """
+        table = self._tables.get(seq_id)
+        if prefix is not None and prefix.blocks:
+            if table:
+                raise BlockPoolError(f"{seq_id!r} already holds blocks; a prefix starts a new table")
+            missing = blocks_needed(num_tokens, self.block_size) - len(prefix.blocks)
+            # Reviving a free cached block takes it out of the free count too.
+            reviving = sum(1 for b in prefix.blocks if self.pool.refcount(b) == 0)
+            if missing + reviving > self.pool.num_free:
+                return False
+            self.pool.acquire(prefix.blocks)
+            new = self.pool.allocate(max(missing, 0))
+            assert new is not None  # checked above
+            self._tables[seq_id] = list(prefix.blocks) + new
+            self._hashes[seq_id] = list(prefix.hashes)
+            return True
         table = self._tables.setdefault(seq_id, [])
         missing = blocks_needed(num_tokens, self.block_size) - len(table)
         if missing <= 0:
@@ -124,7 +353,8 @@ class KVCacheManager:
         return True
 
     def free(self, seq_id: str) -> None:
-        """Release every block of ``seq_id`` (a no-op if it holds none)."""
+        """Release every block of ``seq_id`` (a no-op if it holds none); cached ones stay cached."""
+        self._hashes.pop(seq_id, None)
         table = self._tables.pop(seq_id, None)
         if table:
             self.pool.free(table)

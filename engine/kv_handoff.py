@@ -30,7 +30,9 @@ class KVHandoff:
     """KV of ``num_tokens`` computed tokens plus the token state around it.
 
     ``prompt_token_ids + output_token_ids`` is the whole sequence; the KV
-    covers its first ``num_tokens`` tokens (all but the last sampled one).
+    covers its tokens ``[start, end)``, ``end`` being all but the last
+    sampled one. ``start`` > 0 when the receiver already holds the first
+    ``start`` tokens' KV in its prefix cache (only the rest is moved).
     """
 
     request_id: str
@@ -39,10 +41,17 @@ class KVHandoff:
     output_token_ids: list[int]
     seed: int
     data: torch.Tensor  # [layers, 2, num_tokens, kv_heads, head_dim]
+    start: int = 0  # position of the first token ``data`` covers
 
     @property
     def num_tokens(self) -> int:
+        """Tokens whose KV ``data`` holds."""
         return int(self.data.shape[2])
+
+    @property
+    def end(self) -> int:
+        """Position after the last token ``data`` covers (the sequence's computed tokens)."""
+        return self.start + self.num_tokens
 
     @property
     def nbytes(self) -> int:
@@ -57,6 +66,7 @@ class KVHandoff:
                 "output_token_ids": self.output_token_ids,
                 "seed": self.seed,
                 "num_tokens": self.num_tokens,
+                "start": self.start,
             }
         ).encode()
         payload = self.data.contiguous().view(torch.uint8).numpy().tobytes()
@@ -77,4 +87,5 @@ class KVHandoff:
         if len(payload) != expected:
             raise ValueError(f"KV buffer holds {len(payload)} bytes, layout says {expected}")
         data = torch.frombuffer(payload, dtype=torch.uint8).view(dtype).view(shape)
-        return cls(header["request_id"], layout, header["prompt_token_ids"], header["output_token_ids"], header["seed"], data)
+        return cls(header["request_id"], layout, header["prompt_token_ids"], header["output_token_ids"], header["seed"], data,
+                   header.get("start", 0))

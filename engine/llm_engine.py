@@ -12,6 +12,13 @@ A step reads as schedule → run → postprocess:
 A request may ask to stop after prefill (``export_after_prefill``): its
 first token is sampled, its blocks are kept, and :meth:`LLMEngine.export_kv`
 hands its KV to another engine, which continues with :meth:`import_kv`.
+
+Prefix caching (``prefix_caching``, on by default): every full block of
+computed KV is cached under a chained hash of its tokens and the engine's
+``kv_cache_key`` (:mod:`engine.kv_cache_manager`), including blocks written
+by :meth:`LLMEngine.import_kv`, and stays cached after its request ends
+until the space is needed. A new request, a preempted one coming back, a
+reservation and an import all start with the leading blocks already cached.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from analysis.machine_peaks import MachinePeaks
 from engine.chat_prompt import chat_prompt_ids
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import PagedKVCache
+from engine.kv_cache import KVLayout
 from engine.kv_cache_manager import KVCacheManager, blocks_needed
 from engine.kv_handoff import KVHandoff, KVLayoutMismatchError
 from engine.model_loader import LoadedModel
@@ -38,6 +46,25 @@ from engine.sequence import Sequence, SequenceStatus
 from engine.step_stats import StepStats, StepStatsSnapshot
 
 DEFAULT_NUM_BLOCKS = 1024
+
+
+def default_kv_cache_key(model_name: str, layout: KVLayout) -> str:
+    """The prefix cache's KV-compatibility key for a model's plain KV: its
+    name and the layout (layers, KV heads, head dim, dtype). An engine whose
+    KV differs in any other way (quantized KV, another attention layout)
+    passes its own ``kv_cache_key``, so no block is shared across formats."""
+    return f"{model_name}|{layout.num_layers}x{layout.num_kv_heads}x{layout.head_dim}|{layout.dtype}"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Blocks held for a KV that will be imported (:meth:`LLMEngine.reserve`);
+    the first ``cached_tokens`` tokens' KV is already here (prefix cache), so
+    only the rest needs to come."""
+
+    request_id: str
+    num_tokens: int
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -63,6 +90,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     kv_ready: bool = False
     timestamps: dict[str, float] | None = None
+    num_cached_tokens: int = 0  # with ``timestamps``: tokens this engine found in its prefix cache for it
     error: str | None = None  # with finish_reason "error": why this request (alone) failed
 
 
@@ -85,6 +113,9 @@ class LLMEngine:
     ``num_blocks`` or ``kv_cache_bytes`` (not both) sizes the cache;
     ``max_batched_tokens`` is the per-step token budget (longer prompts are
     prefilled in chunks); ``max_running`` caps the running batch.
+    ``prefix_caching`` keeps and reuses full blocks (module docstring);
+    ``kv_cache_key`` names the KV format for it (default:
+    :func:`default_kv_cache_key`).
     """
 
     def __init__(
@@ -97,6 +128,8 @@ class LLMEngine:
         max_running: int = 64,
         max_batched_tokens: int = 2048,
         peaks: MachinePeaks | None = None,
+        prefix_caching: bool = True,
+        kv_cache_key: str | None = None,
     ) -> None:
         if num_blocks is not None and kv_cache_bytes is not None:
             raise ValueError("give num_blocks or kv_cache_bytes, not both")
@@ -112,13 +145,14 @@ class LLMEngine:
                     f"{PagedKVCache.bytes_per_block(self.layout, block_size)} bytes"
                 )
         num_blocks = DEFAULT_NUM_BLOCKS if num_blocks is None else num_blocks
-        self.kv = KVCacheManager(num_blocks, block_size)
+        self.kv_cache_key = kv_cache_key or default_kv_cache_key(model.name, self.layout)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_caching=prefix_caching, cache_key=self.kv_cache_key)
         self.cache = PagedKVCache(self.layout, num_blocks, block_size)
         self.runner = ModelRunner(model.model, self.cache)
         self.scheduler = Scheduler(self.kv, max_running, max_batched_tokens)
         self._requests: dict[str, _Request] = {}
         self._parked: dict[str, _Request] = {}
-        self._reserved: set[str] = set()
+        self._reserved: dict[str, Reservation] = {}
         self._arrivals = 0
         self.num_steps = 0
         # Per-step time, batch, tokens, modelled bytes/FLOPs; MBU/MFU against ``peaks``.
@@ -220,8 +254,12 @@ class LLMEngine:
         if not plan.chunks:
             return []
         sampled_chunks, logits = self.runner.execute(plan.chunks, self.kv)
+        bs = self.kv.block_size
         for c in plan.chunks:
-            c.seq.num_computed_tokens = c.start + c.num_tokens
+            end = c.num_tokens + c.start
+            c.seq.num_computed_tokens = end
+            if end // bs > c.start // bs:  # a block filled up: cache it
+                self.kv.commit(c.seq.request_id, c.seq.token_ids, end)
         self.num_steps += 1
         reqs = [self._requests[c.seq.request_id] for c in sampled_chunks]
         tokens = sample(
@@ -263,6 +301,7 @@ class LLMEngine:
         if "first_token" not in seq.timestamps:
             seq.timestamps["first_token"] = time.time()
             out.timestamps = dict(seq.timestamps)
+            out.num_cached_tokens = seq.num_cached_tokens or 0
         if status is not None:
             self.scheduler.remove(seq)
             seq.status = status
@@ -276,38 +315,51 @@ class LLMEngine:
         return out
 
     # ------------------------------------------------------------- hand-off
-    def export_kv(self, request_id: str) -> KVHandoff:
-        """Copy a parked request's KV out; its blocks stay held until :meth:`release`."""
+    def export_kv(self, request_id: str, start: int = 0) -> KVHandoff:
+        """Copy a parked request's KV out, from position ``start`` on (the
+        receiver caches the rest); its blocks stay held until :meth:`release`."""
         req = self._parked[request_id]
         seq = req.seq
-        slots = torch.tensor([self.kv.slot(request_id, p) for p in range(seq.num_computed_tokens)], dtype=torch.long)
+        if not 0 <= start < seq.num_computed_tokens:
+            raise ValueError(f"export start {start} is outside the {seq.num_computed_tokens} computed tokens")
+        slots = torch.tensor([self.kv.slot(request_id, p) for p in range(start, seq.num_computed_tokens)],
+                             dtype=torch.long)
         data = self.cache.read_tokens(slots)
-        return KVHandoff(request_id, self.layout, list(seq.prompt_token_ids), list(seq.output_token_ids), req.seed, data)
+        return KVHandoff(request_id, self.layout, list(seq.prompt_token_ids), list(seq.output_token_ids), req.seed, data,
+                         start)
 
     def release(self, request_id: str) -> None:
         """Free a parked request's blocks (after the receiver acknowledged its KV)."""
         self._parked.pop(request_id)
         self.kv.free(request_id)
 
-    def reserve(self, request_id: str, num_tokens: int) -> bool:
+    def reserve(self, request_id: str, num_tokens: int, token_ids: list[int] | None = None,
+                max_cached_tokens: int | None = None) -> Reservation | None:
         """Hold blocks for ``num_tokens`` tokens of a request that will be imported.
 
-        Counts against ``max_running``; ``False`` when there is no room now.
+        ``token_ids`` (the tokens whose KV will come, as far as known): start
+        with their leading cached blocks (at most ``max_cached_tokens``
+        tokens; by default all but the last token), so only the rest has to
+        be sent; the reservation says how many are cached. Counts against
+        ``max_running``; ``None`` when there is no room now.
         """
         if self._in_use(request_id):
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         if len(self.scheduler.running) + len(self._reserved) >= self.scheduler.max_running:
-            return False
-        if not self.kv.allocate_slots(request_id, num_tokens):
-            return False
-        self._reserved.add(request_id)
-        return True
+            return None
+        prefix = self.kv.match_prefix(token_ids, max_cached_tokens) if token_ids else None
+        if not self.kv.allocate_slots(request_id, num_tokens, prefix):
+            return None
+        cached = prefix.num_tokens if prefix else 0
+        if token_ids:
+            self.kv.record_lookup(len(token_ids), cached)
+        self._reserved[request_id] = Reservation(request_id, num_tokens, cached)
+        return self._reserved[request_id]
 
     def cancel_reservation(self, request_id: str) -> bool:
         """Free a reservation that will not be imported (lease expired, transfer failed)."""
-        if request_id not in self._reserved:
+        if self._reserved.pop(request_id, None) is None:
             return False
-        self._reserved.discard(request_id)
         self.kv.free(request_id)
         return True
 
@@ -325,27 +377,41 @@ class LLMEngine:
         streamed again; ``emitted_text`` (the text the sender already
         streamed for them, when it held some back for stop strings) keeps the
         text stream seamless.
+
+        A hand-off that starts at ``start`` > 0 needs the first ``start``
+        tokens' KV here already: in the reservation's cached blocks, or (no
+        reservation) in the prefix cache; else ``ValueError``. Only positions
+        past what is cached here are written (a cached block is shared and
+        never written); the imported full blocks join the prefix cache.
         """
         diffs = self.layout.mismatches(handoff.layout)
         if diffs:
             raise KVLayoutMismatchError("KV layout mismatch (theirs != ours): " + "; ".join(diffs))
         params.validate()
         request_id = request_id or handoff.request_id
-        reserved = request_id in self._reserved
+        reservation = self._reserved.get(request_id)
         if request_id in self._requests or request_id in self._parked:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         self._check_prompt(handoff.prompt_token_ids, params)
         seq = Sequence(request_id, list(handoff.prompt_token_ids), params, arrival=self._arrivals,
-                       output_token_ids=list(handoff.output_token_ids), num_computed_tokens=handoff.num_tokens)
+                       output_token_ids=list(handoff.output_token_ids), num_computed_tokens=handoff.end)
         if seq.num_uncomputed_tokens != 1:
-            raise ValueError(f"hand-off covers {handoff.num_tokens} of {seq.num_tokens} tokens; expected all but the last")
-        if not reserved and len(self.scheduler.running) + len(self._reserved) >= self.scheduler.max_running:
+            raise ValueError(f"hand-off covers {handoff.end} of {seq.num_tokens} tokens; expected all but the last")
+        if reservation is None:
+            if len(self.scheduler.running) + len(self._reserved) >= self.scheduler.max_running:
+                return False
+            prefix = self.kv.match_prefix(seq.token_ids, handoff.end)
+            cached = prefix.num_tokens
+        else:
+            prefix, cached = None, reservation.cached_tokens
+        if cached < handoff.start:
+            raise ValueError(f"hand-off starts at token {handoff.start} but only {cached} tokens are cached here")
+        if not self.kv.allocate_slots(request_id, seq.num_tokens, prefix):
             return False
-        if not self.kv.allocate_slots(request_id, seq.num_tokens):
-            return False
-        self._reserved.discard(request_id)
-        slots = torch.tensor([self.kv.slot(request_id, p) for p in range(handoff.num_tokens)], dtype=torch.long)
-        self.cache.write_tokens(slots, handoff.data)
+        self._reserved.pop(request_id, None)
+        slots = torch.tensor([self.kv.slot(request_id, p) for p in range(cached, handoff.end)], dtype=torch.long)
+        self.cache.write_tokens(slots, handoff.data[:, :, cached - handoff.start:])
+        self.kv.commit(request_id, seq.token_ids, handoff.end)
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
         for t in seq.output_token_ids:
             detok.skip_token(t)
@@ -359,16 +425,29 @@ class LLMEngine:
 
     # ------------------------------------------------------------ utilities
     def stats(self) -> dict[str, int]:
+        """Occupancy and counters. Cached blocks no request holds count as
+        free (``cached_blocks`` says how many of the free ones hold a cached
+        prefix), so once every request has ended ``free_blocks == num_blocks``."""
+        cache = self.kv.cache_stats()
         return {
             "num_blocks": self.kv.num_blocks,
             "free_blocks": self.kv.num_free_blocks,
             "used_blocks": self.kv.num_blocks - self.kv.num_free_blocks,
+            "cached_blocks": cache.cached_blocks,
+            "prefix_queried_tokens": cache.queried_tokens,
+            "prefix_hit_tokens": cache.hit_tokens,
+            "cache_evictions": cache.evictions,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "parked": len(self._parked),
             "reserved": len(self._reserved),
             "preemptions": self.scheduler.num_preemptions,
         }
+
+    def cached_block_hashes(self, limit: int) -> tuple[int, ...]:
+        """Up to ``limit`` hashes of the blocks in the prefix cache, most recently used first
+        (what a worker publishes for prefix-aware routing)."""
+        return self.kv.cached_hashes(limit)
 
     def step_stats(self) -> StepStatsSnapshot:
         """Step accounting since start and over the recent window (:meth:`StepStats.snapshot`)."""

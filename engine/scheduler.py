@@ -12,6 +12,10 @@ Each step it decides which tokens of which sequences the model computes:
 2. If nothing was preempted, waiting sequences are admitted in arrival order
    while the budget, ``max_running`` and free blocks allow. A prompt longer
    than the budget is admitted with its first chunk and continues next step.
+   With prefix caching, a sequence admitted with no blocks starts with every
+   leading full block of its tokens that is cached (shared, not computed):
+   its first chunk starts after them, and they cost no budget. A preempted
+   sequence finds its own blocks that way when it is readmitted.
 """
 
 from __future__ import annotations
@@ -101,9 +105,18 @@ class Scheduler:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.kv.allocate_slots(seq.request_id, seq.num_computed_tokens + n):
+            prefix = None
+            if seq.num_computed_tokens == 0 and not self.kv.block_table(seq.request_id):
+                prefix = self.kv.match_prefix(seq.token_ids)
+            start = seq.num_computed_tokens + (prefix.num_tokens if prefix else 0)
+            n = min(seq.num_tokens - start, budget)
+            if not self.kv.allocate_slots(seq.request_id, start + n, prefix):
                 break
+            if prefix is not None:
+                seq.num_computed_tokens = start
+                if seq.num_cached_tokens is None:  # the hit rate counts each request's first admission
+                    seq.num_cached_tokens = prefix.num_tokens
+                    self.kv.record_lookup(seq.num_tokens, prefix.num_tokens)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -58,6 +58,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     export_after_prefill: bool = False
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None  # prefix-cache hit at first admission (None: not admitted yet)
     stop_reason: str | int | None = None
     timestamps: dict[str, float] = field(default_factory=lambda: {"added": time.time()})
 

@@ -12,7 +12,8 @@ The dashboard has three rows:
    p99 per stage, requests by outcome, token throughput, requests in flight;
 3. workers (filtered by the ``kind`` and ``worker`` variables): queue
    depth, running sequences, batch size, KV cache use, MBU and MFU, engine
-   busy fraction, computed tokens by phase, KV transfer throughput.
+   busy fraction, computed tokens by phase, KV transfer throughput, prefix
+   cache hit rate, cached blocks and evictions.
 """
 
 from __future__ import annotations
@@ -145,6 +146,15 @@ def _workers_row(lay: _Layout) -> None:
                       "{{worker_id}} {{direction}}")], "Bps", w=12)
     lay.panel("Engine steps", [target(f"sum by (kind, worker_id) ({rate(m.W_STEPS, WORKERS)})", by_worker)],
               "short", w=12, description="Steps per second.")
+    lay.panel("Prefix cache hit rate",
+              [target(f"sum by (kind, worker_id) ({rate(m.W_PREFIX_HIT, WORKERS)}) / "
+                      f"sum by (kind, worker_id) ({rate(m.W_PREFIX_QUERIED, WORKERS)})", by_worker)],
+              "percentunit", description="Looked-up prompt tokens found cached, over the interval.")
+    lay.panel("Cached KV blocks", [target(f"{m.W_CACHED_BLOCKS}{{{WORKERS}}}", by_worker)], "short",
+              description="Free blocks still holding a cached prefix (evictable).")
+    lay.panel("Prefix cache evictions",
+              [target(f"sum by (kind, worker_id) ({rate(m.W_EVICTIONS, WORKERS)})", by_worker)], "short",
+              description="Cached blocks evicted per second.")
 
 
 def _variable(name: str, label: str, query: str) -> dict[str, Any]:

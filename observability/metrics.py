@@ -168,6 +168,11 @@ W_XFER_BYTES = "splitserve_worker_kv_transfer_bytes_total"  # label direction=se
 W_XFER_CHUNKS = "splitserve_worker_kv_transfer_chunks_total"
 W_XFER_SECONDS = "splitserve_worker_kv_transfer_seconds_total"  # label direction=sent
 W_XFER_REFUSED = "splitserve_worker_kv_transfer_refused_unauthenticated_total"
+W_CACHED_BLOCKS = "splitserve_worker_prefix_cache_blocks"  # free blocks that hold a cached prefix
+W_PREFIX_QUERIED = "splitserve_worker_prefix_cache_queried_tokens_total"
+W_PREFIX_HIT = "splitserve_worker_prefix_cache_hit_tokens_total"
+W_PREFIX_HIT_RATIO = "splitserve_worker_prefix_cache_hit_ratio"
+W_EVICTIONS = "splitserve_worker_prefix_cache_evictions_total"
 
 _GAUGE, _COUNTER = "gauge", "counter"
 
@@ -226,6 +231,15 @@ WORKER_METRICS: tuple[WorkerMetric, ...] = (
                  (("sent", "kv_transfer.seconds_sent"),), "direction"),
     _one(W_XFER_REFUSED, _COUNTER, "KV transfer connections refused for a missing or wrong token.",
          "kv_transfer.refused_unauthenticated"),
+    _one(W_CACHED_BLOCKS, _GAUGE, "Free KV blocks that still hold a cached prefix (evictable; counted as free).",
+         "prefix_cache.cached_blocks"),
+    _one(W_PREFIX_QUERIED, _COUNTER, "Tokens looked up in the prefix cache (at admission or reservation).",
+         "prefix_cache.queried_tokens"),
+    _one(W_PREFIX_HIT, _COUNTER, "Looked-up tokens found in the prefix cache (neither computed nor moved).",
+         "prefix_cache.hit_tokens"),
+    _one(W_PREFIX_HIT_RATIO, _GAUGE, "Prefix cache hit tokens / queried tokens since the worker started.",
+         "prefix_hit_rate"),
+    _one(W_EVICTIONS, _COUNTER, "Cached KV blocks evicted to make room.", "prefix_cache.evictions"),
 )
 
 WORKER_METRIC_NAMES = tuple(metric.name for metric in WORKER_METRICS)

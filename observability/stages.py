@@ -40,6 +40,20 @@ class Stage(enum.Enum):
     DECODE = "decode"
 
 
+class RequestPath(enum.Enum):
+    """Which way a request went through the cluster (``Timings.path``); the
+    stages it reached follow from it (``decode_only`` has no transfer)."""
+
+    #: Prefilled on a prefill worker; its KV (the part the decode worker
+    #: did not already cache) moved to the decode worker.
+    DISAGGREGATED = "disaggregated"
+    #: Conditional disaggregation: the decode worker prefilled the uncached
+    #: part of the prompt itself (short, or mostly cached there); nothing moved.
+    DECODE_ONLY = "decode_only"
+    #: One colocated replica ran both phases (``pools.mode: colocated``).
+    COLOCATED = "colocated"
+
+
 #: Each stage's duration field in ``protos/serving.proto``'s ``Timings`` (milliseconds).
 TIMINGS_FIELDS: dict[Stage, str] = {
     Stage.QUEUE: "queue_ms",

@@ -53,6 +53,7 @@ class PrefillWorker(WorkerBase):
                          batch_wait_s=engine.batch_wait_ms / 1000, handoff=handoff)
         self._holds: dict[str, float] = {}  # transfer_id -> lease deadline
         self._wire: dict[str, str] = {}  # transfer_id -> the id of its push in flight (fresh on a resend)
+        self._kv_start: dict[str, int] = {}  # transfer_id -> first token whose KV is pushed (decode caches the rest)
         self.tokens_prefilled = 0
         self.transfer_seconds = 0.0
 
@@ -72,12 +73,16 @@ class PrefillWorker(WorkerBase):
         timeout_s: float = 30.0,
         output_token_ids: list[int] | None = None,
         emitted_text: str | None = None,
+        kv_start: int = 0,
     ) -> PrefillResult | WorkerError:
         """Prefill one prompt and push its KV; see the module docstring.
 
         ``output_token_ids``/``emitted_text`` resume a request whose first
         outputs were streamed by a worker that died: they are prefilled with
-        the prompt and the next token is sampled.
+        the prompt and the next token is sampled. ``kv_start``: the decode
+        side already caches the KV of the first ``kv_start`` tokens; only the
+        KV from there on is pushed. The prefill itself skips whatever prefix
+        this worker's own cache holds.
         """
         t_received = time.time()
         self._reap(self._holds, self._drop)
@@ -105,9 +110,11 @@ class PrefillWorker(WorkerBase):
             t_received=t_received,
             t_prefill_start=stamps.get("scheduled", t_received),
             t_prefill_end=stamps.get("first_token", t_prefilled),
+            cached_tokens=first.num_cached_tokens,
         )
         if first.finished:
             return result
+        self._kv_start[transfer_id] = kv_start
         push = await self._push(transfer_id, decode_endpoint, timeout_s)
         if isinstance(push, WorkerError) and push.reason is ErrorReason.ABORTED:
             return push
@@ -140,7 +147,8 @@ class PrefillWorker(WorkerBase):
         the hold lease) so that the router can ask for one more try."""
         t_start = time.time()
         wire = self._wire[transfer_id] = wire_id or transfer_id
-        handoff = await self.engine.call(lambda e: e.export_kv(transfer_id))
+        start = self._kv_start.get(transfer_id, 0)
+        handoff = await self.engine.call(lambda e: e.export_kv(transfer_id, start))
         self.kv_transport.send(wire, handoff.data, decode_endpoint, timeout_s)
         status = await wait_transfer(self.kv_transport, wire, timeout_s)
         error = self.kv_transport.error(wire)
@@ -159,6 +167,7 @@ class PrefillWorker(WorkerBase):
         """The decode side has the KV: free this side's blocks."""
         if self._holds.pop(transfer_id, None) is None:
             return False
+        self._kv_start.pop(transfer_id, None)
         await self.engine.abort(transfer_id)
         return True
 
@@ -167,9 +176,11 @@ class PrefillWorker(WorkerBase):
         a prefill call that arrives after this is refused."""
         self._tombstone(transfer_id)
         self._holds.pop(transfer_id, None)
+        self._kv_start.pop(transfer_id, None)
         self.kv_transport.abort(self._wire.get(transfer_id, transfer_id))
         return await self.engine.abort(transfer_id)
 
     async def _drop(self, transfer_id: str) -> None:
         """A hold whose acknowledgement never came (router died, stream lost)."""
+        self._kv_start.pop(transfer_id, None)
         await self.engine.abort(transfer_id)

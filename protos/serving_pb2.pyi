@@ -91,7 +91,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms", "prefill_ms", "transfer_ms", "prefill_queue_ms", "decode_queue_ms", "decode_ms", "slowest_stage", "transfer_bytes", "prefill_worker", "decode_worker", "attempts", "timeline")
+    __slots__ = ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms", "prefill_ms", "transfer_ms", "prefill_queue_ms", "decode_queue_ms", "decode_ms", "slowest_stage", "transfer_bytes", "prefill_cached_tokens", "decode_cached_tokens", "transfer_bytes_saved", "prefill_worker", "decode_worker", "attempts", "path", "timeline")
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     E2E_MS_FIELD_NUMBER: _ClassVar[int]
@@ -103,9 +103,13 @@ class Timings(_message.Message):
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     SLOWEST_STAGE_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_BYTES_SAVED_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     ttft_ms: float
     tpot_ms: float
@@ -118,11 +122,15 @@ class Timings(_message.Message):
     decode_ms: float
     slowest_stage: str
     transfer_bytes: int
+    prefill_cached_tokens: int
+    decode_cached_tokens: int
+    transfer_bytes_saved: int
     prefill_worker: str
     decode_worker: str
     attempts: int
+    path: str
     timeline: Timeline
-    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., decode_queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., slowest_stage: _Optional[str] = ..., transfer_bytes: _Optional[int] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., attempts: _Optional[int] = ..., timeline: _Optional[_Union[Timeline, _Mapping]] = ...) -> None: ...
+    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., decode_queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., slowest_stage: _Optional[str] = ..., transfer_bytes: _Optional[int] = ..., prefill_cached_tokens: _Optional[int] = ..., decode_cached_tokens: _Optional[int] = ..., transfer_bytes_saved: _Optional[int] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., attempts: _Optional[int] = ..., path: _Optional[str] = ..., timeline: _Optional[_Union[Timeline, _Mapping]] = ...) -> None: ...
 
 class Timeline(_message.Message):
     __slots__ = ("admitted_ms", "reserved_ms", "prefill_queued_ms", "prefill_start_ms", "prefill_end_ms", "transfer_start_ms", "transfer_end_ms", "decode_queued_ms", "decode_start_ms", "first_token_ms", "token_ms", "finished_ms")
@@ -175,7 +183,7 @@ class PoolStatus(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., target_replicas: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "node_id", "alive", "running", "waiting", "outstanding_tokens", "free_blocks", "used_blocks", "num_blocks", "requests_served", "tokens_generated")
+    __slots__ = ("worker_id", "node_id", "alive", "running", "waiting", "outstanding_tokens", "free_blocks", "used_blocks", "num_blocks", "requests_served", "tokens_generated", "cached_blocks", "prefix_queried_tokens", "prefix_hit_tokens", "cache_evictions")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +195,10 @@ class WorkerStatus(_message.Message):
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     node_id: str
     alive: bool
@@ -198,4 +210,8 @@ class WorkerStatus(_message.Message):
     num_blocks: int
     requests_served: int
     tokens_generated: int
-    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., alive: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., outstanding_tokens: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
+    cached_blocks: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    cache_evictions: int
+    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., alive: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., outstanding_tokens: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., prefix_queried_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., cache_evictions: _Optional[int] = ...) -> None: ...

@@ -388,7 +388,9 @@ def format_stages(t: serving_pb2.Timings) -> str:
     """A request's stage breakdown, one line per stage, the slowest marked."""
     lines = [f"  {stage.value:<14}{getattr(t, TIMINGS_FIELDS[stage]):9.1f} ms"
              f"{'  <- slowest' if stage.value == t.slowest_stage else ''}" for stage in Stage]
-    extra = f"  KV moved: {t.transfer_bytes} bytes; attempts: {t.attempts}"
+    extra = (f"  path: {t.path or '-'}; KV moved: {t.transfer_bytes} bytes (saved by the decode cache: "
+             f"{t.transfer_bytes_saved}); cached tokens: prefill {t.prefill_cached_tokens}, decode "
+             f"{t.decode_cached_tokens}; attempts: {t.attempts}")
     return "\n".join(["stages:", *lines, extra])
 
 

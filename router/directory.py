@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from router.policy import WorkerLoad
+from router.prefix_index import PrefixIndex, PrefixQuery
 from worker_common.worker_status import WorkerStatus
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,14 @@ class WorkerInfo:
     # the polled status, so bursts spread out before the next poll.
     inflight_tokens: int = 0
 
-    def load(self) -> WorkerLoad:
+    def load(self, cached_tokens: int = 0) -> WorkerLoad:
+        """Its load as the policies see it; ``cached_tokens``: of the request being placed."""
         return WorkerLoad(
             self.worker_id,
             outstanding_tokens=self.inflight_tokens,
             free_blocks=self.status.free_blocks if self.status else 0,
             num_blocks=self.status.num_blocks if self.status else 1,
+            cached_tokens=cached_tokens,
         )
 
 
@@ -58,10 +61,15 @@ class WorkerDirectory:
         self.workers: dict[str, WorkerInfo] = {}
         self.targets: dict[str, int] = {}
         self.version: tuple[str, int] | None = None  # (the manager's incarnation, its table version)
+        self.prefix_index = PrefixIndex()  # what each worker's prefix cache holds, from its status
         self._task: asyncio.Task | None = None
 
     def of_kind(self, kind: str) -> list[WorkerInfo]:
         return [w for w in self.workers.values() if w.kind == kind]
+
+    def loads(self, workers: list[WorkerInfo], query: PrefixQuery | None = None) -> list[WorkerLoad]:
+        """The policies' view of ``workers``, each with the tokens of ``query`` it reported cached."""
+        return [w.load(self.prefix_index.cached_tokens(w.worker_id, query) if query else 0) for w in workers]
 
     async def refresh(self) -> None:
         """Fetch the table (keeping the cached one if the pool manager is unreachable), then poll status."""
@@ -90,6 +98,8 @@ class WorkerDirectory:
             for w in table["workers"]:
                 old = self.workers.get(w["worker_id"])
                 fresh[w["worker_id"]] = old or WorkerInfo(w["worker_id"], w["kind"], w["handle"], w["endpoint"], w["node_id"])
+            for gone in set(self.workers) - set(fresh):
+                self.prefix_index.forget(gone)
             self.workers = fresh
             self.version = version
 
@@ -100,6 +110,10 @@ class WorkerDirectory:
                 w.alive = True
             except Exception:
                 w.alive = False
+                self.prefix_index.forget(w.worker_id)  # a dead worker's cache is gone with it
+                return
+            c = w.status.prefix_cache
+            self.prefix_index.update(w.worker_id, c.enabled, c.block_size, c.cache_key, c.block_hashes)
 
         await asyncio.gather(*(one(w) for w in list(self.workers.values())))
 

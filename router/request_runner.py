@@ -30,6 +30,17 @@ the client gets INTERNAL with the engine's message.
 
 In colocated mode (``pools.mode: colocated``) an attempt is a single call:
 one worker runs both phases (:meth:`DecodeWorker.serve`).
+
+Prefix caching shapes the disaggregated attempt twice. The reservation
+names the KV's token ids, and the decode worker answers how many leading
+tokens it already caches: the prefill worker then pushes only the KV after
+them (``Timings.decode_cached_tokens``, ``transfer_bytes_saved``). And
+*conditional disaggregation* (:class:`ConditionalPrefill`): when the part of
+the prompt that the best-ranked decode worker does not cache (by the
+router's prefix index) is short, or that worker caches most of it, the
+attempt skips the prefill pool altogether and runs as one ``serve`` call on
+that decode worker, which prefills the rest itself (``Timings.path``
+``decode_only``).
 """
 
 from __future__ import annotations
@@ -46,11 +57,12 @@ from typing import Any
 import ray
 
 from engine.sampling_params import InvalidRequestError
-from observability.stages import Timeline
+from observability.stages import RequestPath, Timeline
 from router.directory import WorkerDirectory, WorkerInfo
 from router.policy import RoutingPolicy
+from router.prefix_index import PrefixQuery
 from router.validation import ParsedRequest
-from worker_common.messages import Ack, ErrorReason, KVPushed, PrefillResult, TokenChunk, WorkerError
+from worker_common.messages import Ack, ErrorReason, KVPushed, PrefillResult, Reserved, TokenChunk, WorkerError
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 30.0  # any control call; a worker that takes longer is treated as failed
@@ -78,6 +90,33 @@ class AttemptFailed(RuntimeError):
         self.worker_id = worker_id
 
 
+@dataclass(frozen=True)
+class ConditionalPrefill:
+    """When a disaggregated attempt lets the decode worker prefill by itself.
+
+    Decode-only when the tokens the chosen decode worker does not cache
+    number at most ``max_uncached_tokens``, or when it caches at least
+    ``min_cached_ratio`` of them; ``0`` / ``None`` turn each ground off (the
+    defaults: always disaggregated). A prefill worker is worth its transfer
+    only for a long uncached part: for a short one the decode worker's
+    prefill costs less than the hop, and for a mostly cached prompt there is
+    little left to compute.
+    """
+
+    max_uncached_tokens: int = 0
+    min_cached_ratio: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_uncached_tokens > 0 or self.min_cached_ratio is not None
+
+    def decode_only(self, kv_tokens: int, cached_tokens: int) -> bool:
+        """Whether ``kv_tokens`` tokens, ``cached_tokens`` of them cached on the decode worker, skip the prefill pool."""
+        if kv_tokens - cached_tokens <= self.max_uncached_tokens:
+            return True
+        return self.min_cached_ratio is not None and cached_tokens >= self.min_cached_ratio * kv_tokens
+
+
 @dataclass
 class RequestTrace(Timeline):
     """One request's stage stamps (:class:`~observability.stages.Timeline`)
@@ -89,6 +128,10 @@ class RequestTrace(Timeline):
 
     token_times: list[float] = field(default_factory=list)  # one per output token, as it left the router
     transfer_bytes: int = 0
+    transfer_bytes_saved: int = 0  # KV bytes not moved: the decode worker had them cached
+    prefill_cached_tokens: int = 0  # prompt tokens the prefilling worker found cached
+    decode_cached_tokens: int = 0  # prompt tokens whose KV the decode worker had cached (not moved)
+    path: RequestPath | None = None
     prefill_worker: str = ""
     decode_worker: str = ""
     attempts: int = 0
@@ -104,7 +147,9 @@ class RequestTrace(Timeline):
     def new_attempt(self) -> None:
         super().new_attempt()
         self.attempts += 1
-        self.transfer_bytes = 0
+        self.transfer_bytes = self.transfer_bytes_saved = 0
+        self.prefill_cached_tokens = self.decode_cached_tokens = 0
+        self.path = None
 
 
 def attempt_id(request_id: str, attempt: int) -> str:
@@ -149,7 +194,8 @@ class RequestRunner:
 
     def __init__(self, directory: WorkerDirectory, prefill_policy: RoutingPolicy, decode_policy: RoutingPolicy,
                  *, transfer_timeout_s: float = 30.0, queue_timeout_s: float = 30.0, max_attempts: int = 3,
-                 transfer_retries: int = 1, colocated: bool = False) -> None:
+                 transfer_retries: int = 1, colocated: bool = False,
+                 conditional: ConditionalPrefill = ConditionalPrefill()) -> None:
         self.directory = directory
         self.prefill_policy = prefill_policy
         self.decode_policy = decode_policy
@@ -158,6 +204,7 @@ class RequestRunner:
         self.max_attempts = max_attempts
         self.transfer_retries = transfer_retries
         self.colocated = colocated
+        self.conditional = conditional
         self.retries = 0  # attempts beyond the first, over all requests (a metric)
 
     async def run(self, req: ParsedRequest, trace: RequestTrace,
@@ -194,11 +241,21 @@ class RequestRunner:
     async def _disaggregated_attempt(self, req: ParsedRequest, attempt: int, progress: _Progress,
                                      trace: RequestTrace, failed: set[str],
                                      deadline: float | None) -> AsyncIterator[TokenChunk]:
+        kv_ids = list(req.prompt_token_ids) + progress.token_ids
+        kv_tokens = len(kv_ids)
+        query = PrefixQuery(kv_ids)
+        solo = self._decode_only_worker(query, failed)
+        if solo is not None:
+            async for ev in self._serve_attempt(solo, req, attempt, progress, trace, RequestPath.DECODE_ONLY):
+                yield ev
+            return
         transfer_id = attempt_id(req.request_id, attempt)
-        kv_tokens = len(req.prompt_token_ids) + len(progress.token_ids)
         remaining = req.params.max_tokens - len(progress.token_ids)
-        prefill, decode, endpoint = await self._reserve(transfer_id, kv_tokens, failed, deadline)
+        prefill, decode, reserved = await self._reserve(transfer_id, query, failed, deadline)
+        endpoint, kv_start = reserved.endpoint, reserved.cached_tokens
         trace.reserved = time.time()
+        trace.path = RequestPath.DISAGGREGATED
+        trace.decode_cached_tokens = kv_start
         trace.prefill_worker, trace.decode_worker = prefill.worker_id, decode.worker_id
         prefill.inflight_tokens += kv_tokens
         decode.inflight_tokens += remaining
@@ -206,15 +263,19 @@ class RequestRunner:
         done = False
         try:
             try:
-                prefilled = await self._prefill(prefill, decode, transfer_id, req, progress, endpoint, kv_tokens)
+                prefilled = await self._prefill(prefill, decode, transfer_id, req, progress, endpoint, kv_ids,
+                                                kv_start)
             finally:
                 prefill.inflight_tokens -= kv_tokens
             trace.prefill_queued, trace.prefill_start = prefilled.t_received, prefilled.t_prefill_start
             trace.prefill_end = prefilled.t_prefill_end
+            trace.prefill_cached_tokens = prefilled.cached_tokens
             pushed = prefilled.push
             if isinstance(pushed, KVPushed):
                 trace.transfer_start, trace.transfer_end = pushed.t_transfer_start, pushed.t_transfer_end
                 trace.transfer_bytes = pushed.transfer_bytes
+                # Bytes per token from what moved: the cached tokens would have cost the same each.
+                trace.transfer_bytes_saved = pushed.transfer_bytes * kv_start // max(kv_tokens - kv_start, 1)
             done = prefilled.first.finished
             yield _token_event(prefilled.first, trace)
             if done or not isinstance(pushed, KVPushed):  # finished, or (never) unfinished with no KV sent
@@ -248,13 +309,15 @@ class RequestRunner:
                 decode.handle.abort.remote(transfer_id)
 
     async def _prefill(self, prefill: WorkerInfo, decode: WorkerInfo, transfer_id: str, req: ParsedRequest,
-                       progress: _Progress, endpoint: dict, kv_tokens: int) -> PrefillResult:
-        """Prefill and push; a failed push is retried into the same reservation.
+                       progress: _Progress, endpoint: dict, kv_ids: list[int], kv_start: int) -> PrefillResult:
+        """Prefill and push the KV from token ``kv_start`` on (the decode side
+        caches the rest); a failed push is retried into the same reservation.
         The result's ``push`` is a :class:`KVPushed`, or ``None`` when the first token finished the request."""
         timeout = CALL_TIMEOUT_S + self.transfer_timeout_s
+        kv_tokens = len(kv_ids)
         result = await self._call(prefill, prefill.handle.prefill.remote(
             transfer_id, req.prompt_token_ids, req.params, endpoint, self.transfer_timeout_s,
-            progress.token_ids or None, progress.text or None), timeout)
+            progress.token_ids or None, progress.text or None, kv_start), timeout)
         match result:
             case WorkerError():
                 raise _failure(result, prefill.worker_id, prefill.worker_id)
@@ -268,7 +331,8 @@ class RequestRunner:
             log.warning("KV transfer %s failed (%s); pushing it again", transfer_id, push)
             wire_id = f"{transfer_id}-r{retry}"  # a fresh id: nothing of the failed push is reused
             endpoint = await self._call(decode, decode.handle.rearm.remote(
-                transfer_id, wire_id, kv_tokens, prefill.endpoint, self.transfer_timeout_s), CALL_TIMEOUT_S)
+                transfer_id, wire_id, kv_tokens, prefill.endpoint, self.transfer_timeout_s, kv_ids, kv_start),
+                CALL_TIMEOUT_S)
             if endpoint is None:
                 break
             push = await self._call(prefill, prefill.handle.resend.remote(
@@ -284,22 +348,36 @@ class RequestRunner:
         limit = time.monotonic() + self.queue_timeout_s
         return limit if deadline is None else min(limit, deadline)
 
-    async def _reserve(self, transfer_id: str, kv_tokens: int, failed: set[str],
-                       deadline: float | None) -> tuple[WorkerInfo, WorkerInfo, dict]:
+    def _decode_only_worker(self, query: PrefixQuery, failed: set[str]) -> WorkerInfo | None:
+        """The decode worker that should prefill this request itself (conditional
+        disaggregation), or ``None``: the best-ranked live one, if the part of
+        the prompt it does not cache is short or small enough."""
+        if not self.conditional.enabled:
+            return None
+        decodes = {w.worker_id: w for w in self.directory.of_kind("decode") if w.worker_id not in failed}
+        if not decodes:
+            return None
+        best = decodes[self.decode_policy.rank(self.directory.loads(list(decodes.values()), query))[0]]
+        cached = self.directory.prefix_index.cached_tokens(best.worker_id, query)
+        return best if self.conditional.decode_only(len(query.token_ids), cached) else None
+
+    async def _reserve(self, transfer_id: str, query: PrefixQuery, failed: set[str],
+                       deadline: float | None) -> tuple[WorkerInfo, WorkerInfo, Reserved]:
         limit = self._wait_limit(deadline)
         delay = 0.005
+        kv_tokens = len(query.token_ids)
         while True:
             prefills = [w for w in self.directory.of_kind("prefill") if w.worker_id not in failed]
             decodes = {w.worker_id: w for w in self.directory.of_kind("decode") if w.worker_id not in failed}
             if prefills and decodes:
                 by_id = {w.worker_id: w for w in prefills}
-                prefill = by_id[self.prefill_policy.rank([w.load() for w in prefills])[0]]
-                for worker_id in self.decode_policy.rank([w.load() for w in decodes.values()]):
+                prefill = by_id[self.prefill_policy.rank(self.directory.loads(prefills, query))[0]]
+                for worker_id in self.decode_policy.rank(self.directory.loads(list(decodes.values()), query)):
                     decode = decodes[worker_id]
                     try:
-                        endpoint = await asyncio.wait_for(
+                        reserved = await asyncio.wait_for(
                             decode.handle.reserve.remote(transfer_id, kv_tokens, prefill.endpoint,
-                                                         self.transfer_timeout_s),
+                                                         self.transfer_timeout_s, query.token_ids),
                             timeout=CALL_TIMEOUT_S)
                     except asyncio.CancelledError:
                         # The client went away mid-call: the reservation may still
@@ -313,8 +391,8 @@ class RequestRunner:
                         # there (the worker refuses it if it comes later).
                         decode.handle.abort.remote(transfer_id)
                         continue
-                    if endpoint is not None:
-                        return prefill, decode, endpoint
+                    if reserved is not None:
+                        return prefill, decode, reserved
             if time.monotonic() >= limit:
                 raise NoCapacityError(f"no decode worker had room for {kv_tokens} tokens of KV within "
                                       f"{self.queue_timeout_s:.0f} s")
@@ -325,8 +403,15 @@ class RequestRunner:
     async def _colocated_attempt(self, req: ParsedRequest, attempt: int, progress: _Progress,
                                  trace: RequestTrace, failed: set[str],
                                  deadline: float | None) -> AsyncIterator[TokenChunk]:
+        worker = await self._pick(req, progress, failed, deadline)
+        async for ev in self._serve_attempt(worker, req, attempt, progress, trace, RequestPath.COLOCATED):
+            yield ev
+
+    async def _serve_attempt(self, worker: WorkerInfo, req: ParsedRequest, attempt: int, progress: _Progress,
+                             trace: RequestTrace, path: RequestPath) -> AsyncIterator[TokenChunk]:
+        """One ``serve`` call: ``worker`` runs both phases (colocated, or a decode worker on the decode-only path)."""
         request_id = attempt_id(req.request_id, attempt)
-        worker = await self._pick(failed, deadline)
+        trace.path = path
         trace.prefill_worker = trace.decode_worker = worker.worker_id
         cost = len(req.prompt_token_ids) + req.params.max_tokens
         worker.inflight_tokens += cost
@@ -337,6 +422,7 @@ class RequestRunner:
             async for ev in self._events(worker, stream, CALL_TIMEOUT_S + self.queue_timeout_s):
                 match ev:
                     case Ack():
+                        trace.prefill_cached_tokens = ev.cached_tokens
                         trace.prefill_queued = trace.decode_queued = ev.t_called
                         trace.prefill_start = ev.t_scheduled if ev.t_scheduled is not None else ev.t_called
                         trace.prefill_end = trace.decode_start = (
@@ -352,12 +438,14 @@ class RequestRunner:
                 ray.cancel(stream)
                 worker.handle.abort.remote(request_id)
 
-    async def _pick(self, failed: set[str], deadline: float | None) -> WorkerInfo:
+    async def _pick(self, req: ParsedRequest, progress: _Progress, failed: set[str],
+                    deadline: float | None) -> WorkerInfo:
         limit = self._wait_limit(deadline)
+        query = PrefixQuery(list(req.prompt_token_ids) + progress.token_ids)
         while True:
             workers = {w.worker_id: w for w in self.directory.of_kind("colocated") if w.worker_id not in failed}
             if workers:
-                return workers[self.decode_policy.rank([w.load() for w in workers.values()])[0]]
+                return workers[self.decode_policy.rank(self.directory.loads(list(workers.values()), query))[0]]
             if time.monotonic() >= limit:
                 raise NoCapacityError("no live colocated worker")
             await asyncio.sleep(0.1)

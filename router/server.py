@@ -191,6 +191,9 @@ class ServingServicer:
                     pb.outstanding_tokens = max(s.outstanding_tokens, 0)
                     pb.free_blocks, pb.used_blocks, pb.num_blocks = s.free_blocks, s.used_blocks, s.num_blocks
                     pb.requests_served, pb.tokens_generated = s.requests_served, s.tokens_processed
+                    c = s.prefix_cache
+                    pb.cached_blocks, pb.cache_evictions = c.cached_blocks, c.evictions
+                    pb.prefix_queried_tokens, pb.prefix_hit_tokens = c.queried_tokens, c.hit_tokens
         return resp
 
 
@@ -242,6 +245,9 @@ def fill_timings(pb: serving_pb2.Timings, t: RequestTrace) -> None:
     if stages:
         pb.slowest_stage = max(stages, key=stages.get).value
     pb.transfer_bytes = t.transfer_bytes
+    pb.prefill_cached_tokens, pb.decode_cached_tokens = t.prefill_cached_tokens, t.decode_cached_tokens
+    pb.transfer_bytes_saved = t.transfer_bytes_saved
+    pb.path = t.path.value if t.path is not None else ""
     pb.prefill_worker = t.prefill_worker
     pb.decode_worker = t.decode_worker
     pb.attempts = t.attempts

@@ -3,6 +3,7 @@
 Both sides import this one module, so a field is named once and the router
 dispatches on a message's type, never on string keys or on error text:
 
+- ``DecodeWorker.reserve`` returns a :class:`Reserved` (or ``None``: no room).
 - ``PrefillWorker.prefill`` returns a :class:`PrefillResult` (its ``push`` a
   :class:`KVPushed`, or a :class:`WorkerError` while the KV is still held, or
   ``None`` when the first token ended the request) or a :class:`WorkerError`;
@@ -75,15 +76,29 @@ class KVHandoffMeta:
     prompt_token_ids: tuple[int, ...]
     output_token_ids: tuple[int, ...]
     seed: int
+    start: int = 0  # the KV sent starts at this token (the decode worker cached the ones before)
 
     @classmethod
     def of(cls, handoff: KVHandoff) -> KVHandoffMeta:
-        return cls(handoff.layout, tuple(handoff.prompt_token_ids), tuple(handoff.output_token_ids), handoff.seed)
+        return cls(handoff.layout, tuple(handoff.prompt_token_ids), tuple(handoff.output_token_ids), handoff.seed,
+                   handoff.start)
 
     def with_data(self, request_id: str, data: torch.Tensor) -> KVHandoff:
         """The engine's hand-off of ``request_id``, with the KV that arrived."""
         return KVHandoff(request_id, self.layout, list(self.prompt_token_ids), list(self.output_token_ids),
-                         self.seed, data)
+                         self.seed, data, self.start)
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """A decode worker's answer to ``reserve``: blocks are held under a lease.
+
+    ``cached_tokens``: the first tokens of the KV that this worker already
+    holds in its prefix cache; only the KV from there on is expected
+    (the prefill worker exports from ``cached_tokens``)."""
+
+    endpoint: dict
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,7 @@ class PrefillResult:
     t_prefill_start: float
     t_prefill_end: float
     push: KVPushed | WorkerError | None = None
+    cached_tokens: int = 0  # prompt tokens found in this worker's prefix cache (not computed)
 
 
 @dataclass(frozen=True)
@@ -137,6 +153,7 @@ class Ack:
     num_kv_tokens: int = 0  # KV tokens imported (``generate``); 0 for ``serve``
     t_scheduled: float | None = None
     t_first_token: float | None = None
+    cached_tokens: int = 0  # ``serve``: prompt tokens found in this worker's prefix cache (not computed)
 
 
 DecodeEvent = Ack | TokenChunk | WorkerError

@@ -19,7 +19,7 @@ from kvtransfer.factory import make_transport
 from kvtransfer.ray_transport import KVTransferActorMixin
 from worker_common.messages import ModelLimits
 from worker_common.worker_config import HandoffSettings, ModelConfig
-from worker_common.worker_status import KVTransferStats, WorkerStatus
+from worker_common.worker_status import MAX_PUBLISHED_HASHES, KVTransferStats, PrefixCacheReport, WorkerStatus
 
 log = logging.getLogger(__name__)
 REAP_INTERVAL_S = 0.5
@@ -71,7 +71,13 @@ class WorkerBase(KVTransferActorMixin):
 
     def status(self) -> WorkerStatus:
         """Load and KV occupancy (the kind adds its own counters)."""
-        stats = self.engine.engine.stats()
+        engine = self.engine.engine
+        stats = engine.stats()
+        cache = PrefixCacheReport(
+            enabled=engine.kv.enable_caching, block_size=engine.kv.block_size, cache_key=engine.kv_cache_key,
+            cached_blocks=stats["cached_blocks"], queried_tokens=stats["prefix_queried_tokens"],
+            hit_tokens=stats["prefix_hit_tokens"], evictions=stats["cache_evictions"],
+            block_hashes=engine.cached_block_hashes(MAX_PUBLISHED_HASHES))
         return WorkerStatus(
             worker_id=self.worker_id,
             kind=self.kind,
@@ -86,6 +92,7 @@ class WorkerBase(KVTransferActorMixin):
             preemptions=stats["preemptions"],
             step_stats=self.engine.engine.step_stats(),
             kv_transfer=KVTransferStats(**self.kv_transport.stats()),
+            prefix_cache=cache,
         )
 
     def shutdown(self) -> None:

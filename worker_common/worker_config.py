@@ -51,6 +51,9 @@ class PrefillEngineConfig(Settings):
     max_batched_tokens: int = Field(2048, ge=1)  # prompt tokens packed into one prefill forward
     # How long to wait to gather a batch before running it; past a second it only adds latency.
     batch_wait_ms: float = Field(2.0, ge=0, le=1000)
+    # Keep computed full KV blocks after their request and reuse them for a
+    # prompt with the same prefix (the prefill skips the cached part).
+    prefix_caching: bool = True
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments of :class:`engine.llm_engine.LLMEngine`."""
@@ -65,6 +68,9 @@ class DecodeEngineConfig(Settings):
     kv_cache_bytes: int | None = Field(None, ge=1)  # the worker turns bytes into blocks for its model
     max_running: int = Field(64, ge=1)
     max_batched_tokens: int = Field(2048, ge=1)
+    # Keep computed and imported full KV blocks after their request: the next
+    # turn of a conversation finds them, and only the rest is sent or computed.
+    prefix_caching: bool = True
 
     @model_validator(mode="before")
     @classmethod

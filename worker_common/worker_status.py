@@ -31,6 +31,31 @@ class KVTransferStats:
     seconds_sent: float | None = None
 
 
+#: At most this many cached block hashes ride on one status report (8 bytes
+#: each): bounds the digest a worker publishes for prefix-aware routing.
+MAX_PUBLISHED_HASHES = 4096
+
+
+@dataclass(frozen=True)
+class PrefixCacheReport:
+    """A worker's prefix cache: counters since it started, and what it holds.
+
+    ``block_hashes``: the chained hashes (:func:`engine.kv_cache_manager.hash_block`)
+    of up to :data:`MAX_PUBLISHED_HASHES` cached blocks, most recently used
+    first, under ``cache_key`` and ``block_size``; what the router's prefix
+    index learns from each status poll (so it is as stale as the poll).
+    """
+
+    enabled: bool = False
+    block_size: int = 0
+    cache_key: str = ""
+    cached_blocks: int = 0  # free blocks holding a cached prefix (evictable; counted in free_blocks)
+    queried_tokens: int = 0  # tokens looked up at admission or reservation
+    hit_tokens: int = 0  # of those, found cached (not computed or moved)
+    evictions: int = 0
+    block_hashes: tuple[int, ...] = ()
+
+
 @dataclass(frozen=True)
 class WorkerStatus:
     """Load, KV occupancy and counters of one worker, as it last reported them."""
@@ -41,7 +66,7 @@ class WorkerStatus:
     waiting: int  # sequences queued in the engine
     reserved: int  # KV reservations awaiting their transfer
     outstanding_tokens: int  # tokens of requests accepted and not finished
-    free_blocks: int  # KV cache blocks free (reserved ones count as used)
+    free_blocks: int  # KV cache blocks free (reserved ones count as used; cached, evictable ones as free)
     used_blocks: int
     num_blocks: int
     requests_served: int  # requests finished since the worker started
@@ -51,6 +76,13 @@ class WorkerStatus:
     held: int = 0  # prefill: pushed KV held until the decode side acknowledges it
     tokens_prefilled: int = 0  # prefill: prompt tokens prefilled
     tokens_generated: int = 0  # decode and colocated: output tokens generated
+    prefix_cache: PrefixCacheReport = PrefixCacheReport()
+
+    @property
+    def prefix_hit_rate(self) -> float | None:
+        """Prompt tokens found cached / looked up (``None`` before any lookup)."""
+        c = self.prefix_cache
+        return c.hit_tokens / c.queried_tokens if c.queried_tokens else None
 
     @property
     def tokens_processed(self) -> int:

@@ -83,7 +83,8 @@ def test_import_without_room_returns_false_and_takes_nothing(tiny_model):
     src = LLMEngine(tiny_model)
     h = prefill_and_export(src, [list(range(40))], SamplingParams(max_tokens=4))["h0"]
     dst = LLMEngine(tiny_model, block_size=4, num_blocks=12)
-    dst.add_request("filler", params=SamplingParams(max_tokens=2, ignore_eos=True), prompt_token_ids=list(range(40)))
+    # Another prompt than the hand-off's: sharing its cached blocks would make room.
+    dst.add_request("filler", params=SamplingParams(max_tokens=2, ignore_eos=True), prompt_token_ids=list(range(40, 80)))
     dst.step()
     assert not dst.import_kv(h, SamplingParams(max_tokens=4))
     assert dst.stats()["used_blocks"] == 10 and dst.stats()["running"] == 1

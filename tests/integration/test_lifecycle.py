@@ -1,6 +1,7 @@
 """Request lifecycle on a live tiny cluster: client cancel reaches both
-workers, expired leases free their blocks, dead actors are replaced, the
-CLI client streams."""
+workers, expired leases free their blocks, a repeated prefix hits both
+workers' caches and a short prompt skips the prefill pool, dead actors are
+replaced, the CLI client streams."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import ray
 
 from benchmarks.deployments import make_config, running
 from router.client import Client
+from router.policy import make_policy
+from router.request_runner import ConditionalPrefill
+from tests.reference import compare_greedy
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +64,39 @@ def test_expired_lease_frees_a_reservation(tiny_cluster):
     assert endpoint is not None
     assert used_blocks(address)[decode.worker_id] > 0  # held, but no KV will ever come
     wait_for(lambda: used_blocks(address)[decode.worker_id] == 0, 10.0, "the lease to expire")
+
+
+def test_a_repeated_prefix_hits_both_caches_and_a_short_prompt_is_decoded_alone(tiny_cluster, tiny_model):
+    """Same long prefix twice: the second prefill skips it on the prefill
+    worker and only the KV the decode worker lacks moves; a short prompt
+    takes the conditional decode-only path. Outputs stay exact, and once
+    all ended every block is free again (cached ones count as free)."""
+    d, address = tiny_cluster
+    runner = d.deployment.router.servicer.runner
+    saved = runner.prefill_policy, runner.decode_policy, runner.conditional
+    runner.prefill_policy = runner.decode_policy = make_policy("prefix_aware")
+    runner.conditional = ConditionalPrefill(max_uncached_tokens=16)
+    client = Client(address)
+    system = " ".join(["the cache keeps every full block of this long shared system prompt"] * 12)
+    texts = [system + " first question about pages", system + " a second and different question about blocks "
+             "that is long enough to need more than one block of its own"]
+    try:
+        first, second = (client.generate(t, max_tokens=6, ignore_eos=True) for t in texts)
+        short = client.generate("hi there", max_tokens=6, ignore_eos=True)
+    finally:
+        runner.prefill_policy, runner.decode_policy, runner.conditional = saved
+    t1, t2, t3 = first.timings, second.timings, short.timings
+    assert (t1.path, t2.path, t3.path) == ("disaggregated", "disaggregated", "decode_only")
+    n_system = len(tiny_model.tokenizer(system, add_special_tokens=False)["input_ids"])
+    assert t2.prefill_cached_tokens >= n_system - 16  # every full block of the shared part
+    assert t2.decode_cached_tokens >= n_system - 16 and t2.transfer_bytes_saved > t2.transfer_bytes > 0
+    assert t3.transfer_bytes == 0 and t3.decode_worker.startswith("decode")
+    for text, out in zip(texts + ["hi there"], (first, second, short)):
+        ids = tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert compare_greedy(tiny_model.model, ids, out.token_ids, 6, ignore_eos=True).exact
+    workers = [w for p in client.status().pools for w in p.workers]
+    assert all(w.used_blocks == 0 and w.free_blocks == w.num_blocks for w in workers)
+    assert all(w.cached_blocks > 0 and w.prefix_hit_tokens > 0 for w in workers)
 
 
 def test_dead_actor_is_replaced_and_pools_return_to_size(tiny_cluster):

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.step_stats import StepStatsSnapshot
 from observability import metrics as m
 from observability.stages import Stage
-from worker_common.worker_status import KVTransferStats, WorkerStatus
+from worker_common.worker_status import KVTransferStats, PrefixCacheReport, WorkerStatus
 
 
 def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
@@ -142,6 +142,8 @@ def full_status(worker_id: str, kind: str) -> WorkerStatus:
         kv_transfer=KVTransferStats(chunks_sent=4, chunks_received=0, bytes_sent=4096, bytes_received=0,
                                     seconds_sent=0.01, refused_unauthenticated=2),
         held=1, tokens_prefilled=400,
+        prefix_cache=PrefixCacheReport(enabled=True, block_size=16, cache_key="k", cached_blocks=12,
+                                       queried_tokens=800, hit_tokens=200, evictions=5, block_hashes=(1, 2)),
     )
 
 
@@ -171,6 +173,9 @@ def test_worker_collector_emits_every_metric_with_labels():
     assert s[(m.W_XFER_CHUNKS, tuple(sorted(plab + (("direction", "sent"),))))] == 4
     assert s[(m.W_XFER_SECONDS, tuple(sorted(plab + (("direction", "sent"),))))] == 0.01
     assert s[(m.W_XFER_REFUSED, plab)] == 2
+    assert s[(m.W_CACHED_BLOCKS, lab)] == 12 and s[(m.W_EVICTIONS, lab)] == 5
+    assert s[(m.W_PREFIX_QUERIED, lab)] == 800 and s[(m.W_PREFIX_HIT, lab)] == 200
+    assert s[(m.W_PREFIX_HIT_RATIO, lab)] == 0.25
     # Every declared metric appeared, with the declared type.
     types = families(reg)
     for metric in m.WORKER_METRICS:
@@ -188,7 +193,9 @@ def test_each_worker_metric_reads_its_own_status_attribute():
 
     step = distinct(StepStatsSnapshot)
     xfer = distinct(KVTransferStats)
-    status = distinct(WorkerStatus, worker_id="w0", kind="decode", step_stats=step, kv_transfer=xfer)
+    cache = distinct(PrefixCacheReport, enabled=True, cache_key="k", block_hashes=())
+    status = distinct(WorkerStatus, worker_id="w0", kind="decode", step_stats=step, kv_transfer=xfer,
+                      prefix_cache=cache)
     reg = CollectorRegistry()
     reg.register(m.WorkerStatusCollector(lambda: [status]))
     s = scrape(reg)
@@ -202,10 +209,11 @@ def test_each_worker_metric_reads_its_own_status_attribute():
             assert s[(metric.name, tuple(sorted(labels.items())))] == obj, (metric.name, attribute)
             seen.add(attribute)
     assert len(seen) == sum(len(metric.series) for metric in m.WORKER_METRICS)  # no attribute read twice
-    # Only the kind-specific counters and the step/transfer bookkeeping stay off the metrics.
+    # Only the kind-specific counters and the step/transfer/cache bookkeeping stay off the metrics.
     top = {a for a in seen if "." not in a}
     assert {f.name for f in fields(WorkerStatus)} - top == {
-        "worker_id", "kind", "preemptions", "step_stats", "kv_transfer", "held", "tokens_prefilled", "tokens_generated"}
+        "worker_id", "kind", "preemptions", "step_stats", "kv_transfer", "held", "tokens_prefilled", "tokens_generated",
+        "prefix_cache"}
 
 
 def test_worker_collector_emits_nothing_for_unreported_values():

@@ -13,12 +13,14 @@ import pytest
 from engine.kv_cache import KVLayout
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from router import request_runner
-from router.directory import WorkerInfo
+from router.directory import WorkerDirectory, WorkerInfo
 from router.policy import make_policy
 from router.request_runner import (NoCapacityError, RequestFailedError, RequestRunner, RequestTrace,
                                    WorkerFailedError)
 from router.validation import ParsedRequest
-from worker_common.messages import Ack, ErrorReason, KVHandoffMeta, KVPushed, PrefillResult, TokenChunk, WorkerError
+from router.prefix_index import PrefixIndex
+from worker_common.messages import (Ack, ErrorReason, KVHandoffMeta, KVPushed, PrefillResult, Reserved, TokenChunk,
+                                    WorkerError)
 
 META = KVHandoffMeta(KVLayout(2, 1, 4, "float32"), (1, 2, 3), (7,), 5)
 FIRST = TokenChunk((7,), "a")
@@ -69,6 +71,9 @@ class Scripted:
 class Directory:
     def __init__(self, *workers: WorkerInfo) -> None:
         self.workers = {w.worker_id: w for w in workers}
+        self.prefix_index = PrefixIndex()
+
+    loads = WorkerDirectory.loads
 
     def of_kind(self, kind: str) -> list[WorkerInfo]:
         return [w for w in self.workers.values() if w.kind == kind]
@@ -83,7 +88,7 @@ def decode_handle(*events) -> Scripted:
         for ev in events:
             yield ev
 
-    return Scripted(reserve=lambda *a: {"reserved": True}, rearm=lambda *a: {"rearmed": True}, generate=generate)
+    return Scripted(reserve=lambda *a: Reserved({"reserved": True}), rearm=lambda *a: {"rearmed": True}, generate=generate)
 
 
 def run(runner: RequestRunner, max_tokens: int = 2) -> tuple[list[TokenChunk], RequestTrace]:
@@ -245,7 +250,7 @@ def test_workers_see_ids_minted_per_attempt_not_the_client_s(monkeypatch):
 
     def reserve(transfer_id, *a):
         held.append(transfer_id)
-        return {"reserved": True}
+        return Reserved({"reserved": True})
 
     decode = Scripted(reserve=reserve, generate=generate)
     runner = runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", decode))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from observability.stages import TIMINGS_FIELDS, Stage, stage_seconds
+from observability.stages import TIMINGS_FIELDS, RequestPath, Stage, stage_seconds
 from protos import serving_pb2
 from router.client import format_stages
 from router.request_runner import RequestTrace
@@ -56,6 +56,19 @@ def test_stages_not_reached_are_zero_and_a_retry_restamps():
     assert pb.slowest_stage == "decode"
 
 
+def test_timings_say_which_path_and_what_the_caches_saved():
+    t = trace()
+    t.path, t.prefill_cached_tokens, t.decode_cached_tokens, t.transfer_bytes_saved = (
+        RequestPath.DISAGGREGATED, 48, 32, 8192)
+    pb = serving_pb2.Timings()
+    fill_timings(pb, t)
+    assert (pb.path, pb.prefill_cached_tokens, pb.decode_cached_tokens, pb.transfer_bytes_saved) == (
+        "disaggregated", 48, 32, 8192)
+    assert "path: disaggregated" in format_stages(pb)
+    t.new_attempt()  # a retry starts over: no path or savings until it runs
+    assert (t.path, t.prefill_cached_tokens, t.decode_cached_tokens, t.transfer_bytes_saved) == (None, 0, 0, 0)
+
+
 def test_client_timeline_lists_every_stage_and_marks_the_slowest():
     pb = serving_pb2.Timings()
     fill_timings(pb, trace())
@@ -64,4 +77,4 @@ def test_client_timeline_lists_every_stage_and_marks_the_slowest():
     assert lines[0] == "stages:"
     assert [line.split()[0] for line in lines[1:1 + len(Stage)]] == [s.value for s in Stage]
     assert [line for line in lines if "<- slowest" in line] == [next(x for x in lines if x.split()[0] == "decode")]
-    assert "transfer" in text and "KV moved: 4096 bytes; attempts: 1" in text
+    assert "transfer" in text and "KV moved: 4096 bytes" in text and "attempts: 1" in text

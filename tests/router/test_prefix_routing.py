@@ -1,0 +1,111 @@
+"""Prefix-aware routing and conditional disaggregation in the router: the
+prefix index, the prefix_aware policy's cost, and which path an attempt
+takes (scripted worker stand-ins; no Ray, no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.kv_cache_manager import chain_hashes
+from engine.sampling_params import SamplingParams
+from observability.stages import RequestPath
+from router.policy import PrefixAware, WorkerLoad, make_policy
+from router.prefix_index import PrefixIndex, PrefixQuery
+from router.request_runner import ConditionalPrefill, RequestRunner, RequestTrace
+from router.validation import ParsedRequest
+from tests.router.test_request_runner import META, Directory, Scripted, decode_handle, prefilled, worker
+from worker_common.messages import Ack, KVPushed, Reserved, TokenChunk
+
+KEY = "model|f32"
+PROMPT = list(range(100, 140))  # 40 tokens: 2 full blocks of 16 + 8
+
+
+def publish(index: PrefixIndex, worker_id: str, tokens: list[int], block_size: int = 16) -> None:
+    index.update(worker_id, True, block_size, KEY, tuple(chain_hashes(tokens, block_size, KEY)))
+
+
+def test_index_counts_leading_published_blocks_per_block_size_and_key():
+    index = PrefixIndex()
+    publish(index, "a", PROMPT[:32])
+    publish(index, "b", PROMPT[:32], block_size=8)
+    index.update("c", True, 16, "another-format", tuple(chain_hashes(PROMPT, 16, "another-format")))
+    index.update("d", False, 16, KEY, tuple(chain_hashes(PROMPT, 16, KEY)))  # caching off: nothing
+    q = PrefixQuery(PROMPT)
+    assert index.cached_tokens("a", q) == 32
+    assert index.cached_tokens("b", q) == 32
+    assert index.cached_tokens("c", PrefixQuery([0] + PROMPT[1:])) == 0  # the first block differs: no prefix
+    assert index.cached_tokens("d", q) == 0 and index.cached_tokens("unknown", q) == 0
+    # As the engine: the last token is always computed, so a 32-token prompt can hit 16 at most.
+    assert index.cached_tokens("a", PrefixQuery(PROMPT[:32])) == 16
+    index.forget("a")
+    assert index.cached_tokens("a", q) == 0
+
+
+def test_prefix_aware_weighs_cached_tokens_against_load():
+    policy = PrefixAware(cache_weight=1.0)
+    idle = WorkerLoad("idle", outstanding_tokens=0, free_blocks=10, num_blocks=10)
+    warm = WorkerLoad("warm", outstanding_tokens=500, free_blocks=5, num_blocks=10, cached_tokens=1000)
+    assert policy.rank([idle, warm]) == ["warm", "idle"]
+    busy = WorkerLoad("warm", outstanding_tokens=1500, free_blocks=5, num_blocks=10, cached_tokens=1000)
+    assert policy.rank([idle, busy]) == ["idle", "warm"]
+    assert PrefixAware(cache_weight=0).rank([idle, warm]) == make_policy("least_loaded").rank([idle, warm])
+    with pytest.raises(ValueError):
+        make_policy("nearest")
+
+
+def test_conditional_prefill_decides_on_the_uncached_part():
+    off = ConditionalPrefill()
+    assert not off.enabled and not off.decode_only(10, 0)
+    short = ConditionalPrefill(max_uncached_tokens=64)
+    assert short.decode_only(64, 0) and not short.decode_only(1000, 0) and short.decode_only(1000, 960)
+    mostly = ConditionalPrefill(min_cached_ratio=0.75)
+    assert mostly.decode_only(1000, 800) and not mostly.decode_only(1000, 700)
+
+
+def run(runner: RequestRunner) -> tuple[list[TokenChunk], RequestTrace]:
+    import asyncio
+
+    req = ParsedRequest("req", PROMPT, SamplingParams(max_tokens=2))
+    trace = RequestTrace()
+
+    async def go():
+        return [ev async for ev in runner.run(req, trace)]
+
+    return asyncio.run(go()), trace
+
+
+def test_a_prompt_the_decode_worker_mostly_caches_is_prefilled_there_and_nothing_moves():
+    async def serve(*args):
+        yield Ack(1.0, 1.1, 0, 1.05, 1.2, cached_tokens=32)
+        yield TokenChunk((7, 8), "ab", True, "length")
+
+    prefill = Scripted(prefill=lambda *a: pytest.fail("the prefill pool must not be used"))
+    decode = Scripted(serve=serve)
+    directory = Directory(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", decode))
+    publish(directory.prefix_index, "decode-0", PROMPT)
+    runner = RequestRunner(directory, make_policy("prefix_aware"), make_policy("prefix_aware"),
+                           conditional=ConditionalPrefill(max_uncached_tokens=8))
+    chunks, trace = run(runner)
+    assert [c.token_ids for c in chunks] == [(7, 8)]
+    assert trace.path is RequestPath.DECODE_ONLY and trace.decode_worker == "decode-0"
+    assert trace.prefill_cached_tokens == 32 and trace.transfer_bytes == 0
+    (args,) = decode.called("serve")
+    assert args[1] == PROMPT
+    assert not decode.called("reserve") and not prefill.calls
+
+
+def test_a_long_uncached_part_is_disaggregated_and_only_the_missing_kv_moves():
+    pushed = KVPushed(META, 8 * 100, 1.3, 1.4)  # 8 tokens sent, 100 bytes each
+    prefill = Scripted(prefill=lambda *a: prefilled(pushed))
+    decode = decode_handle(Ack(2.0, 2.1, 8), TokenChunk((8,), "b", True, "length"))
+    decode.reserve.reply = lambda *a: Reserved({"reserved": True}, cached_tokens=32)
+    directory = Directory(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", decode))
+    runner = RequestRunner(directory, make_policy("prefix_aware"), make_policy("prefix_aware"),
+                           conditional=ConditionalPrefill(max_uncached_tokens=4))
+    _, trace = run(runner)
+    assert trace.path is RequestPath.DISAGGREGATED
+    (reserve_args,) = decode.called("reserve")
+    assert reserve_args[1] == len(PROMPT) and reserve_args[4] == PROMPT  # the KV's token ids go with it
+    (prefill_args,) = prefill.called("prefill")
+    assert prefill_args[7] == 32  # the prefill worker pushes from token 32 on
+    assert (trace.decode_cached_tokens, trace.transfer_bytes, trace.transfer_bytes_saved) == (32, 800, 3200)
