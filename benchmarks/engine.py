@@ -444,9 +444,12 @@ def bench_mixed(loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------ main
 def run(settings: Settings) -> dict[str, Any]:
+    load_before = os.getloadavg()
     with Contention() as busy:
         result = run_sections(settings)
     result["machine"]["other_cpu_cores"] = busy.cores
+    # The 1/5/15-minute load averages (runnable threads, ours included) before and after: how busy the machine was.
+    result["machine"]["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     return result
 
 

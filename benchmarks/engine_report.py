@@ -105,7 +105,9 @@ def render(result: dict[str, Any]) -> str:
         f"end {m['samples'][1]['matmul_gflops']:.1f})",
         f"  other processes' CPU use: {cores(m['other_cpu_cores'])} cores over the run, "
         f"{cores(m['samples'][0]['other_cpu_cores'])} / {cores(m['samples'][1]['other_cpu_cores'])} "
-        "during the start / end peak measurements",
+        "during the start / end peak measurements"
+        + (f"; load average {m['load_average']['before'][0]:.2f} before, {m['load_average']['after'][0]:.2f} after"
+           if m.get("load_average") else ""),
         f"Model: {mdl['name']}, {mdl['num_params'] / 1e6:.1f}M params ({mdl['param_bytes'] / 1e6:.0f} MB), "
         f"KV {mdl['kv_bytes_per_token']} B/token",
         "",

@@ -44,6 +44,9 @@ class ModelConfig(Settings):
 class PrefillEngineConfig(Settings):
     """A prefill worker's engine and batching knobs."""
 
+    # torch compute threads; None: the actor's num_cpus rounded up, at most the machine's cores
+    # (Ray alone would give a fractional-CPU actor one thread). See worker_common.threads.
+    threads: int | None = Field(None, ge=1)
     block_size: int = Field(16, ge=1)
     num_blocks: int = Field(1024, ge=1)  # KV kept only until decode acknowledges, so smaller than decode's
     max_running: int = Field(64, ge=1)
@@ -53,12 +56,13 @@ class PrefillEngineConfig(Settings):
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments of :class:`engine.llm_engine.LLMEngine`."""
-        return self.model_dump(exclude={"batch_wait_ms"})
+        return self.model_dump(exclude={"batch_wait_ms", "threads"})
 
 
 class DecodeEngineConfig(Settings):
     """A decode (or colocated) worker's paged KV budget and batching knobs."""
 
+    threads: int | None = Field(None, ge=1)  # as PrefillEngineConfig.threads
     block_size: int = Field(16, ge=1)
     num_blocks: int | None = Field(2048, ge=1)  # exactly one of num_blocks / kv_cache_bytes
     kv_cache_bytes: int | None = Field(None, ge=1)  # the worker turns bytes into blocks for its model
@@ -76,7 +80,7 @@ class DecodeEngineConfig(Settings):
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments of :class:`engine.llm_engine.LLMEngine`."""
-        return self.model_dump()
+        return self.model_dump(exclude={"threads"})
 
 
 AUTO_HOST = "auto"  # kvtransfer.host: each node's own address, as Ray registered the node
