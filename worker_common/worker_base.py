@@ -38,7 +38,8 @@ class WorkerBase(KVTransferActorMixin):
         # Before the model loads: torch's thread pool is sized by the first parallel op.
         self.threads = apply_worker_threads(threads)
         log.info("%s computes on %d torch threads", worker_id, self.threads)
-        loaded = load_model(model.name, dtype=model.dtype, max_model_len=model.max_model_len)
+        loaded = load_model(model.name, dtype=model.dtype, max_model_len=model.max_model_len,
+                            quantization=model.quantization)
         self._limits = ModelLimits(model.name, loaded.max_model_len, int(loaded.config.vocab_size))
         # Peaks measured here, on this worker's own cores, so its MBU/MFU compare like with like.
         engine = LLMEngine(loaded, peaks=measure_peaks_fast() if measure_peaks else None, **engine_args)

@@ -37,8 +37,17 @@ class ModelConfig(Settings):
     """Which model every worker loads."""
 
     name: str = "builtin:smollm2-135m-instruct"  # builtin:<name>, a local HF dir or a .gguf file
+    # Activations, norms, embedding and KV cache. float32 is the exactness reference (token-identical
+    # to transformers' generate()); a pool may override it (pools.<kind>.dtype).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Weight-only quantization of the linear layers: int8 per output channel, int4 per group of 32
+    # input channels (PyTorch's packed CPU kernels). A pool may override it (pools.<kind>.quantization).
+    quantization: Literal["none", "int8", "int4"] = "none"
     max_model_len: int | None = Field(None, ge=2)  # None: the model's own context length
+
+    def for_pool(self, dtype: str | None, quantization: str | None) -> ModelConfig:
+        """This config with a pool's format overrides applied (None: keep the model's)."""
+        return self.model_copy(update={"dtype": dtype or self.dtype, "quantization": quantization or self.quantization})
 
 
 class PrefillEngineConfig(Settings):

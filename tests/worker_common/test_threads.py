@@ -38,3 +38,19 @@ def test_threads_is_a_pool_setting_the_engine_never_sees():
     assert DecodeEngineConfig.part_of(cfg.pools.decode).threads == 2
     with pytest.raises(Exception, match="pools.decode.threads"):
         parse_config({"pools": {"decode": {"threads": 0}}})
+
+
+def test_pool_formats_override_the_model_and_share_one_kv_dtype():
+    from cluster.deployment import pool_specs
+
+    cfg = parse_config({"model": {"dtype": "bfloat16", "quantization": "int8"},
+                        "pools": {"prefill": {"quantization": "none"}, "decode": {"quantization": "int4"}}})
+    prefill, decode = pool_specs(cfg)
+    assert (prefill.model.dtype, prefill.model.quantization) == ("bfloat16", "none")
+    assert (decode.model.dtype, decode.model.quantization) == ("bfloat16", "int4")
+    assert parse_config({}).model.quantization == "none"
+    # KV moves as raw bytes of one dtype: a prefill pool in another dtype is refused by name.
+    with pytest.raises(Exception, match="pools.prefill.dtype: the KV hand-off needs one KV dtype"):
+        parse_config({"pools": {"prefill": {"dtype": "bfloat16"}}})
+    colocated = parse_config({"pools": {"mode": "colocated", "decode": {"dtype": "bfloat16"}}})
+    assert pool_specs(colocated)[0].model.dtype == "bfloat16"
