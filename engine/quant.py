@@ -22,6 +22,10 @@ import torch.nn.functional as F
 Quantization = Literal["none", "int8", "int4"]
 QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the first that divides the input width is used
+# The packed int8 kernel is a GEMV at heart (its time grows with the rows): from about 16 rows on,
+# converting the weight to bfloat16 and running one dense GEMM is faster (measured on AVX512-BF16,
+# 3072 x 576 weight: 32 rows 0.71 vs 0.87 ms, 64 rows 0.83 vs 1.98 ms, 512 rows 5.5 vs 13.1 ms).
+INT8_PACKED_MAX_ROWS = 16
 INT4_N_MULTIPLE = 16  # the CPU int4 packing wants output rows in multiples of 16 (padded with zero rows)
 
 
@@ -75,10 +79,11 @@ class Int8Linear(Linear):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.device.type == "cpu":
+        if x2.device.type == "cpu" and x2.shape[0] < INT8_PACKED_MAX_ROWS:
             y = torch._weight_int8pack_mm(x2.to(self.kernel_dtype), self.qweight, self.scale)
-        else:  # no packed kernel off the CPU: de-quantize (correct, slow)
-            y = F.linear(x2.to(self.kernel_dtype), self.qweight.to(self.kernel_dtype) * self.scale[:, None])
+        else:  # many rows (prefill), or no packed kernel off the CPU: one dense GEMM on the converted
+            # weight, the per-channel scale applied to the output columns (one pass over the weight)
+            y = F.linear(x2.to(self.kernel_dtype), self.qweight.to(self.kernel_dtype)) * self.scale
         return self._add_bias(y.to(x.dtype).view(*shape[:-1], self.out_features))
 
     @property
@@ -137,6 +142,25 @@ class Int4Linear(Linear):
     @property
     def nbytes(self) -> int:
         return _nbytes(self.packed if self.packed is not None else self.q, self.scale_zero, self.bias)
+
+
+class ByRows(Linear):
+    """One weight held two ways, chosen by the number of rows: ``few`` (a quantized GEMV kernel) up to
+    ``max_rows`` rows, else ``many`` (a dense GEMM). Used for a tied LM head: ``many`` is the embedding
+    matrix the engine keeps anyway, so the dense path costs no memory."""
+
+    def __init__(self, few: Linear, many: DenseLinear, max_rows: int) -> None:
+        self.few, self.many, self.max_rows = few, many, max_rows
+        self.in_features, self.out_features, self.bias = few.in_features, few.out_features, None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        return self.few(x) if rows <= self.max_rows else self.many(x).to(x.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """The few-rows path's bytes (what a small decode step reads); the dense weight is shared."""
+        return self.few.nbytes
 
 
 def int4_group_size(in_features: int) -> int | None:

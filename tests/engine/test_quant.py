@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine.quant import DenseLinear, Int4Linear, Int8Linear, int4_group_size, make_linear
 
@@ -53,3 +54,26 @@ def test_formats_shrink_the_weight_and_dense_is_plain():
     assert sizes["int8"] < sizes["none"] / 3 and sizes["int4"] < sizes["int8"] * 0.65
     with pytest.raises(ValueError, match="quantization"):
         make_linear(w, None, "int3", torch.float32)
+
+
+def test_int8_many_rows_take_the_dequantized_gemm_and_agree():
+    from engine.quant import INT8_PACKED_MAX_ROWS
+
+    w = _weight(64, 128, seed=3)
+    lin = make_linear(w, None, "int8", torch.bfloat16)
+    x = torch.randn(INT8_PACKED_MAX_ROWS + 8, 128).bfloat16()
+    many = lin(x)  # one call over every row: the de-quantized path
+    few = torch.cat([lin(x[i:i + 8]) for i in range(0, x.shape[0], 8)])  # the packed kernel, 8 rows at a time
+    torch.testing.assert_close(many.float(), few.float(), atol=0.03, rtol=0.02)
+
+
+def test_by_rows_takes_the_quantized_kernel_for_few_rows_only():
+    from engine.quant import ByRows
+
+    w = _weight(64, 128, seed=4)
+    few = make_linear(w, None, "int8", torch.bfloat16)
+    head = ByRows(few, DenseLinear(w.bfloat16()), max_rows=4)
+    x = torch.randn(6, 128).bfloat16()
+    assert torch.equal(head(x[:4]), few(x[:4]))                 # 4 rows: the int8 kernel
+    assert torch.equal(head(x), F.linear(x, w.bfloat16()))     # 6 rows: the dense weight
+    assert head.nbytes == few.nbytes
