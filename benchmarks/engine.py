@@ -110,6 +110,7 @@ class Settings:
     peak_reps: int
     quiet_wait_s: float = 0.0  # before each measurement, wait up to this long for other processes to go quiet
     formats: tuple[str, ...] = ()  # weight formats measured after float32 (labels of FORMATS)
+    mixed: bool = True  # run the mixed workload (and its generate() baseline)
 
 
 # The weight formats measured after the float32 reference: (dtype, quantization) by label.
@@ -469,8 +470,8 @@ def bench_mixed(loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------- formats
-def bench_format(label: str, settings: Settings, reference_mixed: dict[str, Any]) -> dict[str, Any]:
-    """Decode, prefill and the mixed workload (engine side) in one weight format."""
+def bench_format(label: str, settings: Settings, reference_mixed: dict[str, Any] | None) -> dict[str, Any]:
+    """Decode, prefill and (when the float32 run had one) the mixed workload, engine side, in one weight format."""
     dtype, quantization = FORMATS[label]
     log(f"{label}: loading")
     loaded = load_model(DEFAULT_MODEL, dtype=dtype, quantization=quantization)
@@ -484,12 +485,14 @@ def bench_format(label: str, settings: Settings, reference_mixed: dict[str, Any]
     log(f"{label}: prefill batch 1 x {PREFILL_LEN}")
     prefill = [watched(settings.quiet_wait_s, bench_prefill, loaded, cost, 1, settings.prefill_reps, seed=1001)]
     settle()
-    reqs = mixed_requests(settings.mixed_requests, MIXED_SEED, loaded.config.vocab_size)
-    log(f"{label}: mixed workload, engine")
-    mixed = watched(settings.quiet_wait_s, run_engine_mixed, loaded, reqs, settings.mixed_batch)
-    ratio = mixed["tokens_per_s"] / reference_mixed["generate"]["tokens_per_s"]
+    mixed, ratio = None, None
+    if reference_mixed is not None:
+        reqs = mixed_requests(settings.mixed_requests, MIXED_SEED, loaded.config.vocab_size)
+        log(f"{label}: mixed workload, engine")
+        mixed = watched(settings.quiet_wait_s, run_engine_mixed, loaded, reqs, settings.mixed_batch)
+        ratio = mixed["tokens_per_s"] / reference_mixed["generate"]["tokens_per_s"]
     return {"format": label, "model": cost.as_dict(), "decode": decode, "prefill": prefill, "mixed_engine": mixed,
-            "mixed_ratio_vs_generate": ratio, "meets_mixed_target": ratio >= TARGET_MIXED_RATIO}
+            "mixed_ratio_vs_generate": ratio, "meets_mixed_target": None if ratio is None else ratio >= TARGET_MIXED_RATIO}
 
 
 _RSS_SCRIPT = """
@@ -547,7 +550,7 @@ def run_sections(settings: Settings) -> dict[str, Any]:
         prefill.append(watched(settings.quiet_wait_s, bench_prefill, loaded, cost, batch, settings.prefill_reps,
                                seed=1000 + batch))
         settle()
-    mixed = bench_mixed(loaded, settings)
+    mixed = bench_mixed(loaded, settings) if settings.mixed else None
     del loaded
     settle()
     formats = [bench_format(label, settings, mixed) for label in settings.formats]
@@ -590,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
                         help=f"comma-separated weight formats measured after float32, of {', '.join(FORMATS)}; "
                              "empty: float32 only")
+    parser.add_argument("--skip-mixed", action="store_true",
+                        help="skip the mixed workload and its generate() baseline (the slowest section)")
     parser.add_argument("--wait-quiet", metavar="SECONDS", type=float, default=0.0,
                         help="before each measurement, wait up to SECONDS for other processes to stop using "
                              f"the CPUs (more than {CONTENTION_WARN_CORES} cores); default 0: do not wait")
@@ -599,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         parser.error(f"unknown format(s) {unknown}; known: {', '.join(FORMATS)}")
-    settings = replace(QUICK if args.quick else FULL, quiet_wait_s=args.wait_quiet, formats=formats)
+    settings = replace(QUICK if args.quick else FULL, quiet_wait_s=args.wait_quiet, formats=formats,
+                       mixed=not args.skip_mixed)
     result = run(settings)
     log(f"done in {time.perf_counter() - started:.0f} s")
     print(render(result))

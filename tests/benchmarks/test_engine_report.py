@@ -90,3 +90,9 @@ def test_formats_table_reads_each_formats_own_bytes():
     for cell in ("250", "420", "50.0", "50%", "64%", "2048", "114.4", "4.00x"):
         assert cell in row.split(), (cell, row)
     assert "float32" in text and "900" in text
+
+
+def test_a_run_without_the_mixed_workload_renders():
+    result = fake_result()
+    result["mixed"] = None
+    assert "Mixed workload: not run (--skip-mixed)" in render(result)
