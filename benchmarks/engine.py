@@ -329,6 +329,8 @@ def bench_decode(loaded: LoadedModel, cost: ModelCost, batch: int, steps: int, s
 
     step_s = statistics.median(times)
     ctx = statistics.fmean(ctxs)
+    log(f"  batch {batch}: {1e3 * step_s:.1f} ms/step, {batch / step_s:.1f} tok/s "
+        f"(others {busy.cores if busy.cores is None else round(busy.cores, 2)} cores)")
     nbytes, flops = cost.decode_step(batch, ctx)
     return {
         "batch": batch,
@@ -365,6 +367,7 @@ def bench_prefill(loaded: LoadedModel, cost: ModelCost, batch: int, reps: int, s
             times.append(elapsed)
 
     step_s = statistics.median(times)
+    log(f"  prefill {batch} x {PREFILL_LEN}: {1e3 * step_s:.0f} ms, {batch * PREFILL_LEN / step_s:.0f} tok/s")
     nbytes, flops = cost.prefill([PREFILL_LEN] * batch)
     return {
         "batch": batch,
@@ -513,7 +516,9 @@ def resident_memory(dtype: str, quantization: str) -> float | None:
     try:
         out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, dtype, quantization], capture_output=True,
                              text=True, timeout=300, check=True)
-        return int(out.stdout.strip().splitlines()[-1]) / 1e6
+        mb = int(out.stdout.strip().splitlines()[-1]) / 1e6
+        log(f"  resident memory {dtype}/{quantization}: {mb:.0f} MB")
+        return mb
     except (subprocess.SubprocessError, ValueError, IndexError, OSError) as e:
         log(f"resident memory of {dtype}/{quantization}: not measured ({e})")
         return None
