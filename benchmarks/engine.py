@@ -86,7 +86,6 @@ from benchmarks.engine_report import (CONTENTION_WARN_CORES, DECODE_PROMPT_LEN, 
 from engine.kv_cache_manager import blocks_needed
 from engine.llm_engine import LLMEngine, RequestOutput, run_to_completion
 from engine.model_loader import DEFAULT_MODEL, LoadedModel, load_model
-from engine.model_runner import kv_layout_of
 from engine.sampling_params import SamplingParams
 
 BLOCK_SIZE = 16
@@ -110,10 +109,20 @@ class Settings:
     mixed_batch: int
     peak_reps: int
     quiet_wait_s: float = 0.0  # before each measurement, wait up to this long for other processes to go quiet
+    formats: tuple[str, ...] = ()  # weight formats measured after float32 (labels of FORMATS)
+    mixed: bool = True  # run the mixed workload (and its generate() baseline)
 
 
-FULL = Settings(decode_steps=16, prefill_reps=3, mixed_requests=64, mixed_batch=32, peak_reps=5)
-QUICK = Settings(decode_steps=8, prefill_reps=2, mixed_requests=16, mixed_batch=8, peak_reps=3)
+# The weight formats measured after the float32 reference: (dtype, quantization) by label.
+FORMATS = {"bfloat16": ("bfloat16", "none"), "int8/bfloat16": ("bfloat16", "int8"),
+           "int4/bfloat16": ("bfloat16", "int4"), "int8/float32": ("float32", "int8")}
+DEFAULT_FORMATS = ("bfloat16", "int8/bfloat16", "int4/bfloat16")
+FORMAT_DECODE_BATCHES = (1, 8, 64)
+
+FULL = Settings(decode_steps=16, prefill_reps=3, mixed_requests=64, mixed_batch=32, peak_reps=5,
+                formats=DEFAULT_FORMATS)
+QUICK = Settings(decode_steps=8, prefill_reps=2, mixed_requests=16, mixed_batch=8, peak_reps=3,
+                 formats=DEFAULT_FORMATS)
 
 
 def log(msg: str) -> None:
@@ -191,41 +200,59 @@ def measure_peaks(reps: int, quiet_wait_s: float = 0.0) -> dict[str, float | Non
 # ------------------------------------------------------------------ model cost
 @dataclass(frozen=True)
 class ModelCost:
-    """The loaded model's dimensions and the bytes per parameter it runs in; formulas in :mod:`analysis.cost_model`."""
+    """The loaded model's dimensions and the bytes its format actually reads; formulas in :mod:`analysis.cost_model`.
+
+    ``weight_bytes`` is what one forward reads of the weights as the engine holds them (every
+    projection and the LM head in its format, with scales; norms and biases in the activation
+    dtype); embedding rows and KV are read at ``itemsize`` (the format's dtype, also the KV cache's).
+    For float32 this is exactly the cost model's own count (checked).
+    """
 
     dims: ModelDims
-    itemsize: int               # bytes per parameter (and per KV element: the cache uses the model's dtype)
+    itemsize: int               # bytes per activation / embedding / KV element
+    weight_bytes: float
+    label: str = "float32"
 
     @classmethod
-    def of(cls, loaded: LoadedModel, kv_bytes_per_token: int) -> "ModelCost":
-        """Read the dims off ``loaded``; refuse if the formulas disagree with the real model."""
+    def of(cls, loaded: LoadedModel) -> "ModelCost":
+        """Read the dims and bytes off ``loaded``; refuse if the formulas disagree with the real model."""
         dims = ModelDims.from_hf_config(loaded.config)
-        itemsize = loaded.model.get_input_embeddings().weight.element_size()
-        unique = {p.data_ptr(): p.numel() for p in loaded.model.parameters()}
-        # A mismatch means the model is not the Llama shape the cost model counts: its rooflines would be wrong.
-        if dims.param_count() != sum(unique.values()):
-            raise RuntimeError(f"cost model counts {dims.param_count()} parameters, "
-                               f"the model has {sum(unique.values())}")
-        if dims.kv_bytes_per_token(itemsize) != kv_bytes_per_token:
+        w = loaded.weights
+        itemsize = w.embed.element_size()
+        if dims.kv_bytes_per_token(itemsize) != loaded.kv_layout.bytes_per_token:
             raise RuntimeError(f"cost model's KV bytes/token {dims.kv_bytes_per_token(itemsize)} != engine's "
-                               f"{kv_bytes_per_token}")
-        return cls(dims, itemsize)
+                               f"{loaded.kv_layout.bytes_per_token}")
+        small = (dims.non_embedding_params() - dims.num_layers * dims.layer_matmul_params()) * itemsize
+        weight_bytes = w.linear_bytes() + small
+        if loaded.fmt.quantization == "none":
+            # A mismatch means the model is not the Llama shape the cost model counts: its rooflines would be wrong.
+            expected = dims.weight_bytes_read(0, itemsize)
+            if abs(weight_bytes - expected) > 1:
+                raise RuntimeError(f"cost model counts {expected} weight bytes, the engine holds {weight_bytes}")
+        return cls(dims, itemsize, weight_bytes, loaded.fmt.label)
 
     def decode_step(self, batch: int, ctx: float) -> tuple[float, float]:
         """(bytes, FLOPs) of one decode step of ``batch`` sequences attending to ``ctx`` keys each."""
-        return self.dims.decode_step(batch, ctx, self.itemsize)
+        d = self.dims
+        nbytes = self.weight_bytes + batch * d.hidden_size * self.itemsize + batch * ctx * d.kv_bytes_per_token(self.itemsize)
+        return nbytes, batch * d.flops_per_token(ctx)
 
     def prefill(self, prompt_lens: list[int]) -> tuple[float, float]:
         """(bytes, FLOPs) of prefilling ``prompt_lens`` in one step, logits for each last row only."""
-        return self.dims.prefill(prompt_lens, self.itemsize)
+        d = self.dims
+        tokens = sum(prompt_lens)
+        nbytes = self.weight_bytes + tokens * (d.hidden_size * self.itemsize + d.kv_bytes_per_token(self.itemsize))
+        return nbytes, d.prefill(prompt_lens, self.itemsize)[1]
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         d = self.dims
         return {
+            "format": self.label,
             "num_params": d.param_count(),
             "non_embedding_params": d.non_embedding_params(),
             "lm_head_params": d.lm_head_params(),
             "param_bytes": d.param_bytes(self.itemsize),
+            "weight_bytes_read": self.weight_bytes,
             "num_layers": d.num_layers,
             "num_heads": d.num_heads,
             "head_dim": d.head_dim,
@@ -302,6 +329,8 @@ def bench_decode(loaded: LoadedModel, cost: ModelCost, batch: int, steps: int, s
 
     step_s = statistics.median(times)
     ctx = statistics.fmean(ctxs)
+    log(f"  batch {batch}: {1e3 * step_s:.1f} ms/step, {batch / step_s:.1f} tok/s "
+        f"(others {busy.cores if busy.cores is None else round(busy.cores, 2)} cores)")
     nbytes, flops = cost.decode_step(batch, ctx)
     return {
         "batch": batch,
@@ -338,6 +367,7 @@ def bench_prefill(loaded: LoadedModel, cost: ModelCost, batch: int, reps: int, s
             times.append(elapsed)
 
     step_s = statistics.median(times)
+    log(f"  prefill {batch} x {PREFILL_LEN}: {1e3 * step_s:.0f} ms, {batch * PREFILL_LEN / step_s:.0f} tok/s")
     nbytes, flops = cost.prefill([PREFILL_LEN] * batch)
     return {
         "batch": batch,
@@ -442,11 +472,66 @@ def bench_mixed(loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
     }
 
 
+# -------------------------------------------------------------------- formats
+def bench_format(label: str, settings: Settings, reference_mixed: dict[str, Any] | None) -> dict[str, Any]:
+    """Decode, prefill and (when the float32 run had one) the mixed workload, engine side, in one weight format."""
+    dtype, quantization = FORMATS[label]
+    log(f"{label}: loading")
+    loaded = load_model(DEFAULT_MODEL, dtype=dtype, quantization=quantization)
+    cost = ModelCost.of(loaded)
+    decode = []
+    for batch in FORMAT_DECODE_BATCHES:
+        log(f"{label}: decode batch {batch}")
+        decode.append(watched(settings.quiet_wait_s, bench_decode, loaded, cost, batch, settings.decode_steps,
+                              seed=batch))
+        settle()
+    log(f"{label}: prefill batch 1 x {PREFILL_LEN}")
+    prefill = [watched(settings.quiet_wait_s, bench_prefill, loaded, cost, 1, settings.prefill_reps, seed=1001)]
+    settle()
+    mixed, ratio = None, None
+    if reference_mixed is not None:
+        reqs = mixed_requests(settings.mixed_requests, MIXED_SEED, loaded.config.vocab_size)
+        log(f"{label}: mixed workload, engine")
+        mixed = watched(settings.quiet_wait_s, run_engine_mixed, loaded, reqs, settings.mixed_batch)
+        ratio = mixed["tokens_per_s"] / reference_mixed["generate"]["tokens_per_s"]
+    return {"format": label, "model": cost.as_dict(), "decode": decode, "prefill": prefill, "mixed_engine": mixed,
+            "mixed_ratio_vs_generate": ratio, "meets_mixed_target": None if ratio is None else ratio >= TARGET_MIXED_RATIO}
+
+
+_RSS_SCRIPT = """
+import gc, sys
+from engine.model_loader import DEFAULT_MODEL, load_model
+m = load_model(DEFAULT_MODEL, dtype=sys.argv[1], quantization=sys.argv[2])
+gc.collect()
+rss = [l for l in open('/proc/self/status') if l.startswith('VmRSS:')][0].split()[1]
+print(int(rss) * 1024)
+"""
+
+
+def resident_memory(dtype: str, quantization: str) -> float | None:
+    """Resident MB of a fresh process that loaded the model in this format (what a worker holds before its
+    KV cache; the interpreter, torch and transformers included). None where /proc is unavailable."""
+    import subprocess
+
+    try:
+        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, dtype, quantization], capture_output=True,
+                             text=True, timeout=300, check=True)
+        mb = int(out.stdout.strip().splitlines()[-1]) / 1e6
+        log(f"  resident memory {dtype}/{quantization}: {mb:.0f} MB")
+        return mb
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError) as e:
+        log(f"resident memory of {dtype}/{quantization}: not measured ({e})")
+        return None
+
+
 # ------------------------------------------------------------------------ main
 def run(settings: Settings) -> dict[str, Any]:
+    load_before = os.getloadavg()
     with Contention() as busy:
         result = run_sections(settings)
     result["machine"]["other_cpu_cores"] = busy.cores
+    # The 1/5/15-minute load averages (runnable threads, ours included) before and after: how busy the machine was.
+    result["machine"]["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     return result
 
 
@@ -456,7 +541,7 @@ def run_sections(settings: Settings) -> dict[str, Any]:
     log(f"peaks: {start_peaks}")
     log(f"loading {DEFAULT_MODEL}")
     loaded = load_model(DEFAULT_MODEL)
-    cost = ModelCost.of(loaded, kv_layout_of(loaded.model).bytes_per_token)
+    cost = ModelCost.of(loaded)
 
     decode = []
     for batch in DECODE_BATCHES:
@@ -470,7 +555,13 @@ def run_sections(settings: Settings) -> dict[str, Any]:
         prefill.append(watched(settings.quiet_wait_s, bench_prefill, loaded, cost, batch, settings.prefill_reps,
                                seed=1000 + batch))
         settle()
-    mixed = bench_mixed(loaded, settings)
+    mixed = bench_mixed(loaded, settings) if settings.mixed else None
+    del loaded
+    settle()
+    formats = [bench_format(label, settings, mixed) for label in settings.formats]
+    log("resident memory per format (one fresh process each)")
+    memory = {label: resident_memory(*FORMATS.get(label, ("float32", "none")))
+              for label in ("float32", *settings.formats)}
 
     log("measuring machine peaks again")
     end_peaks = measure_peaks(settings.peak_reps, settings.quiet_wait_s)
@@ -478,6 +569,10 @@ def run_sections(settings: Settings) -> dict[str, Any]:
     finish_roofline(decode, peaks)
     finish_roofline(prefill, peaks)
     mark_decode_targets(decode)
+    for f in formats:
+        finish_roofline(f["decode"], peaks)
+        finish_roofline(f["prefill"], peaks)
+        mark_decode_targets(f["decode"])
     machine = {
         **peaks,
         "samples": [start_peaks, end_peaks],
@@ -488,11 +583,11 @@ def run_sections(settings: Settings) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "model": {"name": DEFAULT_MODEL, "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-                  **cost.as_dict()},
+        "model": {"name": DEFAULT_MODEL, "dtype": "float32", **cost.as_dict()},
         "settings": asdict(settings),
     }
-    return {"machine": machine, "decode": decode, "prefill": prefill, "mixed": mixed}
+    return {"machine": machine, "decode": decode, "prefill": prefill, "mixed": mixed, "formats": formats,
+            "resident_mb": memory}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -500,12 +595,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--quick", action="store_true",
                         help=f"fewer decode steps and a {QUICK.mixed_requests}-request mixed workload")
+    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                        help=f"comma-separated weight formats measured after float32, of {', '.join(FORMATS)}; "
+                             "empty: float32 only")
+    parser.add_argument("--skip-mixed", action="store_true",
+                        help="skip the mixed workload and its generate() baseline (the slowest section)")
     parser.add_argument("--wait-quiet", metavar="SECONDS", type=float, default=0.0,
                         help="before each measurement, wait up to SECONDS for other processes to stop using "
                              f"the CPUs (more than {CONTENTION_WARN_CORES} cores); default 0: do not wait")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    settings = replace(QUICK if args.quick else FULL, quiet_wait_s=args.wait_quiet)
+    formats = tuple(f for f in args.formats.split(",") if f)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        parser.error(f"unknown format(s) {unknown}; known: {', '.join(FORMATS)}")
+    settings = replace(QUICK if args.quick else FULL, quiet_wait_s=args.wait_quiet, formats=formats,
+                       mixed=not args.skip_mixed)
     result = run(settings)
     log(f"done in {time.perf_counter() - started:.0f} s")
     print(render(result))

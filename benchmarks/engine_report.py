@@ -16,8 +16,8 @@ from analysis.cost_model import roofline_seconds
 DECODE_PROMPT_LEN = 256
 PREFILL_LEN = 512
 
-TARGET_DECODE_B1_BANDWIDTH = 0.60   # decode batch 1: fraction of its bandwidth roofline
-TARGET_DECODE_B64_COMPUTE = 0.40    # decode batch 64: fraction of its compute roofline
+TARGET_DECODE_B1_BANDWIDTH = 0.70   # decode batch 1: fraction of its bandwidth roofline (bytes its format reads)
+TARGET_DECODE_B64_COMPUTE = 0.50    # decode batch 64: fraction of its compute roofline
 TARGET_MIXED_RATIO = 3.0            # engine / generate() useful tokens per second
 
 CONTENTION_WARN_CORES = 0.25  # other processes' CPU use (in cores) above which a figure is flagged
@@ -74,7 +74,11 @@ def contention_warning(result: dict[str, Any]) -> str | None:
     m = result["machine"]
     figures = [s["other_cpu_cores"] for s in m["samples"]]
     figures += [e["other_cpu_cores"] for e in result["decode"] + result["prefill"]]
-    figures += [result["mixed"]["engine"]["other_cpu_cores"], result["mixed"]["generate"]["other_cpu_cores"]]
+    if result["mixed"] is not None:
+        figures += [result["mixed"]["engine"]["other_cpu_cores"], result["mixed"]["generate"]["other_cpu_cores"]]
+    for f in result.get("formats", []):
+        figures += [e["other_cpu_cores"] for e in f["decode"] + f["prefill"]]
+        figures += [f["mixed_engine"]["other_cpu_cores"]] if f["mixed_engine"] else []
     worst = max((f for f in figures if f is not None), default=None)
     if worst is None or worst < CONTENTION_WARN_CORES:
         return None
@@ -105,7 +109,9 @@ def render(result: dict[str, Any]) -> str:
         f"end {m['samples'][1]['matmul_gflops']:.1f})",
         f"  other processes' CPU use: {cores(m['other_cpu_cores'])} cores over the run, "
         f"{cores(m['samples'][0]['other_cpu_cores'])} / {cores(m['samples'][1]['other_cpu_cores'])} "
-        "during the start / end peak measurements",
+        "during the start / end peak measurements"
+        + (f"; load average {m['load_average']['before'][0]:.2f} before, {m['load_average']['after'][0]:.2f} after"
+           if m.get("load_average") else ""),
         f"Model: {mdl['name']}, {mdl['num_params'] / 1e6:.1f}M params ({mdl['param_bytes'] / 1e6:.0f} MB), "
         f"KV {mdl['kv_bytes_per_token']} B/token",
         "",
@@ -132,9 +138,19 @@ def render(result: dict[str, Any]) -> str:
              for e in result["prefill"]],
         ),
     ]
-    mx = result["mixed"]
+    out += render_mixed(result["mixed"])
+    out += render_formats(result)
+    warning = contention_warning(result)
+    if warning:
+        out += ["", warning]
+    return "\n".join(out)
+
+
+def render_mixed(mx: dict[str, Any] | None) -> list[str]:
+    if mx is None:
+        return ["", "Mixed workload: not run (--skip-mixed)"]
     eng, gen = mx["engine"], mx["generate"]
-    out += [
+    return [
         "",
         f"Mixed workload: {mx['n_requests']} requests, seed {mx['seed']}, prompts {mx['prompt_len_range']}, "
         f"outputs {mx['output_len_range']}, batch {mx['batch_size']}",
@@ -148,7 +164,41 @@ def render(result: dict[str, Any]) -> str:
         f"  engine / generate() = {mx['ratio']:.2f}x (target >= {mx['target_ratio']:.0f}x: "
         f"{'met' if mx['meets_target'] else 'NOT met'})",
     ]
-    warning = contention_warning(result)
-    if warning:
-        out += ["", warning]
-    return "\n".join(out)
+
+
+def _format_row(label: str, decode: list[dict[str, Any]], prefill: list[dict[str, Any]], weight_bytes: float,
+                mixed_tps: float | None, ratio: float | None, rss: float | None) -> list[str]:
+    by_batch = {e["batch"]: e for e in decode}
+    b1, b8, b64 = by_batch.get(1), by_batch.get(8), by_batch.get(64)
+    return [label, f"{weight_bytes / 1e6:.0f}", "n/a" if rss is None else f"{rss:.0f}",
+            f"{b1['ms_per_step']:.1f}" if b1 else "-", pct(b1["fraction_of_bandwidth_roofline"]) if b1 else "-",
+            f"{b8['tokens_per_s']:.0f}" if b8 else "-", f"{b64['tokens_per_s']:.0f}" if b64 else "-",
+            pct(b64["fraction_of_compute_roofline"]) if b64 else "-",
+            f"{prefill[0]['tokens_per_s']:.0f}" if prefill else "-",
+            "-" if mixed_tps is None else f"{mixed_tps:.1f}", "-" if ratio is None else f"{ratio:.2f}x"]
+
+
+def render_formats(result: dict[str, Any]) -> list[str]:
+    """One row per weight format: the bytes it reads, memory, decode and prefill speed, mixed workload."""
+    formats = result.get("formats")
+    if not formats:
+        return []
+    rss = result.get("resident_mb", {})
+    mx = result["mixed"]
+    rows = [_format_row("float32", result["decode"], [e for e in result["prefill"] if e["batch"] == 1],
+                        result["machine"]["model"].get("weight_bytes_read", result["machine"]["model"]["param_bytes"]),
+                        mx and mx["engine"]["tokens_per_s"], mx and mx["ratio"], rss.get("float32"))]
+    rows += [_format_row(f["format"], f["decode"], f["prefill"], f["model"]["weight_bytes_read"],
+                         f["mixed_engine"] and f["mixed_engine"]["tokens_per_s"], f["mixed_ratio_vs_generate"],
+                         rss.get(f["format"]))
+             for f in formats]
+    return [
+        "",
+        "Weight formats (decode prompt 256 tokens; roofline fractions for the bytes each format reads; "
+        "compute against the float32 matmul peak; mixed workload vs float32 generate())",
+        format_table(["format", "weights MB", "RSS MB", "b1 ms/tok", "b1 of bw", "b8 tok/s", "b64 tok/s",
+                      "b64 of compute", "prefill tok/s", "mixed tok/s", "vs generate"], rows),
+        f"  targets: batch 1 >= {pct(TARGET_DECODE_B1_BANDWIDTH)} of bandwidth, batch 64 >= "
+        f"{pct(TARGET_DECODE_B64_COMPUTE)} of compute, mixed >= {TARGET_MIXED_RATIO:.0f}x generate(); "
+        "RSS: a fresh process after loading the model (interpreter and libraries included)",
+    ]

@@ -96,11 +96,20 @@ class _ActorResources(Settings):
     _check_resources = field_validator("resources")(_no_cpu_gpu)
 
 
-class PrefillPoolConfig(PrefillEngineConfig, _ActorResources):
+class _PoolFormat(Settings):
+    """A pool's weight format, overriding ``model.dtype`` / ``model.quantization`` (None: the model's).
+    Prefill is compute-bound and decode bandwidth-bound, so they may differ; the KV dtype (= dtype)
+    must match on both sides of a hand-off (checked in :class:`ClusterConfig`)."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    quantization: Literal["none", "int8", "int4"] | None = None
+
+
+class PrefillPoolConfig(PrefillEngineConfig, _ActorResources, _PoolFormat):
     """One prefill actor's resources and engine knobs (the worker gets the :class:`PrefillEngineConfig` part)."""
 
 
-class DecodePoolConfig(DecodeEngineConfig, _ActorResources):
+class DecodePoolConfig(DecodeEngineConfig, _ActorResources, _PoolFormat):
     """One decode actor's resources and engine knobs (the worker gets the :class:`DecodeEngineConfig` part)."""
 
     @model_validator(mode="after")
@@ -409,6 +418,20 @@ class ClusterConfig(Settings):
                                  f"{model.max_model_len}"))
         if problems:
             raise FieldProblems(sorted(problems))
+        return pools
+
+    @field_validator("pools")
+    @classmethod
+    def _one_kv_dtype(cls, pools: PoolsConfig, info: ValidationInfo) -> PoolsConfig:
+        # The KV cache is kept in each pool's dtype and handed over as raw bytes: a prefill
+        # pool whose KV dtype differs from decode's would hand over KV decode cannot read.
+        model = info.data.get("model")
+        if model is None or pools.colocated:
+            return pools
+        p_dtype, d_dtype = pools.prefill.dtype or model.dtype, pools.decode.dtype or model.dtype
+        if p_dtype != d_dtype:
+            raise FieldProblems([("prefill.dtype", f"the KV hand-off needs one KV dtype: prefill computes in {p_dtype}, "
+                                  f"decode in {d_dtype} (set both pools' dtype alike; quantization may differ)")])
         return pools
 
     @field_validator("kvtransfer")

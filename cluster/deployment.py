@@ -57,12 +57,13 @@ def pool_specs(cfg: ClusterConfig, kv_secret: str | None = None,
                               max_streams_per_peer=kv.max_streams_per_peer, same_node=kv.same_node,
                               shm_pool_bytes=kv.shm_pool_bytes, secret=kv_secret, faults=faults)
     p, d = cfg.pools.prefill, cfg.pools.decode
-    decode = PoolSpec(kind="colocated" if cfg.pools.colocated else "decode", model=cfg.model,
+    decode = PoolSpec(kind="colocated" if cfg.pools.colocated else "decode",
+                      model=cfg.model.for_pool(d.dtype, d.quantization),
                       engine=DecodeEngineConfig.part_of(d), handoff=handoff, num_cpus=d.num_cpus,
                       num_gpus=d.num_gpus, resources=dict(d.resources))
     if cfg.pools.colocated:
         return [decode]
-    prefill = PoolSpec(kind="prefill", model=cfg.model, engine=PrefillEngineConfig.part_of(p), handoff=handoff,
+    prefill = PoolSpec(kind="prefill", model=cfg.model.for_pool(p.dtype, p.quantization), engine=PrefillEngineConfig.part_of(p), handoff=handoff,
                        num_cpus=p.num_cpus, num_gpus=p.num_gpus, resources=dict(p.resources))
     return [prefill, decode]
 

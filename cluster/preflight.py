@@ -69,7 +69,8 @@ def check_kv_fits(cfg: ClusterConfig, dims: ModelDims, limits: MemoryLimits) -> 
     pools = cfg.pools
     sections = [("decode", pools.decode)] + ([] if pools.colocated else [("prefill", pools.prefill)])
     for name, section in sorted(sections):
-        per_block = kv_bytes_per_block(dims, cfg.model.dtype, section.block_size)
+        kv_dtype = section.dtype or cfg.model.dtype  # the pool's KV cache is kept in its dtype
+        per_block = kv_bytes_per_block(dims, kv_dtype, section.block_size)
         if section.num_blocks is not None:
             field, kv_bytes, blocks = "num_blocks", section.num_blocks * per_block, section.num_blocks
         else:
@@ -81,7 +82,7 @@ def check_kv_fits(cfg: ClusterConfig, dims: ModelDims, limits: MemoryLimits) -> 
         if kv_bytes > limit:
             where = "one accelerator" if gpu else "the largest node's memory"
             problems.append(f"{path}: {kv_bytes} bytes of KV ({per_block} bytes per block of {section.block_size} "
-                            f"tokens for {cfg.model.name} in {cfg.model.dtype}) do not fit {where} ({limit} bytes)")
+                            f"tokens for {cfg.model.name} in {kv_dtype}) do not fit {where} ({limit} bytes)")
         elif cfg.model.max_model_len is not None and blocks * section.block_size < cfg.model.max_model_len:
             problems.append(f"{path}: {blocks} blocks hold {blocks * section.block_size} tokens, less than "
                             f"model.max_model_len {cfg.model.max_model_len}")

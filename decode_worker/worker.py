@@ -51,7 +51,7 @@ class DecodeWorker(WorkerBase):
     def __init__(self, worker_id: str, *, model: ModelConfig, engine: DecodeEngineConfig,
                  handoff: HandoffSettings) -> None:
         super().__init__(worker_id, model=model, engine_args=engine.engine_args(), batch_wait_s=0.0,
-                         handoff=handoff)
+                         handoff=handoff, threads=engine.threads)
         self._leases: dict[str, float] = {}  # transfer_id -> deadline, until imported
         # transfer_id -> the id its KV travels under: a re-armed push gets a fresh
         # one, so nothing left of the failed try (store keys, pair state) is reused.

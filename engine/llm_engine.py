@@ -38,7 +38,7 @@ from engine.kv_cache import KVLayout
 from engine.kv_cache_manager import KVCacheManager, blocks_needed
 from engine.kv_handoff import KVHandoff, KVLayoutMismatchError
 from engine.model_loader import LoadedModel
-from engine.model_runner import ModelRunner, kv_layout_of
+from engine.model_runner import ModelRunner
 from engine.sampler import SamplingError, sample
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler
@@ -136,7 +136,7 @@ class LLMEngine:
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_model_len = model.max_model_len
-        self.layout = kv_layout_of(model.model)
+        self.layout = model.kv_layout
         if kv_cache_bytes is not None:
             num_blocks = PagedKVCache.num_blocks_for_budget(self.layout, block_size, kv_cache_bytes)
             if num_blocks < 1:
@@ -148,7 +148,7 @@ class LLMEngine:
         self.kv_cache_key = kv_cache_key or default_kv_cache_key(model.name, self.layout)
         self.kv = KVCacheManager(num_blocks, block_size, enable_caching=prefix_caching, cache_key=self.kv_cache_key)
         self.cache = PagedKVCache(self.layout, num_blocks, block_size)
-        self.runner = ModelRunner(model.model, self.cache)
+        self.runner = ModelRunner(model.weights, self.cache)
         self.scheduler = Scheduler(self.kv, max_running, max_batched_tokens)
         self._requests: dict[str, _Request] = {}
         self._parked: dict[str, _Request] = {}

@@ -8,6 +8,12 @@ Names (their catalogue, torch-free, is :mod:`analysis.model_catalog`):
   tokenizer (:mod:`engine.tiny_model`), for fast tests.
 - a local directory holding a Hugging Face Llama-family checkpoint
   (``model_type`` llama, qwen2 or mistral) with its tokenizer.
+
+The engine computes with its own fused copy of the weights
+(:class:`~engine.llama_weights.LlamaWeights`) in the requested format:
+``dtype`` (activations, norms, embedding, KV cache) and ``quantization`` of the
+linear layers (``none``, weight-only ``int8`` or ``int4``). A quantized format
+is quantized from float32 weights and frees the HF module's projections.
 """
 
 from __future__ import annotations
@@ -22,30 +28,48 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from analysis.model_catalog import (DEFAULT_MODEL, SUPPORTED_MODEL_TYPES, TINY_MODEL, ModelNotFoundError,
                                     smollm2_gguf_path)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from engine.kv_cache import KVLayout
+from engine.llama_weights import DTYPES, LlamaWeights, WeightFormat, build_weights
+from engine.quant import QUANTIZATIONS
 
 
 @dataclass
 class LoadedModel:
-    """A model ready for the engine: HF module (eval mode), tokenizer, limits."""
+    """A model ready for the engine: HF module (eval mode), tokenizer, limits, and the
+    engine's fused weights in their format (the HF module runs ``generate()`` only when
+    the format is not quantized)."""
 
     name: str
     model: PreTrainedModel
     tokenizer: object
     max_model_len: int
     eos_token_ids: tuple[int, ...]
+    weights: LlamaWeights
 
     @property
     def config(self):
         return self.model.config
 
+    @property
+    def fmt(self) -> WeightFormat:
+        return self.weights.fmt
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", max_model_len: int | None = None) -> LoadedModel:
-    """Load ``name`` (see the module docstring) in ``dtype`` on the CPU."""
+    @property
+    def kv_layout(self) -> KVLayout:
+        """The KV cache layout an engine of this model uses (the format's dtype)."""
+        return self.weights.kv_layout
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", max_model_len: int | None = None,
+               quantization: str = "none") -> LoadedModel:
+    """Load ``name`` (see the module docstring) on the CPU, for an engine computing in ``dtype``
+    with its linear layers' weights in ``quantization``."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    torch_dtype = DTYPES[dtype]
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)}, got {quantization!r}")
+    # Quantize from float32, the most precise copy the loader can give.
+    torch_dtype = DTYPES[dtype] if quantization == "none" else torch.float32
     # Belt and braces: nothing in this process may reach a model hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if name == TINY_MODEL:
@@ -67,7 +91,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", max_model_len:
         if max_model_len < 2 or max_model_len > limit:
             raise ValueError(f"max_model_len must be in [2, {limit}] for {name}, got {max_model_len}")
         limit = max_model_len
-    return LoadedModel(name, model, tokenizer, limit, _eos_token_ids(model, tokenizer))
+    weights = build_weights(model, WeightFormat(dtype, quantization), int(model.config.max_position_embeddings))
+    return LoadedModel(name, model, tokenizer, limit, _eos_token_ids(model, tokenizer), weights)
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL):

@@ -10,9 +10,12 @@ attention is per sequence kind:
 - prefill chunks attend one sequence at a time, causally, to everything the
   sequence has computed so far (earlier chunks are read back from the cache).
 
-The layers themselves (projections, RMSNorm, MLP, rotary embedding) are the
-Hugging Face modules of the loaded model, so the arithmetic is the
-reference's; this module only replaces the KV cache and attention.
+The forward is the engine's own Llama forward over
+:class:`~engine.llama_weights.LlamaWeights` (fused QKV and gate/up
+projections in the loaded format, a precomputed rotary table): about a
+dozen operations per layer. Its float32 arithmetic is the reference's
+(``transformers``' RMSNorm, rotary and MLP formulas, op for op), which keeps
+greedy output token-identical to ``generate()``.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from engine.kv_cache import KVLayout, PagedKVCache
 from engine.kv_cache_manager import KVCacheManager
+from engine.llama_weights import LlamaWeights
 from engine.scheduler import ScheduledChunk
 
 
@@ -38,7 +41,8 @@ class _Prefill:
 
 @dataclass
 class _Decode:
-    rows: torch.Tensor          # [B] packed rows
+    """The decoding sequences, packed first: rows ``[0, B)`` of the step."""
+
     block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
     flat_blocks: torch.Tensor   # block_tables.flatten()
     ctx_mask: torch.Tensor      # [B, 1, 1, max_blocks * block_size], True = attend
@@ -56,54 +60,72 @@ class _Batch:
 
 
 def kv_layout_of(model) -> KVLayout:
+    """The KV layout of a Hugging Face model run in its own dtype."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype)
 
 
-class ModelRunner:
-    """Runs a Llama-family HF model over packed steps with a paged KV cache."""
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``transformers``' LlamaRMSNorm, op for op (in float32, then back to ``h``'s dtype)."""
+    hf = h.to(torch.float32)
+    variance = hf.pow(2).mean(-1, keepdim=True)
+    return weight * (hf * torch.rsqrt(variance + eps)).to(h.dtype)
 
-    def __init__(self, model, cache: PagedKVCache) -> None:
-        cfg = model.config
-        self.model = model
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``transformers``' apply_rotary_pos_emb for one tensor: ``x * cos + rotate_half(x) * sin``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class ModelRunner:
+    """Runs a Llama-family model's :class:`LlamaWeights` over packed steps with a paged KV cache."""
+
+    def __init__(self, weights: LlamaWeights, cache: PagedKVCache) -> None:
+        if weights.kv_layout != cache.layout:
+            raise ValueError(f"KV cache layout {cache.layout} does not match the weights' {weights.kv_layout}")
+        self.w = weights
         self.cache = cache
         self.block_size = cache.block_size
         self.layout = cache.layout
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = self.layout.head_dim
+        self.num_heads = weights.num_heads
+        self.num_kv_heads = weights.num_kv_heads
+        self.head_dim = weights.head_dim
+        self.q_dim = self.num_heads * self.head_dim
+        self.qk_dim = (self.num_heads + self.num_kv_heads) * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.decoder = model.model
-        self.lm_head = model.lm_head
+        self._positions = torch.arange(weights.rope_cos.shape[0])  # reused: no per-step arange
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], kv: KVCacheManager) -> tuple[list[ScheduledChunk], torch.Tensor]:
         """Compute ``chunks``; return the chunks that sample and their logits ``[S, vocab]``."""
+        w = self.w
         batch = self._build_batch(chunks, kv)
-        h = self.decoder.embed_tokens(batch.token_ids)
-        cos, sin = self.decoder.rotary_emb(h, batch.positions[None])
+        h = w.embed.index_select(0, batch.token_ids)
         n = h.shape[0]
-        for layer_idx, layer in enumerate(self.decoder.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(1, n, self.num_heads, self.head_dim)
-            k = attn.k_proj(x).view(1, n, self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
-            q, k = q[0], k[0]
+        cos = w.rope_cos.index_select(0, batch.positions)[:, None, :]  # [n, 1, hd]: broadcast over heads
+        sin = w.rope_sin.index_select(0, batch.positions)[:, None, :]
+        heads_qk = self.num_heads + self.num_kv_heads
+        for layer_idx, layer in enumerate(w.layers):
+            qkv = layer.qkv(rms_norm(h, layer.input_norm, w.eps))
+            # Rotary on q and k together: one pass over both.
+            qk = rotate(qkv[:, :self.qk_dim].view(n, heads_qk, self.head_dim), cos, sin)
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+            v = qkv[:, self.qk_dim:].view(n, self.num_kv_heads, self.head_dim)
             layer_kv = self.cache.layers[layer_idx]
-            layer_kv[0, batch.slots] = k
-            layer_kv[1, batch.slots] = v
+            layer_kv[0].index_copy_(0, batch.slots, k)
+            layer_kv[1].index_copy_(0, batch.slots, v)
             o = self._attention(layer_idx, q, k, v, batch)
-            h = h + attn.o_proj(o.reshape(n, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        last = self.decoder.norm(h[batch.sample_rows])
-        return batch.sample_chunks, self.lm_head(last)
+            h = h + layer.o(o.reshape(n, -1))
+            gate, up = layer.gate_up(rms_norm(h, layer.post_norm, w.eps)).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
+        last = rms_norm(h.index_select(0, batch.sample_rows), w.final_norm, w.eps)
+        return batch.sample_chunks, w.lm_head(last)
 
     def _attention(self, layer_idx: int, q, k, v, batch: _Batch) -> torch.Tensor:
-        out = torch.empty_like(q)
         if batch.decode is not None:
             d = batch.decode
             blocks = self.cache.blocks_view(layer_idx)
@@ -112,9 +134,15 @@ class ModelRunner:
             b = d.block_tables.shape[0]
             kd = blocks[0].index_select(0, d.flat_blocks).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
             vd = blocks[1].index_select(0, d.flat_blocks).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            qd = q[d.rows].unsqueeze(2)  # [B, H, 1, hd]
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.ctx_mask, scale=self.scale, enable_gqa=True)
-            out[d.rows] = od.squeeze(2)
+            qd = q[:b].unsqueeze(2)  # [B, H, 1, hd]: decode rows come first in the pack
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.ctx_mask, scale=self.scale,
+                                                enable_gqa=True).squeeze(2)
+            if not batch.prefills:
+                return od
+            out = torch.empty_like(q)
+            out[:b] = od
+        else:
+            out = torch.empty_like(q)
         layer_kv = self.cache.layers[layer_idx]
         for p in batch.prefills:
             rows = slice(p.row, p.row + p.num_tokens)
@@ -124,8 +152,8 @@ class ModelRunner:
                 mask, causal = None, True
             else:
                 kp, vp = layer_kv[0].index_select(0, p.ctx_slots), layer_kv[1].index_select(0, p.ctx_slots)
-                key_pos = torch.arange(kp.shape[0])
-                query_pos = torch.arange(p.start, p.start + p.num_tokens)
+                key_pos = self._positions[:kp.shape[0]]
+                query_pos = self._positions[p.start:p.start + p.num_tokens]
                 mask, causal = key_pos[None, :] <= query_pos[:, None], False
             kp = kp.transpose(0, 1).unsqueeze(0)
             vp = vp.transpose(0, 1).unsqueeze(0)
@@ -150,8 +178,8 @@ class ModelRunner:
             max_blocks = max(len(t) for t in tables)
             padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
             ctx = torch.tensor([c.start + 1 for c in decodes])
-            mask = torch.arange(max_blocks * bs)[None, :] < ctx[:, None]
-            decode = _Decode(torch.arange(len(decodes)), padded, padded.flatten(), mask[:, None, None, :])
+            mask = self._slot_range(max_blocks * bs)[None, :] < ctx[:, None]
+            decode = _Decode(padded, padded.flatten(), mask[:, None, None, :])
         for c in decodes:
             tok_pos = c.start
             if c.samples:  # a one-token prefill chunk can also land here
@@ -165,7 +193,7 @@ class ModelRunner:
             row = len(token_ids)
             end = c.start + c.num_tokens
             table = torch.tensor(kv.block_table(c.seq.request_id), dtype=torch.long)
-            all_slots = (table[:, None] * bs + torch.arange(bs)[None, :]).flatten()[:end]
+            all_slots = (table[:, None] * bs + self._slot_range(bs)[None, :]).flatten()[:end]
             token_ids.extend(c.seq.token_ids[c.start:end])
             positions.extend(range(c.start, end))
             slots.extend(all_slots[c.start:end].tolist())
@@ -182,3 +210,36 @@ class ModelRunner:
             sample_rows=torch.tensor(sample_rows, dtype=torch.long),
             sample_chunks=sample_chunks,
         )
+
+    def _slot_range(self, n: int) -> torch.Tensor:
+        """``arange(n)`` from a reused buffer (grown when a longer one is asked for)."""
+        if n > self._positions.shape[0]:
+            self._positions = torch.arange(n)
+        return self._positions[:n]
+
+
+@torch.inference_mode()
+def sequence_logits(weights: LlamaWeights, token_ids: torch.Tensor) -> torch.Tensor:
+    """Logits ``[n, vocab]`` at every position of one sequence, no KV cache (perplexity).
+
+    The same weights, projections, norms and rotary as :class:`ModelRunner`; attention is one causal SDPA.
+    """
+    w = weights
+    n = token_ids.shape[0]
+    h = w.embed.index_select(0, token_ids)
+    positions = torch.arange(n, device=token_ids.device)
+    cos = w.rope_cos.index_select(0, positions)[:, None, :]
+    sin = w.rope_sin.index_select(0, positions)[:, None, :]
+    hq, hkv, hd = w.num_heads, w.num_kv_heads, w.head_dim
+    qk_dim = (hq + hkv) * hd
+    for layer in w.layers:
+        qkv = layer.qkv(rms_norm(h, layer.input_norm, w.eps))
+        qk = rotate(qkv[:, :qk_dim].view(n, hq + hkv, hd), cos, sin)
+        q, k = qk[:, :hq].transpose(0, 1), qk[:, hq:].transpose(0, 1)
+        v = qkv[:, qk_dim:].view(n, hkv, hd).transpose(0, 1)
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=hd**-0.5,
+                                           enable_gqa=True)
+        h = h + layer.o(o[0].transpose(0, 1).reshape(n, -1))
+        gate, up = layer.gate_up(rms_norm(h, layer.post_norm, w.eps)).chunk(2, dim=-1)
+        h = h + layer.down(F.silu(gate) * up)
+    return w.lm_head(rms_norm(h, w.final_norm, w.eps))

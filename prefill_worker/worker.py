@@ -50,7 +50,7 @@ class PrefillWorker(WorkerBase):
     def __init__(self, worker_id: str, *, model: ModelConfig, engine: PrefillEngineConfig,
                  handoff: HandoffSettings) -> None:
         super().__init__(worker_id, model=model, engine_args=engine.engine_args(),
-                         batch_wait_s=engine.batch_wait_ms / 1000, handoff=handoff)
+                         batch_wait_s=engine.batch_wait_ms / 1000, handoff=handoff, threads=engine.threads)
         self._holds: dict[str, float] = {}  # transfer_id -> lease deadline
         self._wire: dict[str, str] = {}  # transfer_id -> the id of its push in flight (fresh on a resend)
         self._kv_start: dict[str, int] = {}  # transfer_id -> first token whose KV is pushed (decode caches the rest)

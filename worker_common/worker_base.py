@@ -18,6 +18,7 @@ from engine.model_loader import load_model
 from kvtransfer.factory import make_transport
 from kvtransfer.ray_transport import KVTransferActorMixin
 from worker_common.messages import ModelLimits
+from worker_common.threads import apply_worker_threads
 from worker_common.worker_config import HandoffSettings, ModelConfig
 from worker_common.worker_status import MAX_PUBLISHED_HASHES, KVTransferStats, PrefixCacheReport, WorkerStatus
 
@@ -32,9 +33,13 @@ class WorkerBase(KVTransferActorMixin):
     kind = "worker"
 
     def __init__(self, worker_id: str, *, model: ModelConfig, engine_args: dict[str, Any], batch_wait_s: float,
-                 handoff: HandoffSettings, measure_peaks: bool = True) -> None:
+                 handoff: HandoffSettings, threads: int | None = None, measure_peaks: bool = True) -> None:
         self.worker_id = worker_id
-        loaded = load_model(model.name, dtype=model.dtype, max_model_len=model.max_model_len)
+        # Before the model loads: torch's thread pool is sized by the first parallel op.
+        self.threads = apply_worker_threads(threads)
+        log.info("%s computes on %d torch threads", worker_id, self.threads)
+        loaded = load_model(model.name, dtype=model.dtype, max_model_len=model.max_model_len,
+                            quantization=model.quantization)
         self._limits = ModelLimits(model.name, loaded.max_model_len, int(loaded.config.vocab_size))
         # Peaks measured here, on this worker's own cores, so its MBU/MFU compare like with like.
         engine = LLMEngine(loaded, peaks=measure_peaks_fast() if measure_peaks else None, **engine_args)

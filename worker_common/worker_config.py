@@ -38,13 +38,25 @@ class ModelConfig(Settings):
     """Which model every worker loads."""
 
     name: str = "builtin:smollm2-135m-instruct"  # builtin:<name>, a local HF dir or a .gguf file
+    # Activations, norms, embedding and KV cache. float32 is the exactness reference (token-identical
+    # to transformers' generate()); a pool may override it (pools.<kind>.dtype).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Weight-only quantization of the linear layers: int8 per output channel, int4 per group of 32
+    # input channels (PyTorch's packed CPU kernels). A pool may override it (pools.<kind>.quantization).
+    quantization: Literal["none", "int8", "int4"] = "none"
     max_model_len: int | None = Field(None, ge=2)  # None: the model's own context length
+
+    def for_pool(self, dtype: str | None, quantization: str | None) -> ModelConfig:
+        """This config with a pool's format overrides applied (None: keep the model's)."""
+        return self.model_copy(update={"dtype": dtype or self.dtype, "quantization": quantization or self.quantization})
 
 
 class PrefillEngineConfig(Settings):
     """A prefill worker's engine and batching knobs."""
 
+    # torch compute threads; None: the actor's num_cpus rounded up, at most the machine's cores
+    # (Ray alone would give a fractional-CPU actor one thread). See worker_common.threads.
+    threads: int | None = Field(None, ge=1)
     block_size: int = Field(16, ge=1)
     num_blocks: int = Field(1024, ge=1)  # KV kept only until decode acknowledges, so smaller than decode's
     max_running: int = Field(64, ge=1)
@@ -57,12 +69,13 @@ class PrefillEngineConfig(Settings):
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments of :class:`engine.llm_engine.LLMEngine`."""
-        return self.model_dump(exclude={"batch_wait_ms"})
+        return self.model_dump(exclude={"batch_wait_ms", "threads"})
 
 
 class DecodeEngineConfig(Settings):
     """A decode (or colocated) worker's paged KV budget and batching knobs."""
 
+    threads: int | None = Field(None, ge=1)  # as PrefillEngineConfig.threads
     block_size: int = Field(16, ge=1)
     num_blocks: int | None = Field(2048, ge=1)  # exactly one of num_blocks / kv_cache_bytes
     kv_cache_bytes: int | None = Field(None, ge=1)  # the worker turns bytes into blocks for its model
@@ -83,7 +96,7 @@ class DecodeEngineConfig(Settings):
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments of :class:`engine.llm_engine.LLMEngine`."""
-        return self.model_dump()
+        return self.model_dump(exclude={"threads"})
 
 
 AUTO_HOST = "auto"  # kvtransfer.host: each node's own address, as Ray registered the node
