@@ -48,12 +48,13 @@ from engine.step_stats import StepStats, StepStatsSnapshot
 DEFAULT_NUM_BLOCKS = 1024
 
 
-def default_kv_cache_key(model_name: str, layout: KVLayout) -> str:
-    """The prefix cache's KV-compatibility key for a model's plain KV: its
-    name and the layout (layers, KV heads, head dim, dtype). An engine whose
-    KV differs in any other way (quantized KV, another attention layout)
-    passes its own ``kv_cache_key``, so no block is shared across formats."""
-    return f"{model_name}|{layout.num_layers}x{layout.num_kv_heads}x{layout.head_dim}|{layout.dtype}"
+def default_kv_cache_key(model_name: str, weight_format: str, layout: KVLayout) -> str:
+    """The prefix cache's KV-compatibility key: the model's name, its weight
+    format (dtype and quantization: different weights write different KV) and
+    the KV layout (layers, KV heads, head dim, dtype). An engine whose KV
+    differs in any other way passes its own ``kv_cache_key``, so no block is
+    shared across formats."""
+    return f"{model_name}|{weight_format}|{layout.num_layers}x{layout.num_kv_heads}x{layout.head_dim}|{layout.dtype}"
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class LLMEngine:
                     f"{PagedKVCache.bytes_per_block(self.layout, block_size)} bytes"
                 )
         num_blocks = DEFAULT_NUM_BLOCKS if num_blocks is None else num_blocks
-        self.kv_cache_key = kv_cache_key or default_kv_cache_key(model.name, self.layout)
+        self.kv_cache_key = kv_cache_key or default_kv_cache_key(model.name, model.fmt.label, self.layout)
         self.kv = KVCacheManager(num_blocks, block_size, enable_caching=prefix_caching, cache_key=self.kv_cache_key)
         self.cache = PagedKVCache(self.layout, num_blocks, block_size)
         self.runner = ModelRunner(model.weights, self.cache)
