@@ -25,6 +25,7 @@ from observability.stages import TIMINGS_FIELDS, Timeline, stage_seconds
 from protos import serving_pb2
 from router.request_runner import NoCapacityError, RequestFailedError, RequestRunner, RequestTrace, WorkerFailedError
 from router.validation import ParsedRequest, check_limits, parse_request
+from engine.sampler import TokenLogprob
 from worker_common.messages import ModelLimits, TokenChunk
 
 T = TypeVar("T")
@@ -250,3 +251,11 @@ def fill_timings(pb: serving_pb2.Timings, t: RequestTrace) -> None:
         stamp = end if name == "finished" else getattr(t, name)
         setattr(pb.timeline, f"{name}_ms", (stamp - t.received) * ms if stamp else 0.0)
     pb.timeline.token_ms.extend((x - t.received) * ms for x in t.token_times)
+
+
+def fill_logprobs(resp: serving_pb2.GenerateResponse, logprobs: tuple[TokenLogprob, ...]) -> None:
+    """A response's per-token log-probabilities, from a worker's chunk."""
+    for lp in logprobs:
+        pb = resp.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
+        for token_id, logprob in lp.top:
+            pb.top.add(token_id=token_id, logprob=logprob)

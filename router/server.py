@@ -27,8 +27,8 @@ from grpc_reflection.v1alpha import reflection
 from observability.metrics import RouterMetrics
 from protos import serving_pb2
 from router.directory import STATUS_TIMEOUT_S, WorkerDirectory
-from router.lifecycle import (DeadlineExceeded, Refusal, RequestLifecycle, RequestRefused, fill_timings,
-                              request_deadline, until)
+from router.lifecycle import (DeadlineExceeded, Refusal, RequestLifecycle, RequestRefused, fill_logprobs,
+                              fill_timings, request_deadline, until)
 from router.request_decoding import WireError, make_request_deserializer
 from router.request_runner import RequestRunner, RequestTrace
 from router.security import add_port, auth_interceptors
@@ -109,6 +109,7 @@ class ServingServicer:
                     async for ev in events:
                         resp = serving_pb2.GenerateResponse(request_id=parsed.request_id, token_ids=ev.token_ids,
                                                             text=ev.text)
+                        fill_logprobs(resp, ev.logprobs)
                         if ev.finished:
                             resp.finish_reason = FINISH.get(ev.finish_reason, serving_pb2.FINISH_REASON_UNSPECIFIED)
                             resp.usage.prompt_tokens = len(parsed.prompt_token_ids)
