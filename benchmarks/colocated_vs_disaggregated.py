@@ -163,7 +163,7 @@ def arm_config(arm: str, model: str = DEFAULT_MODEL, chunk_tokens: int = DEFAULT
         "model": {"name": model, "dtype": "float32", "max_model_len": MAX_MODEL_LEN},
         "pools": pools,
         "kvtransfer": {"backend": "gloo", "timeout_s": TRANSFER_TIMEOUT_S, "lease_s": LEASE_S},
-        "router": {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": None,
+        "router": {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": None, "http_port": None,
                    "drain_grace_s": 10, "request_timeout_s": REQUEST_TIMEOUT_S},
         "ray": {"namespace": f"{namespace}-{arm}"},
     }

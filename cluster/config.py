@@ -277,7 +277,7 @@ class KVTransferConfig(Settings):
 
 
 class RouterConfig(Settings):
-    """The client-facing gRPC server."""
+    """The client-facing gRPC server (and its OpenAI-compatible HTTP port)."""
 
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)  # 0: pick a free port
@@ -293,6 +293,9 @@ class RouterConfig(Settings):
     # (scrape it from the same host or pod: a sidecar, kubectl port-forward).
     metrics_port: int | None = Field(9464, ge=0, le=65535)  # None: off; 0: a free port
     metrics_host: str = "127.0.0.1"
+    # The OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    # /health) on router.host, same process, token and TLS as the gRPC port.
+    http_port: int | None = Field(8000, ge=0, le=65535)  # None: off; 0: a free port
     # TLS for clients: both paths or neither.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -321,6 +324,8 @@ class RouterConfig(Settings):
                                              "so it binds to 127.0.0.1 (scrape it from the same host or pod)"))
         if self.metrics_port is not None and self.metrics_port != 0 and self.metrics_port == self.port:
             problems.append(("metrics_port", f"{self.metrics_port} is router.port too; give /metrics its own port"))
+        if self.http_port is not None and self.http_port != 0 and self.http_port in (self.port, self.metrics_port):
+            problems.append(("http_port", f"{self.http_port} is router.port or metrics_port too; give HTTP its own port"))
         if problems:
             raise FieldProblems(problems)
         return self

@@ -83,6 +83,15 @@ class Deployment:
         assert self.router is not None, "not started"
         return self.router.address
 
+    @property
+    def http_url(self) -> str | None:
+        """The OpenAI-compatible API's base URL (``.../v1``), None when ``router.http_port`` is off."""
+        assert self.router is not None, "not started"
+        http = self.router.http
+        if http is None or http.port is None:
+            return None
+        return f"{'https' if http.tls else 'http'}://{http.host}:{http.port}/v1"
+
     async def start(self) -> str:
         cfg, rc = self.cfg, self.cfg.router
         # KV caches that cannot fit stop the launch here, before any actor holds a CPU or GPU.
@@ -112,7 +121,7 @@ class Deployment:
                                    request_timeout_s=rc.request_timeout_s)
         tls = (rc.tls_cert, rc.tls_key) if rc.tls_cert and rc.tls_key else None
         self.router = RouterServer(servicer, rc.host, rc.port, tls=tls, token=token,
-                                   max_request_bytes=rc.max_request_bytes)
+                                   max_request_bytes=rc.max_request_bytes, http_port=rc.http_port)
         await self.router.start()
         if rc.metrics_port is not None:
             self.metrics_server, self.metrics_port = start_metrics_server(self.registry, rc.metrics_host,

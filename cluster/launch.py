@@ -70,7 +70,8 @@ async def serve(cfg: ClusterConfig) -> None:
                  else f"{p} prefill + {d} decode, kvtransfer={cfg.kvtransfer.backend}")
         metrics = (f"; metrics on http://{cfg.router.metrics_host}:{deployment.metrics_port}/metrics"
                    if deployment.metrics_port is not None else "")
-        print(f"splitserve: serving {cfg.model.name} on {address} ({pools}){metrics}", flush=True)
+        http = f"; OpenAI API on {deployment.http_url}" if deployment.http_url else ""
+        print(f"splitserve: serving {cfg.model.name} on {address} ({pools}){http}{metrics}", flush=True)
         await stop.wait()
         print(f"splitserve: stopping (draining in-flight requests for up to {cfg.router.drain_grace_s:.0f} s)",
               flush=True)

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from observability.metrics import RouterMetrics
 from protos import serving_pb2
 from router.directory import STATUS_TIMEOUT_S, WorkerDirectory
+from router.openai_http import OpenAIServer
 from router.lifecycle import (DeadlineExceeded, Refusal, RequestLifecycle, RequestRefused, fill_logprobs,
                               fill_timings, request_deadline, until)
 from router.request_decoding import WireError, make_request_deserializer
@@ -135,7 +136,6 @@ class ServingServicer:
         return resp
 
 
-
 class RouterServer:
     """Owns the grpc.aio server, its health status and the directory refresh.
 
@@ -145,11 +145,19 @@ class RouterServer:
 
     ``tls`` is ``(cert_path, key_path)`` to serve TLS; ``token`` turns on
     bearer-token authentication (health checks and reflection stay open).
+    ``http_port`` (None: off) also serves the OpenAI-compatible HTTP API
+    (:mod:`router.openai_http`) on ``host``, through the same request
+    lifecycle, token and TLS; it drains and stops with the gRPC server.
     """
 
     def __init__(self, servicer: ServingServicer, host: str, port: int, *, tls: tuple[str, str] | None = None,
-                 token: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+                 token: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 http_port: int | None = None) -> None:
         self.servicer = servicer
+        self.http: OpenAIServer | None = None
+        if http_port is not None:
+            self.http = OpenAIServer(servicer.lifecycle, self.can_serve, host, http_port, tls=tls, token=token,
+                                     max_request_bytes=max_request_bytes)
         # gRPC's own limit sits above ours, so that our deserializer can name the limit in its error.
         self.server = grpc.aio.server(interceptors=auth_interceptors(token), options=[
             ("grpc.max_receive_message_length", max_request_bytes * 2 + 1024)])
@@ -169,6 +177,8 @@ class RouterServer:
         await self.servicer.directory.refresh()
         self.servicer.directory.start()
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         await self.update_health()
         self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
 
@@ -206,6 +216,8 @@ class RouterServer:
         while self.servicer.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.server.stop(grace=1.0)
+        if self.http is not None:
+            await self.http.stop()
         self.servicer.directory.stop()
         self.servicer.close()
 

@@ -32,6 +32,9 @@ REFUSED = [
     ("model: {max_model_len: 2048}\npools: {mode: colocated, decode: {num_blocks: 64}}", "pools.decode.num_blocks"),
     ("router: {metrics_port: 50051}", "router.metrics_port"),
     ("router: {port: 9000, metrics_port: 9000}", "router.metrics_port"),
+    ("router: {http_port: 50051}", "router.http_port"),
+    ("router: {http_port: 9464}", "router.http_port"),
+    ("router: {http_port: 70000}", "router.http_port"),
     ("pools: {decode: {num_blocks: 1e15}}", "pools.decode.num_blocks"),
     ("kvtransfer: {secret_env: KV, secret_file: /kv}", "kvtransfer.secret_file"),
     # Off loopback: the router needs a token and TLS, the KV plane a secret, /metrics stays local.
@@ -60,6 +63,8 @@ def test_refused_naming_the_field(text, field):
 ACCEPTED = [
     "",  # the defaults
     "router: {port: 0, metrics_port: 0}",  # both pick a free port
+    "router: {port: 0, metrics_port: 0, http_port: 0}",  # all three
+    "router: {http_port: null}",  # the HTTP API off
     "router: {host: localhost}",
     "router: {host: 127.0.0.2}",
     f"router: {{host: 0.0.0.0, {TOKEN_AND_TLS}}}",
