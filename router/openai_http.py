@@ -12,7 +12,8 @@ Errors have OpenAI's shape (``{"error": {"message", "type", "param",
 "code"}}``): 400 naming the parameter, 401 without the bearer token (the
 gRPC one; ``/health`` stays open), 404 for another model or path, 413 for a
 body over ``router.max_request_bytes``, 429 with ``Retry-After`` when
-``router.max_queued`` requests are in flight, 503 (with ``Retry-After``)
+``router.max_queued`` requests are in flight, 408 for a body that does not
+arrive whole within 30 s, 503 (with ``Retry-After``)
 while draining, with no live worker, or without KV room in time, 504 past
 ``router.request_timeout_s``, 500 when a worker's engine failed the request.
 A client that disconnects (mid-stream or while waiting for a whole answer)
@@ -95,8 +96,9 @@ class OpenAIServer:
 
     def __init__(self, lifecycle: RequestLifecycle, can_serve: Callable[[], bool], host: str, port: int, *,
                  tls: tuple[str, str] | None = None, token: str | None = None,
-                 max_request_bytes: int = 1 << 20) -> None:
+                 max_request_bytes: int = 1 << 20, body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.lifecycle = lifecycle
+        self.body_timeout_s = body_timeout_s
         self.can_serve = can_serve
         self.host, self.requested_port = host, port
         self.tls = tls
@@ -150,7 +152,8 @@ class OpenAIServer:
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status)
+            code = {404: "not_found", 405: "method_not_allowed", 408: "timeout",
+                    413: "request_too_large"}.get(e.status)
             reason = e.text if e.status != 413 else (
                 f"request: the body exceeds the limit of {self.max_request_bytes} bytes (router.max_request_bytes)")
             return error_response(e.status, reason or e.reason, "invalid_request_error", None, code)
@@ -190,11 +193,10 @@ class OpenAIServer:
         if request.content_length is not None and request.content_length > self.max_request_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self.max_request_bytes, actual_size=request.content_length)
         try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):
+            async with asyncio.timeout(self.body_timeout_s):
                 raw = await request.read()
-        except TimeoutError:
-            raise RequestRefused(Refusal.INVALID, f"request: the body did not arrive within {BODY_TIMEOUT_S:g} s",
-                                 "body") from None
+        except TimeoutError:  # a half-sent body holds no admission slot, only this read
+            raise web.HTTPRequestTimeout(text=f"body: did not arrive whole within {self.body_timeout_s:g} s") from None
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:

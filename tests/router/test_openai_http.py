@@ -247,6 +247,17 @@ def test_a_half_sent_body_and_a_disconnect_leave_the_server_serving(served):
     n_started = len(served.runner.started)
     assert post(served.base + "/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 200
     assert len(served.runner.started) == n_started + 1  # the half-sent one never ran
+    # A body that stalls half-way is answered 408 once the body timeout passes.
+    served.server.http.body_timeout_s = 0.3
+    try:
+        with socket.create_connection(("127.0.0.1", served.server.http.port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"prompt\": \"hi")
+            answer = s.recv(65536).decode()
+    finally:
+        served.server.http.body_timeout_s = 30.0
+    assert answer.startswith("HTTP/1.1 408") and '"code": "timeout"' in answer, answer
+    assert served.server.servicer.inflight == 0
 
 
 def _wait(predicate, what: str, timeout_s: float = 10) -> None:
