@@ -200,7 +200,7 @@ class OpenAIServer:
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
-            raise RequestRefused(Refusal.INVALID, f"body: is not valid JSON ({e})") from None
+            raise self.lifecycle.refuse(Refusal.INVALID, f"body: is not valid JSON ({e})") from None
 
     async def _serve(self, request: web.Request, parse) -> web.StreamResponse:
         received = time.time()
