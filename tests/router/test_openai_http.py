@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import threading
 import time
 
@@ -85,7 +86,8 @@ class Directory:
 class Served:
     """A RouterServer with the HTTP API on its own thread's event loop."""
 
-    def __init__(self, token: str | None = None, max_queued: int = 8, max_request_bytes: int = 1 << 20) -> None:
+    def __init__(self, token: str | None = None, max_queued: int = 8, max_request_bytes: int = 1 << 20,
+                 tls: tuple[str, str] | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -95,11 +97,11 @@ class Served:
             self.directory = Directory()
             servicer = ServingServicer(self.runner, self.directory, build_tiny_tokenizer(), MODEL, max_queued)
             self.server = RouterServer(servicer, "127.0.0.1", 0, token=token, http_port=0,
-                                       max_request_bytes=max_request_bytes)
+                                       max_request_bytes=max_request_bytes, tls=tls)
             await self.server.start()
 
         self.call(start())
-        self.base = f"http://127.0.0.1:{self.server.http.port}"
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.http.port}"
 
     def call(self, coro, timeout: float = 30):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -325,5 +327,23 @@ def test_auth_busy_no_worker_and_draining_statuses():
         status, _, body = post(s.base + "/v1/completions", {"prompt": "hi"}, auth)
         assert status == 503 and "shutting down" in body["error"]["message"]
         s.server.servicer.accepting = True
+    finally:
+        s.close()
+
+
+def test_tls_of_the_grpc_port_serves_https(tmp_path):
+    import httpx2  # the openai SDK's HTTP client
+
+    from tests.router.test_security import self_signed
+
+    cert, key = self_signed(tmp_path, "server", ["localhost"], ["127.0.0.1"])
+    s = Served(token=TOKEN, tls=(cert, key))
+    try:
+        client = openai.OpenAI(base_url=s.base + "/v1", api_key=TOKEN, max_retries=0, timeout=30,
+                               http_client=httpx2.Client(verify=ssl.create_default_context(cafile=cert)))
+        assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text == "t0 t1 "
+        with pytest.raises(openai.APIConnectionError):  # plain HTTP to the TLS port
+            openai.OpenAI(base_url=s.base.replace("https", "http") + "/v1", api_key=TOKEN, max_retries=0,
+                          timeout=10).models.list()
     finally:
         s.close()
