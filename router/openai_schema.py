@@ -21,11 +21,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.sampler import TokenLogprob
 from engine.sampling_params import MAX_LOGPROBS, InvalidRequestError
 from protos import serving_pb2
+
+if TYPE_CHECKING:  # only a type here: importing it would import torch
+    from engine.sampler import TokenLogprob
 
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts in one completions request (a list)
