@@ -166,7 +166,7 @@ def arm_config(arm: str, model: str = DEFAULT_MODEL, chunk_tokens: int = DEFAULT
     else:
         pools["mode"] = "colocated"
     router: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": None,
-                              "drain_grace_s": 10, "request_timeout_s": REQUEST_TIMEOUT_S}
+                              "http_port": None, "replicas": 1, "drain_grace_s": 10, "request_timeout_s": REQUEST_TIMEOUT_S}
     if arm == "conditional":
         router.update(policy="prefix_aware", conditional_prefill_max_tokens=CONDITIONAL_TOKENS)
     return {

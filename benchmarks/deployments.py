@@ -23,7 +23,7 @@ _namespaces = itertools.count()
 def make_config(model: str = TINY_MODEL, backend: str = "gloo", ratio: str = "1:1", replicas: int = 2,
                 router: dict | None = None, mode: str = "disaggregated", kvtransfer: dict | None = None,
                 **pool_overrides) -> ClusterConfig:
-    """A small deployment: random ports (metrics too), its own namespace.
+    """A small deployment: random ports (metrics and the OpenAI HTTP API too), its own namespace.
 
     ``pool_overrides`` are ``prefill={...}`` / ``decode={...}`` fields laid
     over the pools' defaults; ``router`` and ``kvtransfer`` likewise.
@@ -39,7 +39,7 @@ def make_config(model: str = TINY_MODEL, backend: str = "gloo", ratio: str = "1:
         },
         "kvtransfer": {"backend": backend, "timeout_s": 30, "lease_s": 30.0, **(kvtransfer or {})},
         # One in-process router unless asked: the tests look inside it (and start faster).
-        "router": {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": 0,
+        "router": {"host": "127.0.0.1", "port": 0, "policy": "least_loaded", "metrics_port": 0, "http_port": 0,
                    "drain_grace_s": 10, "replicas": 1, **(router or {})},
         "ray": {"namespace": f"small-{backend}-{next(_namespaces)}"},
     }

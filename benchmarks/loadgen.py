@@ -1,5 +1,6 @@
 """Arrival processes and the async driver that replays a workload against a
-splitserve router over gRPC, recording when every token arrives.
+splitserve router over gRPC (or its OpenAI-compatible HTTP API,
+``benchmarks.http_client``), recording when every token arrives.
 
 1. An :class:`Arrival` says when each request may be sent: open-loop
    processes (:class:`Poisson`, :class:`ConstantRate`, :class:`Burst`) give a
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
+from benchmarks.http_client import HTTPStatusError, OpenAIStreamClient
 from benchmarks.slo import SLO, RequestRecord, summarize
 from benchmarks.workloads import BenchRequest
 from protos import serving_pb2
@@ -175,9 +177,19 @@ class RunResult:
         return d
 
 
-def make_client(address: str, timeout_s: float, tls_ca: str | None = None, token: str | None = None) -> AsyncClient:
-    """An ``AsyncClient``; ``tls_ca``/``token`` are passed only when given, so
-    this works with client versions that lack them (then it says so)."""
+APIS = ("grpc", "http")
+
+
+def make_client(address: str, timeout_s: float, tls_ca: str | None = None, token: str | None = None,
+                api: str = "grpc") -> AsyncClient | OpenAIStreamClient:
+    """An ``AsyncClient`` (``api="grpc"``, ``address`` host:port) or an
+    :class:`OpenAIStreamClient` (``api="http"``, ``address`` the ``.../v1`` base URL).
+    ``tls_ca``/``token`` are passed only when given, so this works with
+    client versions that lack them (then it says so)."""
+    if api == "http":
+        return OpenAIStreamClient(address, timeout_s, tls_ca=tls_ca, token=token)
+    if api != "grpc":
+        raise ValueError(f"api must be one of {APIS}, got {api!r}")
     extra = {k: v for k, v in (("tls_ca", tls_ca), ("token", token)) if v is not None}
     try:
         return AsyncClient(address, timeout_s, **extra)
@@ -259,6 +271,9 @@ async def run_trace(address: str | None, requests: Sequence[BenchRequest], arriv
         except grpc.aio.AioRpcError as e:
             rec.end_s = time.perf_counter() - t0
             rec.status, rec.error = e.code().name, e.details() or ""
+        except HTTPStatusError as e:
+            rec.end_s = time.perf_counter() - t0
+            rec.status, rec.error = e.code_name, e.message
         except asyncio.CancelledError:
             rec.status, rec.error = "CANCELLED", "cancelled by the load generator"
             raise
@@ -309,16 +324,17 @@ async def warm_up(client: AsyncClient, requests: Sequence[BenchRequest], n: int)
 
 async def run_sweep(address: str, requests: Sequence[BenchRequest], arrivals: Sequence[Arrival], slo: SLO, *,
                     timeout_s: float = 600.0, tls_ca: str | None = None, token: str | None = None,
-                    temperature: float | None = None, replay_answers: bool = False, warmup: int = 0,
+                    temperature: float | None = None, replay_answers: bool = False, warmup: int = 0, api: str = "grpc",
                     progress: Callable[[int, Arrival], Callable[[RequestRecord], None] | None] | None = None,
                     on_run: Callable[[RunResult], None] | None = None) -> list[RunResult]:
     """Run the workload once per arrival, in order, on one connection, and summarize each run.
 
     ``warmup`` requests (the workload's first ones, unrecorded) go first.
+    ``api``: ``"grpc"`` (``address`` host:port) or ``"http"`` (``address`` the OpenAI API's base URL).
     ``progress(run_index, arrival)`` may return an ``on_done`` callback for
     that run; ``on_run`` is called with each finished :class:`RunResult`.
     """
-    client = make_client(address, timeout_s, tls_ca, token)
+    client = make_client(address, timeout_s, tls_ca, token, api)
     results = []
     try:
         if warmup:

@@ -1,11 +1,13 @@
 """Serving load generator: replay a seeded workload against a running
-splitserve router over gRPC at one or more rates and report TTFT, TPOT, ITL,
-E2E, throughput, SLO attainment and DistServe goodput.
+splitserve router over gRPC (or, with ``--api http``, its OpenAI-compatible
+HTTP API) at one or more rates and report TTFT, TPOT, ITL, E2E, throughput,
+SLO attainment and DistServe goodput.
 
     python -m benchmarks.serve --address 127.0.0.1:50051 --workload short --rates 0.5,1,2
     python -m benchmarks.serve --workload mixed --arrival poisson --rates 1,2,4 \\
         --ttft-slo-ms 1000 --tpot-slo-ms 150 --json out.json --markdown out.md --plots figs/
     python -m benchmarks.serve --arrival concurrency --concurrency 1,4,16 --workload multi-turn
+    python -m benchmarks.serve --api http --http-url http://127.0.0.1:8000/v1 --arrival concurrency --concurrency 8
 
 See benchmarks/serve.md for the workloads, the arrival processes, the
 definitions and the output files. Progress goes to stderr, the summary table
@@ -27,12 +29,13 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.loadgen import (Arrival, Burst, ConstantRate, FixedConcurrency, Poisson, RunResult, make_client,
-                                run_sweep)
+from benchmarks.loadgen import (APIS, Arrival, Burst, ConstantRate, FixedConcurrency, Poisson, RunResult,
+                                make_client, run_sweep)
 from benchmarks.slo import ATTAINMENT_TARGET, SLO, Goodput, goodput
 from benchmarks.workloads import WORKLOADS, WorkloadSpec, describe, generate, parse_range
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_HTTP_URL = "http://127.0.0.1:8000/v1"
 ARRIVALS = ("poisson", "constant", "burst", "concurrency")
 
 
@@ -63,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("target")
     g.add_argument("--address", default=DEFAULT_ADDRESS, help="router host:port (default %(default)s)")
+    g.add_argument("--api", choices=APIS, default="grpc",
+                   help="grpc: the Serving API at --address; http: the OpenAI-compatible API at --http-url")
+    g.add_argument("--http-url", default=DEFAULT_HTTP_URL,
+                   help="the OpenAI API's base URL, with --api http (default %(default)s)")
     g.add_argument("--tls-ca", default=None, help="CA certificate (PEM) for a TLS router")
     g.add_argument("--token-file", default=None, help="file holding the bearer token for the router")
     g.add_argument("--timeout-s", type=float, default=600.0, help="deadline of each request (default %(default)s)")
@@ -111,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def target(args: argparse.Namespace) -> str:
+    """Where the requests go: the gRPC address, or with ``--api http`` the OpenAI API's base URL."""
+    return args.http_url if args.api == "http" else args.address
+
+
 def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
     """The :class:`WorkloadSpec` the parsed flags describe."""
     return WorkloadSpec(name=args.workload, num_requests=args.num_requests, seed=args.seed,
@@ -151,7 +163,7 @@ def load_tokenizer_for(args: argparse.Namespace, token: str | None):
     name = args.model
     if name == "auto":
         async def ask() -> str:
-            client = make_client(args.address, 30.0, args.tls_ca, token)
+            client = make_client(target(args), 30.0, args.tls_ca, token, args.api)
             try:
                 return (await client.status()).model
             finally:
@@ -264,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return on_done
 
-    runs = asyncio.run(run_sweep(args.address, requests, arrivals, slo, timeout_s=args.timeout_s, tls_ca=args.tls_ca,
+    runs = asyncio.run(run_sweep(target(args), requests, arrivals, slo, timeout_s=args.timeout_s, tls_ca=args.tls_ca,
                                  token=token, temperature=args.temperature, replay_answers=args.replay_answers,
-                                 warmup=args.warmup, progress=progress))
+                                 warmup=args.warmup, api=args.api, progress=progress))
     for bar in bars:
         bar.close()
     good = goodput([(r.x, r.summary["attainment"]["both"]) for r in runs], args.attainment_target)

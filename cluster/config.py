@@ -302,7 +302,7 @@ class KVTransferConfig(Settings):
 
 
 class RouterConfig(Settings):
-    """The client-facing gRPC server."""
+    """The client-facing gRPC server (and its OpenAI-compatible HTTP port)."""
 
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)  # 0: pick a free port (once, at launch: every replica serves it)
@@ -331,6 +331,9 @@ class RouterConfig(Settings):
     # (scrape it from the same host or pod: a sidecar, kubectl port-forward).
     metrics_port: int | None = Field(9464, ge=0, le=65535)  # None: off; 0: a free port
     metrics_host: str = "127.0.0.1"
+    # The OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    # /health) on router.host, same process, token and TLS as the gRPC port.
+    http_port: int | None = Field(8000, ge=0, le=65535)  # None: off; 0: a free port
     # TLS for clients: both paths or neither.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -367,6 +370,11 @@ class RouterConfig(Settings):
         if self.replicas > 1 and not sys.platform.startswith("linux"):
             problems.append(("replicas", f"{self.replicas} router processes share one port through SO_REUSEPORT, "
                                          "which gRPC sets on Linux only; use 1 here"))
+        if self.http_port is not None and self.http_port != 0:
+            taken = {self.port} | ({self.metrics_port + i for i in range(self.replicas)} if self.metrics_port else set())
+            if self.http_port in taken:
+                problems.append(("http_port", f"{self.http_port} is router.port or a router's metrics port too; "
+                                              "give HTTP its own port"))
         if problems:
             raise FieldProblems(problems)
         return self

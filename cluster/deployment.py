@@ -81,7 +81,7 @@ def router_settings(cfg: ClusterConfig, token: str | None) -> RouterSettings:
         max_request_bytes=rc.max_request_bytes, max_attempts=rc.max_attempts, transfer_retries=rc.transfer_retries,
         transfer_timeout_s=cfg.kvtransfer.timeout_s, drain_grace_s=rc.drain_grace_s, colocated=cfg.pools.colocated,
         namespace=cfg.ray.namespace, pool_manager_name=POOL_MANAGER_NAME, metrics_host=rc.metrics_host,
-        metrics_port=rc.metrics_port, tls=tls, token=token)
+        metrics_port=rc.metrics_port, tls=tls, token=token, http_port=rc.http_port)
 
 
 class Deployment:
@@ -109,6 +109,20 @@ class Deployment:
         """``host:port`` every router of the deployment serves."""
         assert self._address is not None, "not started"
         return self._address
+
+    @property
+    def http_url(self) -> str | None:
+        """The OpenAI-compatible API's base URL (``.../v1``), None when ``router.http_port`` is off."""
+        assert self._address is not None, "not started"
+        if self.router is not None:  # the in-process router: where it bound (port 0 resolved)
+            http = self.router.http
+            port = http.port if http is not None else None
+        else:
+            port = self.router_settings.http_port
+        if port is None:
+            return None
+        scheme = "https" if self.router_settings.tls else "http"
+        return f"{scheme}://{self.cfg.router.host}:{port}/v1"
 
     async def start(self) -> str:
         cfg, rc = self.cfg, self.cfg.router
@@ -157,7 +171,13 @@ class Deployment:
             port = int(port.rsplit(":", 1)[1])
         elif port == 0:
             port = free_port()
-        self.router_settings = dataclasses.replace(self.router_settings, port=port, reuse_port=True)
+        http_port = self.router_settings.http_port
+        if handles:
+            http_port = ray.get(next(iter(handles.values())).ready.remote(), timeout=READY_TIMEOUT_S).http_port
+        elif http_port == 0:
+            http_port = free_port()
+        self.router_settings = dataclasses.replace(self.router_settings, port=port, http_port=http_port,
+                                                   reuse_port=True)
         for i in range(n):
             if i not in handles:
                 handles[i] = self.create_replica(i)

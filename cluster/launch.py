@@ -74,7 +74,8 @@ async def serve(cfg: ClusterConfig) -> None:
             f"; metrics on http://{cfg.router.metrics_host}:{deployment.metrics_port}/metrics"
             + (f" (router replica i: port {deployment.metrics_port} + i)" if n > 1 else ""))
         routers = "1 router in this process" if n == 1 else f"{n} router replicas"
-        print(f"splitserve: serving {cfg.model.name} on {address} ({pools}; {routers}){metrics}", flush=True)
+        http = f"; OpenAI API on {deployment.http_url}" if deployment.http_url else ""
+        print(f"splitserve: serving {cfg.model.name} on {address} ({pools}; {routers}){http}{metrics}", flush=True)
         await stop.wait()
         print(f"splitserve: stopping (draining in-flight requests for up to {cfg.router.drain_grace_s:.0f} s)",
               flush=True)

@@ -67,7 +67,8 @@ class RouterSettings:
     metrics_port: int | None  # replica 0's; None: off, 0: a free port each
     tls: tuple[str, str] | None  # absolute (cert, key) paths: a replica's working directory is not the launch's
     token: str | None
-    reuse_port: bool = False  # SO_REUSEPORT, explicitly (replicas share the port)
+    http_port: int | None = None  # the OpenAI-compatible API's port (None: off; resolved from 0 like ``port``)
+    reuse_port: bool = False  # SO_REUSEPORT, explicitly (replicas share the ports)
 
     def metrics_port_of(self, index: int) -> int | None:
         """Where replica ``index`` serves /metrics: ``metrics_port + index`` (0 and None as they are)."""
@@ -82,6 +83,7 @@ class RouterStats:
     pid: int
     address: str
     metrics_port: int | None
+    http_port: int | None  # where its OpenAI-compatible API listens (None: off)
     inflight: int  # requests admitted and not finished
     admitted: int  # requests admitted since this process started
     retries: int  # attempts beyond the first, over all requests
@@ -99,6 +101,7 @@ class RunningRouter:
     def stats(self, index: int) -> RouterStats:
         s = self.server.servicer
         return RouterStats(index=index, pid=os.getpid(), address=self.server.address, metrics_port=self.metrics_port,
+                           http_port=self.server.http.port if self.server.http is not None else None,
                            inflight=s.inflight, admitted=s.admitted, retries=s.runner.retries,
                            accepting=s.accepting)
 
@@ -130,7 +133,7 @@ async def start_router(s: RouterSettings, pool_manager: Any, find_pool_manager: 
     servicer = ServingServicer(runner, directory, tokenizer, limits, s.max_queued, metrics,
                                request_timeout_s=s.request_timeout_s)
     server = RouterServer(servicer, s.host, s.port, tls=s.tls, token=s.token,
-                          max_request_bytes=s.max_request_bytes, reuse_port=s.reuse_port)
+                          max_request_bytes=s.max_request_bytes, reuse_port=s.reuse_port, http_port=s.http_port)
     await server.start()
     metrics_server, bound = None, None
     if metrics_port is not None:

@@ -187,7 +187,8 @@ class DecodeWorker(WorkerBase):
                     yield WorkerError(ErrorReason.ABORTED)
                     return
                 produced += len(out.new_token_ids)
-                yield TokenChunk(tuple(out.new_token_ids), out.new_text, out.finished, out.finish_reason)
+                yield TokenChunk(tuple(out.new_token_ids), out.new_text, out.finished, out.finish_reason,
+                                 tuple(out.logprobs or ()))
         except RequestFailedError as e:  # the engine already dropped it and freed its blocks
             yield WorkerError(ErrorReason.REQUEST_FAILED, str(e))
         finally:

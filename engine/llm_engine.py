@@ -39,7 +39,7 @@ from engine.kv_cache_manager import KVCacheManager, blocks_needed
 from engine.kv_handoff import KVHandoff, KVLayoutMismatchError
 from engine.model_loader import LoadedModel
 from engine.model_runner import ModelRunner
-from engine.sampler import SamplingError, sample
+from engine.sampler import SamplingError, TokenLogprob, sample, token_logprobs
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
@@ -93,6 +93,7 @@ class RequestOutput:
     timestamps: dict[str, float] | None = None
     num_cached_tokens: int = 0  # with ``timestamps``: tokens this engine found in its prefix cache for it
     error: str | None = None  # with finish_reason "error": why this request (alone) failed
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request's params ask for them
 
 
 @dataclass
@@ -269,8 +270,9 @@ class LLMEngine:
             [r.seed for r in reqs],
             [len(r.seq.output_token_ids) for r in reqs],
         )
-        outs = [self._fail(r, t) if isinstance(t, SamplingError) else self._postprocess(r, t)
-                for r, t in zip(reqs, tokens)]
+        lps = token_logprobs(logits, [r.seq.params for r in reqs], tokens)
+        outs = [self._fail(r, t) if isinstance(t, SamplingError) else self._postprocess(r, t, lp)
+                for r, t, lp in zip(reqs, tokens, lps)]
         self.step_accounting.record_chunks(plan.chunks, time.perf_counter() - t0)
         return outs
 
@@ -283,7 +285,7 @@ class LLMEngine:
         return RequestOutput(seq.request_id, [], "", finished=True, finish_reason="error", error=str(error),
                              num_prompt_tokens=len(seq.prompt_token_ids), num_output_tokens=len(seq.output_token_ids))
 
-    def _postprocess(self, req: _Request, token: int) -> RequestOutput:
+    def _postprocess(self, req: _Request, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         seq, params = req.seq, req.seq.params
         seq.output_token_ids.append(token)
         status = None
@@ -298,7 +300,8 @@ class LLMEngine:
                 status = SequenceStatus.FINISHED_LENGTH
                 text += req.detok.flush()
         out = RequestOutput(seq.request_id, [token], text, num_prompt_tokens=len(seq.prompt_token_ids),
-                            num_output_tokens=len(seq.output_token_ids))
+                            num_output_tokens=len(seq.output_token_ids),
+                            logprobs=[logprob] if logprob is not None else None)
         if "first_token" not in seq.timestamps:
             seq.timestamps["first_token"] = time.time()
             out.timestamps = dict(seq.timestamps)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.sampling_params import SamplingParams
@@ -18,6 +20,42 @@ def token_seed(seed: int, output_index: int) -> int:
     request's seed and logits, not on which engine, batch or retry drew it.
     """
     return (seed * _SEED_MIX + output_index + 1) & _SEED_MASK
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the ``top``
+    most likely tokens at its position as ``(token_id, logprob)``, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, params: list[SamplingParams],
+                   tokens: list[int | "SamplingError"]) -> list[TokenLogprob | None]:
+    """For each row whose params ask for logprobs, the sampled token's :class:`TokenLogprob`.
+
+    Log-probabilities are those of the model's own distribution
+    (``log_softmax`` of the raw logits, in float64), before temperature,
+    top-k or top-p, as vLLM reports them by default; so greedy and sampled
+    requests report the same numbers for the same token.
+    """
+    out: list[TokenLogprob | None] = [None] * len(params)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None and isinstance(tokens[i], int)]
+    if not rows:
+        return out
+    lp = torch.log_softmax(logits[rows].double(), dim=-1)
+    k = max(params[i].logprobs for i in rows)
+    top_vals, top_ids = torch.topk(lp, k, dim=-1) if k > 0 else (None, None)
+    for j, i in enumerate(rows):
+        tok = int(tokens[i])
+        top: tuple[tuple[int, float], ...] = ()
+        if params[i].logprobs:
+            n = params[i].logprobs
+            top = tuple(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist()))
+        out[i] = TokenLogprob(tok, float(lp[j, tok]), top)
+    return out
 
 
 class SamplingError(RuntimeError):

@@ -22,6 +22,7 @@ class InvalidRequestError(ValueError):
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 5  # most alternatives reported per generated token
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # None: no log-probabilities. k >= 0: each generated token's log-probability
+    # under the model, with the k most likely tokens at its position.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -70,3 +74,6 @@ class SamplingParams:
                                       f"at most {MAX_STOP_TOKEN_IDS} token ids, got {len(self.stop_token_ids)}")
         if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids", "token ids must be integers >= 0")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidRequestError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")

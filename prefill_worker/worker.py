@@ -106,7 +106,8 @@ class PrefillWorker(WorkerBase):
         stamps = getattr(first, "timestamps", None) or {}
         result = PrefillResult(
             worker_id=self.worker_id,
-            first=TokenChunk(tuple(first.new_token_ids), first.new_text, first.finished, first.finish_reason),
+            first=TokenChunk(tuple(first.new_token_ids), first.new_text, first.finished, first.finish_reason,
+                             tuple(first.logprobs or ())),
             t_received=t_received,
             t_prefill_start=stamps.get("scheduled", t_received),
             t_prefill_end=stamps.get("first_token", t_prefilled),

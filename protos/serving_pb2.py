@@ -24,39 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/serving.proto\x12\rsplitserve.v1\"\xad\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1b.splitserve.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParamsB\x07\n\x05input\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe5\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xc9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\'\n\x07timings\x18\x06 \x01(\x0b\x32\x16.splitserve.v1.Timings\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xc0\x03\n\x07Timings\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x03 \x01(\x01\x12\x10\n\x08queue_ms\x18\n \x01(\x01\x12\x12\n\nprefill_ms\x18\x0b \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x0c \x01(\x01\x12\x18\n\x10prefill_queue_ms\x18\r \x01(\x01\x12\x17\n\x0f\x64\x65\x63ode_queue_ms\x18\x0e \x01(\x01\x12\x11\n\tdecode_ms\x18\x0f \x01(\x01\x12\x15\n\rslowest_stage\x18\x10 \x01(\t\x12\x16\n\x0etransfer_bytes\x18\x1e \x01(\x04\x12\x1d\n\x15prefill_cached_tokens\x18\x1f \x01(\r\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18  \x01(\r\x12\x1c\n\x14transfer_bytes_saved\x18! \x01(\x04\x12\x16\n\x0eprefill_worker\x18( \x01(\t\x12\x15\n\rdecode_worker\x18) \x01(\t\x12\x10\n\x08\x61ttempts\x18* \x01(\r\x12\x0c\n\x04path\x18+ \x01(\t\x12)\n\x08timeline\x18\x32 \x01(\x0b\x32\x17.splitserve.v1.Timeline\"\xa7\x02\n\x08Timeline\x12\x13\n\x0b\x61\x64mitted_ms\x18\x01 \x01(\x01\x12\x13\n\x0breserved_ms\x18\x02 \x01(\x01\x12\x19\n\x11prefill_queued_ms\x18\x03 \x01(\x01\x12\x18\n\x10prefill_start_ms\x18\x04 \x01(\x01\x12\x16\n\x0eprefill_end_ms\x18\x05 \x01(\x01\x12\x19\n\x11transfer_start_ms\x18\x06 \x01(\x01\x12\x17\n\x0ftransfer_end_ms\x18\x07 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_queued_ms\x18\x08 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ode_start_ms\x18\t \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\n \x01(\x01\x12\x10\n\x08token_ms\x18\x0b \x03(\x01\x12\x13\n\x0b\x66inished_ms\x18\x0c \x01(\x01\"\x16\n\x14\x43lusterStatusRequest\"P\n\x15\x43lusterStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x05pools\x18\x02 \x03(\x0b\x32\x19.splitserve.v1.PoolStatus\"a\n\nPoolStatus\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x17\n\x0ftarget_replicas\x18\x02 \x01(\r\x12,\n\x07workers\x18\x03 \x03(\x0b\x32\x1b.splitserve.v1.WorkerStatus\"\xda\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x1a\n\x12outstanding_tokens\x18\x06 \x01(\x04\x12\x13\n\x0b\x66ree_blocks\x18\x07 \x01(\r\x12\x13\n\x0bused_blocks\x18\x08 \x01(\r\x12\x12\n\nnum_blocks\x18\t \x01(\r\x12\x17\n\x0frequests_served\x18\n \x01(\x04\x12\x18\n\x10tokens_generated\x18\x0b \x01(\x04\x12\x15\n\rcached_blocks\x18\x0c \x01(\r\x12\x1d\n\x15prefix_queried_tokens\x18\r \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x0e \x01(\x04\x12\x17\n\x0f\x63\x61\x63he_evictions\x18\x0f \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xb4\x01\n\x07Serving\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12Z\n\rClusterStatus\x12#.splitserve.v1.ClusterStatusRequest\x1a$.splitserve.v1.ClusterStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/serving.proto\x12\rsplitserve.v1\"\xe2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1b.splitserve.v1.ChatMessagesH\x00\x12\x33\n\x10prompt_token_ids\x18\x06 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParamsB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x89\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x04\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xf8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\'\n\x07timings\x18\x06 \x01(\x0b\x32\x16.splitserve.v1.Timings\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xc0\x03\n\x07Timings\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x03 \x01(\x01\x12\x10\n\x08queue_ms\x18\n \x01(\x01\x12\x12\n\nprefill_ms\x18\x0b \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x0c \x01(\x01\x12\x18\n\x10prefill_queue_ms\x18\r \x01(\x01\x12\x17\n\x0f\x64\x65\x63ode_queue_ms\x18\x0e \x01(\x01\x12\x11\n\tdecode_ms\x18\x0f \x01(\x01\x12\x15\n\rslowest_stage\x18\x10 \x01(\t\x12\x16\n\x0etransfer_bytes\x18\x1e \x01(\x04\x12\x1d\n\x15prefill_cached_tokens\x18\x1f \x01(\r\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18  \x01(\r\x12\x1c\n\x14transfer_bytes_saved\x18! \x01(\x04\x12\x16\n\x0eprefill_worker\x18( \x01(\t\x12\x15\n\rdecode_worker\x18) \x01(\t\x12\x10\n\x08\x61ttempts\x18* \x01(\r\x12\x0c\n\x04path\x18+ \x01(\t\x12)\n\x08timeline\x18\x32 \x01(\x0b\x32\x17.splitserve.v1.Timeline\"\xa7\x02\n\x08Timeline\x12\x13\n\x0b\x61\x64mitted_ms\x18\x01 \x01(\x01\x12\x13\n\x0breserved_ms\x18\x02 \x01(\x01\x12\x19\n\x11prefill_queued_ms\x18\x03 \x01(\x01\x12\x18\n\x10prefill_start_ms\x18\x04 \x01(\x01\x12\x16\n\x0eprefill_end_ms\x18\x05 \x01(\x01\x12\x19\n\x11transfer_start_ms\x18\x06 \x01(\x01\x12\x17\n\x0ftransfer_end_ms\x18\x07 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_queued_ms\x18\x08 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ode_start_ms\x18\t \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\n \x01(\x01\x12\x10\n\x08token_ms\x18\x0b \x03(\x01\x12\x13\n\x0b\x66inished_ms\x18\x0c \x01(\x01\"\x16\n\x14\x43lusterStatusRequest\"P\n\x15\x43lusterStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x05pools\x18\x02 \x03(\x0b\x32\x19.splitserve.v1.PoolStatus\"a\n\nPoolStatus\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x17\n\x0ftarget_replicas\x18\x02 \x01(\r\x12,\n\x07workers\x18\x03 \x03(\x0b\x32\x1b.splitserve.v1.WorkerStatus\"\xda\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x1a\n\x12outstanding_tokens\x18\x06 \x01(\x04\x12\x13\n\x0b\x66ree_blocks\x18\x07 \x01(\r\x12\x13\n\x0bused_blocks\x18\x08 \x01(\r\x12\x12\n\nnum_blocks\x18\t \x01(\r\x12\x17\n\x0frequests_served\x18\n \x01(\x04\x12\x18\n\x10tokens_generated\x18\x0b \x01(\x04\x12\x15\n\rcached_blocks\x18\x0c \x01(\r\x12\x1d\n\x15prefix_queried_tokens\x18\r \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x0e \x01(\x04\x12\x17\n\x0f\x63\x61\x63he_evictions\x18\x0f \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xb4\x01\n\x07Serving\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12Z\n\rClusterStatus\x12#.splitserve.v1.ClusterStatusRequest\x1a$.splitserve.v1.ClusterStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.serving_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2121
-  _globals['_FINISHREASON']._serialized_end=2241
+  _globals['_FINISHREASON']._serialized_start=2422
+  _globals['_FINISHREASON']._serialized_end=2542
   _globals['_GENERATEREQUEST']._serialized_start=40
-  _globals['_GENERATEREQUEST']._serialized_end=213
-  _globals['_CHATMESSAGES']._serialized_start=215
-  _globals['_CHATMESSAGES']._serialized_end=275
-  _globals['_CHATMESSAGE']._serialized_start=277
-  _globals['_CHATMESSAGE']._serialized_end=321
-  _globals['_SAMPLINGPARAMS']._serialized_start=324
-  _globals['_SAMPLINGPARAMS']._serialized_end=553
-  _globals['_GENERATERESPONSE']._serialized_start=556
-  _globals['_GENERATERESPONSE']._serialized_end=757
-  _globals['_USAGE']._serialized_start=759
-  _globals['_USAGE']._serialized_end=816
-  _globals['_TIMINGS']._serialized_start=819
-  _globals['_TIMINGS']._serialized_end=1267
-  _globals['_TIMELINE']._serialized_start=1270
-  _globals['_TIMELINE']._serialized_end=1565
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=1567
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=1589
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1591
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1671
-  _globals['_POOLSTATUS']._serialized_start=1673
-  _globals['_POOLSTATUS']._serialized_end=1770
-  _globals['_WORKERSTATUS']._serialized_start=1773
-  _globals['_WORKERSTATUS']._serialized_end=2119
-  _globals['_SERVING']._serialized_start=2244
-  _globals['_SERVING']._serialized_end=2424
+  _globals['_GENERATEREQUEST']._serialized_end=266
+  _globals['_TOKENIDS']._serialized_start=268
+  _globals['_TOKENIDS']._serialized_end=291
+  _globals['_CHATMESSAGES']._serialized_start=293
+  _globals['_CHATMESSAGES']._serialized_end=353
+  _globals['_CHATMESSAGE']._serialized_start=355
+  _globals['_CHATMESSAGE']._serialized_end=399
+  _globals['_SAMPLINGPARAMS']._serialized_start=402
+  _globals['_SAMPLINGPARAMS']._serialized_end=667
+  _globals['_GENERATERESPONSE']._serialized_start=670
+  _globals['_GENERATERESPONSE']._serialized_end=918
+  _globals['_TOKENLOGPROB']._serialized_start=920
+  _globals['_TOKENLOGPROB']._serialized_end=1009
+  _globals['_TOPLOGPROB']._serialized_start=1011
+  _globals['_TOPLOGPROB']._serialized_end=1058
+  _globals['_USAGE']._serialized_start=1060
+  _globals['_USAGE']._serialized_end=1117
+  _globals['_TIMINGS']._serialized_start=1120
+  _globals['_TIMINGS']._serialized_end=1568
+  _globals['_TIMELINE']._serialized_start=1571
+  _globals['_TIMELINE']._serialized_end=1866
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=1868
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=1890
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1892
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1972
+  _globals['_POOLSTATUS']._serialized_start=1974
+  _globals['_POOLSTATUS']._serialized_end=2071
+  _globals['_WORKERSTATUS']._serialized_start=2074
+  _globals['_WORKERSTATUS']._serialized_end=2420
+  _globals['_SERVING']._serialized_start=2545
+  _globals['_SERVING']._serialized_end=2725
 # @@protoc_insertion_point(module_scope)

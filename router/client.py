@@ -45,10 +45,12 @@ class Completion:
     finish_reason: str | None = None
     usage: serving_pb2.Usage | None = None
     timings: serving_pb2.Timings | None = None
+    logprobs: list[serving_pb2.TokenLogprob] = field(default_factory=list)  # when asked for
 
     def add(self, resp: serving_pb2.GenerateResponse) -> None:
         self.request_id = resp.request_id
         self.token_ids += list(resp.token_ids)
+        self.logprobs += list(resp.logprobs)
         self.text += resp.text
         if resp.finish_reason:
             self.finish_reason = FINISH_NAMES[resp.finish_reason]
@@ -58,8 +60,9 @@ class Completion:
 def build_request(prompt: str | None = None, messages: list[dict] | None = None, *, request_id: str = "",
                   model: str = "", max_tokens: int | None = None, temperature: float | None = None, top_k: int = 0,
                   top_p: float | None = None, seed: int | None = None, stop: list[str] | tuple = (),
-                  stop_token_ids: list[int] | tuple = (), ignore_eos: bool = False) -> serving_pb2.GenerateRequest:
-    """A ``GenerateRequest`` from a raw prompt or chat ``messages`` (``[{"role", "content"}]``)."""
+                  stop_token_ids: list[int] | tuple = (), ignore_eos: bool = False, logprobs: int | None = None,
+                  prompt_token_ids: list[int] | None = None) -> serving_pb2.GenerateRequest:
+    """A ``GenerateRequest`` from a raw prompt, chat ``messages`` (``[{"role", "content"}]``) or ``prompt_token_ids``."""
     sp = serving_pb2.SamplingParams(top_k=top_k, stop=list(stop), stop_token_ids=list(stop_token_ids),
                                     ignore_eos=ignore_eos)
     if max_tokens is not None:  # unset: the server's default
@@ -70,8 +73,13 @@ def build_request(prompt: str | None = None, messages: list[dict] | None = None,
         sp.top_p = top_p
     if seed is not None:
         sp.seed = seed
+    if logprobs is not None:
+        sp.logprobs = logprobs
     req = serving_pb2.GenerateRequest(request_id=request_id, model=model, sampling=sp)
-    if messages is not None:
+    if prompt_token_ids is not None:
+        req.prompt_token_ids.ids.extend(prompt_token_ids)
+        req.prompt_token_ids.SetInParent()
+    elif messages is not None:
         req.chat.messages.extend(serving_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
         req.chat.SetInParent()  # an empty list still selects the chat form
     elif prompt is not None:

@@ -27,6 +27,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REQUEST_ID_CHARS = 128
 MAX_INPUT_CHARS = 1 << 20  # the prompt, or all chat messages' content together
 MAX_CHAT_MESSAGES = 1024
+MAX_PROMPT_TOKEN_IDS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ LIMITS = {lim.field: lim for lim in (
     Limit("request_id", MAX_REQUEST_ID_CHARS, "characters"),
     Limit("model", 256, "characters"),
     Limit("prompt", MAX_INPUT_CHARS, "characters"),
+    Limit("prompt_token_ids.ids", MAX_PROMPT_TOKEN_IDS, "token ids"),
     Limit("chat.messages", MAX_CHAT_MESSAGES, "messages"),
     Limit("chat.messages[].role", 32, "characters"),
     Limit("chat.messages[].content", MAX_INPUT_CHARS, "characters in all messages together"),
@@ -63,6 +65,7 @@ def _sizes(req: serving_pb2.GenerateRequest) -> Iterator[tuple[str, str, int]]:
     yield "request_id", "request_id", len(req.request_id)
     yield "model", "model", len(req.model)
     yield "prompt", "prompt", len(req.prompt)
+    yield "prompt_token_ids.ids", "prompt_token_ids.ids", len(req.prompt_token_ids.ids)
     messages = req.chat.messages
     yield "chat.messages", "chat.messages", len(messages)
     total = 0
@@ -103,6 +106,7 @@ def sampling_from_proto(sp: serving_pb2.SamplingParams) -> SamplingParams:
         stop=tuple(sp.stop),
         stop_token_ids=tuple(sp.stop_token_ids),
         ignore_eos=sp.ignore_eos,
+        logprobs=sp.logprobs if sp.HasField("logprobs") else None,
     )
     try:
         params.validate()
@@ -124,6 +128,14 @@ def parse_request(req: serving_pb2.GenerateRequest, tokenizer, limits: ModelLimi
         if not req.prompt:
             raise InvalidRequestError("prompt", "must not be empty")
         ids = tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
+    elif which == "prompt_token_ids":
+        ids = list(req.prompt_token_ids.ids)
+        if not ids:
+            raise InvalidRequestError("prompt_token_ids", "must not be empty")
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < limits.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt_token_ids.ids[{bad}]",
+                                      f"must be in [0, {limits.vocab_size}), got {ids[bad]}")
     else:
         messages = list(req.chat.messages)
         if not messages:

@@ -25,6 +25,7 @@ import torch
 
 from engine.kv_cache import KVLayout
 from engine.kv_handoff import KVHandoff
+from engine.sampler import TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class TokenChunk:
     text: str
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request's sampling params ask for them
 
 
 @dataclass(frozen=True)

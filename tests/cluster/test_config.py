@@ -50,7 +50,7 @@ def test_local_yaml():
     assert cfg.pools.counts() == (1, 1)
     assert cfg.pools.prefill.num_cpus + cfg.pools.decode.num_cpus <= 1  # leaves a core of 2 for the rest
     assert cfg.kvtransfer.backend == "gloo"
-    assert (cfg.router.host, cfg.router.port) == ("127.0.0.1", 50051)
+    assert (cfg.router.host, cfg.router.port, cfg.router.http_port) == ("127.0.0.1", 50051, 8000)
 
 
 def test_gpu_yaml():

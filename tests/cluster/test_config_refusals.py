@@ -36,6 +36,9 @@ REFUSED = [
     ("router: {replicas: 2, port: 9465, metrics_port: 9464}", "router.metrics_port"),
     ("router: {replicas: 2, metrics_port: 65535}", "router.metrics_port"),
     ("router: {replicas: 0}", "router.replicas"),
+    ("router: {http_port: 50051}", "router.http_port"),
+    ("router: {http_port: 9464}", "router.http_port"),
+    ("router: {http_port: 70000}", "router.http_port"),
     ("pools: {decode: {num_blocks: 1e15}}", "pools.decode.num_blocks"),
     ("kvtransfer: {secret_env: KV, secret_file: /kv}", "kvtransfer.secret_file"),
     # Off loopback: the router needs a token and TLS, the KV plane a secret, /metrics stays local.
@@ -64,6 +67,8 @@ def test_refused_naming_the_field(text, field):
 ACCEPTED = [
     "",  # the defaults
     "router: {port: 0, metrics_port: 0}",  # both pick a free port
+    "router: {port: 0, metrics_port: 0, http_port: 0}",  # all three
+    "router: {http_port: null}",  # the HTTP API off
     "router: {host: localhost}",
     "router: {host: 127.0.0.2}",
     f"router: {{host: 0.0.0.0, {TOKEN_AND_TLS}}}",

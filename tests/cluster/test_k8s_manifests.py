@@ -123,6 +123,7 @@ def test_gpu_yaml_and_its_configmap_are_served_safely():
     assert job["spec"]["entrypoint"].endswith("--config /app/deploy/gpu.yaml")
 
 
-def test_the_router_service_publishes_only_the_router_port():
+def test_the_router_service_publishes_only_the_router_ports():
     (svc,) = [d for d in docs("raycluster.yaml") if d["kind"] == "Service"]
-    assert [p["port"] for p in svc["spec"]["ports"]] == [load_config(DEPLOY / "gpu.yaml").router.port]
+    rc = load_config(DEPLOY / "gpu.yaml").router
+    assert [p["port"] for p in svc["spec"]["ports"]] == [rc.port, rc.http_port]  # gRPC and the OpenAI HTTP API

@@ -32,7 +32,7 @@ def test_ray_job_submit_serves_and_stops(ray_head, tiny_model, tmp_path):
         "pools": {"ratio": "1:1", "replicas": 2, "prefill": {"num_cpus": 0.5, "num_blocks": 128},
                   "decode": {"num_cpus": 0.5, "num_blocks": 256}},
         "kvtransfer": {"backend": "gloo"},
-        "router": {"host": "127.0.0.1", "port": port},
+        "router": {"host": "127.0.0.1", "port": port, "http_port": 0},
         "ray": {"namespace": "test-job-submit"},
     }))
     runtime_env = json.dumps(job_runtime_env(load_config(config)))

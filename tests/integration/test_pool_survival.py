@@ -60,7 +60,7 @@ def test_launch_killed_pools_survive_and_a_relaunch_adopts_them(ray_head, tmp_pa
         "model": {"name": "builtin:tiny-llama", "max_model_len": 1024},
         "pools": {"ratio": "1:1", "replicas": 2, "prefill": {"num_cpus": 0.5, "num_blocks": 128},
                   "decode": {"num_cpus": 0.5, "num_blocks": 256}},
-        "router": {"host": "127.0.0.1", "port": port, "metrics_port": None, "drain_grace_s": 5},
+        "router": {"host": "127.0.0.1", "port": port, "metrics_port": None, "http_port": None, "drain_grace_s": 5},
         "ray": {"namespace": namespace},
     }))
     address = f"127.0.0.1:{port}"

@@ -24,7 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
-DEMO_PORTS = (6379, 8265, 50051, 9464, 9465)  # 9465: router replica 1's /metrics
+DEMO_PORTS = (6379, 8265, 50051, 9464, 9465, 8000)  # 9465: router replica 1's /metrics; 8000: HTTP
 COMMAND_TIMEOUT_S = 900
 SKIPPED = {"make test"}  # the command running this test
 

@@ -36,7 +36,7 @@ def test_changed_proto_in_a_copy_is_detected_as_drift(tmp_path: Path) -> None:
     assert gen.drift(root) == []
     proto = root / "protos" / "serving.proto"
     text = proto.read_text()
-    proto.write_text(text.replace("bool ignore_eos = 8;", "bool ignore_eos = 8;\n  uint32 n = 9;"))
+    proto.write_text(text.replace("bool ignore_eos = 8;", "bool ignore_eos = 8;\n  uint32 n = 99;"))
     problems = gen.drift(root)
     assert "protos/serving_pb2.py: differs" in problems
     assert "protos/serving_pb2.pyi: differs" in problems

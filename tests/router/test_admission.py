@@ -225,6 +225,8 @@ OVER = [  # (request kwargs just over one limit, the field named, its LIMITS ent
     (dict(messages=[{"role": "user", "content": "x" * (MAX_INPUT_CHARS // 2 + 1)}] * 2), "chat.messages[].content",
      "chat.messages[].content"),
     (dict(prompt="p" * (MAX_INPUT_CHARS + 1)), "prompt", "prompt"),
+    (dict(prompt_token_ids=[1] * (LIMITS["prompt_token_ids.ids"].most + 1)), "prompt_token_ids.ids",
+     "prompt_token_ids.ids"),
     (dict(messages=[{"role": "r" * 33, "content": "hi"}]), "chat.messages[0].role", "chat.messages[].role"),
     (dict(prompt="x", stop_token_ids=list(range(LIMITS["sampling.stop_token_ids"].most + 1))),
      "sampling.stop_token_ids", "sampling.stop_token_ids"),
