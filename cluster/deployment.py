@@ -28,7 +28,7 @@ from cluster.pool_manager import PoolManager, PoolSpec, kill_named_actors
 from cluster.preflight import preflight
 from engine.model_loader import load_tokenizer
 from kvtransfer.faults import TransferFaults
-from observability.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
+from observability.metrics import AutoscaleCollector, RouterMetrics, WorkerStatusCollector, start_metrics_server
 from router.directory import WorkerDirectory
 from router.policy import make_policy
 from router.request_runner import RequestRunner
@@ -108,6 +108,7 @@ class Deployment:
         metrics = RouterMetrics(self.registry)
         self.registry.register(WorkerStatusCollector(
             lambda: [w.status for w in list(directory.workers.values()) if w.status is not None]))
+        self.registry.register(AutoscaleCollector(lambda: directory.autoscale))
         servicer = ServingServicer(runner, directory, tokenizer, limits, rc.max_queued, metrics,
                                    request_timeout_s=rc.request_timeout_s)
         tls = (rc.tls_cert, rc.tls_key) if rc.tls_cert and rc.tls_key else None
@@ -138,7 +139,7 @@ class Deployment:
         return ray.remote(PoolManager).options(
             name=POOL_MANAGER_NAME, namespace=self.cfg.ray.namespace, lifetime="detached", get_if_exists=True,
             num_cpus=0, max_concurrency=64, max_restarts=-1,
-        ).remote(specs, ratio, counts, namespace=self.cfg.ray.namespace)
+        ).remote(specs, ratio, counts, namespace=self.cfg.ray.namespace, autoscale=self.cfg.pools.autoscale)
 
     async def _supervise(self) -> None:
         """Recreate the pool manager when it is gone for good (killed, or Ray gave up restarting it)."""
