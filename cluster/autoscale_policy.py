@@ -15,7 +15,11 @@ short; idle when both loads are below ``low_load`` and no target is missed.
 
 **Hysteresis and cooldown.** A role must stay under pressure for
 ``scale_up_window_s`` (idle for ``scale_down_window_s``) before anything
-moves; after a change the timers restart and nothing changes for
+moves. Pressure tolerates one observation without it (a closed batch frees
+its slots for an instant before the next request takes them), idleness
+none: adding is quick, removing is cautious. Nothing shrinks while any role
+is under pressure (an idle worker is better moved to the busy pool than
+removed). After a change the timers restart and nothing changes for
 ``cooldown_s``.
 
 **The split.** A fixed ``"P:D"`` puts ``round(total * P / (P + D))`` workers
@@ -114,6 +118,7 @@ class PolicyState:
     """What :func:`decide` remembers between calls. Start with ``PolicyState()``."""
 
     pressure_since: tuple[float | None, float | None] = (None, None)  # per role in ROLES order
+    pressure_last: tuple[float | None, float | None] = (None, None)  # the latest observation under pressure
     idle_since: tuple[float | None, float | None] = (None, None)
     last_change_t: float | None = None
     work: tuple[WorkSample, ...] = ()
@@ -223,20 +228,29 @@ def _with(counts: tuple[int, int], role: str, delta: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------- decide
-def decide(cfg: AutoscaleConfig, state: PolicyState, signals: Signals,
-           counts: tuple[int, int]) -> tuple[Decision, PolicyState]:
+def decide(cfg: AutoscaleConfig, state: PolicyState, signals: Signals, counts: tuple[int, int],
+           pending: int = 0) -> tuple[Decision, PolicyState]:
     """The decision for ``signals`` given the pools' current targets ``counts``
-    (prefill, decode), and the state for the next call. See the module docstring."""
+    (prefill, decode), and the state for the next call. See the module docstring.
+
+    ``pending``: worker starts not yet serving (Ray has not placed them, or they load the
+    model). Meanwhile nothing grows or moves (the capacity asked for is not visible in the
+    signals yet); the decision says so, and the pressure keeps its timer, so the change
+    follows as soon as the starts are done or have failed (and are retried)."""
     t = signals.t
     loads = (prefill_load(signals.prefill, signals.interval_s, cfg), decode_load(signals.decode, cfg))
-    pressure_since = tuple((ps if ps is not None else t) if ld.state == PRESSURE else None
-                           for ld, ps in zip(loads, state.pressure_since))
+    # One observation without pressure is tolerated: the episode ends only after a longer gap.
+    tolerance = 2 * signals.interval_s
+    pressure_last = tuple(t if ld.state == PRESSURE else last for ld, last in zip(loads, state.pressure_last))
+    pressure_since = tuple(None if last is None or t - last >= tolerance * 0.999 else (ps if ps is not None else t)
+                           for last, ps in zip(pressure_last, state.pressure_since))
     idle_since = tuple((i if i is not None else t) if ld.state == IDLE else None
                        for ld, i in zip(loads, state.idle_since))
     sample = WorkSample(t, signals.prefill.busy_s, signals.prefill.requests, signals.decode.busy_s,
                         signals.decode.requests)
     work = tuple(w for w in (*state.work, sample) if w.t > t - cfg.ratio_window_s)
-    new_state = replace(state, pressure_since=pressure_since, idle_since=idle_since, work=work)  # type: ignore[arg-type]
+    new_state = replace(state, pressure_since=pressure_since, pressure_last=pressure_last,  # type: ignore[arg-type]
+                        idle_since=idle_since, work=work)
     share = _share(cfg, work)
 
     def hold(reason: str, capped: bool = False) -> tuple[Decision, PolicyState]:
@@ -244,10 +258,15 @@ def decide(cfg: AutoscaleConfig, state: PolicyState, signals: Signals,
 
     if state.last_change_t is not None and t - state.last_change_t < cfg.cooldown_s:
         return hold(f"cooldown: {cfg.cooldown_s - (t - state.last_change_t):.0f} s left")
-    hot = [r for r, since in zip(ROLES, pressure_since) if since is not None and t - since >= cfg.scale_up_window_s]
+    hot = [r for r, since, ld in zip(ROLES, pressure_since, loads)
+           if since is not None and t - since >= cfg.scale_up_window_s and ld.state == PRESSURE]
+    pressed = any(since is not None for since in pressure_since)
     idle = [r for r, since in zip(ROLES, idle_since) if since is not None and t - since >= cfg.scale_down_window_s]
     total = sum(counts)
     action, target, switch, capped = HOLD, counts, None, False
+    if hot and pending:
+        return hold(f"{pending} worker start(s) pending (resources asked for from Ray); "
+                    f"{', '.join(hot)} still under pressure")
     if hot:
         target = _grow(cfg, counts, hot, share)
         if target is not None:
@@ -256,7 +275,7 @@ def decide(cfg: AutoscaleConfig, state: PolicyState, signals: Signals,
             capped = True
             target, switch = _rebalance(cfg, counts, hot, idle, share)
             action = REBALANCE if switch is not None else HOLD
-    elif idle and total > cfg.min_total:
+    elif idle and total > cfg.min_total and not pressed:
         target = _shrink(cfg, counts, idle, share)
         action = SCALE_DOWN if target is not None else HOLD
     target = target or counts
@@ -268,7 +287,8 @@ def decide(cfg: AutoscaleConfig, state: PolicyState, signals: Signals,
     decision = Decision(t, action, counts, target, why, loads, share, switch=switch, capped=capped,
                         apply=not cfg.advisory)
     # A change restarts the windows: the next one needs fresh evidence of the new sizes.
-    return decision, replace(new_state, pressure_since=(None, None), idle_since=(None, None), last_change_t=t)
+    return decision, replace(new_state, pressure_since=(None, None), pressure_last=(None, None),
+                             idle_since=(None, None), last_change_t=t)
 
 
 def _grow(cfg: AutoscaleConfig, counts: tuple[int, int], hot: list[str], share: float | None) -> tuple[int, int] | None:

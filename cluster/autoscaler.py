@@ -152,7 +152,8 @@ class Autoscaler:
             return None
         if self._switch is not None and not self._switch.done():
             return None  # a role switch is under way: its pools are in motion
-        decision, self.state = decide(self.cfg, self.state, signals, self.pools.pool_targets())
+        decision, self.state = decide(self.cfg, self.state, signals, self.pools.pool_targets(),
+                                      self.pools.pending_starts())
         self._record(decision)
         if decision.changes and decision.apply:
             await self._carry_out(decision)

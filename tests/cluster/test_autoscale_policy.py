@@ -72,10 +72,20 @@ def test_hysteresis_needs_pressure_for_the_whole_window():
     d = replay(cfg(), (1, 1), [("steady", "pressure")] * 3)
     assert [x.action for x in d] == [HOLD, HOLD, SCALE_UP]
     assert d[-1].target == (1, 2)
-    # A steady observation in between restarts the window.
+    # One steady observation in between is tolerated (a batch's slots free for an instant) ...
+    d = replay(cfg(), (1, 1), [("steady", "pressure"), ("steady", "steady"), ("steady", "pressure")])
+    assert [x.action for x in d] == [HOLD, HOLD, SCALE_UP]
+    # ... but not while it lasts (no change on a steady observation) nor two in a row (the window restarts).
     d = replay(cfg(), (1, 1), [("steady", "pressure"), ("steady", "pressure"), ("steady", "steady"),
-                               ("steady", "pressure"), ("steady", "pressure"), ("steady", "pressure")])
-    assert [x.action for x in d] == [HOLD] * 5 + [SCALE_UP]
+                               ("steady", "steady"), ("steady", "pressure"), ("steady", "pressure"),
+                               ("steady", "pressure")])
+    assert [x.action for x in d] == [HOLD] * 6 + [SCALE_UP]
+    # Idleness tolerates nothing: one steady observation restarts the scale-down window.
+    d = replay(cfg(), (2, 2), [("idle", "idle")] * 3 + [("steady", "steady")] + [("idle", "idle")] * 7)
+    assert [x.action for x in d] == [HOLD] * 10 + [SCALE_DOWN]
+    # Nothing shrinks while a role is under pressure, even before its window is full.
+    d = replay(cfg(scale_up_window_s=60), (2, 2), [("idle", "pressure")] * 10)
+    assert all(x.action == HOLD for x in d)
     # Scale-down waits for its own (longer) window: idle from t=0, the 30 s are reached at t=30.
     d = replay(cfg(), (2, 2), [("idle", "idle")] * 7)
     assert [x.action for x in d] == [HOLD] * 6 + [SCALE_DOWN]
@@ -90,6 +100,17 @@ def test_cooldown_after_a_change_then_a_fresh_window():
     assert all("cooldown" in x.reason for x in d[3:6])
     assert actions[6] == SCALE_UP and d[6].t == 30
     assert d[6].target == (1, 3)
+
+
+def test_pending_starts_hold_growth_until_they_are_done():
+    c, counts = cfg(), (1, 1)
+    state = PolicyState()
+    for i in range(3):
+        d, state = decide(c, state, signals(i * INTERVAL, counts, "steady", "pressure"), counts, pending=1)
+    assert d.action == HOLD and "1 worker start(s) pending" in d.reason
+    # The pressure kept its timer: the first observation without a pending start acts at once.
+    d, state = decide(c, state, signals(3 * INTERVAL, counts, "steady", "pressure"), counts, pending=0)
+    assert d.action == SCALE_UP and d.target == (1, 2)
 
 
 def test_min_and_max_total_bound_every_change():

@@ -103,6 +103,7 @@ def test_a_scale_up_that_never_comes_is_reported_and_does_not_block():
     assert ups and pools.targets[1] > pools.live[1]
     assert report.pending == pools.targets[1] - pools.live[1] and report.live == (1, 1)
     assert len([d for d in decisions if d is not None]) == 11  # every tick decided: nothing waited
+    assert "pending" in decisions[-1].reason and decisions[-1].action == "hold"  # reported, asked for again
 
 
 def test_at_the_cap_a_worker_switches_role():
