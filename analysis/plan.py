@@ -165,8 +165,8 @@ do not edit by hand. Each plan is the cheapest prefill:decode split that meets t
 discrete-event simulation of the router, both pools, continuous batching and KV transfer
 (`analysis/serving_sim.py`), with step times from the roofline of the analytical cost model on
 the H100 datasheet, at {eff:.0%} of the roofline plus {ovh:g} ms per step, and KV moving at
-{link:g} GB/s per transfer (a 400 Gb/s network). A worker is a tensor-parallel group of the
-H100s, a power of two up to a node; the planner tries each size and keeps the cheapest.
+{link:g} GB/s per transfer (a 400 Gb/s network). A worker is a tensor-parallel group of 1, 2, 4
+or 8 H100s; the planner tries each size that can batch and keeps the cheapest.
 
 Workload: Llama 3.1 70B (bf16), prompts of 256-2048 tokens, outputs of 64-512 tokens, uniform;
 Poisson arrivals. SLOs: TTFT <= {ttft:g} s and TPOT <= {tpot:g} ms for 90% of requests.
