@@ -163,6 +163,47 @@ def small_ratio(x: float, max_term: int = RATIO_MAX_TERM, tolerance: float = RAT
     return close[0] if close else min(pairs, key=error)
 
 
+@dataclass(frozen=True)
+class PhaseSplit:
+    """How one workload's work divides between the pools: worker-seconds per request of each phase.
+
+    At a steady ``R`` requests/s the prefill pool is busy ``R * prefill_s``
+    workers' worth and the decode pool ``R * decode_s``, so prefill:decode is
+    ``prefill_s : decode_s``. The same arithmetic serves the roofline report
+    (step times from the cost model) and the autoscaler (busy seconds a live
+    cluster measured, over the requests it finished).
+    """
+
+    prefill_s: float  # worker-seconds of prefill per request
+    decode_s: float  # worker-seconds of decode per request
+
+    @classmethod
+    def measured(cls, prefill_busy_s: float, prefill_requests: int, decode_busy_s: float,
+                 decode_requests: int) -> PhaseSplit:
+        """From busy seconds and finished requests of each pool over the same window."""
+        if prefill_requests < 1 or decode_requests < 1:
+            raise ValueError("each pool must have finished at least one request in the window")
+        return cls(prefill_busy_s / prefill_requests, decode_busy_s / decode_requests)
+
+    @property
+    def exact(self) -> float:
+        """prefill:decode as one number, ``prefill_s / decode_s``."""
+        return self.prefill_s / self.decode_s
+
+    @property
+    def prefill_share(self) -> float:
+        """The prefill pool's share of all workers, ``prefill_s / (prefill_s + decode_s)``."""
+        return self.prefill_s / (self.prefill_s + self.decode_s)
+
+    def small(self) -> tuple[int, int]:
+        """The ratio in small integers (:func:`small_ratio`)."""
+        return small_ratio(self.exact)
+
+    def workers(self, rate: float) -> dict[str, int]:
+        """Workers each pool needs at ``rate`` requests/s when every worker is fully busy."""
+        return {"prefill": math.ceil(rate * self.prefill_s), "decode": math.ceil(rate * self.decode_s)}
+
+
 def devices_needed(weight_bytes: float, kv_bytes: float, memory_bytes: float) -> int:
     """Fewest devices, a power of two (how tensor parallelism splits heads), whose memory holds weights + KV."""
     n = 1
@@ -186,9 +227,9 @@ def analyze(model: str, dims: ModelDims, hw: HardwareProfile, dtype: str, kv_dty
 
     prefill = phase_cost(*dims.prefill([wl.input_len] * wl.prompts_per_prefill, wbytes, kvbytes), peaks)
     decode = phase_cost(*dims.decode_step(wl.batch, wl.decode_context, wbytes, kvbytes), peaks)
-    t_p = prefill["seconds"] / wl.prompts_per_prefill
-    t_d = decode["seconds"] * (wl.output_len - 1) / wl.batch
-    p, d = small_ratio(t_p / t_d)
+    split = PhaseSplit(prefill["seconds"] / wl.prompts_per_prefill, decode["seconds"] * (wl.output_len - 1) / wl.batch)
+    t_p, t_d = split.prefill_s, split.decode_s
+    p, d = split.small()
     ref_kv = {dt: dims.kv_cache_bytes(REFERENCE_BATCH, REFERENCE_CONTEXT, dtype_bytes(dt))
               for dt in ("fp32", "bf16", "fp8")}
     prompt_kv = wl.input_len * kv_token
@@ -224,9 +265,8 @@ def analyze(model: str, dims: ModelDims, hw: HardwareProfile, dtype: str, kv_dty
                                 "seconds": prompt_kv / ln.bytes_per_s,
                                 "tpot_multiple": prompt_kv / ln.bytes_per_s / decode["seconds"],
                                 "max_requests_per_s": ln.bytes_per_s / prompt_kv} for ln in links]},
-        "ratio": {"prefill_decode": f"{p}:{d}", "exact": t_p / t_d,
-                  "workers": None if wl.rate is None else
-                  {"prefill": math.ceil(wl.rate * t_p), "decode": math.ceil(wl.rate * t_d)}},
+        "ratio": {"prefill_decode": f"{p}:{d}", "exact": split.exact,
+                  "workers": None if wl.rate is None else split.workers(wl.rate)},
     }
 
 

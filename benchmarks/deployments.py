@@ -22,11 +22,12 @@ _namespaces = itertools.count()
 
 def make_config(model: str = TINY_MODEL, backend: str = "gloo", ratio: str = "1:1", replicas: int = 2,
                 router: dict | None = None, mode: str = "disaggregated", kvtransfer: dict | None = None,
-                **pool_overrides) -> ClusterConfig:
+                autoscale: dict | None = None, **pool_overrides) -> ClusterConfig:
     """A small deployment: random ports (metrics and the OpenAI HTTP API too), its own namespace.
 
     ``pool_overrides`` are ``prefill={...}`` / ``decode={...}`` fields laid
-    over the pools' defaults; ``router`` and ``kvtransfer`` likewise.
+    over the pools' defaults; ``router`` and ``kvtransfer`` likewise;
+    ``autoscale``: the ``pools.autoscale`` section (None: off).
     """
     data = {
         "model": {"name": model, "max_model_len": 1024},
@@ -36,6 +37,7 @@ def make_config(model: str = TINY_MODEL, backend: str = "gloo", ratio: str = "1:
             "replicas": replicas,
             "prefill": {"num_cpus": 0.5, "num_blocks": 256, "batch_wait_ms": 2.0, **pool_overrides.get("prefill", {})},
             "decode": {"num_cpus": 0.5, "num_blocks": 512, "max_running": 32, **pool_overrides.get("decode", {})},
+            **({"autoscale": autoscale} if autoscale is not None else {}),
         },
         "kvtransfer": {"backend": backend, "timeout_s": 30, "lease_s": 30.0, **(kvtransfer or {})},
         # One in-process router unless asked: the tests look inside it (and start faster).

@@ -135,6 +135,70 @@ def parse_ratio(text: str) -> tuple[int, int]:
     return p, d
 
 
+AUTO_RATIO = "auto"
+
+
+class AutoscaleConfig(Settings):
+    """``pools.autoscale``: resize the pools from per-role load signals (see :mod:`cluster.autoscale_policy`).
+
+    Every ``interval_s`` the pool manager reads each worker's status. A role
+    is under pressure (prefill: queued prompt tokens per worker above
+    ``prefill_queue_tokens``, or the share of recent requests within ``ttft_s``
+    below ``attainment``; decode: KV-cache use or running sequences over
+    ``max_running`` above ``high_load``, or the TPOT share below
+    ``attainment``) or idle (everything below ``low_load``). Pressure held for
+    ``scale_up_window_s`` adds a worker, idleness held for
+    ``scale_down_window_s`` drains one; after any change nothing changes for
+    ``cooldown_s``. The total stays within ``[min_total, max_total]``.
+    """
+
+    min_total: int = Field(2, ge=2)  # workers over both pools, at least one of each
+    max_total: int = Field(8, ge=2)
+    # "P:D": every change keeps this split within rounding; "auto": the split follows
+    # the measured worker-seconds of prefill and decode per request.
+    ratio: str = AUTO_RATIO
+    ttft_s: float = Field(2.0, gt=0, le=MAX_WAIT_S)  # target: the prefill workers' part of TTFT
+    tpot_s: float = Field(0.2, gt=0, le=MAX_WAIT_S)  # target: time per output token on the decode workers
+    attainment: float = Field(0.9, gt=0, le=1)  # share of recent requests that must meet the target
+    prefill_queue_tokens: int = Field(4096, ge=1)  # queued prompt tokens per prefill worker that count as pressure
+    high_load: float = Field(0.85, gt=0, le=1)  # decode KV use / running share above this: pressure
+    low_load: float = Field(0.25, ge=0, lt=1)  # every load figure below this: idle (may shrink)
+    interval_s: float = Field(5.0, gt=0, le=3600)
+    scale_up_window_s: float = Field(10.0, ge=0, le=MAX_WAIT_S)  # pressure held this long before adding
+    scale_down_window_s: float = Field(60.0, ge=0, le=MAX_WAIT_S)  # idleness held this long before draining
+    cooldown_s: float = Field(30.0, ge=0, le=MAX_WAIT_S)  # no change for this long after one
+    ratio_window_s: float = Field(120.0, gt=0, le=MAX_WAIT_S)  # ratio auto: the window of measured work
+    # When the total is at max_total and the split must move, switch a drained
+    # worker's role in place (keeping its weights) instead of restarting it.
+    role_switch: bool = True
+    advisory: bool = False  # decide, log and expose the decisions as metrics; change nothing
+
+    @field_validator("ratio", mode="before")
+    @classmethod
+    def _check_ratio(cls, value: Any) -> Any:
+        if value == AUTO_RATIO:
+            return value
+        if not isinstance(value, str):
+            raise ValueError(f'must be "auto" or a quoted string "P:D", e.g. "2:1"; got {value!r}')
+        p, d = parse_ratio(value)
+        return f"{p}:{d}"
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> AutoscaleConfig:
+        problems: list[tuple[str, str]] = []
+        if self.max_total < self.min_total:
+            problems.append(("max_total", f"{self.max_total} is below min_total {self.min_total}"))
+        if self.low_load >= self.high_load:
+            problems.append(("low_load", f"{self.low_load} must be below high_load {self.high_load}"))
+        if problems:
+            raise FieldProblems(problems)
+        return self
+
+    def fixed_ratio(self) -> tuple[int, int] | None:
+        """The fixed prefill:decode split, or ``None`` for ``auto``."""
+        return None if self.ratio == AUTO_RATIO else parse_ratio(self.ratio)
+
+
 def _replicas_of(pool: Any) -> Any:
     """``replicas`` of a pool section given as a mapping (YAML) or a model (Python)."""
     if isinstance(pool, Mapping):
@@ -158,6 +222,7 @@ class PoolsConfig(Settings):
     replicas: int | None = Field(None, ge=1)  # total over both pools; a multiple of P+D
     prefill: PrefillPoolConfig = Field(default_factory=PrefillPoolConfig)
     decode: DecodePoolConfig = Field(default_factory=DecodePoolConfig)
+    autoscale: AutoscaleConfig | None = None  # None: the sizes stay as configured (cluster.scale resizes)
 
     @model_validator(mode="before")
     @classmethod
@@ -195,6 +260,9 @@ class PoolsConfig(Settings):
             for k in ("prefill", "decode"):
                 if getattr(self, k).replicas is not None:
                     problems.append((f"{k}.replicas", "does not apply with mode colocated; set pools.replicas"))
+            if self.autoscale is not None:
+                problems.append(("autoscale", "is for mode disaggregated only (a colocated pool is resized with "
+                                              "cluster.scale)"))
             if problems:
                 raise FieldProblems(problems)
             return self
@@ -213,6 +281,12 @@ class PoolsConfig(Settings):
             rp, rd = self.ratio_pair()
             if self.replicas % (rp + rd):
                 problems.append(("replicas", f"{self.replicas} is not a multiple of {rp + rd} = {rp}+{rd} (ratio {rp}:{rd})"))
+        if self.autoscale is not None and not problems:
+            total = sum(self.counts())
+            a = self.autoscale
+            if not a.min_total <= total <= a.max_total:
+                problems.append(("autoscale.min_total", f"the pools start with {total} workers, outside "
+                                                        f"[min_total {a.min_total}, max_total {a.max_total}]"))
         if problems:
             raise FieldProblems(problems)
         return self

@@ -218,7 +218,7 @@ class Deployment:
         return ray.remote(PoolManager).options(
             name=POOL_MANAGER_NAME, namespace=self.cfg.ray.namespace, lifetime="detached", get_if_exists=True,
             num_cpus=0, max_concurrency=64, max_restarts=-1,
-        ).remote(specs, ratio, counts, namespace=self.cfg.ray.namespace)
+        ).remote(specs, ratio, counts, namespace=self.cfg.ray.namespace, autoscale=self.cfg.pools.autoscale)
 
     async def _supervise(self) -> None:
         """Recreate the pool manager, or a router replica, when it is gone for good (killed, or

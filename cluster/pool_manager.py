@@ -22,6 +22,9 @@ in Ray's internal KV store, so a ``cluster.scale`` is not undone.
   routing table, then are drained (no running, reserved, queued or held
   request for two consecutive checks) before they are killed, so no request
   is lost.
+- With ``pools.autoscale``, an autoscaling loop (:mod:`cluster.autoscaler`,
+  wired in by :class:`~cluster.pool_autoscale.PoolAutoscaleMixin`) moves the
+  targets itself and may switch a drained worker's role in place.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from typing import Any
 
 import ray
 
-from cluster.config import split_at_ratio
+from cluster.config import AutoscaleConfig, split_at_ratio
+from cluster.pool_autoscale import PoolAutoscaleMixin
 from decode_worker.colocated import ColocatedWorker
 from decode_worker.worker import DecodeWorker
 from prefill_worker.worker import PrefillWorker
@@ -118,14 +122,16 @@ def start_failure_cause(error: BaseException, spec: PoolSpec) -> str:
     return text[-4000:] if text else type(error).__name__
 
 
-class PoolManager:
+class PoolManager(PoolAutoscaleMixin):
     """Plain class; launched with ``ray.remote(PoolManager).options(name=..., lifetime="detached")``."""
 
     def __init__(self, specs: list[PoolSpec], ratio: tuple[int, ...], counts: tuple[int, ...], *, namespace: str,
-                 health_interval_s: float = 2.0, drain_timeout_s: float = 120.0) -> None:
+                 health_interval_s: float = 2.0, drain_timeout_s: float = 120.0,
+                 autoscale: AutoscaleConfig | None = None) -> None:
         """``specs``: the pools, prefill then decode (or one colocated pool);
         ``ratio``: their replica ratio, one entry per spec; ``counts``: the
-        initial pool sizes (a restarted manager keeps the last targets instead)."""
+        initial pool sizes (a restarted manager keeps the last targets instead);
+        ``autoscale``: ``pools.autoscale`` (None: the sizes move only by :meth:`scale`)."""
         if not len(specs) == len(ratio) == len(counts):
             raise ValueError(f"{len(specs)} pools but a ratio of {len(ratio)} parts and {len(counts)} counts")
         self.specs = {spec.kind: spec for spec in specs}
@@ -149,6 +155,7 @@ class PoolManager:
         self._resumed = False
         self._stopped = False
         self._lock = asyncio.Lock()
+        self._init_autoscale(autoscale)
 
     # ------------------------------------------------------------- creation
     async def start(self) -> dict:
@@ -174,6 +181,7 @@ class PoolManager:
             await self._adopt()
             self._resumed = True
             self._health = asyncio.get_running_loop().create_task(self._health_loop())
+            self._start_autoscaler()
 
     async def _adopt(self) -> None:
         names = await asyncio.to_thread(named_actors, self.namespace)
@@ -202,19 +210,22 @@ class PoolManager:
     @staticmethod
     async def _describe(worker_id: str, kind: str, handle: Any, ready_timeout_s: float) -> WorkerEntry:
         await asyncio.wait_for(handle.ping.remote(), timeout=ready_timeout_s)
-        endpoint, node = await asyncio.wait_for(
-            asyncio.gather(handle.endpoint.remote(), handle.node_id.remote()), timeout=PING_TIMEOUT_S)
-        return WorkerEntry(worker_id, kind, handle, endpoint, node)
+        endpoint, node, status = await asyncio.wait_for(
+            asyncio.gather(handle.endpoint.remote(), handle.node_id.remote(), handle.status.remote()),
+            timeout=PING_TIMEOUT_S)
+        # The kind it serves now: a worker that switched role keeps the name it started with.
+        return WorkerEntry(worker_id, status.kind, handle, endpoint, node)
 
     async def _create(self, kind: str) -> WorkerEntry:
         spec = self.specs[kind]
         worker_id = worker_actor_name(kind, self._next_index[kind])
         self._next_index[kind] += 1
+        cls, kwargs = self._worker_class(kind, WORKER_CLASSES[kind])
         # Detached: the worker outlives the manager (a restarted manager adopts it by name).
-        handle = ray.remote(WORKER_CLASSES[kind]).options(
+        handle = ray.remote(cls).options(
             name=worker_id, namespace=self.namespace, lifetime="detached", num_cpus=spec.num_cpus,
             num_gpus=spec.num_gpus, resources=spec.resources or None, max_restarts=0,
-        ).remote(worker_id, model=spec.model, engine=spec.engine, handoff=spec.handoff)
+        ).remote(worker_id, **kwargs)
         try:
             entry = await self._describe(worker_id, kind, handle, READY_TIMEOUT_S)
         except BaseException as e:
@@ -232,6 +243,7 @@ class PoolManager:
         """Start one worker of ``kind`` and put it in the table; a failure is counted and
         backs that pool's next start off (the health loop retries it)."""
         self._pending[kind] += 1
+        t0 = time.monotonic()
         try:
             entry = await self._create(kind)
         except Exception as e:
@@ -246,6 +258,7 @@ class PoolManager:
         self._failures[kind] = 0
         self.workers[entry.worker_id] = entry
         self.version += 1
+        self._started(time.monotonic() - t0)
         return entry
 
     def _reconcile(self) -> list[asyncio.Task]:
@@ -285,6 +298,7 @@ class PoolManager:
             "incarnation": self.incarnation,
             "version": self.version,
             "targets": dict(self.targets),
+            "autoscale": self.autoscale_report(),
             "workers": [
                 {"worker_id": w.worker_id, "kind": w.kind, "handle": w.handle, "endpoint": w.endpoint,
                  "node_id": w.node_id}
@@ -323,6 +337,17 @@ class PoolManager:
         return await self.counts()
 
     async def _drain_and_kill(self, w: WorkerEntry) -> None:
+        await self._wait_drained(w)
+        try:
+            await asyncio.wait_for(w.handle.shutdown.remote(), timeout=PING_TIMEOUT_S)
+        except Exception:
+            pass
+        ray.kill(w.handle, no_restart=True)
+        self.workers.pop(w.worker_id, None)
+
+    async def _wait_drained(self, w: WorkerEntry) -> None:
+        """Until ``w`` (out of the routing table) holds nothing for two checks in a row, is dead,
+        or ``drain_timeout_s`` passed."""
         deadline = time.monotonic() + self.drain_timeout_s
         idle_checks = 0
         while idle_checks < 2 and time.monotonic() < deadline:
@@ -332,12 +357,6 @@ class PoolManager:
             except Exception:
                 break  # already dead
             idle_checks = 0 if s.busy else idle_checks + 1
-        try:
-            await asyncio.wait_for(w.handle.shutdown.remote(), timeout=PING_TIMEOUT_S)
-        except Exception:
-            pass
-        ray.kill(w.handle, no_restart=True)
-        self.workers.pop(w.worker_id, None)
 
     # --------------------------------------------------------------- health
     async def _health_loop(self) -> None:
@@ -379,6 +398,7 @@ class PoolManager:
         self._stopped = True
         if self._health is not None:
             self._health.cancel()
+        self._stop_autoscaler()
         for w in list(self.workers.values()):
             try:
                 await asyncio.wait_for(w.handle.shutdown.remote(), timeout=PING_TIMEOUT_S)

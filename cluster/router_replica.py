@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from engine.model_loader import load_tokenizer
-from observability.metrics import RouterMetrics, WorkerStatusCollector, start_metrics_server
+from observability.metrics import AutoscaleCollector, RouterMetrics, WorkerStatusCollector, start_metrics_server
 from router.directory import WorkerDirectory
 from router.policy import make_policy
 from router.request_runner import ConditionalPrefill, RequestRunner
@@ -130,6 +130,7 @@ async def start_router(s: RouterSettings, pool_manager: Any, find_pool_manager: 
     metrics = RouterMetrics(registry)
     registry.register(WorkerStatusCollector(
         lambda: [w.status for w in list(directory.workers.values()) if w.status is not None]))
+    registry.register(AutoscaleCollector(lambda: directory.autoscale))
     servicer = ServingServicer(runner, directory, tokenizer, limits, s.max_queued, metrics,
                                request_timeout_s=s.request_timeout_s)
     server = RouterServer(servicer, s.host, s.port, tls=s.tls, token=s.token,

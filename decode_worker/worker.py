@@ -38,7 +38,7 @@ from engine.sampling_params import InvalidRequestError, SamplingParams
 from kvtransfer.base import TransferStatus
 from worker_common.messages import Ack, DecodeEvent, ErrorReason, KVHandoffMeta, Reserved, TokenChunk, WorkerError
 from worker_common.transfer_wait import wait_transfer
-from worker_common.worker_base import WorkerBase
+from worker_common.worker_base import Preloaded, WorkerBase
 from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, ModelConfig
 from worker_common.worker_status import WorkerStatus
 
@@ -49,9 +49,9 @@ class DecodeWorker(WorkerBase):
     kind = "decode"
 
     def __init__(self, worker_id: str, *, model: ModelConfig, engine: DecodeEngineConfig,
-                 handoff: HandoffSettings) -> None:
+                 handoff: HandoffSettings, preloaded: Preloaded | None = None) -> None:
         super().__init__(worker_id, model=model, engine_args=engine.engine_args(), batch_wait_s=0.0,
-                         handoff=handoff, threads=engine.threads)
+                         handoff=handoff, threads=engine.threads, preloaded=preloaded)
         self._leases: dict[str, float] = {}  # transfer_id -> deadline, until imported
         # transfer_id -> the id its KV travels under: a re-armed push gets a fresh
         # one, so nothing left of the failed try (store keys, pair state) is reused.
@@ -59,7 +59,8 @@ class DecodeWorker(WorkerBase):
         self.tokens_generated = 0
 
     def status(self) -> WorkerStatus:
-        return replace(super().status(), tokens_generated=self.tokens_generated)
+        return replace(super().status(), tokens_generated=self.tokens_generated,
+                       recent_latencies=tuple(self.latencies))
 
     # ------------------------------------------------------------ requests
     async def reserve(self, transfer_id: str, num_kv_tokens: int, sender: dict,
@@ -175,6 +176,7 @@ class DecodeWorker(WorkerBase):
         A request the engine fails on its own ends with a ``REQUEST_FAILED`` :class:`WorkerError`."""
         self.outstanding_tokens += params.max_tokens
         produced = 0
+        first_tokens_at: tuple[float, int] | None = None  # when the first tokens came, and how many
         try:
             first = True
             async for out in self.engine.stream(request_id, start):
@@ -187,6 +189,11 @@ class DecodeWorker(WorkerBase):
                     yield WorkerError(ErrorReason.ABORTED)
                     return
                 produced += len(out.new_token_ids)
+                if first_tokens_at is None and out.new_token_ids:
+                    first_tokens_at = (time.time(), produced)
+                elif out.finished and first_tokens_at is not None and produced > first_tokens_at[1]:
+                    now = time.time()  # TPOT: the mean gap after the first tokens this worker produced
+                    self.latencies.append((now, (now - first_tokens_at[0]) / (produced - first_tokens_at[1])))
                 yield TokenChunk(tuple(out.new_token_ids), out.new_text, out.finished, out.finish_reason,
                                  tuple(out.logprobs or ()))
         except RequestFailedError as e:  # the engine already dropped it and freed its blocks

@@ -13,7 +13,10 @@ The dashboard has three rows:
 3. workers (filtered by the ``kind`` and ``worker`` variables): queue
    depth, running sequences, batch size, KV cache use, MBU and MFU, engine
    busy fraction, computed tokens by phase, KV transfer throughput, prefix
-   cache hit rate, cached blocks and evictions.
+   cache hit rate, cached blocks and evictions;
+4. autoscaler (``pools.autoscale``): target and live workers per pool,
+   decisions by action, SLO attainment, the prefill share aimed at, pending
+   starts, role switches and the time a switch and a fresh start took.
 """
 
 from __future__ import annotations
@@ -157,6 +160,25 @@ def _workers_row(lay: _Layout) -> None:
               description="Cached blocks evicted per second.")
 
 
+def _autoscale_row(lay: _Layout) -> None:
+    lay.row("Autoscaler")
+    lay.panel("Workers per pool", [target(f"{m.AS_TARGET}", "target {{kind}}"),
+                                   target(f"{m.AS_LIVE}", "live {{kind}}")], "short",
+              description="What the pools are being moved to, and what serves now.")
+    lay.panel("Decisions", [target(f"sum by (action) (increase({m.AS_DECISIONS}[{RATE}]))", "{{action}}")],
+              "short", stack=True, description="Autoscaler decisions by action (hold included).")
+    lay.panel("SLO attainment", [target(f"{m.AS_ATTAINMENT}", "{{slo}}"),
+                                 target(f"{m.AS_SHARE}", "prefill share aimed at")], "percentunit",
+              description="Share of recent requests within the TTFT / TPOT targets; the split's prefill share.")
+    lay.panel("Pending starts and cap", [target(f"{m.AS_PENDING}", "pending starts"),
+                                         target(f"increase({m.AS_CAPPED}[{RATE}])", "capped decisions")], "short",
+              w=12, description="Workers Ray has not placed (or that are loading), and decisions stopped at max_total.")
+    lay.panel("Role switch vs fresh start", [target(f"{m.AS_SWITCH_SECONDS}", "last in-place switch"),
+                                             target(f"{m.AS_START_SECONDS}", "last fresh start"),
+                                             target(f"increase({m.AS_SWITCHES}[{RATE}])", "switches")], "s",
+              w=12, description="Seconds the latest role switch and the latest fresh worker start took.")
+
+
 def _variable(name: str, label: str, query: str) -> dict[str, Any]:
     return {"name": name, "label": label, "type": "query", "datasource": DATASOURCE,
             "query": {"query": query, "refId": name}, "definition": query, "refresh": 2,
@@ -169,6 +191,7 @@ def build_dashboard() -> dict[str, Any]:
     _latency_row(lay)
     _requests_row(lay)
     _workers_row(lay)
+    _autoscale_row(lay)
     return {
         "title": "splitserve",
         "uid": "splitserve",

@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from observability.autoscale import AutoscaleReport
 from observability.stages import Stage
 from worker_common.worker_status import WorkerStatus
 
@@ -299,6 +300,82 @@ class WorkerStatusCollector(Collector):
         if metric.type == _COUNTER:
             return CounterMetricFamily(metric.name, metric.help, labels=labels)
         return GaugeMetricFamily(metric.name, metric.help, labels=labels)
+
+
+# --------------------------------------------------------------- autoscaler
+AS_DECISIONS = "splitserve_autoscale_decisions_total"  # label action
+AS_TARGET = "splitserve_autoscale_target_workers"  # label kind
+AS_LIVE = "splitserve_autoscale_live_workers"  # label kind
+AS_PENDING = "splitserve_autoscale_pending_workers"
+AS_CAPPED = "splitserve_autoscale_capped_total"
+AS_SWITCHES = "splitserve_autoscale_role_switches_total"
+AS_SWITCH_FAILURES = "splitserve_autoscale_role_switch_failures_total"
+AS_SWITCH_SECONDS = "splitserve_autoscale_last_role_switch_seconds"
+AS_START_SECONDS = "splitserve_autoscale_last_worker_start_seconds"
+AS_SHARE = "splitserve_autoscale_prefill_share_ratio"
+AS_ATTAINMENT = "splitserve_autoscale_slo_attainment_ratio"  # label slo=ttft|tpot
+AS_ADVISORY = "splitserve_autoscale_advisory"
+
+AUTOSCALE_METRIC_NAMES = (AS_DECISIONS, AS_TARGET, AS_LIVE, AS_PENDING, AS_CAPPED, AS_SWITCHES, AS_SWITCH_FAILURES,
+                          AS_SWITCH_SECONDS, AS_START_SECONDS, AS_SHARE, AS_ATTAINMENT, AS_ADVISORY)
+
+
+class AutoscaleCollector(Collector):
+    """The autoscaler's decisions and pool targets, from the latest :class:`AutoscaleReport`.
+
+    ``source`` returns the report the router's directory last got from the pool
+    manager (``None``: no autoscaler, nothing is emitted). A value that is
+    ``None`` (no switch yet, no measurement yet) is not emitted.
+    """
+
+    def __init__(self, source: Callable[[], AutoscaleReport | None]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # the series depend on the report; nothing to check up front
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            r = self._source()
+        except Exception:
+            log.exception("autoscale report source failed; no autoscale metrics this scrape")
+            return
+        if r is None:
+            return
+        decisions = CounterMetricFamily(AS_DECISIONS, "Autoscaler decisions by action (hold included).",
+                                        labels=["action"])
+        for action, n in r.decisions:
+            decisions.add_metric([action], n)
+        yield decisions
+        for name, doc, pair in ((AS_TARGET, "Workers each pool is being moved to.", r.targets),
+                                (AS_LIVE, "Workers each pool serves with now.", r.live)):
+            family = GaugeMetricFamily(name, doc, labels=["kind"])
+            for kind, n in zip(("prefill", "decode"), pair):
+                family.add_metric([kind], n)
+            yield family
+        yield GaugeMetricFamily(AS_PENDING, "Worker starts under way (Ray placing them, or loading the model).",
+                                value=r.pending)
+        yield CounterMetricFamily(AS_CAPPED, "Decisions where a role needed more workers and max_total stopped it.",
+                                  value=r.capped)
+        yield CounterMetricFamily(AS_SWITCHES, "Workers that switched role in place.", value=r.role_switches)
+        yield CounterMetricFamily(AS_SWITCH_FAILURES, "Role switches that failed (the worker was replaced).",
+                                  value=r.switch_failures)
+        yield GaugeMetricFamily(AS_ADVISORY, "1 when the autoscaler only advises (changes nothing).",
+                                value=float(r.advisory))
+        for name, doc, value in (
+                (AS_SWITCH_SECONDS, "Seconds the latest in-place role switch took.", r.last_switch_s),
+                (AS_START_SECONDS, "Seconds the latest fresh worker start took (placed and model loaded).",
+                 r.last_start_s),
+                (AS_SHARE, "The prefill share of workers the split aims at.", r.prefill_share)):
+            if value is not None:
+                yield GaugeMetricFamily(name, doc, value=value)
+        attainment = GaugeMetricFamily(AS_ATTAINMENT, "Share of recent requests within the SLO target.",
+                                       labels=["slo"])
+        for slo, value in (("ttft", r.ttft_attainment), ("tpot", r.tpot_attainment)):
+            if value is not None:
+                attainment.add_metric([slo], value)
+        if attainment.samples:
+            yield attainment
 
 
 # ------------------------------------------------------------------ serving

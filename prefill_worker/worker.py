@@ -37,7 +37,7 @@ from engine.sampling_params import InvalidRequestError, SamplingParams
 from kvtransfer.base import TransferStatus
 from worker_common.messages import ErrorReason, KVHandoffMeta, KVPushed, PrefillResult, TokenChunk, WorkerError
 from worker_common.transfer_wait import wait_transfer
-from worker_common.worker_base import WorkerBase
+from worker_common.worker_base import Preloaded, WorkerBase
 from worker_common.worker_config import HandoffSettings, ModelConfig, PrefillEngineConfig
 from worker_common.worker_status import WorkerStatus
 
@@ -48,9 +48,10 @@ class PrefillWorker(WorkerBase):
     kind = "prefill"
 
     def __init__(self, worker_id: str, *, model: ModelConfig, engine: PrefillEngineConfig,
-                 handoff: HandoffSettings) -> None:
+                 handoff: HandoffSettings, preloaded: Preloaded | None = None) -> None:
         super().__init__(worker_id, model=model, engine_args=engine.engine_args(),
-                         batch_wait_s=engine.batch_wait_ms / 1000, handoff=handoff, threads=engine.threads)
+                         batch_wait_s=engine.batch_wait_ms / 1000, handoff=handoff, threads=engine.threads,
+                         preloaded=preloaded)
         self._holds: dict[str, float] = {}  # transfer_id -> lease deadline
         self._wire: dict[str, str] = {}  # transfer_id -> the id of its push in flight (fresh on a resend)
         self._kv_start: dict[str, int] = {}  # transfer_id -> first token whose KV is pushed (decode caches the rest)
@@ -61,7 +62,8 @@ class PrefillWorker(WorkerBase):
         base = super().status()
         # Push time as the sender sees it (export + send + wait for the receiver's ack).
         return replace(base, kv_transfer=replace(base.kv_transfer, seconds_sent=self.transfer_seconds),
-                       held=len(self._holds), tokens_prefilled=self.tokens_prefilled)
+                       held=len(self._holds), tokens_prefilled=self.tokens_prefilled,
+                       recent_latencies=tuple(self.latencies))
 
     # ------------------------------------------------------------ requests
     async def prefill(
@@ -114,12 +116,20 @@ class PrefillWorker(WorkerBase):
             cached_tokens=first.num_cached_tokens,
         )
         if first.finished:
+            self._record_latency(t_received)
             return result
         self._kv_start[transfer_id] = kv_start
         push = await self._push(transfer_id, decode_endpoint, timeout_s)
         if isinstance(push, WorkerError) and push.reason is ErrorReason.ABORTED:
             return push
+        if isinstance(push, KVPushed):
+            self._record_latency(t_received)
         return replace(result, push=push)
+
+    def _record_latency(self, t_received: float) -> None:
+        """This worker's part of the request's TTFT: the call's arrival to the first token ready to leave."""
+        now = time.time()
+        self.latencies.append((now, now - t_received))
 
     async def _first_token(self, transfer_id: str, prompt_token_ids: list[int], params: SamplingParams,
                            output_token_ids: list[int] | None, emitted_text: str | None) -> RequestOutput | None:

@@ -60,6 +60,7 @@ class WorkerDirectory:
         self.table_failures = 0  # refreshes in a row that could not reach the pool manager
         self.workers: dict[str, WorkerInfo] = {}
         self.targets: dict[str, int] = {}
+        self.autoscale: Any = None  # the pool manager's AutoscaleReport (None without pools.autoscale)
         self.version: tuple[str, int] | None = None  # (the manager's incarnation, its table version)
         self.prefix_index = PrefixIndex()  # what each worker's prefix cache holds, from its status
         self._task: asyncio.Task | None = None
@@ -91,12 +92,15 @@ class WorkerDirectory:
         table = await asyncio.wait_for(self.pool_manager.table.remote(), timeout=STATUS_TIMEOUT_S)
         self.table_failures = 0
         self.targets = table["targets"]
+        self.autoscale = table.get("autoscale")
         # A recreated manager counts versions afresh: its incarnation tells its tables apart.
         version = (table["incarnation"], table["version"])
         if version != self.version:
             fresh = {}
             for w in table["workers"]:
                 old = self.workers.get(w["worker_id"])
+                if old is not None and (old.kind, old.endpoint) != (w["kind"], w["endpoint"]):
+                    old = None  # it switched role in place: another kind, a new transport
                 fresh[w["worker_id"]] = old or WorkerInfo(w["worker_id"], w["kind"], w["handle"], w["endpoint"], w["node_id"])
             for gone in set(self.workers) - set(fresh):
                 self.prefix_index.forget(gone)

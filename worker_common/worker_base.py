@@ -8,13 +8,15 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-from analysis.machine_peaks import measure_peaks_fast
+from analysis.machine_peaks import MachinePeaks, measure_peaks_fast
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
-from engine.model_loader import load_model
+from engine.model_loader import LoadedModel, load_model
 from kvtransfer.factory import make_transport
 from kvtransfer.ray_transport import KVTransferActorMixin
 from worker_common.messages import ModelLimits
@@ -25,6 +27,16 @@ from worker_common.worker_status import MAX_PUBLISHED_HASHES, KVTransferStats, P
 log = logging.getLogger(__name__)
 REAP_INTERVAL_S = 0.5
 TOMBSTONE_S = 120.0  # how long an aborted id stays refused (longer than any call in flight)
+LATENCY_SAMPLES = 64  # per-request latencies a worker keeps for its status (the autoscaler's SLO signals)
+
+
+@dataclass(frozen=True)
+class Preloaded:
+    """A model already in memory and the peaks measured with it: what a worker that switches
+    role in place (``cluster.role_worker``) hands its next role, so nothing is loaded twice."""
+
+    model: LoadedModel
+    peaks: MachinePeaks | None
 
 
 class WorkerBase(KVTransferActorMixin):
@@ -33,16 +45,21 @@ class WorkerBase(KVTransferActorMixin):
     kind = "worker"
 
     def __init__(self, worker_id: str, *, model: ModelConfig, engine_args: dict[str, Any], batch_wait_s: float,
-                 handoff: HandoffSettings, threads: int | None = None, measure_peaks: bool = True) -> None:
+                 handoff: HandoffSettings, threads: int | None = None, measure_peaks: bool = True,
+                 preloaded: Preloaded | None = None) -> None:
         self.worker_id = worker_id
         # Before the model loads: torch's thread pool is sized by the first parallel op.
         self.threads = apply_worker_threads(threads)
         log.info("%s computes on %d torch threads", worker_id, self.threads)
-        loaded = load_model(model.name, dtype=model.dtype, max_model_len=model.max_model_len,
-                            quantization=model.quantization)
+        if preloaded is None:
+            # Peaks measured here, on this worker's own cores, so its MBU/MFU compare like with like.
+            preloaded = Preloaded(load_model(model.name, dtype=model.dtype, max_model_len=model.max_model_len,
+                                             quantization=model.quantization),
+                                  measure_peaks_fast() if measure_peaks else None)
+        self.preloaded = preloaded
+        loaded = preloaded.model
         self._limits = ModelLimits(model.name, loaded.max_model_len, int(loaded.config.vocab_size))
-        # Peaks measured here, on this worker's own cores, so its MBU/MFU compare like with like.
-        engine = LLMEngine(loaded, peaks=measure_peaks_fast() if measure_peaks else None, **engine_args)
+        engine = LLMEngine(loaded, peaks=preloaded.peaks, **engine_args)
         self.layout = engine.layout
         self.engine = AsyncEngine(engine, batch_wait_s=batch_wait_s)
         self.lease_s = handoff.lease_s
@@ -53,6 +70,9 @@ class WorkerBase(KVTransferActorMixin):
         # Ids the router aborted: a call for one of them that arrives late
         # (after the abort) is refused instead of holding blocks nobody wants.
         self._aborted: dict[str, float] = {}
+        # (finished at, seconds) of recent requests: the kind's own latency (prefill: its part of
+        # TTFT; decode: TPOT), which the autoscaler compares with the SLO targets.
+        self.latencies: deque[tuple[float, float]] = deque(maxlen=LATENCY_SAMPLES)
 
     # ------------------------------------------------------------- control
     def ping(self) -> str:

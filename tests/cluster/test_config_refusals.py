@@ -41,6 +41,13 @@ REFUSED = [
     ("router: {http_port: 70000}", "router.http_port"),
     ("pools: {decode: {num_blocks: 1e15}}", "pools.decode.num_blocks"),
     ("kvtransfer: {secret_env: KV, secret_file: /kv}", "kvtransfer.secret_file"),
+    # pools.autoscale: bounds that exclude the starting size, inverted loads, a bad ratio, colocated.
+    ("pools: {autoscale: {min_total: 4, max_total: 8}}", "pools.autoscale.min_total"),
+    ("pools: {ratio: '1:1', replicas: 2, autoscale: {min_total: 2, max_total: 1}}", "pools.autoscale.max_total"),
+    ("pools: {autoscale: {low_load: 0.9, high_load: 0.5}}", "pools.autoscale.low_load"),
+    ("pools: {autoscale: {ratio: 'fast'}}", "pools.autoscale.ratio"),
+    ("pools: {autoscale: {cooldown_s: .inf}}", "pools.autoscale.cooldown_s"),
+    ("pools: {mode: colocated, autoscale: {}}", "pools.autoscale"),
     # Off loopback: the router needs a token and TLS, the KV plane a secret, /metrics stays local.
     ("router: {host: 0.0.0.0}", "router.host"),
     ("router: {host: '::'}", "router.host"),

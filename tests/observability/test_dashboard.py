@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from observability import dashboard
 from observability import metrics as m
-from tests.observability.test_metrics import full_status
+from tests.observability.test_metrics import full_report, full_status
 
 METRIC_RE = re.compile(r"\bsplitserve_[a-z0-9_]+")
 
@@ -21,6 +21,7 @@ def exposed_sample_names() -> set[str]:
     reg = CollectorRegistry()
     m.RouterMetrics(reg).observe_request("ok", num_prompt_tokens=1, num_output_tokens=2, ttft_s=0.1, e2e_s=0.2)
     reg.register(m.WorkerStatusCollector(lambda: [full_status("p0", "prefill"), full_status("d0", "decode")]))
+    reg.register(m.AutoscaleCollector(full_report))
     text = generate_latest(reg).decode()
     return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
 
@@ -60,7 +61,8 @@ def test_every_query_names_an_exposed_metric():
     # The headline metrics are all on the dashboard.
     for name in (m.TTFT + "_bucket", m.TPOT + "_bucket", m.ITL + "_bucket", m.E2E + "_bucket",
                  m.STAGE + "_sum", m.STAGE + "_bucket", m.REQUESTS, m.W_WAITING, m.W_RUNNING, m.W_KV_BLOCKS,
-                 m.W_MBU, m.W_MFU, m.W_XFER_BYTES, m.W_BATCH):
+                 m.W_MBU, m.W_MFU, m.W_XFER_BYTES, m.W_BATCH, m.AS_TARGET, m.AS_DECISIONS,
+                 m.AS_ATTAINMENT, m.AS_SWITCH_SECONDS, m.AS_START_SECONDS):
         assert name in referenced, name
 
 

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.step_stats import StepStatsSnapshot
 from observability import metrics as m
+from observability.autoscale import AutoscaleReport
 from observability.stages import Stage
 from worker_common.worker_status import KVTransferStats, PrefixCacheReport, WorkerStatus
 
@@ -209,11 +210,12 @@ def test_each_worker_metric_reads_its_own_status_attribute():
             assert s[(metric.name, tuple(sorted(labels.items())))] == obj, (metric.name, attribute)
             seen.add(attribute)
     assert len(seen) == sum(len(metric.series) for metric in m.WORKER_METRICS)  # no attribute read twice
-    # Only the kind-specific counters and the step/transfer/cache bookkeeping stay off the metrics.
+    # Only the kind-specific counters, the step/transfer bookkeeping and the raw latency samples (the
+    # autoscaler's attainment gauges and the router's histograms report those) stay off the metrics.
     top = {a for a in seen if "." not in a}
     assert {f.name for f in fields(WorkerStatus)} - top == {
         "worker_id", "kind", "preemptions", "step_stats", "kv_transfer", "held", "tokens_prefilled", "tokens_generated",
-        "prefix_cache"}
+        "prefix_cache", "recent_latencies"}
 
 
 def test_worker_collector_emits_nothing_for_unreported_values():
@@ -278,3 +280,33 @@ def test_metrics_server_on_an_ephemeral_port():
            for f in text_string_to_metric_families(text) for s in f.samples}
     assert got[(m.REQUESTS, (("outcome", "ok"),))] == 1
     assert got[(m.W_MBU, (("kind", "decode"), ("worker_id", "decode-0")))] == 0.42
+
+
+def full_report(**overrides) -> AutoscaleReport:
+    """An autoscale report with every optional figure set."""
+    base = dict(advisory=False, decisions=(("hold", 7), ("scale_up", 2), ("scale_down", 1), ("rebalance", 1)),
+                last_action="scale_up", last_reason="decode pressure", last_decision_at=1.0, targets=(2, 3),
+                live=(2, 2), pending=1, capped=4, role_switches=1, switch_failures=0, last_switch_s=0.4,
+                last_start_s=6.5, prefill_share=0.4, ttft_attainment=0.95, tpot_attainment=0.8)
+    return AutoscaleReport(**{**base, **overrides})
+
+
+def test_autoscale_collector_exposes_the_report():
+    reg = CollectorRegistry()
+    reg.register(m.AutoscaleCollector(lambda: full_report()))
+    s = scrape(reg)
+    assert s[(m.AS_DECISIONS, (("action", "scale_up"),))] == 2
+    assert s[(m.AS_TARGET, (("kind", "decode"),))] == 3 and s[(m.AS_LIVE, (("kind", "decode"),))] == 2
+    assert s[(m.AS_PENDING, ())] == 1 and s[(m.AS_CAPPED, ())] == 4
+    assert s[(m.AS_SWITCHES, ())] == 1 and s[(m.AS_SWITCH_SECONDS, ())] == 0.4
+    assert s[(m.AS_START_SECONDS, ())] == 6.5 and s[(m.AS_SHARE, ())] == 0.4
+    assert s[(m.AS_ATTAINMENT, (("slo", "tpot"),))] == 0.8 and s[(m.AS_ADVISORY, ())] == 0
+    # Figures not known yet are left out, not reported as zero; no report, no series.
+    reg = CollectorRegistry()
+    reg.register(m.AutoscaleCollector(lambda: full_report(last_switch_s=None, prefill_share=None,
+                                                          ttft_attainment=None, tpot_attainment=None)))
+    names = {name for name, _ in scrape(reg)}
+    assert m.AS_SWITCH_SECONDS not in names and m.AS_SHARE not in names and m.AS_ATTAINMENT not in names
+    reg = CollectorRegistry()
+    reg.register(m.AutoscaleCollector(lambda: None))
+    assert not [k for k in scrape(reg) if k[0].startswith("splitserve_autoscale")]
