@@ -52,7 +52,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import ray
 
@@ -66,6 +66,7 @@ from worker_common.messages import Ack, ErrorReason, KVPushed, PrefillResult, Re
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 30.0  # any control call; a worker that takes longer is treated as failed
+DEADLINE_GRACE_S = 1.0  # how long past a request's deadline its own expiry may take to arrive
 
 
 class NoCapacityError(RuntimeError):
@@ -348,6 +349,15 @@ class RequestRunner:
         limit = time.monotonic() + self.queue_timeout_s
         return limit if deadline is None else min(limit, deadline)
 
+    @staticmethod
+    async def _out_of_capacity(limit: float, deadline: float | None, why: str) -> NoReturn:
+        """The wait for capacity ran out at ``limit``. When that limit is the request's own
+        deadline, the deadline ends the request (DEADLINE_EXCEEDED, from the caller's
+        ``until``), not a capacity error that merely fired a moment before it: wait for it."""
+        if deadline is not None and limit >= deadline:
+            await asyncio.sleep(max(0.0, deadline - time.monotonic()) + DEADLINE_GRACE_S)
+        raise NoCapacityError(why)
+
     def _decode_only_worker(self, query: PrefixQuery, failed: set[str]) -> WorkerInfo | None:
         """The decode worker that should prefill this request itself (conditional
         disaggregation), or ``None``: the best-ranked live one, if the part of
@@ -394,8 +404,8 @@ class RequestRunner:
                     if reserved is not None:
                         return prefill, decode, reserved
             if time.monotonic() >= limit:
-                raise NoCapacityError(f"no decode worker had room for {kv_tokens} tokens of KV within "
-                                      f"{self.queue_timeout_s:.0f} s")
+                await self._out_of_capacity(limit, deadline, f"no decode worker had room for {kv_tokens} tokens "
+                                                             f"of KV within {self.queue_timeout_s:.0f} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
 
@@ -447,7 +457,7 @@ class RequestRunner:
             if workers:
                 return workers[self.decode_policy.rank(self.directory.loads(list(workers.values()), query))[0]]
             if time.monotonic() >= limit:
-                raise NoCapacityError("no live colocated worker")
+                await self._out_of_capacity(limit, deadline, "no live colocated worker")
             await asyncio.sleep(0.1)
 
     # ----------------------------------------------------------------- calls
