@@ -87,10 +87,19 @@ def build_request(prompt: str | None = None, messages: list[dict] | None = None,
     return req
 
 
+RECONNECT_BACKOFF_MS = 100  # a channel whose router died tries the port again this soon
+
+
 def _channel_options(server_name: str | None) -> list[tuple[str, str | int]]:
     # Each client its own connection (gRPC otherwise shares one per target in a
     # process): router replicas behind one port get the clients spread over them.
     options: list[tuple[str, str | int]] = [("grpc.use_local_subchannel_pool", 1)]
+    # After its router dies a channel waits out gRPC's reconnect backoff (1 s at
+    # first) before it tries the port again, failing every call meanwhile; a live
+    # replica is already there, so reconnect within RetryPolicy's first pauses.
+    options += [("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+                ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+                ("grpc.max_reconnect_backoff_ms", 2000)]
     if server_name:  # check the server's certificate against this name instead of the address's host
         options.append(("grpc.ssl_target_name_override", server_name))
     return options
@@ -118,7 +127,7 @@ class RetryPolicy:
     a retry could duplicate them, so the error goes to the caller.
     """
 
-    max_tries: int = 4  # calls in all, over the addresses in turn
+    max_tries: int = 6  # calls in all, over the addresses in turn (pauses 0.1 + 0.2 + ... + 1.6 s)
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
 

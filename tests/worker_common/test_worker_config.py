@@ -9,7 +9,7 @@ from cluster.config import parse_config
 from cluster.deployment import pool_specs
 from engine.llm_engine import LLMEngine
 from kvtransfer.faults import TransferFaults
-from worker_common.worker_config import DecodeEngineConfig, PrefillEngineConfig
+from worker_common.worker_config import DecodeEngineConfig, PrefillEngineConfig, resolve_node_id
 
 
 def test_engine_settings_are_named_as_the_engine_names_them():
@@ -36,9 +36,10 @@ def test_pool_specs_hand_each_worker_its_section_and_the_one_lease():
     assert prefill.handoff.transport_kwargs() == {"host": "127.0.0.1", "chunk_bytes": 65536, "secret": "s3cret",
                                                   "faults": faults, "stream_idle_s": 10.0,
                                                   "max_streams_per_peer": 64,  # grpc's stream bounds
-                                                  # same-node pairs through shared memory (the default);
-                                                  # no Ray here, so no node id: the host key alone decides
-                                                  "same_node": "shm", "node_id": None, "shm_pool_bytes": 1 << 20}
+                                                  # same-node pairs through shared memory (the default),
+                                                  # on the node the calling process runs on (None without Ray)
+                                                  "same_node": "shm", "node_id": resolve_node_id(),
+                                                  "shm_pool_bytes": 1 << 20}
     assert prefill.num_cpus == 0.5 and prefill.model == cfg.model
 
 
