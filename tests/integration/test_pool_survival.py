@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import ray
 import yaml
@@ -177,6 +178,10 @@ def flaky_worker(counter: str, failures: int, slow_s: float):
 
         def node_id(self):
             return "node"
+
+        def status(self):
+            # The manager reads the kind a worker serves now from its status (role switching).
+            return SimpleNamespace(kind="colocated")
 
         def shutdown(self):
             return None
