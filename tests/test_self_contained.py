@@ -7,8 +7,10 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# Background notes that live beside the checkout on the development machine, never in it.
-OUTSIDE = re.compile(r"\.\./shared|shared/DESIGN|DESIGN\.md|seed notes", re.IGNORECASE)
+# Background notes that live beside the checkout on the development machine, never in it. The pattern is
+# assembled from pieces so that this file, too, passes a plain grep for those names.
+_NAMES = ["shared" + "/", "DESIGN" + r"\.md", "seed" + " notes"]
+OUTSIDE = re.compile("|".join(_NAMES), re.IGNORECASE)
 
 
 def test_no_tracked_file_cites_notes_outside_the_repo():
@@ -16,7 +18,7 @@ def test_no_tracked_file_cites_notes_outside_the_repo():
     hits = []
     for name in files:
         path = REPO / name
-        if name == "tests/test_self_contained.py" or not path.is_file():
+        if not path.is_file():
             continue
         try:
             text = path.read_text()
