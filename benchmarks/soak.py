@@ -347,8 +347,8 @@ async def ray_get(ref: Any, timeout: float = 60.0) -> Any:
 
 async def worker_pids(pool_manager: Any) -> dict[str, int]:
     table = await ray_get(pool_manager.table.remote())
-    pids = await asyncio.gather(*(ray_get(w["handle"].pid.remote()) for w in table["workers"]))
-    return {w["worker_id"]: pid for w, pid in zip(table["workers"], pids)}
+    pids = await asyncio.gather(*(ray_get(w.handle.pid.remote()) for w in table.workers))
+    return {w.worker_id: pid for w, pid in zip(table.workers, pids)}
 
 
 def kill_burst_plans(kind: str, n: int, prompts: Any, max_model_len: int) -> list[Plan]:
@@ -367,10 +367,10 @@ async def inject_kill(pool_manager: Any, kind: str, at_s: float, driver: Driver,
     await asyncio.sleep(max(at_s - driver.now(), 0))
     try:
         table = await ray_get(pool_manager.table.remote())
-        before = sorted(w["worker_id"] for w in table["workers"] if w["kind"] == kind)
-        target = table["targets"][kind]
-        victim = next(w for w in table["workers"] if w["worker_id"] == before[0])
-        pid = await ray_get(victim["handle"].pid.remote())
+        before = sorted(table.worker_ids(kind))
+        target = table.targets[kind]
+        victim = next(w for w in table.workers if w.worker_id == before[0])
+        pid = await ray_get(victim.handle.pid.remote())
         for round_ in range(3):  # a burst refused whole (RESOURCE_EXHAUSTED) is sent again, twice at most
             plans = [replace(p, index=p.index + 1000 * round_,
                              kwargs={**p.kwargs, "request_id": f"{p.kwargs['request_id']}-{round_}"}) for p in burst]
@@ -391,31 +391,31 @@ async def inject_kill(pool_manager: Any, kind: str, at_s: float, driver: Driver,
             log(f"the kill's burst ended before the kill ({Counter(r.status for r in mine)}); again")
         for r in driver.inflight.values():
             r.during_kill = True
-        out.update(worker_id=victim["worker_id"], pid=pid, inflight_at_kill=len(driver.inflight),
+        out.update(worker_id=victim.worker_id, pid=pid, inflight_at_kill=len(driver.inflight),
                    burst=len(burst))
         os.kill(pid, signal.SIGKILL)
         t_kill = driver.now()
         out["at_s"] = round(t_kill, 2)
-        log(f"killed {victim['worker_id']} (pid {pid}) at t={t_kill:.1f} s with {len(driver.inflight)} in flight")
+        log(f"killed {victim.worker_id} (pid {pid}) at t={t_kill:.1f} s with {len(driver.inflight)} in flight")
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             await asyncio.sleep(0.25)
             table = await ray_get(pool_manager.table.remote())
-            ids = {w["worker_id"] for w in table["workers"] if w["kind"] == kind}
+            ids = table.worker_ids(kind)
             new = sorted(ids - set(before))
-            if victim["worker_id"] not in ids and new and len(ids) >= target:
+            if victim.worker_id not in ids and new and len(ids) >= target:
                 out["replacement_id"] = new[0]
                 out["back_to_size_s"] = round(driver.now() - t_kill, 2)
-                handle = next(w["handle"] for w in table["workers"] if w["worker_id"] == new[0])
+                handle = next(w.handle for w in table.workers if w.worker_id == new[0])
                 new_pid = await ray_get(handle.pid.remote())
                 out["replacement_pid"] = new_pid
-                samples[new[0]] = ProcSample(new[0], new_pid, rss_mb(new_pid), note=f"replaced {victim['worker_id']}")
-                samples[victim["worker_id"]].note = f"killed at t={t_kill:.1f} s"
-                log(f"{new[0]} replaced {victim['worker_id']} after {out['back_to_size_s']} s")
+                samples[new[0]] = ProcSample(new[0], new_pid, rss_mb(new_pid), note=f"replaced {victim.worker_id}")
+                samples[victim.worker_id].note = f"killed at t={t_kill:.1f} s"
+                log(f"{new[0]} replaced {victim.worker_id} after {out['back_to_size_s']} s")
                 break
         else:
             out["error"] = "the pool was not back to size within 300 s"
-        out["replacements"] = (await ray_get(pool_manager.stats.remote()))["replacements"]
+        out["replacements"] = (await ray_get(pool_manager.stats.remote())).replacements
     except Exception as e:  # noqa: BLE001 - reported, and fails the run
         out["error"] = repr(e)
         log(f"kill failed: {e!r}")
@@ -428,7 +428,7 @@ async def inject_manager_kill(pool_manager: Any, at_s: float, driver: Driver) ->
     out: dict[str, Any] = {"requested": True}
     await asyncio.sleep(max(at_s - driver.now(), 0))
     try:
-        before = {w["worker_id"] for w in (await ray_get(pool_manager.table.remote()))["workers"]}
+        before = (await ray_get(pool_manager.table.remote())).worker_ids()
         pid = await ray_get(pool_manager.pid.remote())
         os.kill(pid, signal.SIGKILL)
         t_kill = driver.now()
@@ -441,7 +441,7 @@ async def inject_manager_kill(pool_manager: Any, at_s: float, driver: Driver) ->
                 stats = await ray_get(pool_manager.stats.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - still restarting
                 continue
-            out.update(back_s=round(driver.now() - t_kill, 2), adopted=sorted(stats["adopted"]),
+            out.update(back_s=round(driver.now() - t_kill, 2), adopted=sorted(stats.adopted),
                        workers_before=sorted(before), new_pid=await ray_get(pool_manager.pid.remote()))
             log(f"the pool manager is back after {out['back_s']} s, adopting {out['adopted']}")
             break

@@ -44,6 +44,8 @@ from cluster.pool_autoscale import PoolAutoscaleMixin
 from decode_worker.colocated import ColocatedWorker
 from decode_worker.worker import DecodeWorker
 from prefill_worker.worker import PrefillWorker
+from kvtransfer.base import Endpoint
+from worker_common.routing_table import RoutingTable, TableWorker
 from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, ModelConfig, PrefillEngineConfig
 
 log = logging.getLogger(__name__)
@@ -106,9 +108,22 @@ class WorkerEntry:
     worker_id: str
     kind: str
     handle: Any
-    endpoint: dict
+    endpoint: Endpoint
     node_id: str
     draining: bool = False
+
+
+@dataclass(frozen=True)
+class PoolManagerStats:
+    """What the pool manager has done since this incarnation started: workers replaced after they died,
+    workers draining now, workers it adopted (found alive) instead of creating, failed starts, starts
+    under way."""
+
+    replacements: int
+    draining: int
+    adopted: tuple[str, ...]
+    start_failures: int
+    pending: int
 
 
 def start_failure_cause(error: BaseException, spec: PoolSpec) -> str:
@@ -158,7 +173,7 @@ class PoolManager(PoolAutoscaleMixin):
         self._init_autoscale(autoscale)
 
     # ------------------------------------------------------------- creation
-    async def start(self) -> dict:
+    async def start(self) -> RoutingTable:
         """Adopt the live workers, create the missing ones and wait until they answer
         (WorkerStartError if one fails); then keep them healthy. Idempotent."""
         await self._resume()
@@ -291,31 +306,29 @@ class PoolManager(PoolAutoscaleMixin):
         _save_targets(self.namespace, targets)
 
     # -------------------------------------------------------------- queries
-    async def table(self) -> dict:
+    async def table(self) -> RoutingTable:
         """The routing table: live, non-draining workers and their endpoints."""
         await self._resume()
-        return {
-            "incarnation": self.incarnation,
-            "version": self.version,
-            "targets": dict(self.targets),
-            "autoscale": self.autoscale_report(),
-            "workers": [
-                {"worker_id": w.worker_id, "kind": w.kind, "handle": w.handle, "endpoint": w.endpoint,
-                 "node_id": w.node_id}
-                for w in self.workers.values() if not w.draining
-            ],
-        }
+        return RoutingTable(
+            incarnation=self.incarnation,
+            version=self.version,
+            targets=dict(self.targets),
+            workers=tuple(TableWorker(w.worker_id, w.kind, w.handle, w.endpoint, w.node_id)
+                          for w in self.workers.values() if not w.draining),
+            autoscale=self.autoscale_report(),
+        )
 
     async def counts(self) -> dict[str, int]:
         await self._resume()
         live = [w for w in self.workers.values() if not w.draining]
         return {kind: sum(w.kind == kind for w in live) for kind in self.kinds}
 
-    async def stats(self) -> dict:
+    async def stats(self) -> PoolManagerStats:
         await self._resume()
-        return {"replacements": self.replacements, "draining": sum(w.draining for w in self.workers.values()),
-                "adopted": list(self.adopted), "start_failures": self.start_failures,
-                "pending": sum(self._pending.values())}
+        return PoolManagerStats(replacements=self.replacements,
+                                draining=sum(w.draining for w in self.workers.values()),
+                                adopted=tuple(self.adopted), start_failures=self.start_failures,
+                                pending=sum(self._pending.values()))
 
     def pid(self) -> int:
         import os

@@ -15,6 +15,8 @@ from typing import Any
 
 from router.policy import WorkerLoad
 from router.prefix_index import PrefixIndex, PrefixQuery
+from kvtransfer.base import Endpoint
+from worker_common.routing_table import RoutingTable
 from worker_common.worker_status import WorkerStatus
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ class WorkerInfo:
     worker_id: str
     kind: str
     handle: Any
-    endpoint: dict
+    endpoint: Endpoint
     node_id: str
     status: WorkerStatus | None = None  # the last status it reported; None until the first poll answers
     alive: bool = False  # whether the last status poll was answered
@@ -89,19 +91,19 @@ class WorkerDirectory:
         await self.poll_status()
 
     async def refresh_table(self) -> None:
-        table = await asyncio.wait_for(self.pool_manager.table.remote(), timeout=STATUS_TIMEOUT_S)
+        table: RoutingTable = await asyncio.wait_for(self.pool_manager.table.remote(), timeout=STATUS_TIMEOUT_S)
         self.table_failures = 0
-        self.targets = table["targets"]
-        self.autoscale = table.get("autoscale")
+        self.targets = table.targets
+        self.autoscale = table.autoscale
         # A recreated manager counts versions afresh: its incarnation tells its tables apart.
-        version = (table["incarnation"], table["version"])
+        version = (table.incarnation, table.version)
         if version != self.version:
             fresh = {}
-            for w in table["workers"]:
-                old = self.workers.get(w["worker_id"])
-                if old is not None and (old.kind, old.endpoint) != (w["kind"], w["endpoint"]):
+            for w in table.workers:
+                old = self.workers.get(w.worker_id)
+                if old is not None and (old.kind, old.endpoint) != (w.kind, w.endpoint):
                     old = None  # it switched role in place: another kind, a new transport
-                fresh[w["worker_id"]] = old or WorkerInfo(w["worker_id"], w["kind"], w["handle"], w["endpoint"], w["node_id"])
+                fresh[w.worker_id] = old or WorkerInfo(w.worker_id, w.kind, w.handle, w.endpoint, w.node_id)
             for gone in set(self.workers) - set(fresh):
                 self.prefix_index.forget(gone)
             self.workers = fresh

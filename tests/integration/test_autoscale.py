@@ -13,6 +13,7 @@ import ray
 
 from benchmarks.deployments import make_config, running
 from router.client import AsyncClient
+from worker_common.routing_table import RoutingTable
 from tests.integration.clusters import block_usage, word_prompts
 
 MAX_NEW = 16
@@ -21,14 +22,14 @@ AUTOSCALE = {"ratio": "auto", "min_total": 2, "max_total": 4, "interval_s": 0.5,
              "scale_down_window_s": 2.0, "cooldown_s": 1.0, "high_load": 0.8, "low_load": 0.3}
 
 
-def table(pm) -> dict:
+def table(pm) -> RoutingTable:
     return ray.get(pm.table.remote(), timeout=30)
 
 
 def kinds(pm) -> dict[str, int]:
     out = {"prefill": 0, "decode": 0}
-    for w in table(pm)["workers"]:
-        out[w["kind"]] += 1
+    for w in table(pm).workers:
+        out[w.kind] += 1
     return out
 
 
@@ -37,7 +38,7 @@ def wait_pools(pm, want: dict[str, int], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while kinds(pm) != want:
         if time.monotonic() > deadline:
-            r = table(pm)["autoscale"]
+            r = table(pm).autoscale
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}: pools {kinds(pm)}, targets "
                                  f"{r.targets}, pending {r.pending}, last {r.last_action}: {r.last_reason}")
         time.sleep(0.2)
@@ -80,7 +81,7 @@ def test_scale_up_switch_role_and_scale_down_under_live_load(ray_head, tiny_mode
         finally:
             stop.set()
             traffic.join(timeout=120)
-        report = table(pm)["autoscale"]
+        report = table(pm).autoscale
         decisions = dict(report.decisions)
         assert decisions["scale_up"] >= 1 and report.last_start_s is not None
         # The prefill worker leaves its pool either by an in-place switch at max_total (rebalance) or, when
@@ -91,7 +92,7 @@ def test_scale_up_switch_role_and_scale_down_under_live_load(ray_head, tiny_mode
         assert switched or (decisions["scale_up"] >= 2 and decisions["scale_down"] >= 1), report
         # Idle: back to min_total, draining (never killing) the extra workers.
         wait_pools(pm, {"prefill": 1, "decode": 1}, 60, "the pools to shrink to min_total")
-        assert dict(table(pm)["autoscale"].decisions)["scale_down"] >= 2
+        assert dict(table(pm).autoscale.decisions)["scale_down"] >= 2
         usage = block_usage(address)
     print(f"\nautoscale live: (1, 3) after {t_switch:.1f} s; in-place switch {report.last_switch_s} s "
           f"vs fresh start {report.last_start_s:.2f} s; {len(outs)} requests")

@@ -100,7 +100,7 @@ BAD_BYTES = [
 def test_bad_input_table_beside_valid_traffic(cluster, tiny_model):
     d, address = cluster
     before = worker_ids(d)
-    replacements = ray.get(d.deployment.pool_manager.stats.remote(), timeout=30)["replacements"]
+    replacements = ray.get(d.deployment.pool_manager.stats.remote(), timeout=30).replacements
     texts = word_prompts(12, seed=11)
 
     async def go():
@@ -130,7 +130,7 @@ def test_bad_input_table_beside_valid_traffic(cluster, tiny_model):
         assert got_code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(f"{field}:"), (field, details)
     assert_exact(tiny_model, texts, outs, MAX_NEW)
     assert worker_ids(d) == before  # no worker restarted
-    assert ray.get(d.deployment.pool_manager.stats.remote(), timeout=30)["replacements"] == replacements
+    assert ray.get(d.deployment.pool_manager.stats.remote(), timeout=30).replacements == replacements
     wait_until(lambda: all_free(address), 5, "blocks back after the bad-input run")
 
 

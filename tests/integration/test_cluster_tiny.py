@@ -46,12 +46,12 @@ def test_backend_end_to_end(ray_head, tiny_model, backend, same_node):
     with running(make_config(backend=backend, kvtransfer={"same_node": same_node})) as (d, address):
         outs = generate_many(address, [dict(prompt=t, max_tokens=MAX_NEW, ignore_eos=True) for t in texts])
         status = Client(address).status()
-        workers = ray.get(d.deployment.pool_manager.table.remote(), timeout=60)["workers"]
+        workers = ray.get(d.deployment.pool_manager.table.remote(), timeout=60).workers
     # With shm, every worker advertises shared memory on its own Ray node (all one node here), so every
     # prefill/decode pair takes it (kvtransfer.node_local); without, none advertises it.
-    shm = [w["endpoint"].get("shm") for w in workers]
+    shm = [w.endpoint.get("shm") for w in workers]
     if same_node == "shm":
-        assert all(s is not None and s["node"] == w["node_id"] for s, w in zip(shm, workers))
+        assert all(s is not None and s["node"] == w.node_id for s, w in zip(shm, workers))
         assert len({(s["node"], s["host_key"]) for s in shm}) == 1
     else:
         assert shm == [None] * len(workers)

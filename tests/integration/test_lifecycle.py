@@ -107,7 +107,7 @@ def test_dead_actor_is_replaced_and_pools_return_to_size(tiny_cluster):
     # Either this call finds the death or the manager's own periodic check already did.
     replaced = ray.get(pm.check_health.remote(), timeout=300)
     assert replaced in (["decode-0"], [])
-    wait_for(lambda: "decode-0" not in {w["worker_id"] for w in ray.get(pm.table.remote(), timeout=30)["workers"]},
+    wait_for(lambda: "decode-0" not in ray.get(pm.table.remote(), timeout=30).worker_ids(),
              60.0, "the dead actor to leave the table")
     # The replacement starts in the background (the manager's lock is not held while a model loads).
     wait_for(lambda: ray.get(pm.counts.remote(), timeout=30) == {"prefill": 1, "decode": 1}, 300.0,

@@ -80,7 +80,7 @@ def test_launch_killed_pools_survive_and_a_relaunch_adopts_them(ray_head, tmp_pa
         assert worker_names(namespace) == workers
         manager = ray.get_actor(POOL_MANAGER_NAME, namespace=namespace)
         table = ray.get(manager.table.remote(), timeout=30)
-        assert {w["worker_id"] for w in table["workers"]} == workers
+        assert table.worker_ids() == workers
         # The router replicas did not die with the launch: the port serves with no launch process at all.
         orphaned = Client(address).generate("before the kill", max_tokens=8, ignore_eos=True)
         assert orphaned.token_ids == before.token_ids
@@ -153,7 +153,7 @@ def adopted(namespace: str) -> set[str] | None:
     """The workers the pool manager's current incarnation adopted; None while it is restarting."""
     try:
         manager = ray.get_actor(POOL_MANAGER_NAME, namespace=namespace)
-        return set(ray.get(manager.stats.remote(), timeout=30)["adopted"])
+        return set(ray.get(manager.stats.remote(), timeout=30).adopted)
     except (ValueError, ray.exceptions.RayError):
         return None
 

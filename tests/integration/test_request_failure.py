@@ -37,7 +37,7 @@ def test_failed_request_gets_internal_alone_and_is_not_retried(nan_cluster):
     d, address = nan_cluster
     servicer = d.deployment.router.servicer
     retries = servicer.runner.retries
-    replacements = ray.get(d.deployment.pool_manager.stats.remote(), timeout=30)["replacements"]
+    replacements = ray.get(d.deployment.pool_manager.stats.remote(), timeout=30).replacements
 
     async def go():
         client = AsyncClient(address, timeout_s=120)
@@ -64,7 +64,7 @@ def test_failed_request_gets_internal_alone_and_is_not_retried(nan_cluster):
     assert servicer.runner.retries == retries  # not tried again elsewhere
     status = Client(address).status()
     assert all(w.alive for p in status.pools for w in p.workers)
-    assert ray.get(d.deployment.pool_manager.stats.remote(), timeout=30)["replacements"] == replacements
+    assert ray.get(d.deployment.pool_manager.stats.remote(), timeout=30).replacements == replacements
     wait_until(lambda: all(used == 0 for used, _ in block_usage(address).values()), 5,
                "no block held after the failed request")
     # The workers serve on.

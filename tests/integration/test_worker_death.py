@@ -46,7 +46,7 @@ def kill(d, kind: str, worker_id: str) -> None:
 def back_to_size(d, address: str, dead: str) -> None:
     pm = d.deployment.pool_manager
     wait_until(lambda: ray.get(pm.counts.remote(), timeout=30) == {"prefill": 2, "decode": 2}
-               and dead not in {w for p in ray.get(pm.table.remote(), timeout=30)["workers"] for w in [p["worker_id"]]},
+               and dead not in ray.get(pm.table.remote(), timeout=30).worker_ids(),
                120, "the pools back to 2 + 2 without the dead worker", 0.5)
     wait_until(lambda: len(block_usage(address)) == 4 and dead not in block_usage(address), 30,
                "the router to see the replacement", 0.5)

@@ -48,8 +48,8 @@ def main() -> int:
         placement = {p.kind: [w.node_id for w in p.workers] for p in status.pools}
         table = ray.get(d.deployment.pool_manager.table.remote(), timeout=60)
         # What each worker advertises to its peers, beside the address of the node it runs on.
-        endpoints = [{"kind": w["kind"], "advertised": w["endpoint"]["host"], "node_ip": node_ips[w["node_id"]]}
-                     for w in table["workers"]]
+        endpoints = [{"kind": w.kind, "advertised": w.endpoint["host"], "node_ip": node_ips[w.node_id]}
+                     for w in table.workers]
         print(json.dumps({
             "tokens": out.token_ids,
             "prefill_nodes": [sorted(nodes[n]) for n in placement["prefill"]],
