@@ -23,6 +23,10 @@ import signal
 import sys
 
 from cluster.config import ClusterConfig, ConfigError, RayConfig, load_config
+
+# The job's last line after a clean stop (every actor of its namespace killed): `cluster.submit --stop`
+# reads it in the job's log to know that no teardown is needed.
+STOPPED_LINE = "splitserve: stopped"
 from cluster.local_ray import apply_ray_env
 
 log = logging.getLogger("splitserve.launch")
@@ -81,7 +85,7 @@ async def serve(cfg: ClusterConfig) -> None:
               flush=True)
     finally:
         await deployment.stop()
-    print("splitserve: stopped", flush=True)
+    print(STOPPED_LINE, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from cluster.config import ClusterConfig, ConfigError, load_config
-from cluster.launch import job_runtime_env
+from cluster.launch import STOPPED_LINE, job_runtime_env
 from cluster.local_ray import REPO, STATE_DIR, RayStartError, ray_bin, ray_env
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -108,9 +108,23 @@ def stop_job(dashboard: str = DEFAULT_DASHBOARD, timeout_s: float = 300.0) -> st
         raise RuntimeError(f"ray job stop {job_id} failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
     JOB_ID_FILE.unlink(missing_ok=True)
     if JOB_CONFIG_FILE.exists():
-        teardown(JOB_CONFIG_FILE.read_text().strip(), dashboard, timeout_s)
+        # A job that stopped cleanly killed its actors itself; one killed mid-drain (or by hand) left them,
+        # and a teardown job (a whole driver start, ~20 s) removes them.
+        if not stopped_cleanly(job_id, dashboard):
+            teardown(JOB_CONFIG_FILE.read_text().strip(), dashboard, timeout_s)
         JOB_CONFIG_FILE.unlink(missing_ok=True)
     return job_id
+
+
+def stopped_cleanly(job_id: str, dashboard: str = DEFAULT_DASHBOARD) -> bool:
+    """Whether job ``job_id``'s log ends with the launcher's clean-stop line (no actor left behind;
+    Ray's own shutdown may still print a line or two after it)."""
+    try:
+        run = job_cli(dashboard, "logs", job_id, timeout_s=60)
+    except subprocess.TimeoutExpired:
+        return False
+    lines = (run.stdout or "").strip().splitlines()
+    return run.returncode == 0 and STOPPED_LINE in (line.strip() for line in lines[-5:])
 
 
 def teardown(config_path: str, dashboard: str = DEFAULT_DASHBOARD, timeout_s: float = 300.0) -> str:

@@ -18,6 +18,8 @@ import os
 import re
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,9 +97,12 @@ def test_readme_bash_blocks_work_in_a_fresh_shell(tmp_path):
     outputs: dict[str, str] = {}
     try:
         for command in commands:
+            started = time.monotonic()
             run = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True,
                                  timeout=COMMAND_TIMEOUT_S)
             out = run.stdout + run.stderr
+            # Where the test's minutes go (shown with -s, or in the failure report).
+            print(f"[{time.monotonic() - started:6.1f} s] {command}", file=sys.stderr)
             assert run.returncode == 0, f"`{command}` exited {run.returncode}:\n{out[-4000:]}"
             outputs[command] = out
     finally:
