@@ -43,6 +43,7 @@ from cluster.config import AutoscaleConfig, split_at_ratio
 from cluster.pool_autoscale import PoolAutoscaleMixin
 from decode_worker.colocated import ColocatedWorker
 from decode_worker.worker import DecodeWorker
+from kvtransfer.endpoints import Endpoint
 from prefill_worker.worker import PrefillWorker
 from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, ModelConfig, PrefillEngineConfig
 
@@ -106,7 +107,7 @@ class WorkerEntry:
     worker_id: str
     kind: str
     handle: Any
-    endpoint: dict
+    endpoint: Endpoint
     node_id: str
     draining: bool = False
 

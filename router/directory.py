@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
+from kvtransfer.endpoints import Endpoint
 from router.policy import WorkerLoad
 from router.prefix_index import PrefixIndex, PrefixQuery
 from worker_common.worker_status import WorkerStatus
@@ -26,7 +27,7 @@ class WorkerInfo:
     worker_id: str
     kind: str
     handle: Any
-    endpoint: dict
+    endpoint: Endpoint
     node_id: str
     status: WorkerStatus | None = None  # the last status it reported; None until the first poll answers
     alive: bool = False  # whether the last status poll was answered
