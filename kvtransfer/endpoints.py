@@ -119,6 +119,6 @@ def narrow(peer: Endpoint, kind: type[E]) -> E:
     if isinstance(peer, NodeLocalEndpoint) and not issubclass(kind, NodeLocalEndpoint):
         peer = peer.remote
     if not isinstance(peer, kind):
-        raise ValueError(f"the endpoint of {peer.worker_id!r} is a {type(peer).__name__} "
-                         f"({peer.backend}), not a {kind.__name__}")
+        raise ValueError(f"the endpoint of {peer.worker_id!r} is {type(peer).__name__} ({peer.backend}), "
+                         f"not {kind.__name__}")
     return peer

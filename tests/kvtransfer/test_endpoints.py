@@ -58,9 +58,9 @@ def test_narrow_unwraps_the_node_local_pair_and_refuses_other_backends() -> None
     assert narrow(GRPC, GrpcEndpoint) is GRPC
     assert narrow(pair, GrpcEndpoint) is GRPC
     assert narrow(pair, NodeLocalEndpoint) is pair
-    with pytest.raises(ValueError, match="not a RayEndpoint"):
+    with pytest.raises(ValueError, match="not RayEndpoint"):
         narrow(pair, RayEndpoint)
-    with pytest.raises(ValueError, match="not a TorchDistEndpoint"):
+    with pytest.raises(ValueError, match="not TorchDistEndpoint"):
         narrow(SHM, TorchDistEndpoint)
 
 
