@@ -43,8 +43,8 @@ from cluster.config import AutoscaleConfig, split_at_ratio
 from cluster.pool_autoscale import PoolAutoscaleMixin
 from decode_worker.colocated import ColocatedWorker
 from decode_worker.worker import DecodeWorker
+from kvtransfer.endpoints import Endpoint
 from prefill_worker.worker import PrefillWorker
-from kvtransfer.base import Endpoint
 from worker_common.routing_table import RoutingTable, TableWorker
 from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, ModelConfig, PrefillEngineConfig
 

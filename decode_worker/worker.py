@@ -36,6 +36,7 @@ import torch
 from engine.async_engine import RequestFailedError
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from kvtransfer.base import TransferStatus
+from kvtransfer.endpoints import Endpoint
 from worker_common.messages import Ack, DecodeEvent, ErrorReason, KVHandoffMeta, Reserved, TokenChunk, WorkerError
 from worker_common.transfer_wait import wait_transfer
 from worker_common.worker_base import Preloaded, WorkerBase
@@ -63,7 +64,7 @@ class DecodeWorker(WorkerBase):
                        recent_latencies=tuple(self.latencies))
 
     # ------------------------------------------------------------ requests
-    async def reserve(self, transfer_id: str, num_kv_tokens: int, sender: dict,
+    async def reserve(self, transfer_id: str, num_kv_tokens: int, sender: Endpoint,
                       timeout_s: float = 30.0, token_ids: list[int] | None = None) -> Reserved | None:
         """Hold blocks for an incoming KV of ``num_kv_tokens`` tokens (plus the
         next one); ``None`` if full. ``token_ids`` (the KV's tokens): reuse
@@ -90,9 +91,9 @@ class DecodeWorker(WorkerBase):
             return None
         return reservation.cached_tokens
 
-    async def rearm(self, transfer_id: str, wire_id: str, num_kv_tokens: int, sender: dict,
+    async def rearm(self, transfer_id: str, wire_id: str, num_kv_tokens: int, sender: Endpoint,
                     timeout_s: float = 30.0, token_ids: list[int] | None = None,
-                    kv_start: int = 0) -> dict | None:
+                    kv_start: int = 0) -> Endpoint | None:
         """After a failed transfer: expect the KV (from token ``kv_start``, as
         first reserved) again, under ``wire_id``, into the same reservation. If
         the lease had run out meanwhile (a prefill queue longer than the
@@ -111,7 +112,7 @@ class DecodeWorker(WorkerBase):
         self._expect(transfer_id, num_kv_tokens - kv_start, sender, timeout_s, wire_id)
         return self.kv_transport.endpoint()
 
-    def _expect(self, transfer_id: str, num_kv_tokens: int, sender: dict, timeout_s: float,
+    def _expect(self, transfer_id: str, num_kv_tokens: int, sender: Endpoint, timeout_s: float,
                 wire_id: str | None = None) -> None:
         """Expect ``num_kv_tokens`` tokens' KV (what is not cached here) from ``sender``."""
         lay = self.layout

@@ -19,20 +19,22 @@ shape and dtype from ``expect``, so no header travels with it. Token ids and
 sampling state travel separately, through the router. Nothing received is
 ever unpickled. Every wait is bounded by the ``timeout_s`` of its transfer.
 
-Endpoints are small JSON-able dicts (``{"worker_id": ..., "host": ...,
-"port": ...}``) that a worker publishes and peers pass back to ``send`` /
-``expect``; their keys beyond ``worker_id`` are the backend's business.
+An :class:`~kvtransfer.endpoints.Endpoint` (a frozen dataclass, one
+subclass per backend, in :mod:`kvtransfer.endpoints`) is what a worker
+publishes and peers pass back to ``send`` / ``expect``; its fields beyond
+``worker_id`` and ``backend`` are the backend's business.
 """
 
 from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from typing import Any
 
 import torch
 
-Endpoint = dict[str, Any]
+from kvtransfer.endpoints import Endpoint
+
+__all__ = ["Endpoint", "KVTransport", "TransferError", "TransferStatus"]
 
 
 class TransferStatus(enum.IntEnum):
@@ -56,7 +58,7 @@ class KVTransport(ABC):
 
     @abstractmethod
     def endpoint(self) -> Endpoint:
-        """How peers reach this transport (JSON-able)."""
+        """How peers reach this transport (its backend's :class:`Endpoint` subclass)."""
 
     # ---------------------------------------------------------- receiver side
     @abstractmethod

@@ -52,8 +52,9 @@ import grpc.aio
 import numpy as np
 import torch
 
-from kvtransfer.base import Endpoint, TransferStatus
+from kvtransfer.base import TransferStatus
 from kvtransfer.chunking import DEFAULT_CHUNK_BYTES, byte_view, chunk_ranges
+from kvtransfer.endpoints import Endpoint, GrpcEndpoint, narrow
 from kvtransfer.faults import TransferFaults
 from kvtransfer.stream_limits import DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_STREAM_IDLE_S, MAX_STREAMS_PER_PEER
 from kvtransfer.transport_base import Transfer, TransportBase
@@ -206,9 +207,8 @@ class GrpcTransport(TransportBase):
         else:
             self._streams.pop(sender, None)
 
-    def endpoint(self) -> Endpoint:
-        return {"worker_id": self.worker_id, "backend": "grpc", "host": self.host, "port": self.port,
-                "max_chunk_bytes": self.chunk_bytes}
+    def endpoint(self) -> GrpcEndpoint:
+        return GrpcEndpoint(worker_id=self.worker_id, host=self.host, port=self.port, max_chunk_bytes=self.chunk_bytes)
 
     # ---------------------------------------------------------- receiver side
     def expect(self, transfer_id: str, shape: tuple[int, ...], dtype: torch.dtype, peer: Endpoint,
@@ -222,9 +222,8 @@ class GrpcTransport(TransportBase):
         t = self._find(transfer_id)
         if t is None or t.role != "recv":
             return None, f"refused by {self.worker_id}: transfer {transfer_id!r} is not expected"
-        if t.peer.get("worker_id") != sender:
-            expected = t.peer.get("worker_id")
-            return None, f"refused by {self.worker_id}: {transfer_id!r} is expected from {expected!r}"
+        if t.peer.worker_id != sender:
+            return None, f"refused by {self.worker_id}: {transfer_id!r} is expected from {t.peer.worker_id!r}"
         with self._lock:
             if self._expire(t) or t.status.done or t.scratch.get("streaming"):
                 return None, f"refused by {self.worker_id}: {transfer_id!r} is {t.status.name} ({t.error})"
@@ -265,8 +264,8 @@ class GrpcTransport(TransportBase):
         t = self._new_transfer(transfer_id, "send", peer, timeout_s, tensor.contiguous())
         self._spawn(self._run_send, t, name=f"send-{transfer_id}")
 
-    def _stub(self, peer: Endpoint) -> kvtransfer_pb2_grpc.KvTransferStub:
-        target = _target(str(peer["host"]), int(peer["port"]))
+    def _stub(self, peer: GrpcEndpoint) -> kvtransfer_pb2_grpc.KvTransferStub:
+        target = _target(peer.host, peer.port)
         with self._channels_lock:
             if target not in self._channels:
                 channel = grpc.insecure_channel(target, options=[
@@ -289,14 +288,15 @@ class GrpcTransport(TransportBase):
         if not self._start_send_faults(t):
             return
         try:
-            stub = self._stub(t.peer)
-        except (KeyError, ValueError) as e:
+            peer = narrow(t.peer, GrpcEndpoint)
+            stub = self._stub(peer)
+        except ValueError as e:
             self._fail(t, f"bad grpc endpoint {t.peer}: {e}")
             return
         if t.scratch["drop"]:
             self._advance(t, TransferStatus.TRANSFERRING)
             return  # nothing is pushed and no ack comes: the deadline fails both sides
-        chunk = min(self.chunk_bytes, int(t.peer.get("max_chunk_bytes", self.chunk_bytes)))
+        chunk = min(self.chunk_bytes, peer.max_chunk_bytes)
         metadata = [(_SENDER_KEY, self.worker_id), (_TRANSFER_KEY, t.transfer_id.encode()),
                     (_TOTAL_KEY, str(t.nbytes))]
         proof = self._proof(t.transfer_id, t.nbytes)
@@ -314,7 +314,7 @@ class GrpcTransport(TransportBase):
             self._fail(t, "cancelled")
             return
         except grpc.RpcError as e:
-            self._fail(t, f"push to {t.peer.get('worker_id')} failed: {e.code().name}: {e.details()}")
+            self._fail(t, f"push to {t.peer.worker_id} failed: {e.code().name}: {e.details()}")
             return
         if ack.ok:
             self._succeed(t)

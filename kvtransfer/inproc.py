@@ -20,8 +20,9 @@ import threading
 
 import torch
 
-from kvtransfer.base import Endpoint, TransferStatus
+from kvtransfer.base import TransferStatus
 from kvtransfer.chunking import DEFAULT_CHUNK_BYTES, byte_view, chunk_ranges
+from kvtransfer.endpoints import Endpoint, InProcEndpoint
 from kvtransfer.faults import TransferFaults
 from kvtransfer.transport_base import Transfer, TransportBase
 
@@ -61,8 +62,8 @@ class InProcTransport(TransportBase):
         self._hub = hub
         hub.register(self)
 
-    def endpoint(self) -> Endpoint:
-        return {"worker_id": self.worker_id, "backend": "inproc"}
+    def endpoint(self) -> InProcEndpoint:
+        return InProcEndpoint(worker_id=self.worker_id)
 
     # ---------------------------------------------------------- receiver side
     def expect(self, transfer_id: str, shape: tuple[int, ...], dtype: torch.dtype, peer: Endpoint,
@@ -74,8 +75,8 @@ class InProcTransport(TransportBase):
         t = self._find(transfer_id)
         if t is None or t.role != "recv":
             return None, f"refused by {self.worker_id}: transfer {transfer_id!r} is not expected"
-        if t.peer.get("worker_id") != sender_id:
-            return None, f"refused by {self.worker_id}: {transfer_id!r} is expected from {t.peer.get('worker_id')!r}"
+        if t.peer.worker_id != sender_id:
+            return None, f"refused by {self.worker_id}: {transfer_id!r} is expected from {t.peer.worker_id!r}"
         if self._expire(t) or t.status.done:
             return None, f"refused by {self.worker_id}: {transfer_id!r} is {t.status.name} ({t.error})"
         return t, None
@@ -128,9 +129,9 @@ class InProcTransport(TransportBase):
     def _run_send(self, t: Transfer) -> None:
         if not self._start_send_faults(t):
             return
-        receiver = self._hub.lookup(str(t.peer.get("worker_id")))
+        receiver = self._hub.lookup(t.peer.worker_id)
         if receiver is None:
-            self._fail(t, f"no transport {t.peer.get('worker_id')!r} on the hub")
+            self._fail(t, f"no transport {t.peer.worker_id!r} on the hub")
             return
         self._advance(t, TransferStatus.TRANSFERRING)
         if t.scratch["drop"]:

@@ -2,8 +2,9 @@
 
 :class:`NodeLocalTransport` is what a worker holds when ``kvtransfer.same_node``
 is ``shm``: a :class:`~kvtransfer.shm_transport.ShmTransport` and the
-configured (cross-node) transport side by side. Its endpoint is the
-cross-node backend's, plus ``node`` and the shm endpoint under ``shm``; for
+configured (cross-node) transport side by side. Its endpoint is a
+:class:`~kvtransfer.endpoints.NodeLocalEndpoint`: the cross-node backend's
+endpoint (``remote``) and the shm one (``shm``, which names the node); for
 each transfer, ``send`` and ``expect`` look at the peer's endpoint and pick
 shared memory when the peer is on the same node (same node id, same kernel
 and network namespace: :meth:`ShmTransport.shares_memory_with`), the
@@ -19,7 +20,8 @@ import threading
 
 import torch
 
-from kvtransfer.base import Endpoint, KVTransport, TransferStatus
+from kvtransfer.base import KVTransport, TransferStatus
+from kvtransfer.endpoints import Endpoint, NodeLocalEndpoint
 from kvtransfer.shm_transport import ShmTransport
 
 
@@ -32,20 +34,21 @@ class NodeLocalTransport(KVTransport):
         self._lock = threading.Lock()
         self._routes: dict[str, KVTransport] = {}
 
-    def endpoint(self) -> Endpoint:
-        return {**self.remote.endpoint(), "node": self.local.node_id, "shm": self.local.endpoint()}
+    def endpoint(self) -> NodeLocalEndpoint:
+        return NodeLocalEndpoint(remote=self.remote.endpoint(), shm=self.local.endpoint())
 
     def path_for(self, peer: Endpoint) -> str:
         """``"shm"`` if transfers with ``peer`` go through shared memory, else the backend's name."""
-        shm = peer.get("shm")
-        if isinstance(shm, dict) and self.local.shares_memory_with(shm):
+        if isinstance(peer, NodeLocalEndpoint) and self.local.shares_memory_with(peer.shm):
             return "shm"
-        return str(self.remote.endpoint().get("backend", "remote"))
+        return self.remote.endpoint().backend
 
     def _pick(self, transfer_id: str, peer: Endpoint) -> tuple[KVTransport, Endpoint]:
-        if self.path_for(peer) == "shm":
-            return self.local, peer["shm"]
-        return self.remote, peer
+        if isinstance(peer, NodeLocalEndpoint):
+            if self.path_for(peer) == "shm":
+                return self.local, peer.shm
+            return self.remote, peer.remote
+        return self.remote, peer  # a peer without the shm half (same_node: backend)
 
     def _route(self, transfer_id: str) -> KVTransport:
         with self._lock:

@@ -37,8 +37,9 @@ import numpy as np
 import ray
 import torch
 
-from kvtransfer.base import Endpoint, TransferError, TransferStatus
+from kvtransfer.base import TransferError, TransferStatus
 from kvtransfer.chunking import byte_view
+from kvtransfer.endpoints import Endpoint, RayEndpoint, narrow
 from kvtransfer.faults import TransferFaults
 from kvtransfer.transport_base import Transfer, TransportBase
 
@@ -66,9 +67,8 @@ class RayTransport(TransportBase):
         self._actors: dict[tuple[str, str | None], Any] = {}
         self._actors_lock = threading.Lock()
 
-    def endpoint(self) -> Endpoint:
-        return {"worker_id": self.worker_id, "backend": "ray", "actor_name": self.actor_name,
-                "namespace": self.namespace}
+    def endpoint(self) -> RayEndpoint:
+        return RayEndpoint(worker_id=self.worker_id, actor_name=self.actor_name, namespace=self.namespace)
 
     # ---------------------------------------------------------- receiver side
     def expect(self, transfer_id: str, shape: tuple[int, ...], dtype: torch.dtype, peer: Endpoint,
@@ -94,9 +94,9 @@ class RayTransport(TransportBase):
         t = self._find(transfer_id)
         if t is None or t.role != "recv":
             raise TransferError(f"refused by {self.worker_id}: transfer {transfer_id!r} is not expected")
-        if sender_id is not None and t.peer.get("worker_id") != sender_id:
+        if sender_id is not None and t.peer.worker_id != sender_id:
             raise TransferError(f"refused by {self.worker_id}: {transfer_id!r} is expected from "
-                                f"{t.peer.get('worker_id')!r}, not {sender_id!r}")
+                                f"{t.peer.worker_id!r}, not {sender_id!r}")
         if len(refs) != 1:
             raise TransferError(f"refused by {self.worker_id}: expected one object ref, got {len(refs)}")
         with self._lock:
@@ -131,8 +131,12 @@ class RayTransport(TransportBase):
         t = self._new_transfer(transfer_id, "send", peer, timeout_s, tensor.contiguous())
         self._spawn(self._run_send, t, name=f"send-{transfer_id}")
 
-    def _actor(self, peer: Endpoint) -> Any:
-        key = (str(peer["actor_name"]), peer.get("namespace"))
+    @staticmethod
+    def _actor_key(peer: RayEndpoint) -> tuple[str, str | None]:
+        return str(peer.actor_name), peer.namespace
+
+    def _actor(self, peer: RayEndpoint) -> Any:
+        key = self._actor_key(peer)
         with self._actors_lock:
             if key not in self._actors:
                 self._actors[key] = ray.get_actor(key[0], namespace=key[1])
@@ -142,8 +146,9 @@ class RayTransport(TransportBase):
         if not self._start_send_faults(t):
             return
         try:
-            actor = self._actor(t.peer)
-        except Exception as e:  # ValueError when no such actor, KeyError on a bad endpoint
+            peer = narrow(t.peer, RayEndpoint)
+            actor = self._actor(peer)
+        except Exception as e:  # ValueError when no such actor or on another backend's endpoint
             self._fail(t, f"cannot find the actor of {t.peer}: {type(e).__name__}: {e}")
             return
         self._advance(t, TransferStatus.TRANSFERRING)
@@ -162,7 +167,7 @@ class RayTransport(TransportBase):
             except Exception as e:  # the receiver refused (TransferError) or died
                 if not isinstance(e, TransferError):  # a dead actor's handle is not reused
                     with self._actors_lock:
-                        self._actors.pop((str(t.peer["actor_name"]), t.peer.get("namespace")), None)
+                        self._actors.pop(self._actor_key(peer), None)
                 self._fail(t, f"peer refused: {type(e).__name__}: {e}")
                 return
             self._succeed(t)

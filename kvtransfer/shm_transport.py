@@ -51,12 +51,13 @@ import select
 import socket
 import struct
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
-from kvtransfer.base import Endpoint, TransferStatus
+from kvtransfer.base import TransferStatus
 from kvtransfer.chunking import DEFAULT_CHUNK_BYTES, byte_view
+from kvtransfer.endpoints import Endpoint, ShmEndpoint
 from kvtransfer.faults import TransferFaults
 from kvtransfer.shm_buffers import BufferPool, PeerMappings, ShmBuffer, host_key
 from kvtransfer.shm_settings import DEFAULT_SHM_POOL_BYTES
@@ -177,14 +178,13 @@ class ShmTransport(TransportBase):
         self._uid = os.getuid()
         self._spawn(self._accept_loop, name="shm-accept")
 
-    def endpoint(self) -> Endpoint:
-        return {"worker_id": self.worker_id, "backend": "shm", "node": self.node_id, "host_key": self.host_key,
-                "socket": self._address[1:], "instance": self.instance, "pid": os.getpid()}
+    def endpoint(self) -> ShmEndpoint:
+        return ShmEndpoint(worker_id=self.worker_id, node=self.node_id, host_key=self.host_key,
+                           socket=self._address[1:], instance=self.instance, pid=os.getpid())
 
-    def shares_memory_with(self, peer: Endpoint) -> bool:
-        """Whether ``peer`` (an shm endpoint) is on this node: same node id and same host key."""
-        return peer.get("backend") == "shm" and peer.get("node") == self.node_id \
-            and peer.get("host_key") == self.host_key
+    def shares_memory_with(self, peer: Endpoint) -> TypeGuard[ShmEndpoint]:
+        """Whether ``peer`` is an shm endpoint on this node: same node id and same host key."""
+        return isinstance(peer, ShmEndpoint) and peer.node == self.node_id and peer.host_key == self.host_key
 
     def pool_stats(self) -> dict[str, int]:
         """The receiver's buffer pool (pooled, free, lent, pooled_bytes, created) and the sender's mappings."""
@@ -288,8 +288,8 @@ class ShmTransport(TransportBase):
     def _check_push(self, t: Transfer | None, tid: str, sender: str, nbytes: int) -> str | None:
         if t is None or t.role != "recv":
             return f"refused by {self.worker_id}: transfer {tid!r} is not expected"
-        if t.peer.get("worker_id") != sender:
-            return f"refused by {self.worker_id}: {tid!r} is expected from {t.peer.get('worker_id')!r}"
+        if t.peer.worker_id != sender:
+            return f"refused by {self.worker_id}: {tid!r} is expected from {t.peer.worker_id!r}"
         if nbytes != t.nbytes:
             why = f"size mismatch: sender has {nbytes} bytes, receiver expects {t.nbytes}"
             self._fail(t, why)
@@ -306,7 +306,7 @@ class ShmTransport(TransportBase):
             return
         peer = t.peer
         if not self.shares_memory_with(peer):
-            self._fail(t, f"{peer.get('worker_id')!r} is not an shm endpoint on this node")
+            self._fail(t, f"{peer.worker_id!r} is not an shm endpoint on this node")
             return
         if t.scratch["drop"]:
             self._advance(t, TransferStatus.TRANSFERRING)
@@ -321,21 +321,21 @@ class ShmTransport(TransportBase):
                 return
             sock.settimeout(max(t.remaining(), 0.001))
             try:
-                sock.connect("\0" + str(peer["socket"]))
+                sock.connect("\0" + peer.socket)
             except OSError as e:
                 if e.errno in (errno.ECONNREFUSED, errno.ENOENT):  # that receiver is gone: so are its buffers
-                    self._mappings.forget_peer(str(peer.get("instance")))
+                    self._mappings.forget_peer(peer.instance)
                 raise
             if _peer_uid(sock) != self._uid:
                 self._fail(t, "the receiver runs as another user")
                 return
-            self._push(t, sock)
+            self._push(t, sock, peer)
         except (OSError, ProtocolError) as e:
-            self._fail(t, f"push to {peer.get('worker_id')} failed: {type(e).__name__}: {e}")
+            self._fail(t, f"push to {peer.worker_id} failed: {type(e).__name__}: {e}")
         finally:
             sock.close()
 
-    def _push(self, t: Transfer, sock: socket.socket) -> None:
+    def _push(self, t: Transfer, sock: socket.socket, peer: ShmEndpoint) -> None:
         send_frame(sock, {"op": "push", "transfer_id": t.transfer_id, "sender": self.worker_id, "nbytes": t.nbytes,
                           "proof": self._proof(t.transfer_id, t.nbytes)})
         grant, fds = recv_frame(sock, max_fds=1)
@@ -354,7 +354,7 @@ class ShmTransport(TransportBase):
                 for fd in fds:
                     os.close(fd)
                 raise ProtocolError(f"bad grant: {str(grant)[:200]}")
-            mm = self._mappings.map(str(t.peer["instance"]), int(t.peer.get("pid", 0)), token, size,
+            mm = self._mappings.map(peer.instance, peer.pid, token, size,
                                     fds[0] if fds else None, [str(x) for x in live])
             dst = torch.frombuffer(mm, dtype=torch.uint8, count=n)
             src = byte_view(t.tensor if t.tensor.device.type == "cpu" else t.tensor.cpu())
@@ -366,7 +366,7 @@ class ShmTransport(TransportBase):
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + _PEER_CHECK_S
                     if _hung_up(sock):  # the receiver aborted or died: stop now, not after the copy
-                        self._fail(t, f"{t.peer.get('worker_id')} ended the transfer during the copy")
+                        self._fail(t, f"{peer.worker_id} ended the transfer during the copy")
                         break
                 dst[off:off + k].copy_(src[off:off + k])
                 chunks += 1

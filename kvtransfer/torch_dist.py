@@ -79,8 +79,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kvtransfer.base import Endpoint, TransferStatus
+from kvtransfer.base import TransferStatus
 from kvtransfer.chunking import DEFAULT_CHUNK_BYTES, byte_view, chunk_ranges
+from kvtransfer.endpoints import Endpoint, TorchDistEndpoint, narrow
 from kvtransfer.faults import TransferFaults
 from kvtransfer.push_proof import SECRET_REFUSED
 from kvtransfer.torch_pairs import (BadRecord, RecordSeal, RecvPair, SendPair, await_accept, listening_store,
@@ -144,18 +145,15 @@ class TorchDistTransport(TransportBase):
         self._recv_pairs: dict[str, RecvPair] = {}  # sender pair key -> pair
         self._pairs_lock = threading.Lock()
 
-    def endpoint(self) -> Endpoint:
-        # "sealed": whether this side seals its store records (has a secret); a sender with a
-        # secret then refuses unsealed ones. Endpoints travel through the router, not the store.
-        return {"worker_id": self.worker_id, "backend": self.backend, "host": self.host, "port": self.port,
-                "instance": self.instance, "sealed": self._secret is not None}
+    def endpoint(self) -> TorchDistEndpoint:
+        # Endpoints travel through the router, not the store: whoever reaches the store cannot flip "sealed".
+        return TorchDistEndpoint(worker_id=self.worker_id, backend=self.backend, host=self.host, port=self.port,
+                                 instance=self.instance, sealed=self._secret is not None)
 
     # ---------------------------------------------------------- receiver side
     def expect(self, transfer_id: str, shape: tuple[int, ...], dtype: torch.dtype, peer: Endpoint,
                timeout_s: float) -> None:
-        if "instance" not in peer or "worker_id" not in peer:
-            raise ValueError(f"not a TorchDistTransport endpoint (no worker_id/instance): {peer}")
-        sender = _pair_key(str(peer["worker_id"]), str(peer["instance"]))
+        sender = _pair_key(peer.worker_id, narrow(peer, TorchDistEndpoint).instance)  # ValueError if not ours
         with self._pairs_lock:
             pair = self._recv_pairs.get(sender)
             ready = pair is not None and pair.group is not None and pair.broken is None
@@ -192,7 +190,7 @@ class TorchDistTransport(TransportBase):
                 self._fail(t, f"sender gave up: {go.get('why')}")
                 store.delete_key(dkey)
                 return
-            why = self._authenticate(t.transfer_id, str(t.peer["worker_id"]), t.nbytes, go.get("proof"))
+            why = self._authenticate(t.transfer_id, t.peer.worker_id, t.nbytes, go.get("proof"))
             if why is None:
                 steering = (_int_field(go, "gen", 1), _int_field(go, "seq", 0), _int_field(go, "chunk", 1))
         except BadRecord as e:  # forged or altered: refuse it before it can steer a gloo op
@@ -337,23 +335,23 @@ class TorchDistTransport(TransportBase):
         if not self._start_send_faults(t):
             return
         try:
-            host, port, inst = str(t.peer["host"]), int(t.peer["port"]), str(t.peer["instance"])
-            peer = f"{host}:{port}/{inst}"
-            store = self._client(peer, host, port, t.remaining())
-        except Exception as e:  # bad endpoint, peer unreachable
-            self._fail(t, f"cannot reach the store of {t.peer.get('worker_id')}: {e}")
+            ep = narrow(t.peer, TorchDistEndpoint)
+            peer = f"{ep.host}:{ep.port}/{ep.instance}"
+            store = self._client(peer, ep.host, ep.port, t.remaining())
+        except Exception as e:  # another backend's endpoint, peer unreachable
+            self._fail(t, f"cannot reach the store of {t.peer.worker_id}: {e}")
             return
         try:
-            self._send_via(t, store, peer)
+            self._send_via(t, store, peer, ep)
         except Exception:  # the peer's store went away: do not reuse this client
             with self._pairs_lock:
                 if self._clients.get(peer) is store:
                     del self._clients[peer]
             raise  # _spawn fails the transfer with this error
 
-    def _sealed_by(self, peer: Endpoint) -> bool:
+    def _sealed_by(self, peer: TorchDistEndpoint) -> bool:
         """Whether the records of the receiver ``peer`` must carry a good seal (we and it have a secret)."""
-        return self._secret is not None and bool(peer.get("sealed", True))
+        return self._secret is not None and peer.sealed
 
     def _sabort(self, store: dist.TCPStore, dkey: str, why: str | None, required: bool) -> None:
         """Call the transfer off in the receiver's store (unless the receiver already decided)."""
@@ -362,24 +360,24 @@ class TorchDistTransport(TransportBase):
         except BadRecord:
             pass  # someone else's junk is there; the receiver refuses it by itself
 
-    def _send_via(self, t: Transfer, store: dist.TCPStore, peer: str) -> None:
-        """Steps 2-5 of the module doc for one send, over the peer's store ``store``."""
+    def _send_via(self, t: Transfer, store: dist.TCPStore, peer: str, ep: TorchDistEndpoint) -> None:
+        """Steps 2-5 of the module doc for one send, over the store ``store`` of ``ep`` (pair key ``peer``)."""
         me = _pair_key(self.worker_id, self.instance)
         dkey = f"kv/d/{t.transfer_id}"
-        sealed = self._sealed_by(t.peer)
+        sealed = self._sealed_by(ep)
         grace = min(t.deadline, t.deadline - t.timeout_s + self.expect_grace_s)
         try:
             reg = poll(lambda: store_read(store, f"kv/x/{t.transfer_id}", self._seal, sealed), t, grace)
             if reg is not None:
                 tag, nbytes = _int_field(reg, "tag", 0), _int_field(reg, "nbytes", 0)
         except BadRecord as e:  # forged or altered: do not let it steer our ops
-            why = f"refused: {SECRET_REFUSED} (the registration of {t.transfer_id!r} by {t.peer.get('worker_id')}: {e})"
+            why = f"refused: {SECRET_REFUSED} (the registration of {t.transfer_id!r} by {ep.worker_id}: {e})"
             self._sabort(store, dkey, why, sealed)
             self._fail(t, why)
             return
         if reg is None:
             if not self._expire(t):
-                self._fail(t, f"refused: {t.peer.get('worker_id')} does not expect {t.transfer_id!r}")
+                self._fail(t, f"refused: {ep.worker_id} does not expect {t.transfer_id!r}")
             return
         if reg.get("sender") != me:  # not ours to call off: the expected sender may still come
             self._fail(t, f"refused: {t.transfer_id!r} is expected from {reg.get('sender')}, not {me}")
@@ -396,7 +394,7 @@ class TorchDistTransport(TransportBase):
                 self._sabort(store, dkey, t.error, sealed)
                 return
         try:
-            works = self._commit_and_post(t, store, pair, me, tag, sealed)
+            works = self._commit_and_post(t, store, pair, me, tag, sealed, ep)
         finally:
             pair.lock.release()
         if works is None:
@@ -441,7 +439,7 @@ class TorchDistTransport(TransportBase):
         return broken
 
     def _commit_and_post(self, t: Transfer, store: dist.TCPStore, pair: SendPair, me: str,
-                         tag: int, sealed: bool) -> list[Any] | None:
+                         tag: int, sealed: bool, ep: TorchDistEndpoint) -> list[Any] | None:
         """Under the pair lock: claim "go", build the group if needed, post the sends."""
         gen_key = f"kv/pair/{me}"
         if pair.gen is None or pair.broken is not None or self._receiver_broke(store, gen_key, pair.gen, sealed):
@@ -482,7 +480,7 @@ class TorchDistTransport(TransportBase):
                         self._break_send_pair(pair, why)
                     self._fail(t, why)
                     return None
-                pair.group = new_group(self.backend, str(t.peer["host"]), int(t.peer["port"]), f"{gen_key}/g{pair.gen}",
+                pair.group = new_group(self.backend, ep.host, ep.port, f"{gen_key}/g{pair.gen}",
                                        1, t.remaining(), self._gloo_device)
             self._advance(t, TransferStatus.TRANSFERRING)
             data = t.tensor if t.tensor.device == self.device else t.tensor.to(self.device)

@@ -51,7 +51,7 @@ class Transfer:
 
     transfer_id: str
     role: Role
-    peer: Endpoint
+    peer: Endpoint  # as given to expect/send (immutable: no copy needed)
     timeout_s: float
     deadline: float  # time.monotonic() seconds
     nbytes: int
@@ -100,7 +100,7 @@ class TransportBase(KVTransport):
     def _new_transfer(self, transfer_id: str, role: Role, peer: Endpoint, timeout_s: float,
                       tensor: torch.Tensor, status: TransferStatus = TransferStatus.BOOTSTRAPPING) -> Transfer:
         timeout_s = validate_timeout(timeout_s)
-        t = Transfer(transfer_id, role, dict(peer), timeout_s, time.monotonic() + timeout_s,
+        t = Transfer(transfer_id, role, peer, timeout_s, time.monotonic() + timeout_s,
                      tensor.numel() * tensor.element_size(), tensor, status)
         with self._lock:
             if self._closed:

@@ -35,6 +35,7 @@ from engine.async_engine import RequestFailedError
 from engine.llm_engine import RequestOutput
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from kvtransfer.base import TransferStatus
+from kvtransfer.endpoints import Endpoint
 from worker_common.messages import ErrorReason, KVHandoffMeta, KVPushed, PrefillResult, TokenChunk, WorkerError
 from worker_common.transfer_wait import wait_transfer
 from worker_common.worker_base import Preloaded, WorkerBase
@@ -71,7 +72,7 @@ class PrefillWorker(WorkerBase):
         transfer_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        decode_endpoint: dict,
+        decode_endpoint: Endpoint,
         timeout_s: float = 30.0,
         output_token_ids: list[int] | None = None,
         emitted_text: str | None = None,
@@ -144,7 +145,7 @@ class PrefillWorker(WorkerBase):
             first = out
         return first
 
-    async def resend(self, transfer_id: str, wire_id: str, decode_endpoint: dict,
+    async def resend(self, transfer_id: str, wire_id: str, decode_endpoint: Endpoint,
                      timeout_s: float) -> KVPushed | WorkerError:
         """Push a held KV again, under the fresh ``wire_id``, after a failed
         transfer (the decode side re-armed its reservation for that id)."""
@@ -152,7 +153,7 @@ class PrefillWorker(WorkerBase):
             return WorkerError(ErrorReason.NO_HELD_KV, "nothing held to resend")
         return await self._push(transfer_id, decode_endpoint, timeout_s, wire_id)
 
-    async def _push(self, transfer_id: str, decode_endpoint: dict, timeout_s: float,
+    async def _push(self, transfer_id: str, decode_endpoint: Endpoint, timeout_s: float,
                     wire_id: str | None = None) -> KVPushed | WorkerError:
         """Export and send the parked KV. On failure the KV stays held (under
         the hold lease) so that the router can ask for one more try."""

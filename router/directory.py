@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
+from kvtransfer.endpoints import Endpoint
 from router.policy import WorkerLoad
 from router.prefix_index import PrefixIndex, PrefixQuery
-from kvtransfer.base import Endpoint
 from worker_common.routing_table import RoutingTable
 from worker_common.worker_status import WorkerStatus
 

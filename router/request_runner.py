@@ -57,6 +57,7 @@ from typing import Any, NoReturn
 import ray
 
 from engine.sampling_params import InvalidRequestError
+from kvtransfer.endpoints import Endpoint
 from observability.stages import RequestPath, Timeline
 from router.directory import WorkerDirectory, WorkerInfo
 from router.policy import RoutingPolicy
@@ -310,7 +311,7 @@ class RequestRunner:
                 decode.handle.abort.remote(transfer_id)
 
     async def _prefill(self, prefill: WorkerInfo, decode: WorkerInfo, transfer_id: str, req: ParsedRequest,
-                       progress: _Progress, endpoint: dict, kv_ids: list[int], kv_start: int) -> PrefillResult:
+                       progress: _Progress, endpoint: Endpoint, kv_ids: list[int], kv_start: int) -> PrefillResult:
         """Prefill and push the KV from token ``kv_start`` on (the decode side
         caches the rest); a failed push is retried into the same reservation.
         The result's ``push`` is a :class:`KVPushed`, or ``None`` when the first token finished the request."""

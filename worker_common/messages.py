@@ -26,6 +26,7 @@ import torch
 from engine.kv_cache import KVLayout
 from engine.kv_handoff import KVHandoff
 from engine.sampler import TokenLogprob
+from kvtransfer.endpoints import Endpoint
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class Reserved:
     holds in its prefix cache; only the KV from there on is expected
     (the prefill worker exports from ``cached_tokens``)."""
 
-    endpoint: dict
+    endpoint: Endpoint
     cached_tokens: int = 0
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvtransfer.base import Endpoint
+from kvtransfer.endpoints import Endpoint
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from analysis.machine_peaks import MachinePeaks, measure_peaks_fast
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
 from engine.model_loader import LoadedModel, load_model
+from kvtransfer.endpoints import Endpoint
 from kvtransfer.factory import make_transport
 from kvtransfer.ray_transport import KVTransferActorMixin
 from worker_common.messages import ModelLimits
@@ -86,7 +87,8 @@ class WorkerBase(KVTransferActorMixin):
         """The served model's name and limits, for the router's validation."""
         return self._limits
 
-    def endpoint(self) -> dict:
+    def endpoint(self) -> Endpoint:
+        """How peers reach this worker's KV transport."""
         return self.kv_transport.endpoint()
 
     def node_id(self) -> str:

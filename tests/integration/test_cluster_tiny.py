@@ -12,6 +12,7 @@ import pytest
 import ray
 
 from benchmarks.deployments import make_config, running
+from kvtransfer.endpoints import NodeLocalEndpoint
 from router.client import Client
 from tests.integration.clusters import generate_many
 from tests.reference import Comparison, compare_greedy
@@ -49,10 +50,10 @@ def test_backend_end_to_end(ray_head, tiny_model, backend, same_node):
         workers = ray.get(d.deployment.pool_manager.table.remote(), timeout=60).workers
     # With shm, every worker advertises shared memory on its own Ray node (all one node here), so every
     # prefill/decode pair takes it (kvtransfer.node_local); without, none advertises it.
-    shm = [w.endpoint.get("shm") for w in workers]
+    shm = [w.endpoint.shm if isinstance(w.endpoint, NodeLocalEndpoint) else None for w in workers]
     if same_node == "shm":
-        assert all(s is not None and s["node"] == w.node_id for s, w in zip(shm, workers))
-        assert len({(s["node"], s["host_key"]) for s in shm}) == 1
+        assert all(s is not None and s.node == w.node_id for s, w in zip(shm, workers))
+        assert len({(s.node, s.host_key) for s in shm}) == 1
     else:
         assert shm == [None] * len(workers)
     check_exact(tiny_model, texts, outs)

@@ -24,6 +24,7 @@ from cluster.deployment import POOL_MANAGER_NAME, pool_specs
 from cluster.local_ray import free_port
 from cluster.pool_manager import PoolManager, WorkerStartError, named_actors
 from cluster.router_replica import ROUTER_NAME_PREFIX
+from kvtransfer.endpoints import InProcEndpoint
 from router.client import Client
 from tests.integration.clusters import wait_until
 
@@ -163,6 +164,7 @@ def flaky_worker(counter: str, failures: int, slow_s: float):
 
     class Flaky:
         def __init__(self, worker_id, *, model, engine, handoff):
+            self.worker_id = worker_id
             path = Path(counter)
             n = int(path.read_text()) if path.exists() else 0
             path.write_text(str(n + 1))
@@ -174,7 +176,7 @@ def flaky_worker(counter: str, failures: int, slow_s: float):
             return True
 
         def endpoint(self):
-            return {}
+            return InProcEndpoint(worker_id=self.worker_id)
 
         def node_id(self):
             return "node"

@@ -19,7 +19,15 @@ os.environ.pop("RAY_ADDRESS", None)
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from kvtransfer.endpoints import Endpoint, GrpcEndpoint, NodeLocalEndpoint, TorchDistEndpoint  # noqa: E402
 from router.client import Client  # noqa: E402
+
+
+def advertised_host(endpoint: Endpoint) -> str:
+    """The host a worker's endpoint gives peers on other nodes (its cross-node half's)."""
+    remote = endpoint.remote if isinstance(endpoint, NodeLocalEndpoint) else endpoint
+    assert isinstance(remote, (GrpcEndpoint, TorchDistEndpoint)), remote
+    return remote.host
 
 
 def main() -> int:
@@ -48,7 +56,7 @@ def main() -> int:
         placement = {p.kind: [w.node_id for w in p.workers] for p in status.pools}
         table = ray.get(d.deployment.pool_manager.table.remote(), timeout=60)
         # What each worker advertises to its peers, beside the address of the node it runs on.
-        endpoints = [{"kind": w.kind, "advertised": w.endpoint["host"], "node_ip": node_ips[w.node_id]}
+        endpoints = [{"kind": w.kind, "advertised": advertised_host(w.endpoint), "node_ip": node_ips[w.node_id]}
                      for w in table.workers]
         print(json.dumps({
             "tokens": out.token_ids,

@@ -70,7 +70,7 @@ class ActorTransport(KVTransport):
         return ray.get(self._host.call.remote(method, *args), timeout=CALL_TIMEOUT_S)
 
     def endpoint(self) -> Endpoint:
-        return dict(self._endpoint)
+        return self._endpoint
 
     def expect(self, transfer_id: str, shape: tuple[int, ...], dtype: torch.dtype, peer: Endpoint,
                timeout_s: float) -> None:

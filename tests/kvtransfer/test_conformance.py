@@ -70,11 +70,11 @@ def test_two_senders_to_one_receiver(make: MakeTransport) -> None:
     a, b, dst = make(chunk_bytes=64 << 10), make(chunk_bytes=64 << 10), make(chunk_bytes=64 << 10)
     xs = {(s, i): kv((30, 2, 24, 3, 64), seed=20 + 3 * k + i) for k, s in enumerate((a, b)) for i in range(3)}
     for (s, i), x in xs.items():
-        dst.expect(f"{s.endpoint()['worker_id']}-{i}", tuple(x.shape), x.dtype, s.endpoint(), 30.0)
+        dst.expect(f"{s.endpoint().worker_id}-{i}", tuple(x.shape), x.dtype, s.endpoint(), 30.0)
     for (s, i), x in xs.items():
-        s.send(f"{s.endpoint()['worker_id']}-{i}", x, dst.endpoint(), 30.0)
+        s.send(f"{s.endpoint().worker_id}-{i}", x, dst.endpoint(), 30.0)
     for (s, i), x in xs.items():
-        tid = f"{s.endpoint()['worker_id']}-{i}"
+        tid = f"{s.endpoint().worker_id}-{i}"
         assert wait_done(dst, tid) == TransferStatus.SUCCESS, dst.error(tid)
         assert wait_done(s, tid) == TransferStatus.SUCCESS, s.error(tid)
         assert_same_bytes(dst.result(tid).cpu(), x)

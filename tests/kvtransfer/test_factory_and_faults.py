@@ -27,7 +27,7 @@ def test_make_transport(backend, cls, kwargs) -> None:
     tr = make_transport(backend, "w", **kwargs)
     try:
         assert isinstance(tr, cls) and isinstance(tr, kvtransfer.KVTransport)
-        assert tr.endpoint()["worker_id"] == "w"
+        assert tr.endpoint().worker_id == "w" and tr.endpoint().backend == backend
     finally:
         tr.close()
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from kvtransfer.base import TransferStatus
+from kvtransfer.endpoints import Endpoint
 from kvtransfer.push_proof import SECRET_REFUSED, transfer_proof
 from kvtransfer.grpc_transport import GrpcTransport
 from protos import kvtransfer_pb2, kvtransfer_pb2_grpc
@@ -104,7 +105,7 @@ def test_idle_authenticated_stream_is_closed_after_the_bound() -> None:
     rx = GrpcTransport("rx", secret=SECRET, stream_idle_s=0.5)
     idle = IdleStreams(rx.port)
     try:
-        rx.expect("t", (4,), torch.float32, {"worker_id": "tx"}, 30.0)
+        rx.expect("t", (4,), torch.float32, Endpoint(worker_id="tx", backend="grpc"), 30.0)
         call = idle.open(md("tx", "t", 16, transfer_proof(SECRET.encode(), "t", "tx", 16)))
         assert code_within(call, 0.2) is None  # authenticated: it may wait a little
         assert code_within(call, 5.0) == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -122,7 +123,7 @@ def test_streams_per_peer_are_bounded() -> None:
     try:
         calls = []
         for i in range(3):
-            rx.expect(f"t{i}", (4,), torch.float32, {"worker_id": "tx"}, 30.0)
+            rx.expect(f"t{i}", (4,), torch.float32, Endpoint(worker_id="tx", backend="grpc"), 30.0)
             calls.append(idle.open(md("tx", f"t{i}", 16, transfer_proof(SECRET.encode(), f"t{i}", "tx", 16))))
             time.sleep(0.2)  # in order
         assert code_within(calls[2], 2.0) == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvtransfer.base import TransferStatus
+from kvtransfer.endpoints import Endpoint, GrpcEndpoint
 from kvtransfer.grpc_transport import GrpcTransport
 from protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 
@@ -39,7 +40,7 @@ def push(rx: GrpcTransport, chunks: list[kvtransfer_pb2.KvChunk], sender: str = 
 def test_raw_push_of_raw_bytes(rx: GrpcTransport) -> None:
     x = kv((4, 8), seed=1)
     raw = x.numpy().tobytes()
-    rx.expect("t", (4, 8), torch.float32, {"worker_id": "tx"}, 10.0)
+    rx.expect("t", (4, 8), torch.float32, Endpoint(worker_id="tx", backend="grpc"), 10.0)
     ack = push(rx, [kvtransfer_pb2.KvChunk(transfer_id="t", offset=o, data=raw[o:o + 40], total_bytes=len(raw))
                     for o in range(0, len(raw), 40)])
     assert ack.ok, ack.error
@@ -49,7 +50,7 @@ def test_raw_push_of_raw_bytes(rx: GrpcTransport) -> None:
 
 @pytest.mark.parametrize("case", ["unknown", "wrong-sender", "gap", "too-long", "short-stream", "wrong-total"])
 def test_server_refuses_bad_streams(rx: GrpcTransport, case: str) -> None:
-    rx.expect("t", (4,), torch.float32, {"worker_id": "tx"}, 10.0)
+    rx.expect("t", (4,), torch.float32, Endpoint(worker_id="tx", backend="grpc"), 10.0)
     good = [kvtransfer_pb2.KvChunk(transfer_id="t", offset=0, data=bytes(8), total_bytes=16),
             kvtransfer_pb2.KvChunk(transfer_id="t", offset=8, data=bytes(8), total_bytes=16)]
     chunks, sender = list(good), "tx"
@@ -88,7 +89,7 @@ def test_unreachable_peer_fails_by_the_deadline() -> None:
         dead_port = s.getsockname()[1]
     tx = GrpcTransport("tx")
     try:
-        tx.send("t", kv((4,)), {"worker_id": "gone", "host": "127.0.0.1", "port": dead_port}, 0.5)
+        tx.send("t", kv((4,)), GrpcEndpoint(worker_id="gone", host="127.0.0.1", port=dead_port, max_chunk_bytes=tx.chunk_bytes), 0.5)
         assert wait_done(tx, "t", 10.0) == TransferStatus.FAILED
     finally:
         tx.close()
@@ -96,7 +97,7 @@ def test_unreachable_peer_fails_by_the_deadline() -> None:
 
 def test_port_released_on_close() -> None:
     tr = GrpcTransport("x")
-    port = tr.endpoint()["port"]
+    port = tr.endpoint().port
     assert port
     tr.close()
     with socket.socket() as s:

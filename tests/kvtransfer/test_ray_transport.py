@@ -7,6 +7,7 @@ import ray
 import torch
 
 from kvtransfer.base import TransferError, TransferStatus
+from kvtransfer.endpoints import Endpoint, RayEndpoint
 from kvtransfer.ray_transport import KVTransferActorMixin, RayTransport
 
 from .helpers import assert_same_bytes, kv, wait_done
@@ -20,7 +21,7 @@ def test_driver_sends_to_an_actor(ray_hosts) -> None:
     rx = ActorTransport(host, ray.get(host.open.remote("ray", "rx", {}), timeout=CALL_TIMEOUT_S))
     tx = RayTransport("driver")  # not an actor: it can send, but cannot receive
     try:
-        assert rx.endpoint()["actor_name"] == "kvt-host-0" and rx.endpoint()["namespace"]
+        assert rx.endpoint().actor_name == "kvt-host-0" and rx.endpoint().namespace
         with pytest.raises(RuntimeError):
             tx.expect("nope", (1,), torch.float32, rx.endpoint(), 1.0)
         x = kv((30, 2, 64, 3, 64), seed=4)
@@ -29,7 +30,7 @@ def test_driver_sends_to_an_actor(ray_hosts) -> None:
         assert wait_done(tx, "d") == TransferStatus.SUCCESS, tx.error("d")
         assert wait_done(rx, "d") == TransferStatus.SUCCESS, rx.error("d")
         assert_same_bytes(rx.result("d"), x)
-        tx.send("missing-actor", x, {"worker_id": "z", "actor_name": "no-such-actor", "namespace": "x"}, 5.0)
+        tx.send("missing-actor", x, RayEndpoint(worker_id="z", actor_name="no-such-actor", namespace="x"), 5.0)
         assert wait_done(tx, "missing-actor") == TransferStatus.FAILED
     finally:
         tx.close()
@@ -49,7 +50,7 @@ def test_deliver_refusals_without_ray_calls() -> None:
     try:
         with pytest.raises(TransferError, match="not expected"):
             tr.deliver("unknown", [])
-        tr.expect("t", (2,), torch.float32, {"worker_id": "s"}, 10.0)
+        tr.expect("t", (2,), torch.float32, Endpoint(worker_id="s", backend="ray"), 10.0)
         with pytest.raises(TransferError, match="expected from"):
             tr.deliver("t", [None], sender_id="intruder")  # type: ignore[list-item]
         assert tr.poll("t") == TransferStatus.WAITING

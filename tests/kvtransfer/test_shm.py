@@ -13,11 +13,13 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
 from kvtransfer import make_transport
 from kvtransfer.base import KVTransport, TransferStatus
+from kvtransfer.endpoints import Endpoint, GrpcEndpoint, NodeLocalEndpoint, ShmEndpoint
 from kvtransfer.grpc_transport import GrpcTransport
 from kvtransfer.node_local import NodeLocalTransport
 from kvtransfer.shm_buffers import MEMFD_NAME, buffer_size, host_key
@@ -56,7 +58,8 @@ def moved(tr: NodeLocalTransport) -> dict[str, int]:
 def test_same_node_pairs_take_shared_memory_and_the_others_the_backend(opened: list[KVTransport]) -> None:
     a, b, c = node_local(opened, "a", "node-1"), node_local(opened, "b", "node-1"), node_local(opened, "c", "node-2")
     ep = a.endpoint()
-    assert ep["backend"] == "grpc" and "port" in ep and ep["node"] == "node-1" and ep["shm"]["backend"] == "shm"
+    assert isinstance(ep, NodeLocalEndpoint) and isinstance(ep.remote, GrpcEndpoint) and isinstance(ep.shm, ShmEndpoint)
+    assert (ep.worker_id, ep.backend, ep.node, ep.shm.worker_id) == ("a", "grpc", "node-1", "a")
     assert (a.path_for(b.endpoint()), a.path_for(c.endpoint()), c.path_for(a.endpoint())) == ("shm", "grpc", "grpc")
     assert_same_bytes(transfer(a, b, "same-node", X), X)
     assert_same_bytes(transfer(a, c, "other-node", X), X)
@@ -64,7 +67,7 @@ def test_same_node_pairs_take_shared_memory_and_the_others_the_backend(opened: l
     assert moved(b) == {"shm": X.nbytes, "grpc": X.nbytes}  # one transfer in each way
     assert moved(c) == {"shm": 0, "grpc": X.nbytes}
     # Same node id on another kernel or network namespace: no shared memory there, so the backend.
-    elsewhere = {**b.endpoint(), "shm": {**b.endpoint()["shm"], "host_key": "another-boot/net:[1]"}}
+    elsewhere = replace(b.endpoint(), shm=replace(b.endpoint().shm, host_key="another-boot/net:[1]"))
     assert a.path_for(elsewhere) == "grpc"
     # A peer without the shm half (same_node: backend) is reached through the backend.
     plain = make_transport("grpc", "plain", same_node="backend", node_id="node-1")
@@ -148,9 +151,9 @@ def test_abort_during_the_copy_retires_the_buffer(opened: list[KVTransport]) -> 
 # ---------------------------------------------------------- a peer that dies
 _FAKE_SENDER = textwrap.dedent("""
     import json, socket, struct, sys, time
-    ep, nbytes = json.loads(sys.argv[1]), int(sys.argv[2])
+    address, nbytes = sys.argv[1], int(sys.argv[2])
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect("\\0" + ep["socket"])
+    s.connect("\\0" + address)
     msg = json.dumps({"op": "push", "transfer_id": "dies", "sender": "tx", "nbytes": nbytes, "proof": None}).encode()
     s.sendall(struct.pack(">I", len(msg)) + msg)
     data, fds, _, _ = socket.recv_fds(s, 65536, 1)
@@ -184,8 +187,8 @@ def _child(code: str, *args: str) -> subprocess.Popen[str]:
 def test_receiver_frees_the_buffer_of_a_sender_that_dies(opened: list[KVTransport]) -> None:
     rx = ShmTransport("rx")
     opened.append(rx)
-    rx.expect("dies", tuple(X.shape), X.dtype, {"worker_id": "tx"}, 30.0)
-    child = _child(_FAKE_SENDER, json.dumps(rx.endpoint()), str(X.nbytes))
+    rx.expect("dies", tuple(X.shape), X.dtype, Endpoint(worker_id="tx", backend="shm"), 30.0)
+    child = _child(_FAKE_SENDER, rx.endpoint().socket, str(X.nbytes))
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "granted"
         assert rx.poll("dies") == TransferStatus.TRANSFERRING
@@ -205,8 +208,8 @@ def test_sender_fails_and_unmaps_when_the_receiver_dies(opened: list[KVTransport
     try:
         assert child.stdout is not None
         info = json.loads(child.stdout.readline())
-        peer = {"worker_id": "rx", "backend": "shm", "node": None, "host_key": host_key(), "socket": info["socket"],
-                "instance": "fake", "pid": info["pid"]}
+        peer = ShmEndpoint(worker_id="rx", node=None, host_key=host_key(), socket=info["socket"], instance="fake",
+                           pid=info["pid"])
         tx.send("dies", X, peer, 30.0)
         assert child.stdout.readline().strip() == "granted"
         deadline = time.monotonic() + 10

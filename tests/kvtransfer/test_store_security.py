@@ -51,7 +51,7 @@ def _other_address() -> str | None:
 def test_store_listens_on_the_configured_host_only() -> None:
     tr = TorchDistTransport("a", host="127.0.0.1")
     try:
-        port = tr.endpoint()["port"]
+        port = tr.endpoint().port
         assert _listening_addresses(port) == {"127.0.0.1"}
         other = _other_address()
         if other is not None:  # not reachable through another interface
@@ -95,7 +95,7 @@ def _tamper_scenario(results: Any) -> None:
         transfer(a, b, "warm", x)  # the pair group is up: the next "go" posts sends at once
         b.expect("victim", tuple(x.shape), x.dtype, a.endpoint(), 10.0)
         a.send("victim", x, b.endpoint(), 10.0)
-        attacker = dist.TCPStore("127.0.0.1", b.endpoint()["port"], None, False, wait_for_workers=False)
+        attacker = dist.TCPStore("127.0.0.1", b.endpoint().port, None, False, wait_for_workers=False)
         deadline = time.monotonic() + 10.0
         while not attacker.check(["kv/d/victim"]) and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -140,8 +140,8 @@ def test_unsealed_go_with_a_captured_proof_is_refused() -> None:
     b = TorchDistTransport("b", expect_grace_s=0.5, secret=SECRET)
     try:
         b.expect("t", (4,), torch.float32, a.endpoint(), 10.0)
-        sender = f"a/{a.endpoint()['instance']}"
-        attacker = dist.TCPStore("127.0.0.1", b.endpoint()["port"], None, False, wait_for_workers=False)
+        sender = f"a/{a.endpoint().instance}"
+        attacker = dist.TCPStore("127.0.0.1", b.endpoint().port, None, False, wait_for_workers=False)
         go = {"s": "go", "gen": 99, "seq": 0, "chunk": 1, "proof": transfer_proof(SECRET.encode(), "t", "a", 16)}
         assert attacker.compare_set("kv/d/t", "", json.dumps(go)) == json.dumps(go).encode()
         assert wait_done(b, "t", 5.0) == TransferStatus.FAILED

@@ -123,7 +123,7 @@ def test_receiver_restart_is_a_new_peer_and_dead_receiver_fails_fast() -> None:
         a.send("to-dead", x, old, 5.0)
         assert wait_done(a, "to-dead", 10.0) == TransferStatus.FAILED
         b = TorchDistTransport("b")  # same worker id, new instance and port
-        assert b.endpoint()["instance"] != old["instance"]
+        assert b.endpoint().instance != old.instance
         assert_same_bytes(transfer(a, b, "two", x), x)
     finally:
         a.close()
@@ -132,7 +132,7 @@ def test_receiver_restart_is_a_new_peer_and_dead_receiver_fails_fast() -> None:
 
 def test_store_port_is_published_and_released() -> None:
     a, b = TorchDistTransport("a"), TorchDistTransport("b")
-    ports = {a.endpoint()["port"], b.endpoint()["port"]}
+    ports = {a.endpoint().port, b.endpoint().port}
     assert len(ports) == 2 and 0 not in ports
     a.close()
     b.close()

@@ -12,6 +12,7 @@ import pytest
 
 from engine.kv_cache import KVLayout
 from engine.sampling_params import InvalidRequestError, SamplingParams
+from kvtransfer.endpoints import InProcEndpoint
 from router import request_runner
 from router.directory import WorkerDirectory, WorkerInfo
 from router.policy import make_policy
@@ -80,7 +81,7 @@ class Directory:
 
 
 def worker(worker_id: str, kind: str, handle: Scripted) -> WorkerInfo:
-    return WorkerInfo(worker_id, kind, handle, {"worker_id": worker_id}, "node")
+    return WorkerInfo(worker_id, kind, handle, InProcEndpoint(worker_id=worker_id), "node")
 
 
 def decode_handle(*events) -> Scripted:

@@ -13,6 +13,7 @@ import asyncio
 import pytest
 
 from engine.sampling_params import SamplingParams
+from kvtransfer.endpoints import InProcEndpoint
 from tests.faulty_model import write_nan_logit_model
 from tests.local_workers import make_workers
 from worker_common.messages import Ack, ErrorReason, PrefillResult, TokenChunk, WorkerError
@@ -39,11 +40,12 @@ def assert_request_failed(error) -> None:
 def test_prefill_worker_turns_a_failed_request_into_request_failed(nan_workers):
     (prefill, _, _), token = nan_workers
     first_only = SamplingParams(max_tokens=1)  # finishes with its first token: no KV to push
+    nobody = InProcEndpoint(worker_id="no-decode")  # never reached: no request here pushes KV
 
     async def go():
         return await asyncio.gather(
-            prefill.prefill("bad", PROMPT, SAMPLED, decode_endpoint={}),
-            *(prefill.prefill(f"ok{i}", PROMPT[i:], first_only, decode_endpoint={}) for i in range(3)))
+            prefill.prefill("bad", PROMPT, SAMPLED, decode_endpoint=nobody),
+            *(prefill.prefill(f"ok{i}", PROMPT[i:], first_only, decode_endpoint=nobody) for i in range(3)))
 
     bad, *oks = asyncio.run(go())
     assert_request_failed(bad)
