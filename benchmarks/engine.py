@@ -83,6 +83,7 @@ from analysis.machine_peaks import COPY_BYTES, MATMUL_N
 from analysis.machine_peaks import measure_peaks as measure_machine_peaks
 from benchmarks.engine_report import (CONTENTION_WARN_CORES, DECODE_PROMPT_LEN, PREFILL_LEN, TARGET_MIXED_RATIO,
                                       finish_roofline, mark_decode_targets, render)
+from engine.format_cost import FormatCost
 from engine.kv_cache_manager import blocks_needed
 from engine.llm_engine import LLMEngine, RequestOutput, run_to_completion
 from engine.model_loader import DEFAULT_MODEL, LoadedModel, load_model
@@ -200,18 +201,24 @@ def measure_peaks(reps: int, quiet_wait_s: float = 0.0) -> dict[str, float | Non
 # ------------------------------------------------------------------ model cost
 @dataclass(frozen=True)
 class ModelCost:
-    """The loaded model's dimensions and the bytes its format actually reads; formulas in :mod:`analysis.cost_model`.
+    """The loaded model's dimensions and the bytes its format actually reads.
 
-    ``weight_bytes`` is what one forward reads of the weights as the engine holds them (every
-    projection and the LM head in its format, with scales; norms and biases in the activation
-    dtype); embedding rows and KV are read at ``itemsize`` (the format's dtype, also the KV cache's).
-    For float32 this is exactly the cost model's own count (checked).
+    FLOPs and KV bytes from :mod:`analysis.cost_model`; the weight bytes are the engine's own
+    :class:`engine.format_cost.FormatCost` (every projection and the LM head as held, with scales;
+    norms in the activation dtype; a tied quantized head read by the path its row count picks), the
+    same count the workers' step accounting uses. Embedding rows and KV are read at ``itemsize`` (the
+    format's dtype, also the KV cache's). For float32 this is exactly the cost model's own count (checked).
     """
 
     dims: ModelDims
     itemsize: int               # bytes per activation / embedding / KV element
-    weight_bytes: float
+    fmt_cost: FormatCost
     label: str = "float32"
+
+    @property
+    def weight_bytes(self) -> float:
+        """Weights one batch-1 decode step reads."""
+        return self.fmt_cost.held_weight_bytes(1)
 
     @classmethod
     def of(cls, loaded: LoadedModel) -> "ModelCost":
@@ -222,27 +229,21 @@ class ModelCost:
         if dims.kv_bytes_per_token(itemsize) != loaded.kv_layout.bytes_per_token:
             raise RuntimeError(f"cost model's KV bytes/token {dims.kv_bytes_per_token(itemsize)} != engine's "
                                f"{loaded.kv_layout.bytes_per_token}")
-        small = (dims.non_embedding_params() - dims.num_layers * dims.layer_matmul_params()) * itemsize
-        weight_bytes = w.linear_bytes() + small
+        fmt_cost = FormatCost(dims, w)
         if loaded.fmt.quantization == "none":
             # A mismatch means the model is not the Llama shape the cost model counts: its rooflines would be wrong.
-            expected = dims.weight_bytes_read(0, itemsize)
-            if abs(weight_bytes - expected) > 1:
-                raise RuntimeError(f"cost model counts {expected} weight bytes, the engine holds {weight_bytes}")
-        return cls(dims, itemsize, weight_bytes, loaded.fmt.label)
+            expected, held = dims.weight_bytes_read(0, itemsize), fmt_cost.held_weight_bytes(1)
+            if abs(held - expected) > 1:
+                raise RuntimeError(f"cost model counts {expected} weight bytes, the engine holds {held}")
+        return cls(dims, itemsize, fmt_cost, loaded.fmt.label)
 
     def decode_step(self, batch: int, ctx: float) -> tuple[float, float]:
         """(bytes, FLOPs) of one decode step of ``batch`` sequences attending to ``ctx`` keys each."""
-        d = self.dims
-        nbytes = self.weight_bytes + batch * d.hidden_size * self.itemsize + batch * ctx * d.kv_bytes_per_token(self.itemsize)
-        return nbytes, batch * d.flops_per_token(ctx)
+        return self.fmt_cost.decode_step(batch, ctx, self.itemsize)
 
     def prefill(self, prompt_lens: list[int]) -> tuple[float, float]:
         """(bytes, FLOPs) of prefilling ``prompt_lens`` in one step, logits for each last row only."""
-        d = self.dims
-        tokens = sum(prompt_lens)
-        nbytes = self.weight_bytes + tokens * (d.hidden_size * self.itemsize + d.kv_bytes_per_token(self.itemsize))
-        return nbytes, d.prefill(prompt_lens, self.itemsize)[1]
+        return self.fmt_cost.prefill(prompt_lens, self.itemsize)
 
     def as_dict(self) -> dict[str, Any]:
         d = self.dims

@@ -33,6 +33,7 @@ from analysis.cost_model import ModelDims, dtype_bytes
 from analysis.machine_peaks import MachinePeaks
 from engine.chat_prompt import chat_prompt_ids
 from engine.detokenizer import IncrementalDetokenizer
+from engine.format_cost import FormatCost
 from engine.kv_cache import PagedKVCache
 from engine.kv_cache import KVLayout
 from engine.kv_cache_manager import KVCacheManager, blocks_needed
@@ -158,7 +159,9 @@ class LLMEngine:
         self._arrivals = 0
         self.num_steps = 0
         # Per-step time, batch, tokens, modelled bytes/FLOPs; MBU/MFU against ``peaks``.
-        self.step_accounting = StepStats(ModelDims.from_hf_config(model.config), dtype_bytes(self.layout.dtype), peaks)
+        # Weight bytes as the format holds them (int8/int4 read far fewer than ModelDims' dtype count).
+        self.step_accounting = StepStats(FormatCost(ModelDims.from_hf_config(model.config), model.weights),
+                                         dtype_bytes(self.layout.dtype), peaks)
 
     # ----------------------------------------------------------------- input
     def tokenize(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
