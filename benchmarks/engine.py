@@ -112,6 +112,7 @@ class Settings:
     quiet_wait_s: float = 0.0  # before each measurement, wait up to this long for other processes to go quiet
     formats: tuple[str, ...] = ()  # weight formats measured after float32 (labels of FORMATS)
     mixed: bool = True  # run the mixed workload (and its generate() baseline)
+    compile: bool = False  # decode-only steps through the compiled decode layer (engine.compiled_decode)
 
 
 # The weight formats measured after the float32 reference: (dtype, quantization) by label.
@@ -266,11 +267,12 @@ def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]
     return [rng.randrange(vocab_size) for _ in range(length)]
 
 
-def make_engine(loaded: LoadedModel, max_running: int, max_tokens_per_seq: int, max_batched_tokens: int) -> LLMEngine:
+def make_engine(loaded: LoadedModel, max_running: int, max_tokens_per_seq: int, max_batched_tokens: int,
+                compile: bool = False) -> LLMEngine:
     """An engine whose KV cache holds ``max_running`` sequences of ``max_tokens_per_seq`` tokens."""
     num_blocks = max_running * blocks_needed(max_tokens_per_seq, BLOCK_SIZE) + 1
     return LLMEngine(loaded, block_size=BLOCK_SIZE, num_blocks=num_blocks, max_running=max_running,
-                     max_batched_tokens=max(max_batched_tokens, 2048))
+                     max_batched_tokens=max(max_batched_tokens, 2048), compile=compile)
 
 
 def watched(quiet_wait_s: float, fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -292,11 +294,13 @@ def settle() -> None:
 
 
 # --------------------------------------------------------------------- decode
-def bench_decode(loaded: LoadedModel, cost: ModelCost, batch: int, steps: int, seed: int) -> dict[str, Any]:
-    """Time ``steps`` decode steps of ``batch`` sequences after a 256-token prefill."""
+def bench_decode(loaded: LoadedModel, cost: ModelCost, batch: int, steps: int, seed: int,
+                 compile: bool = False) -> dict[str, Any]:
+    """Time ``steps`` decode steps of ``batch`` sequences after a 256-token prefill (``compile``: through the
+    compiled decode layer; its compilation falls in the untimed warm-up steps and is reported)."""
     rng = random.Random(seed)
     max_tokens = 1 + DECODE_WARMUP_STEPS + steps
-    engine = make_engine(loaded, batch, DECODE_PROMPT_LEN + max_tokens, batch * DECODE_PROMPT_LEN)
+    engine = make_engine(loaded, batch, DECODE_PROMPT_LEN + max_tokens, batch * DECODE_PROMPT_LEN, compile)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"d{batch}-{i}", params=params,
@@ -343,6 +347,9 @@ def bench_decode(loaded: LoadedModel, cost: ModelCost, batch: int, steps: int, s
         "ms_per_step_max": 1e3 * max(times),
         "tokens_per_s": batch / step_s,
         "prefill_s": prefill_s,
+        "compiled": engine.runner.compiled is not None,
+        # Seconds of the first call of each compiled graph this engine used (compilation + one run).
+        "compile_s": dict(engine.runner.compiled.compile_seconds) if engine.runner.compiled else None,
         "other_cpu_cores": busy.cores,
         "_cost": (nbytes, flops, step_s),
     }
@@ -399,10 +406,11 @@ def mixed_requests(n: int, seed: int, vocab_size: int) -> list[MixedRequest]:
     return reqs
 
 
-def run_engine_mixed(loaded: LoadedModel, reqs: list[MixedRequest], batch: int) -> dict[str, Any]:
+def run_engine_mixed(loaded: LoadedModel, reqs: list[MixedRequest], batch: int,
+                     compile: bool = False) -> dict[str, Any]:
     """All requests at once into an engine with ``max_running = batch``; wall time to the last token."""
     longest = max(len(r.prompt_token_ids) + r.output_len for r in reqs)
-    engine = make_engine(loaded, batch, longest, 2048)
+    engine = make_engine(loaded, batch, longest, 2048, compile)
     t0 = time.perf_counter()
     for i, r in enumerate(reqs):
         engine.add_request(f"m{i}", params=SamplingParams(max_tokens=r.output_len, ignore_eos=True),
@@ -453,7 +461,7 @@ def bench_mixed(loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
     reqs = mixed_requests(settings.mixed_requests, MIXED_SEED, loaded.config.vocab_size)
     batch = settings.mixed_batch
     log(f"mixed: engine, {len(reqs)} requests, max_running={batch}")
-    engine = watched(settings.quiet_wait_s, run_engine_mixed, loaded, reqs, batch)
+    engine = watched(settings.quiet_wait_s, run_engine_mixed, loaded, reqs, batch, settings.compile)
     settle()
     log(f"mixed: generate(), static batches of {batch}")
     generate = watched(settings.quiet_wait_s, run_generate_mixed, loaded, reqs, batch)
@@ -484,7 +492,7 @@ def bench_format(label: str, settings: Settings, reference_mixed: dict[str, Any]
     for batch in FORMAT_DECODE_BATCHES:
         log(f"{label}: decode batch {batch}")
         decode.append(watched(settings.quiet_wait_s, bench_decode, loaded, cost, batch, settings.decode_steps,
-                              seed=batch))
+                              seed=batch, compile=settings.compile))
         settle()
     log(f"{label}: prefill batch 1 x {PREFILL_LEN}")
     prefill = [watched(settings.quiet_wait_s, bench_prefill, loaded, cost, 1, settings.prefill_reps, seed=1001)]
@@ -493,7 +501,8 @@ def bench_format(label: str, settings: Settings, reference_mixed: dict[str, Any]
     if reference_mixed is not None:
         reqs = mixed_requests(settings.mixed_requests, MIXED_SEED, loaded.config.vocab_size)
         log(f"{label}: mixed workload, engine")
-        mixed = watched(settings.quiet_wait_s, run_engine_mixed, loaded, reqs, settings.mixed_batch)
+        mixed = watched(settings.quiet_wait_s, run_engine_mixed, loaded, reqs, settings.mixed_batch,
+                        settings.compile)
         ratio = mixed["tokens_per_s"] / reference_mixed["generate"]["tokens_per_s"]
     return {"format": label, "model": cost.as_dict(), "decode": decode, "prefill": prefill, "mixed_engine": mixed,
             "mixed_ratio_vs_generate": ratio, "meets_mixed_target": None if ratio is None else ratio >= TARGET_MIXED_RATIO}
@@ -548,7 +557,7 @@ def run_sections(settings: Settings) -> dict[str, Any]:
     for batch in DECODE_BATCHES:
         log(f"decode: batch {batch}")
         decode.append(watched(settings.quiet_wait_s, bench_decode, loaded, cost, batch, settings.decode_steps,
-                              seed=batch))
+                              seed=batch, compile=settings.compile))
         settle()
     prefill = []
     for batch in PREFILL_BATCHES:
@@ -604,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-quiet", metavar="SECONDS", type=float, default=0.0,
                         help="before each measurement, wait up to SECONDS for other processes to stop using "
                              f"the CPUs (more than {CONTENTION_WARN_CORES} cores); default 0: do not wait")
+    parser.add_argument("--compile", action="store_true",
+                        help="run decode-only steps through the compiled decode layer (pools.decode.compile)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     formats = tuple(f for f in args.formats.split(",") if f)
@@ -611,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown format(s) {unknown}; known: {', '.join(FORMATS)}")
     settings = replace(QUICK if args.quick else FULL, quiet_wait_s=args.wait_quiet, formats=formats,
-                       mixed=not args.skip_mixed)
+                       mixed=not args.skip_mixed, compile=args.compile)
     result = run(settings)
     log(f"done in {time.perf_counter() - started:.0f} s")
     print(render(result))

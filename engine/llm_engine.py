@@ -118,7 +118,8 @@ class LLMEngine:
     prefilled in chunks); ``max_running`` caps the running batch.
     ``prefix_caching`` keeps and reuses full blocks (module docstring);
     ``kv_cache_key`` names the KV format for it (default:
-    :func:`default_kv_cache_key`).
+    :func:`default_kv_cache_key`). ``compile`` runs decode-only steps through a
+    graph compiled once per batch bucket (:mod:`engine.compiled_decode`; CPU only).
     """
 
     def __init__(
@@ -133,6 +134,7 @@ class LLMEngine:
         peaks: MachinePeaks | None = None,
         prefix_caching: bool = True,
         kv_cache_key: str | None = None,
+        compile: bool = False,
     ) -> None:
         if num_blocks is not None and kv_cache_bytes is not None:
             raise ValueError("give num_blocks or kv_cache_bytes, not both")
@@ -151,7 +153,7 @@ class LLMEngine:
         self.kv_cache_key = kv_cache_key or default_kv_cache_key(model.name, model.fmt.label, self.layout)
         self.kv = KVCacheManager(num_blocks, block_size, enable_caching=prefix_caching, cache_key=self.kv_cache_key)
         self.cache = PagedKVCache(self.layout, num_blocks, block_size)
-        self.runner = ModelRunner(model.weights, self.cache)
+        self.runner = ModelRunner(model.weights, self.cache, compile_decode=compile)
         self.scheduler = Scheduler(self.kv, max_running, max_batched_tokens)
         self._requests: dict[str, _Request] = {}
         self._parked: dict[str, _Request] = {}
