@@ -14,8 +14,9 @@ The batch and the context (blocks in the table) are dynamic dimensions: one
 graph serves every batch size above one and every context length (batch 1
 gets its own graph, as do the sizes where a quantized format switches kernel,
 :data:`engine.quant.INT8_PACKED_MAX_ROWS`). Compilation happens the first time
-a shape class is met; :attr:`CompiledDecode.compile_seconds` keeps how long
-each first call took. The embedding lookup and the LM head stay eager (one
+a shape class is met, or all at once in :meth:`CompiledDecode.warm_up`
+(the engine calls it when it is built, so no request waits for a compiler);
+:attr:`CompiledDecode.compile_seconds` keeps how long each first call took. The embedding lookup and the LM head stay eager (one
 operator each).
 
 Only decode-only steps on the CPU take this path; prefill and mixed steps,
@@ -92,6 +93,19 @@ class CompiledDecode:
             return f"batch 2-{INT8_PACKED_MAX_ROWS - 1}" if batch < INT8_PACKED_MAX_ROWS else \
                 f"batch {INT8_PACKED_MAX_ROWS}+"
         return "batch 2+"
+
+    def warm_up(self) -> dict[str, float]:
+        """Compile every shape class now, with one throw-away step each (``compile_seconds`` afterwards).
+
+        Call it before the cache holds anything: the throw-away rows write K/V into the first slots,
+        which no sequence owns yet (each later owner writes its own before reading them)."""
+        from engine.quant import INT8_PACKED_MAX_ROWS
+
+        slots = self.cache.num_blocks * self.cache.block_size
+        for b in (1, 2, INT8_PACKED_MAX_ROWS):
+            if b <= slots and self.shape_class(b) not in self.compile_seconds:
+                self(token_ids=[0] * b, positions=[0] * b, slots=list(range(b)), block_tables=[[0]] * b)
+        return dict(self.compile_seconds)
 
     def __call__(self, token_ids: list[int], positions: list[int], slots: list[int],
                  block_tables: list[list[int]]) -> torch.Tensor:

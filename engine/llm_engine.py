@@ -154,6 +154,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, block_size, enable_caching=prefix_caching, cache_key=self.kv_cache_key)
         self.cache = PagedKVCache(self.layout, num_blocks, block_size)
         self.runner = ModelRunner(model.weights, self.cache, compile_decode=compile)
+        if self.runner.compiled is not None:
+            self.runner.compiled.warm_up()  # compile now, before any request can wait for it
         self.scheduler = Scheduler(self.kv, max_running, max_batched_tokens)
         self._requests: dict[str, _Request] = {}
         self._parked: dict[str, _Request] = {}
