@@ -38,6 +38,9 @@ from engine.llama_weights import LayerWeights, LlamaWeights
 
 log = logging.getLogger(__name__)
 
+# A block table is padded to at least this many blocks (the padding masked out): with one block the
+# context dimension would be specialized to a single block and every longer context recompile.
+MIN_BLOCKS = 2
 RECOMPILE_LIMIT = 64  # graphs of decode_layer one process may hold (formats x shape classes)
 
 
@@ -107,13 +110,14 @@ class CompiledDecode:
                 self(token_ids=[0] * b, positions=[0] * b, slots=list(range(b)), block_tables=[[0]] * b)
         return dict(self.compile_seconds)
 
+    @torch.inference_mode()  # as the runner's forward: a graph compiled under another grad mode would not match
     def __call__(self, token_ids: list[int], positions: list[int], slots: list[int],
                  block_tables: list[list[int]]) -> torch.Tensor:
         """Logits ``[len(token_ids), vocab]`` of one decode step (row i: the sequence with ``block_tables[i]``,
         its new token ``token_ids[i]`` at ``positions[i]``, written to ``slots[i]``)."""
         w, bs = self.w, self.cache.block_size
         b = len(token_ids)
-        m = max(len(t) for t in block_tables)
+        m = max(MIN_BLOCKS, *(len(t) for t in block_tables))
         tables = torch.tensor([t + [0] * (m - len(t)) for t in block_tables], dtype=torch.long)
         pos = torch.tensor(positions, dtype=torch.long)
         slot = torch.tensor(slots, dtype=torch.long)
