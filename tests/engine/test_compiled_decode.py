@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 
+from torch._dynamo.utils import counters
+
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from worker_common.worker_config import DecodeEngineConfig
@@ -19,6 +21,9 @@ def test_compiled_float32_decode_is_token_identical_to_generate(tiny_model):
     max_new = 16
     engine = LLMEngine(tiny_model, block_size=4, num_blocks=128, max_running=8, max_batched_tokens=64, compile=True)
     assert engine.runner.compiled is not None
+    # Built: every graph compiled up front; no step may compile another (contexts grow, batches change).
+    graphs_after_warm_up = counters["stats"]["unique_graphs"]
+    assert set(engine.runner.compiled.compile_seconds) == {"batch 1", "batch 2+"}
     params = SamplingParams(max_tokens=max_new, ignore_eos=True)
     # One request alone first (batch-1 decode steps), then the rest join while it decodes (mixed steps,
     # eager), then decode together (batch 2+).
@@ -32,7 +37,7 @@ def test_compiled_float32_decode_is_token_identical_to_generate(tiny_model):
         for out in engine.step():
             got[out.request_id] += out.new_token_ids
         steps += 1
-    assert set(engine.runner.compiled.compile_seconds) == {"batch 1", "batch 2+"}
+    assert counters["stats"]["unique_graphs"] == graphs_after_warm_up
     total = Comparison()
     for i, p in enumerate(prompts):
         total.add(compare_greedy(tiny_model.model, p, got[f"r{i}"], max_new, ignore_eos=True))
