@@ -83,6 +83,7 @@ from analysis.machine_peaks import COPY_BYTES, MATMUL_N
 from analysis.machine_peaks import measure_peaks as measure_machine_peaks
 from benchmarks.engine_report import (CONTENTION_WARN_CORES, DECODE_PROMPT_LEN, PREFILL_LEN, TARGET_MIXED_RATIO,
                                       finish_roofline, mark_decode_targets, render)
+from engine.format_cost import FormatCost
 from engine.kv_cache_manager import blocks_needed
 from engine.llm_engine import LLMEngine, RequestOutput, run_to_completion
 from engine.model_loader import DEFAULT_MODEL, LoadedModel, load_model
@@ -111,6 +112,7 @@ class Settings:
     quiet_wait_s: float = 0.0  # before each measurement, wait up to this long for other processes to go quiet
     formats: tuple[str, ...] = ()  # weight formats measured after float32 (labels of FORMATS)
     mixed: bool = True  # run the mixed workload (and its generate() baseline)
+    compile: bool = False  # decode-only steps through the compiled decode layer (engine.compiled_decode)
 
 
 # The weight formats measured after the float32 reference: (dtype, quantization) by label.
@@ -200,18 +202,24 @@ def measure_peaks(reps: int, quiet_wait_s: float = 0.0) -> dict[str, float | Non
 # ------------------------------------------------------------------ model cost
 @dataclass(frozen=True)
 class ModelCost:
-    """The loaded model's dimensions and the bytes its format actually reads; formulas in :mod:`analysis.cost_model`.
+    """The loaded model's dimensions and the bytes its format actually reads.
 
-    ``weight_bytes`` is what one forward reads of the weights as the engine holds them (every
-    projection and the LM head in its format, with scales; norms and biases in the activation
-    dtype); embedding rows and KV are read at ``itemsize`` (the format's dtype, also the KV cache's).
-    For float32 this is exactly the cost model's own count (checked).
+    FLOPs and KV bytes from :mod:`analysis.cost_model`; the weight bytes are the engine's own
+    :class:`engine.format_cost.FormatCost` (every projection and the LM head as held, with scales;
+    norms in the activation dtype; a tied quantized head read by the path its row count picks), the
+    same count the workers' step accounting uses. Embedding rows and KV are read at ``itemsize`` (the
+    format's dtype, also the KV cache's). For float32 this is exactly the cost model's own count (checked).
     """
 
     dims: ModelDims
     itemsize: int               # bytes per activation / embedding / KV element
-    weight_bytes: float
+    fmt_cost: FormatCost
     label: str = "float32"
+
+    @property
+    def weight_bytes(self) -> float:
+        """Weights one batch-1 decode step reads."""
+        return self.fmt_cost.held_weight_bytes(1)
 
     @classmethod
     def of(cls, loaded: LoadedModel) -> "ModelCost":
@@ -222,27 +230,21 @@ class ModelCost:
         if dims.kv_bytes_per_token(itemsize) != loaded.kv_layout.bytes_per_token:
             raise RuntimeError(f"cost model's KV bytes/token {dims.kv_bytes_per_token(itemsize)} != engine's "
                                f"{loaded.kv_layout.bytes_per_token}")
-        small = (dims.non_embedding_params() - dims.num_layers * dims.layer_matmul_params()) * itemsize
-        weight_bytes = w.linear_bytes() + small
+        fmt_cost = FormatCost(dims, w)
         if loaded.fmt.quantization == "none":
             # A mismatch means the model is not the Llama shape the cost model counts: its rooflines would be wrong.
-            expected = dims.weight_bytes_read(0, itemsize)
-            if abs(weight_bytes - expected) > 1:
-                raise RuntimeError(f"cost model counts {expected} weight bytes, the engine holds {weight_bytes}")
-        return cls(dims, itemsize, weight_bytes, loaded.fmt.label)
+            expected, held = dims.weight_bytes_read(0, itemsize), fmt_cost.held_weight_bytes(1)
+            if abs(held - expected) > 1:
+                raise RuntimeError(f"cost model counts {expected} weight bytes, the engine holds {held}")
+        return cls(dims, itemsize, fmt_cost, loaded.fmt.label)
 
     def decode_step(self, batch: int, ctx: float) -> tuple[float, float]:
         """(bytes, FLOPs) of one decode step of ``batch`` sequences attending to ``ctx`` keys each."""
-        d = self.dims
-        nbytes = self.weight_bytes + batch * d.hidden_size * self.itemsize + batch * ctx * d.kv_bytes_per_token(self.itemsize)
-        return nbytes, batch * d.flops_per_token(ctx)
+        return self.fmt_cost.decode_step(batch, ctx, self.itemsize)
 
     def prefill(self, prompt_lens: list[int]) -> tuple[float, float]:
         """(bytes, FLOPs) of prefilling ``prompt_lens`` in one step, logits for each last row only."""
-        d = self.dims
-        tokens = sum(prompt_lens)
-        nbytes = self.weight_bytes + tokens * (d.hidden_size * self.itemsize + d.kv_bytes_per_token(self.itemsize))
-        return nbytes, d.prefill(prompt_lens, self.itemsize)[1]
+        return self.fmt_cost.prefill(prompt_lens, self.itemsize)
 
     def as_dict(self) -> dict[str, Any]:
         d = self.dims
@@ -265,11 +267,12 @@ def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]
     return [rng.randrange(vocab_size) for _ in range(length)]
 
 
-def make_engine(loaded: LoadedModel, max_running: int, max_tokens_per_seq: int, max_batched_tokens: int) -> LLMEngine:
+def make_engine(loaded: LoadedModel, max_running: int, max_tokens_per_seq: int, max_batched_tokens: int,
+                compile: bool = False) -> LLMEngine:
     """An engine whose KV cache holds ``max_running`` sequences of ``max_tokens_per_seq`` tokens."""
     num_blocks = max_running * blocks_needed(max_tokens_per_seq, BLOCK_SIZE) + 1
     return LLMEngine(loaded, block_size=BLOCK_SIZE, num_blocks=num_blocks, max_running=max_running,
-                     max_batched_tokens=max(max_batched_tokens, 2048))
+                     max_batched_tokens=max(max_batched_tokens, 2048), compile=compile)
 
 
 def watched(quiet_wait_s: float, fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -291,11 +294,13 @@ def settle() -> None:
 
 
 # --------------------------------------------------------------------- decode
-def bench_decode(loaded: LoadedModel, cost: ModelCost, batch: int, steps: int, seed: int) -> dict[str, Any]:
-    """Time ``steps`` decode steps of ``batch`` sequences after a 256-token prefill."""
+def bench_decode(loaded: LoadedModel, cost: ModelCost, batch: int, steps: int, seed: int,
+                 compile: bool = False) -> dict[str, Any]:
+    """Time ``steps`` decode steps of ``batch`` sequences after a 256-token prefill (``compile``: through the
+    compiled decode layer; its compilation falls in the untimed warm-up steps and is reported)."""
     rng = random.Random(seed)
     max_tokens = 1 + DECODE_WARMUP_STEPS + steps
-    engine = make_engine(loaded, batch, DECODE_PROMPT_LEN + max_tokens, batch * DECODE_PROMPT_LEN)
+    engine = make_engine(loaded, batch, DECODE_PROMPT_LEN + max_tokens, batch * DECODE_PROMPT_LEN, compile)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"d{batch}-{i}", params=params,
@@ -342,6 +347,9 @@ def bench_decode(loaded: LoadedModel, cost: ModelCost, batch: int, steps: int, s
         "ms_per_step_max": 1e3 * max(times),
         "tokens_per_s": batch / step_s,
         "prefill_s": prefill_s,
+        "compiled": engine.runner.compiled is not None,
+        # Seconds of the first call of each compiled graph this engine used (compilation + one run).
+        "compile_s": dict(engine.runner.compiled.compile_seconds) if engine.runner.compiled else None,
         "other_cpu_cores": busy.cores,
         "_cost": (nbytes, flops, step_s),
     }
@@ -398,10 +406,11 @@ def mixed_requests(n: int, seed: int, vocab_size: int) -> list[MixedRequest]:
     return reqs
 
 
-def run_engine_mixed(loaded: LoadedModel, reqs: list[MixedRequest], batch: int) -> dict[str, Any]:
+def run_engine_mixed(loaded: LoadedModel, reqs: list[MixedRequest], batch: int,
+                     compile: bool = False) -> dict[str, Any]:
     """All requests at once into an engine with ``max_running = batch``; wall time to the last token."""
     longest = max(len(r.prompt_token_ids) + r.output_len for r in reqs)
-    engine = make_engine(loaded, batch, longest, 2048)
+    engine = make_engine(loaded, batch, longest, 2048, compile)
     t0 = time.perf_counter()
     for i, r in enumerate(reqs):
         engine.add_request(f"m{i}", params=SamplingParams(max_tokens=r.output_len, ignore_eos=True),
@@ -452,7 +461,7 @@ def bench_mixed(loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
     reqs = mixed_requests(settings.mixed_requests, MIXED_SEED, loaded.config.vocab_size)
     batch = settings.mixed_batch
     log(f"mixed: engine, {len(reqs)} requests, max_running={batch}")
-    engine = watched(settings.quiet_wait_s, run_engine_mixed, loaded, reqs, batch)
+    engine = watched(settings.quiet_wait_s, run_engine_mixed, loaded, reqs, batch, settings.compile)
     settle()
     log(f"mixed: generate(), static batches of {batch}")
     generate = watched(settings.quiet_wait_s, run_generate_mixed, loaded, reqs, batch)
@@ -483,7 +492,7 @@ def bench_format(label: str, settings: Settings, reference_mixed: dict[str, Any]
     for batch in FORMAT_DECODE_BATCHES:
         log(f"{label}: decode batch {batch}")
         decode.append(watched(settings.quiet_wait_s, bench_decode, loaded, cost, batch, settings.decode_steps,
-                              seed=batch))
+                              seed=batch, compile=settings.compile))
         settle()
     log(f"{label}: prefill batch 1 x {PREFILL_LEN}")
     prefill = [watched(settings.quiet_wait_s, bench_prefill, loaded, cost, 1, settings.prefill_reps, seed=1001)]
@@ -492,7 +501,8 @@ def bench_format(label: str, settings: Settings, reference_mixed: dict[str, Any]
     if reference_mixed is not None:
         reqs = mixed_requests(settings.mixed_requests, MIXED_SEED, loaded.config.vocab_size)
         log(f"{label}: mixed workload, engine")
-        mixed = watched(settings.quiet_wait_s, run_engine_mixed, loaded, reqs, settings.mixed_batch)
+        mixed = watched(settings.quiet_wait_s, run_engine_mixed, loaded, reqs, settings.mixed_batch,
+                        settings.compile)
         ratio = mixed["tokens_per_s"] / reference_mixed["generate"]["tokens_per_s"]
     return {"format": label, "model": cost.as_dict(), "decode": decode, "prefill": prefill, "mixed_engine": mixed,
             "mixed_ratio_vs_generate": ratio, "meets_mixed_target": None if ratio is None else ratio >= TARGET_MIXED_RATIO}
@@ -547,7 +557,7 @@ def run_sections(settings: Settings) -> dict[str, Any]:
     for batch in DECODE_BATCHES:
         log(f"decode: batch {batch}")
         decode.append(watched(settings.quiet_wait_s, bench_decode, loaded, cost, batch, settings.decode_steps,
-                              seed=batch))
+                              seed=batch, compile=settings.compile))
         settle()
     prefill = []
     for batch in PREFILL_BATCHES:
@@ -603,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-quiet", metavar="SECONDS", type=float, default=0.0,
                         help="before each measurement, wait up to SECONDS for other processes to stop using "
                              f"the CPUs (more than {CONTENTION_WARN_CORES} cores); default 0: do not wait")
+    parser.add_argument("--compile", action="store_true",
+                        help="run decode-only steps through the compiled decode layer (pools.decode.compile)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     formats = tuple(f for f in args.formats.split(",") if f)
@@ -610,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown format(s) {unknown}; known: {', '.join(FORMATS)}")
     settings = replace(QUICK if args.quick else FULL, quiet_wait_s=args.wait_quiet, formats=formats,
-                       mixed=not args.skip_mixed)
+                       mixed=not args.skip_mixed, compile=args.compile)
     result = run(settings)
     log(f"done in {time.perf_counter() - started:.0f} s")
     print(render(result))

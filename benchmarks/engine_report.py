@@ -140,10 +140,22 @@ def render(result: dict[str, Any]) -> str:
     ]
     out += render_mixed(result["mixed"])
     out += render_formats(result)
+    out += render_compile(result)
     warning = contention_warning(result)
     if warning:
         out += ["", warning]
     return "\n".join(out)
+
+
+def render_compile(result: dict[str, Any]) -> list[str]:
+    """The compiled decode's first-call seconds per format and batch (nothing when it was off)."""
+    runs = [("float32", result["decode"])] + [(f["format"], f["decode"]) for f in result.get("formats") or []]
+    lines = [f"  {label} batch {e['batch']}: " + ", ".join(f"{k} {v:.1f} s" for k, v in e["compile_s"].items())
+             for label, decode in runs for e in decode if e.get("compile_s")]
+    if not lines:
+        return []
+    return ["", "Compiled decode (--compile): first call of each graph (compilation + one run; the disk cache "
+                "makes later processes faster)"] + lines
 
 
 def render_mixed(mx: dict[str, Any] | None) -> list[str]:

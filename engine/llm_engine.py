@@ -33,6 +33,7 @@ from analysis.cost_model import ModelDims, dtype_bytes
 from analysis.machine_peaks import MachinePeaks
 from engine.chat_prompt import chat_prompt_ids
 from engine.detokenizer import IncrementalDetokenizer
+from engine.format_cost import FormatCost
 from engine.kv_cache import PagedKVCache
 from engine.kv_cache import KVLayout
 from engine.kv_cache_manager import KVCacheManager, blocks_needed
@@ -117,7 +118,8 @@ class LLMEngine:
     prefilled in chunks); ``max_running`` caps the running batch.
     ``prefix_caching`` keeps and reuses full blocks (module docstring);
     ``kv_cache_key`` names the KV format for it (default:
-    :func:`default_kv_cache_key`).
+    :func:`default_kv_cache_key`). ``compile`` runs decode-only steps through a
+    graph compiled once per batch bucket (:mod:`engine.compiled_decode`; CPU only).
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class LLMEngine:
         peaks: MachinePeaks | None = None,
         prefix_caching: bool = True,
         kv_cache_key: str | None = None,
+        compile: bool = False,
     ) -> None:
         if num_blocks is not None and kv_cache_bytes is not None:
             raise ValueError("give num_blocks or kv_cache_bytes, not both")
@@ -150,7 +153,9 @@ class LLMEngine:
         self.kv_cache_key = kv_cache_key or default_kv_cache_key(model.name, model.fmt.label, self.layout)
         self.kv = KVCacheManager(num_blocks, block_size, enable_caching=prefix_caching, cache_key=self.kv_cache_key)
         self.cache = PagedKVCache(self.layout, num_blocks, block_size)
-        self.runner = ModelRunner(model.weights, self.cache)
+        self.runner = ModelRunner(model.weights, self.cache, compile_decode=compile)
+        if self.runner.compiled is not None:
+            self.runner.compiled.warm_up()  # compile now, before any request can wait for it
         self.scheduler = Scheduler(self.kv, max_running, max_batched_tokens)
         self._requests: dict[str, _Request] = {}
         self._parked: dict[str, _Request] = {}
@@ -158,7 +163,9 @@ class LLMEngine:
         self._arrivals = 0
         self.num_steps = 0
         # Per-step time, batch, tokens, modelled bytes/FLOPs; MBU/MFU against ``peaks``.
-        self.step_accounting = StepStats(ModelDims.from_hf_config(model.config), dtype_bytes(self.layout.dtype), peaks)
+        # Weight bytes as the format holds them (int8/int4 read far fewer than ModelDims' dtype count).
+        self.step_accounting = StepStats(FormatCost(ModelDims.from_hf_config(model.config), model.weights),
+                                         dtype_bytes(self.layout.dtype), peaks)
 
     # ----------------------------------------------------------------- input
     def tokenize(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:

@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from analysis.model_catalog import (DEFAULT_MODEL, SUPPORTED_MODEL_TYPES, TINY_MODEL, ModelNotFoundError,
                                     smollm2_gguf_path)
+from engine.host_memory import trim_allocator
 from engine.kv_cache import KVLayout
 from engine.llama_weights import DTYPES, LlamaWeights, WeightFormat, build_weights
 from engine.quant import QUANTIZATIONS
@@ -92,6 +93,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", max_model_len:
             raise ValueError(f"max_model_len must be in [2, {limit}] for {name}, got {max_model_len}")
         limit = max_model_len
     weights = build_weights(model, WeightFormat(dtype, quantization), int(model.config.max_position_embeddings))
+    # The float32 copies a quantized or narrower format replaced are free now, but glibc keeps them
+    # resident unless asked: without this an int8 worker is as large as a float32 one.
+    trim_allocator()
     return LoadedModel(name, model, tokenizer, limit, _eos_token_ids(model, tokenizer), weights)
 
 

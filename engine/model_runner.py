@@ -25,8 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.compiled_decode import CompiledDecode
 from engine.kv_cache import KVLayout, PagedKVCache
 from engine.kv_cache_manager import KVCacheManager
+from engine.llama_ops import rms_norm, rotate
 from engine.llama_weights import LlamaWeights
 from engine.scheduler import ScheduledChunk
 
@@ -67,24 +69,10 @@ def kv_layout_of(model) -> KVLayout:
     return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype)
 
 
-def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``transformers``' LlamaRMSNorm, op for op (in float32, then back to ``h``'s dtype)."""
-    hf = h.to(torch.float32)
-    variance = hf.pow(2).mean(-1, keepdim=True)
-    return weight * (hf * torch.rsqrt(variance + eps)).to(h.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``transformers``' apply_rotary_pos_emb for one tensor: ``x * cos + rotate_half(x) * sin``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class ModelRunner:
     """Runs a Llama-family model's :class:`LlamaWeights` over packed steps with a paged KV cache."""
 
-    def __init__(self, weights: LlamaWeights, cache: PagedKVCache) -> None:
+    def __init__(self, weights: LlamaWeights, cache: PagedKVCache, compile_decode: bool = False) -> None:
         if weights.kv_layout != cache.layout:
             raise ValueError(f"KV cache layout {cache.layout} does not match the weights' {weights.kv_layout}")
         self.w = weights
@@ -98,10 +86,18 @@ class ModelRunner:
         self.qk_dim = (self.num_heads + self.num_kv_heads) * self.head_dim
         self.scale = self.head_dim**-0.5
         self._positions = torch.arange(weights.rope_cos.shape[0])  # reused: no per-step arange
+        # Decode-only steps through one compiled graph per batch bucket; CPU only (the inductor C++
+        # backend is what was measured; any other device keeps the eager forward).
+        self.compiled = CompiledDecode(weights, cache) if compile_decode and weights.device.type == "cpu" else None
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], kv: KVCacheManager) -> tuple[list[ScheduledChunk], torch.Tensor]:
         """Compute ``chunks``; return the chunks that sample and their logits ``[S, vocab]``."""
+        if self.compiled is not None and all(c.num_tokens == 1 and c.start > 0 and c.samples for c in chunks):
+            return chunks, self.compiled(
+                [c.seq.token_ids[c.start] for c in chunks], [c.start for c in chunks],
+                [kv.slot(c.seq.request_id, c.start) for c in chunks],
+                [kv.block_table(c.seq.request_id) for c in chunks])
         w = self.w
         batch = self._build_batch(chunks, kv)
         h = w.embed.index_select(0, batch.token_ids)

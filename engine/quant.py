@@ -41,8 +41,13 @@ class Linear:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of weight (and scales, bias) this layer reads per call."""
+        """Bytes of weight (and scales, bias) this layer holds and reads per call."""
         raise NotImplementedError
+
+    def bytes_read(self, rows: int) -> int:
+        """Bytes of weight (and scales, bias) a call on ``rows`` rows reads (the held bytes, unless a
+        layer holds two copies and picks one by rows)."""
+        return self.nbytes
 
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias
@@ -161,6 +166,9 @@ class ByRows(Linear):
     def nbytes(self) -> int:
         """The few-rows path's bytes (what a small decode step reads); the dense weight is shared."""
         return self.few.nbytes
+
+    def bytes_read(self, rows: int) -> int:
+        return self.few.nbytes if rows <= self.max_rows else self.many.nbytes
 
 
 def int4_group_size(in_features: int) -> int | None:

@@ -84,6 +84,10 @@ class DecodeEngineConfig(Settings):
     # Keep computed and imported full KV blocks after their request: the next
     # turn of a conversation finds them, and only the rest is sent or computed.
     prefix_caching: bool = True
+    # Run decode-only steps through a decoder layer compiled by torch.compile (inductor, CPU only;
+    # engine.compiled_decode): a few fused kernels per layer instead of ~20 operators. The first
+    # step of each batch class compiles (seconds to a minute on a small CPU; cached on disk after).
+    compile: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -206,3 +206,32 @@ def test_imported_and_exported_requests_carry_their_own_timestamps(tiny_model):
     assert first.timestamps["first_token"] <= ts["added"] <= ts["scheduled"] <= ts["first_token"]
     assert dst.step_stats().prefill_tokens == 0
     assert dst.step_stats().decode_tokens == params.max_tokens - 1
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_engine_counts_the_bytes_its_format_reads(tiny_model, quantization):
+    """An int8/int4 engine's steps charge the projections' and LM head's bytes as held (weights,
+    scales), not the activation dtype's four bytes per weight."""
+    from engine.model_loader import TINY_MODEL, load_model
+
+    loaded = load_model(TINY_MODEL, quantization=quantization)
+    engine = LLMEngine(loaded, block_size=4, num_blocks=16)
+    engine.add_request("r", params=SamplingParams(max_tokens=2, ignore_eos=True), prompt_token_ids=list(range(1, 11)))
+    while engine.has_unfinished():
+        engine.step()
+    w, dims, nb = loaded.weights, ModelDims.from_hf_config(loaded.config), dtype_bytes(engine.layout.dtype)
+    held = sum(t.numel() * t.element_size() for lin in (w.lm_head.few if hasattr(w.lm_head, "few") else w.lm_head,)
+               for t in ((lin.qweight, lin.scale) if quantization == "int8" or not hasattr(lin, "packed")
+                         else (lin.packed, lin.scale_zero)))
+    held += sum(t.numel() * t.element_size() for layer in w.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+                for t in ((lin.qweight, lin.scale) if not hasattr(lin, "packed") else (lin.packed, lin.scale_zero)))
+    held += sum(t.numel() * t.element_size() for layer in w.layers for t in (layer.input_norm, layer.post_norm))
+    held += w.final_norm.numel() * w.final_norm.element_size()
+    kv = dims.kv_bytes_per_token(nb)
+    steps = engine.step_accounting.recent_steps()
+    # Prefill of 10 tokens (10 embedding rows, 10 KV tokens written), then a decode attending to 11 keys.
+    assert [s["bytes"] for s in steps] == [held + 10 * dims.hidden_size * nb + 10 * kv,
+                                           held + dims.hidden_size * nb + 11 * kv]
+    assert [s["flops"] for s in steps] == [dims.prefill([10], nb)[1], dims.decode_step(1, 11, nb)[1]]
+    # Far below what the float32 count charges for the same weights.
+    assert held < 0.4 * dims.weight_bytes_read(0, nb)
