@@ -219,7 +219,8 @@ def run_arm(arm: str, cfg, requests: list[BenchRequest], times: tuple[float, ...
             sampler.stop()
         t1 = time.perf_counter()
     env = cpu.window(t0, t1)
-    log(f"{arm}: {sum(r.ok for r in recs)}/{len(recs)} ok in {t1 - t0:.0f} s; other processes {env['other_cores']} cores")
+    log(f"{arm}: {sum(r.ok for r in recs)}/{len(recs)} ok in {t1 - t0:.0f} s; "
+        f"other processes {env['other_cores']} cores")
     return recs, sampler, env
 
 

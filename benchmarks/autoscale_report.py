@@ -203,7 +203,8 @@ def compare(result: dict) -> dict:
             continue
         st = arms[best]["runs"][scale]
         r = ratio(auto["met_per_worker_second"], st["met_per_worker_second"])
-        out["per_scale"][scale] = {"best_static": best, "ratio": r, "met": r >= TARGET_RATIO if math.isfinite(r) else False,
+        out["per_scale"][scale] = {"best_static": best, "ratio": r,
+                                   "met": r >= TARGET_RATIO if math.isfinite(r) else False,
                                    "worker_seconds_ratio": ratio(auto["worker_seconds"], st["worker_seconds"])}
     gps = {a: v.get("goodput") for a, v in arms.items() if v.get("goodput")}
     if AUTOSCALED in gps and len(gps) > 1:

@@ -117,7 +117,8 @@ def render(rows: list[dict], costs: MeasuredCosts, machine: dict) -> str:
     """The side-by-side table (one row per rate and metric)."""
     lines = ["## Planner validation: simulation vs measured `benchmarks.serve` (this machine)", "",
              f"1:1 {DEFAULT_MODEL}, float32, one CPU (one torch thread) per worker, gloo; Poisson, {REQUESTS} "
-             f"requests per rate, prompts {INPUT_LEN[0]}-{INPUT_LEN[1]}, outputs {OUTPUT_LEN[0]}-{OUTPUT_LEN[1]} tokens; "
+             f"requests per rate, prompts {INPUT_LEN[0]}-{INPUT_LEN[1]}, "
+             f"outputs {OUTPUT_LEN[0]}-{OUTPUT_LEN[1]} tokens; "
              f"SLO TTFT ≤ {TTFT_S:g} s, TPOT ≤ {TPOT_S * 1000:g} ms. Simulation: {SIM_SEEDS} replays pooled.",
              f"Calibration: {costs.describe()}.",
              f"Machine: load average {machine['loadavg_before']} before, {machine['loadavg_after']} after; "
@@ -128,7 +129,8 @@ def render(rows: list[dict], costs: MeasuredCosts, machine: dict) -> str:
         for name, unit, scale in (("ttft_s", "s", 1.0), ("tpot_s", "ms", 1000.0)):
             for i, q in enumerate(QUANTILES):
                 err = e[f"{name[:4]}_p{q}"]
-                lines.append(f"| {row['rate']:g} | {name[:4].upper()} p{q} ({unit}) | {getattr(m, name)[i] * scale:.3g} | "
+                lines.append(f"| {row['rate']:g} | {name[:4].upper()} p{q} ({unit}) | "
+                             f"{getattr(m, name)[i] * scale:.3g} | "
                              f"{getattr(p, name)[i] * scale:.3g} | {'–' if math.isnan(err) else f'{err:+.0%}'} |")
         lines.append(f"| {row['rate']:g} | SLO attainment | {m.attainment:.0%} | {p.attainment:.0%} | "
                      f"{e['attainment_points']:+.0f} points |")
