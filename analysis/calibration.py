@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 #: (fixed seconds per request, seconds per prompt token) of the KV transfer and serving path when no
 #: ``cluster_overhead`` JSON is given: this machine's gloo figures of benchmarks/README.md
@@ -87,6 +87,14 @@ class MeasuredCosts:
 
     def max_batch(self, context_len: int, cap: int) -> int:
         return max(0, min(cap, self.kv_tokens // max(1, context_len)))
+
+    def scaled(self, decode: float, prefill: float) -> MeasuredCosts:
+        """The same costs with every decode step ``decode`` times and every prefill step ``prefill``
+        times longer: the slow-down of a worker that shares its cores and memory bus with others."""
+        a, b = self.prefill_line
+        return replace(self, decode_points=tuple((n, s * decode) for n, s in self.decode_points),
+                       prefill_line=(a * prefill, b * prefill),
+                       source=f"{self.source}, decode x {decode:.2f}, prefill x {prefill:.2f}")
 
     def describe(self) -> str:
         a, b = self.prefill_line

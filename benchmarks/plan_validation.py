@@ -20,6 +20,16 @@
 4. **Compare.** TTFT and TPOT p50/p90/p99 and SLO attainment, measured and
    predicted side by side, with the relative errors ((predicted - measured) /
    measured; attainment: the difference in points).
+5. **Contention** (``--contention fit``): the engine was measured alone; in the
+   deployment its two workers share 2 cores and one memory bus with each
+   other, the router and the client. A second prediction scales the decode
+   and the prefill steps by two factors fitted on the lowest rate (so that
+   the simulated TPOT p50 and TTFT p50 match the measured ones there) and is
+   judged on the other rates, which the fit never saw.
+
+``--save-dir DIR`` keeps the engine JSON and each rate's ``benchmarks.serve``
+JSON; ``--serve-dir DIR`` predicts against the runs saved there instead of
+serving again (e.g. to try another calibration on the same measurements).
 
 The machine is shared: load averages before and after are recorded.
 """
@@ -113,9 +123,9 @@ def compare(measured: Figures, predicted: Figures) -> dict:
     return out
 
 
-def render(rows: list[dict], costs: MeasuredCosts, machine: dict) -> str:
+def render(rows: list[dict], costs: MeasuredCosts, machine: dict, title: str = "") -> str:
     """The side-by-side table (one row per rate and metric)."""
-    lines = ["## Planner validation: simulation vs measured `benchmarks.serve` (this machine)", "",
+    lines = ["## Planner validation: simulation vs measured `benchmarks.serve` (this machine)" + title, "",
              f"1:1 {DEFAULT_MODEL}, float32, one CPU (one torch thread) per worker, gloo; Poisson, {REQUESTS} "
              f"requests per rate, prompts {INPUT_LEN[0]}-{INPUT_LEN[1]}, "
              f"outputs {OUTPUT_LEN[0]}-{OUTPUT_LEN[1]} tokens; "
@@ -134,13 +144,50 @@ def render(rows: list[dict], costs: MeasuredCosts, machine: dict) -> str:
                              f"{getattr(p, name)[i] * scale:.3g} | {'–' if math.isnan(err) else f'{err:+.0%}'} |")
         lines.append(f"| {row['rate']:g} | SLO attainment | {m.attainment:.0%} | {p.attainment:.0%} | "
                      f"{e['attainment_points']:+.0f} points |")
+        if row.get("fitted"):
+            lines[-1] = lines[-1][:-1] + "(the rate the contention factor was fitted on) |"
     return "\n".join(lines) + "\n"
 
 
-def calibrate(engine_json: str | None, overhead_json: str | None) -> tuple[MeasuredCosts, dict]:
+def table(rates: tuple[float, ...], measured: list[Figures], costs: MeasuredCosts,
+          fitted_on: float | None = None) -> list[dict]:
+    """One row per rate: measured, predicted with ``costs``, the errors."""
+    rows = []
+    for rate, m in zip(rates, measured):
+        p = predict(costs, rate)
+        rows.append({"rate": rate, "measured": asdict(m), "predicted": asdict(p), "errors": compare(m, p),
+                     "fitted": rate == fitted_on})
+    return rows
+
+
+def fit_factor(target: float, figure, lo: float = 0.25, hi: float = 8.0, steps: int = 14) -> float:
+    """The factor in [lo, hi] at which ``figure(factor)`` (increasing) reaches ``target``, by bisection
+    on a log scale; an end of the range when the target lies beyond it."""
+    if figure(lo) >= target:
+        return lo
+    if figure(hi) <= target:
+        return hi
+    for _ in range(steps):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if figure(mid) < target else (lo, mid)
+    return math.sqrt(lo * hi)
+
+
+def contention_factors(costs: MeasuredCosts, rate: float, measured: Figures) -> tuple[float, float]:
+    """(decode, prefill) step factors with which the simulation at ``rate`` reproduces the measured
+    TPOT p50 (decode first, prefill as measured) and then TTFT p50 (decode scaled)."""
+    seeds = SIM_SEEDS // 4  # a fit needs a dozen simulations: fewer replays each
+    dec = fit_factor(measured.tpot_s[0], lambda k: predict(costs.scaled(k, 1.0), rate, seeds=seeds).tpot_s[0])
+    pre = fit_factor(measured.ttft_s[0], lambda k: predict(costs.scaled(dec, k), rate, seeds=seeds).ttft_s[0])
+    return dec, pre
+
+
+def calibrate(engine_json: str | None, overhead_json: str | None,
+              save_dir: Path | None = None) -> tuple[MeasuredCosts, dict]:
     """Costs from the given JSON files, running ``benchmarks.engine`` (one thread) when none is given."""
     if engine_json is None:
-        out = Path(tempfile.mkdtemp(prefix="plan-validation-")) / "engine.json"
+        out = (save_dir or Path(tempfile.mkdtemp(prefix="plan-validation-"))) / "engine.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         log("calibrating: benchmarks.engine --quick, float32 only, one torch thread")
         subprocess.run([sys.executable, "-m", "benchmarks.engine", "--quick", "--formats", "", "--skip-mixed",
                         "--json", str(out)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -157,8 +204,9 @@ def calibrate(engine_json: str | None, overhead_json: str | None) -> tuple[Measu
     return costs, {"engine_json": engine_json, "overhead_json": overhead_json, "torch_threads": threads}
 
 
-def measure(rates: tuple[float, ...], model: str) -> list[dict]:
-    """One ``benchmarks.serve`` run per rate against a fresh 1:1 deployment; each run's JSON."""
+def measure(rates: tuple[float, ...], model: str, save_dir: Path | None = None) -> list[dict]:
+    """One ``benchmarks.serve`` run per rate against a fresh 1:1 deployment; each run's JSON
+    (kept as ``serve-<rate>.json`` in ``save_dir`` when given)."""
     from benchmarks import serve
     from benchmarks.common import start_ray
     from benchmarks.deployments import make_config, running
@@ -172,7 +220,8 @@ def measure(rates: tuple[float, ...], model: str) -> list[dict]:
 
     start_ray("bench-plan-validation", num_cpus=int(2 * WORKER_CPUS))
     runs = []
-    tmp = Path(tempfile.mkdtemp(prefix="plan-validation-"))
+    tmp = save_dir or Path(tempfile.mkdtemp(prefix="plan-validation-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     try:
         with running(cfg) as (_, address):
             for k, rate in enumerate(rates):
@@ -198,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overhead-json", help="a benchmarks.cluster_overhead JSON (default: the built-in transfer costs)")
     ap.add_argument("--rates", default=",".join(f"{r:g}" for r in RATES))
     ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--contention", choices=("none", "fit"), default="fit",
+                    help="fit: also predict with every engine step scaled by a factor fitted on the lowest rate")
+    ap.add_argument("--save-dir", type=Path, help="keep the engine and serve JSONs here")
+    ap.add_argument("--serve-dir", type=Path, help="use the serve-<rate>.json runs saved here instead of serving")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--markdown", metavar="PATH")
     args = ap.parse_args(argv)
@@ -206,22 +259,32 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--rates must differ")
     t0 = time.monotonic()
     before = [round(x, 2) for x in os.getloadavg()]
-    costs, calibration = calibrate(args.engine_json, args.overhead_json)
+    costs, calibration = calibrate(args.engine_json, args.overhead_json, args.save_dir)
     log(costs.describe())
-    runs = measure(rates, args.model)
-    rows = []
-    for rate, run in zip(rates, runs):
-        m, p = measured_figures(run), predict(costs, rate)
-        rows.append({"rate": rate, "measured": asdict(m), "predicted": asdict(p), "errors": compare(m, p)})
+    if args.serve_dir:
+        runs = [json.loads((args.serve_dir / f"serve-{r:g}.json").read_text())["runs"][0] for r in rates]
+    else:
+        runs = measure(rates, args.model, args.save_dir)
+    measured = [measured_figures(run) for run in runs]
+    rows = table(rates, measured, costs)
     machine = {"loadavg_before": before, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                "wall_s": round(time.monotonic() - t0, 1), "cpu_count": os.cpu_count()}
     md = render(rows, costs, machine)
+    fitted: dict = {}
+    if args.contention == "fit":
+        low = min(range(len(rates)), key=lambda i: rates[i])
+        dec, pre = contention_factors(costs, rates[low], measured[low])
+        scaled = costs.scaled(dec, pre)
+        fitted = {"decode_factor": dec, "prefill_factor": pre, "fitted_on_rate": rates[low],
+                  "rows": table(rates, measured, scaled, rates[low])}
+        md += "\n" + render(fitted["rows"], scaled, machine,
+                            f", contention fitted at {rates[low]:g} req/s: decode × {dec:.2f}, prefill × {pre:.2f}")
     print(md)
     if args.markdown:
         Path(args.markdown).write_text(md)
     if args.json:
         Path(args.json).write_text(json.dumps({"calibration": {**calibration, "costs": asdict(costs)}, "rows": rows,
-                                               "machine": machine}, indent=1) + "\n")
+                                               "contention": fitted, "machine": machine}, indent=1) + "\n")
     return 0
 
 

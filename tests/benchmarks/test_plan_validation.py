@@ -29,3 +29,18 @@ def test_prediction_pools_replays_and_degrades_with_rate():
     lo, hi = pv.predict(c, 0.3, seeds=5), pv.predict(c, 2.0, seeds=5)
     assert lo.ttft_s[2] < hi.ttft_s[2] and lo.attainment >= hi.attainment
     assert pv.predict(c, 0.3, seeds=5) == lo  # seeded
+
+
+def test_fit_factor_bisects_an_increasing_figure():
+    assert pv.fit_factor(9.0, lambda k: k * k) == pytest.approx(3.0, rel=1e-3)
+    assert pv.fit_factor(0.001, lambda k: k) == 0.25 and pv.fit_factor(100.0, lambda k: k) == 8.0
+
+
+def test_contention_factors_reproduce_the_fitted_rate():
+    c = from_benchmarks(ENGINE)
+    # "Measured" = the simulation with decode 1.8x and prefill 1.3x slower: the fit recovers both.
+    truth = pv.predict(c.scaled(1.8, 1.3), 0.5, seeds=pv.SIM_SEEDS // 4)
+    dec, pre = pv.contention_factors(c, 0.5, truth)
+    assert dec == pytest.approx(1.8, rel=0.08) and pre == pytest.approx(1.3, rel=0.15)
+    assert c.scaled(2.0, 1.0).decode_s(8, 0) == pytest.approx(2 * c.decode_s(8, 0))
+    assert c.scaled(1.0, 3.0).prefill_s([512]) == pytest.approx(3 * c.prefill_s([512]))
