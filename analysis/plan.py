@@ -3,12 +3,19 @@
     python -m analysis.plan --model llama-3.1-70b --hardware H100 --rate 100 \\
         --input-len 512:2048 --output-len 64:256 --ttft 1.0 --tpot 0.05
     python -m analysis.plan --docs docs/planning.md     # the 70B on H100 plans at 10, 100, 1,000 req/s
+    python -m analysis.plan --engine-json engine.json [--overhead-json cluster.json] --rate 2 \
+        --input-len 128:384 --output-len 16:48 --ttft 2 --tpot 0.15   # calibrated: measured step costs
 
 (``python -m cluster.plan`` is the same command.) Each candidate is run
 through :func:`analysis.serving_sim.simulate`, a discrete-event simulation of
 router, both pools, batching and KV transfer, with step times from the
 roofline of :mod:`analysis.cost_model` on datasheet hardware
-(:mod:`analysis.hardware`) scaled by ``--efficiency``. The search follows
+(:mod:`analysis.hardware`) scaled by ``--efficiency``, or, with
+``--engine-json`` (a ``benchmarks.engine`` JSON; ``--overhead-json``, a
+``benchmarks.cluster_overhead`` one, for the KV transfer and serving path),
+from the step times measured there (:mod:`analysis.calibration`; one worker =
+the engine as measured). ``benchmarks.plan_validation`` checks the
+calibrated simulation against measured runs. The search follows
 DistServe's placement search: size each phase on its own with the other one
 ample (prefill against the TTFT target, decode against both: with prefill
 ample, a TTFT miss means requests wait for decode KV room), starting from
@@ -24,12 +31,14 @@ any step time but the roofline's (real kernels: set ``--efficiency``).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.bottleneck import PRESETS, PhaseSplit, devices_needed
+from analysis.calibration import from_benchmarks
 from analysis.cost_model import dtype_bytes
 from analysis.hardware import PROFILES
 from analysis.serving_sim import SLO, SimResult, StepCosts, Workload, simulate
@@ -197,7 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-running", type=int, default=256)
     ap.add_argument("--requests", type=int, help="simulated requests (default: 30 s of traffic, 1,000 to 20,000)")
     ap.add_argument("--docs", type=Path, help="write the 70B / H100 plans at 10, 100, 1,000 req/s to this file")
+    ap.add_argument("--engine-json", type=Path, help="calibrate: step costs measured by benchmarks.engine (JSON)")
+    ap.add_argument("--overhead-json", type=Path, help="with --engine-json: KV transfer and serving path measured by "
+                                                       "benchmarks.cluster_overhead (JSON)")
+    ap.add_argument("--kv-tokens", type=int, default=512 * 16, help="with --engine-json: a decode worker's KV tokens")
     args = ap.parse_args(argv)
+    if args.docs and args.engine_json:
+        ap.error("--docs writes the datasheet plans; --engine-json plans this machine's measured worker")
     slo = SLO(args.ttft, args.tpot, args.attainment)
     rates = DOCS_RATES if args.docs else (args.rate,)
     out = []
@@ -206,8 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         wl = Workload(rate, args.input_len, args.output_len, requests=n)
         best = None
         # A size whose memory leaves room for fewer than MIN_BATCH full-length requests cannot batch decode.
-        sizes = [c for c in candidate_costs(args)
-                 if c.max_batch(wl.input_len[1] + wl.output_len[1], MIN_BATCH) >= MIN_BATCH]
+        if args.engine_json:
+            engine = json.loads(args.engine_json.read_text())
+            overhead = json.loads(args.overhead_json.read_text()) if args.overhead_json else None
+            sizes = [from_benchmarks(engine, overhead, args.kv_tokens, source=args.engine_json.name)]
+            print(sizes[0].describe())
+        else:
+            sizes = [c for c in candidate_costs(args)
+                     if c.max_batch(wl.input_len[1] + wl.output_len[1], MIN_BATCH) >= MIN_BATCH]
         bound = {c.devices: sum(estimate(c, wl, args.max_running, 8192).values()) * c.devices for c in sizes}
         for costs in sorted(sizes, key=lambda c: bound[c.devices]):
             if best is not None and bound[costs.devices] >= best[1].devices:
@@ -217,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                 best = (costs, p)
         if best is None:
             raise SystemExit("no tensor-parallel size up to 8 devices holds the weights and one request's KV")
-        out.append(render(args.model, args.hardware, best[0], wl, slo, best[1]))
+        model, hardware = ((engine.get("machine", {}).get("model", {}).get("name", "measured model"), "measured worker")
+                           if args.engine_json else (args.model, args.hardware))
+        out.append(render(model, hardware, best[0], wl, slo, best[1]))
         print(out[-1], flush=True)
     if args.docs:
         text = DOCS_HEADER.format(eff=args.efficiency, ovh=args.overhead_ms, link=args.link_gb_s, ttft=args.ttft,

@@ -128,8 +128,12 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def simulate(costs: StepCosts, wl: Workload, slo: SLO, prefill: int, decode: int, *, max_batched_tokens: int = 8192,
-             max_running: int = 256) -> SimResult:
-    """Run ``wl`` through ``prefill`` + ``decode`` workers; latencies and attainment of every request."""
+             max_running: int = 256, samples: dict[str, list[float]] | None = None) -> SimResult:
+    """Run ``wl`` through ``prefill`` + ``decode`` workers; latencies and attainment of every request.
+
+    ``costs``: a :class:`StepCosts` or anything with its four methods and ``devices`` (e.g.
+    :class:`analysis.calibration.MeasuredCosts`). ``samples``, when given, receives every request's
+    ``ttft_s`` and ``tpot_s`` (in arrival order), to pool several runs."""
     rng = random.Random(wl.seed)
     t, reqs = 0.0, []
     for _ in range(wl.requests):
@@ -228,6 +232,8 @@ def simulate(costs: StepCosts, wl: Workload, slo: SLO, prefill: int, decode: int
                 freed -= 1
     ttft = [r.first - r.arrival for r in reqs]
     tpot = [(r.done - r.first) / (r.output - 1) if r.output > 1 else 0.0 for r in reqs]
+    if samples is not None:
+        samples["ttft_s"], samples["tpot_s"] = ttft, tpot
     ok_t = [a <= slo.ttft_s for a in ttft]
     ok_p = [b <= slo.tpot_s for b in tpot]
     span = max(r.done for r in reqs) - reqs[0].arrival
