@@ -6,7 +6,7 @@ Run from the repository root::
 
 One process, one local Ray cluster (:func:`benchmarks.common.start_ray`,
 127.0.0.1, token auth, shut down at the end, also on error). The same seeded
-trace runs against three arms of the same cluster code, each a
+trace runs against four arms of the same cluster code, each a
 ``cluster.deployment.BackgroundDeployment`` with its router in this process
 and two single-threaded worker actors of ``num_cpus`` 1 (Ray gives an actor of
 ``num_cpus`` 1 one OpenMP / torch thread; checked and recorded), so every arm
@@ -26,7 +26,7 @@ has the same 2 cores' worth of workers:
     short prompt is prefilled by the decode worker itself, no transfer; only
     long prompts use the prefill worker.
 
-All three deployments are up at once (the Ray head declares 6 logical CPUs
+All four deployments are up at once (the Ray head declares 8 logical CPUs
 for that) but only one arm is driven at a time; the machine's load drifts
 (it is shared), so the arms' runs are interleaved, not run arm after arm:
 each mixed run is repeated ``rounds`` times per rate, the arms' order rotated
@@ -44,7 +44,7 @@ again would be a cache hit, not the prefill under test), sent with
 :func:`benchmarks.loadgen.run_trace`; every arm gets the same requests at the
 same offsets. In order:
 
-1. start the three deployments (in parallel; start times recorded), then
+1. start the four deployments (in parallel; start times recorded), then
    warm each up, unrecorded: two short and then two long prompts (not in the
    trace), two at a time, so that both workers of every arm have run both shapes;
 2. the undisturbed reference (``reference_arms``; the disaggregated arm by
