@@ -6,7 +6,7 @@ Run from the repository root::
 
 One process, one local Ray cluster (:func:`benchmarks.common.start_ray`,
 127.0.0.1, token auth, shut down at the end, also on error). The same seeded
-trace runs against three arms of the same cluster code, each a
+trace runs against four arms of the same cluster code, each a
 ``cluster.deployment.BackgroundDeployment`` with its router in this process
 and two single-threaded worker actors of ``num_cpus`` 1 (Ray gives an actor of
 ``num_cpus`` 1 one OpenMP / torch thread; checked and recorded), so every arm
@@ -26,7 +26,7 @@ has the same 2 cores' worth of workers:
     short prompt is prefilled by the decode worker itself, no transfer; only
     long prompts use the prefill worker.
 
-All three deployments are up at once (the Ray head declares 6 logical CPUs
+All four deployments are up at once (the Ray head declares 8 logical CPUs
 for that) but only one arm is driven at a time; the machine's load drifts
 (it is shared), so the arms' runs are interleaved, not run arm after arm:
 each mixed run is repeated ``rounds`` times per rate, the arms' order rotated
@@ -37,12 +37,14 @@ the interference case disaggregation exists for, long prompts stalling the
 decode of short requests that share a worker with them: a Poisson stream of
 short chat-sized requests (32 tokens in, 48 out: decode heavy) at each ``rate`` of the settings, plus one long prompt (768-1024
 tokens in, 4 out) every ``long_every_s`` seconds. Prompts are exact-length
-raw prompts from :mod:`benchmarks.workloads` (SmolLM2's tokenizer), sent with
+raw prompts from :mod:`benchmarks.workloads` (SmolLM2's tokenizer), a fresh set
+for every rate and round (prefix caching is on in every arm: a prompt sent
+again would be a cache hit, not the prefill under test), sent with
 ``max_tokens`` = output length and ``ignore_eos`` by
 :func:`benchmarks.loadgen.run_trace`; every arm gets the same requests at the
 same offsets. In order:
 
-1. start the three deployments (in parallel; start times recorded), then
+1. start the four deployments (in parallel; start times recorded), then
    warm each up, unrecorded: two short and then two long prompts (not in the
    trace), two at a time, so that both workers of every arm have run both shapes;
 2. the undisturbed reference (``reference_arms``; the disaggregated arm by
@@ -248,16 +250,32 @@ def make_pool(tokenizer, n_short: int, n_long: int, seed: int = 0) -> RequestPoo
                        gen("short", 2, seed + 1000), gen("long", 2, seed + 1001))
 
 
-def build_trace(spec: TraceSpec, pool: RequestPool) -> tuple[list[BenchRequest], tuple[float, ...]]:
-    """The trace's requests in send order (re-indexed) and their send offsets."""
+def build_trace(spec: TraceSpec, pool: RequestPool, short_offset: int = 0, long_offset: int = 0
+                ) -> tuple[list[BenchRequest], tuple[float, ...]]:
+    """The trace's requests in send order (re-indexed) and their send offsets. Its short and long
+    prompts are the pool's from ``short_offset`` / ``long_offset`` on: every run takes prompts of
+    its own (:func:`fresh_traces`), so that none is a prefix-cache hit from an earlier run."""
     events = [(t, 0, k) for k, t in enumerate(spec.short_times())]
     events += [(t, 1, k) for k, t in enumerate(spec.long_times())]
     events.sort()
     requests = []
     for i, (_, kind, k) in enumerate(events):
-        src = (pool.shorts if kind == 0 else pool.longs)[k]
+        src = pool.shorts[short_offset + k] if kind == 0 else pool.longs[long_offset + k]
         requests.append(replace(src, index=i))
     return requests, tuple(t for t, _, _ in events)
+
+
+def fresh_traces(specs: Sequence[TraceSpec], pool: RequestPool, short_offset: int = 0
+                 ) -> tuple[list[tuple[list[BenchRequest], tuple[float, ...]]], int]:
+    """One trace per spec, each with prompts no other uses (caching is on in every arm: a repeated
+    prompt would be a cache hit, not a prefill). Returns them and the next unused short prompt."""
+    out = []
+    long_offset = 0
+    for spec in specs:
+        out.append(build_trace(spec, pool, short_offset, long_offset))
+        short_offset += len(spec.short_times())
+        long_offset += len(spec.long_times())
+    return out, short_offset
 
 
 # ------------------------------------------------------------------- running
@@ -407,19 +425,25 @@ def run(settings: Settings, arms: Sequence[str], model: str = DEFAULT_MODEL,
                                     settings.seed) for r in settings.rates}
     ref_spec = TraceSpec(settings.reference_s, settings.rates[0], settings.long_every_s, settings.long_first_s,
                          settings.seed, with_long=False)
-    n_short = max([len(s.short_times()) for s in specs.values()] + [len(ref_spec.short_times()),
-                                                                    settings.saturation_requests])
-    n_long = max(len(s.long_times()) for s in specs.values())
+    # Every (rate, round) run gets prompts of its own, then the reference and saturation (caching is on
+    # in every arm: a prompt sent again would be a cache hit, not the prefill this trace is about).
+    keys = list(specs)
+    run_specs = [specs[k] for k in keys for _ in range(settings.rounds)]
+    n_short = (sum(len(s.short_times()) for s in run_specs) + len(ref_spec.short_times())
+               + settings.saturation_requests)
+    n_long = sum(len(s.long_times()) for s in run_specs)
     pool = make_pool(tokenizer, n_short, n_long, settings.seed)
-    traces = {k: build_trace(s, pool) for k, s in specs.items()}
-    reference = build_trace(ref_spec, pool)
-    saturation = [replace(r, index=i) for i, r in enumerate(pool.shorts[:settings.saturation_requests])]
+    built, used = fresh_traces(run_specs, pool)
+    traces = {k: built[i * settings.rounds:(i + 1) * settings.rounds] for i, k in enumerate(keys)}
+    (reference,), used = fresh_traces([ref_spec], RequestPool(pool.shorts, [], [], []), used)
+    saturation = [replace(r, index=i) for i, r in enumerate(pool.shorts[used:used + settings.saturation_requests])]
 
     result: dict[str, Any] = {
         "model": model, "settings": asdict(settings),
         "configs": {a: {"config": configs[a], "total_cpus": cpus[a]} for a in arms},
         "trace": {k: {"short_times_s": s.short_times(), "long_times_s": s.long_times(),
-                      "long_input_tokens": [r.input_tokens for r in traces[k][0] if r.kind == "long"]}
+                      "long_input_tokens": [[r.input_tokens for r in reqs if r.kind == "long"]
+                                            for reqs, _ in traces[k]]}
                   for k, s in specs.items()},
         "arms": {a: {"runs": {}} for a in arms},
     }
@@ -452,10 +476,11 @@ def run(settings: Settings, arms: Sequence[str], model: str = DEFAULT_MODEL,
                     result["arms"][arm]["reference"] = {
                         **analyze_run(recs, settings.slo_short, settings.slo_long), "env": merge_env([env]),
                         "records": [r.to_dict() for r in recs]}
-            for key, (requests, times) in traces.items():
+            for key, per_round in traces.items():
                 rounds: dict[str, list[list[RequestRecord]]] = {a: [] for a in arms}
                 envs: dict[str, list[dict]] = {a: [] for a in arms}
                 for k, order in enumerate(rotations(arms, settings.rounds)):
+                    requests, times = per_round[k]
                     for arm in order:
                         recs, env = phase(arm, f"mixed@{key}#{k}", requests, Scheduled(times))
                         rounds[arm].append(recs)

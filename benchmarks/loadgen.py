@@ -35,8 +35,9 @@ from benchmarks.workloads import BenchRequest
 from protos import serving_pb2
 from router.client import FINISH_NAMES, AsyncClient
 
-TIMING_FIELDS = ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms", "prefill_ms", "transfer_ms", "transfer_bytes",
-                 "prefill_cached_tokens", "decode_cached_tokens", "transfer_bytes_saved")
+TIMING_FIELDS = ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms", "prefill_queue_ms", "prefill_ms", "transfer_ms",
+                 "decode_queue_ms", "transfer_bytes", "prefill_cached_tokens", "decode_cached_tokens",
+                 "transfer_bytes_saved")
 
 
 class Arrival(ABC):
@@ -266,6 +267,7 @@ async def run_trace(address: str | None, requests: Sequence[BenchRequest], arriv
                     rec.completion_tokens = resp.usage.completion_tokens
                     rec.server = {k: float(getattr(resp.timings, k)) for k in TIMING_FIELDS}
                     rec.path = resp.timings.path
+                    rec.decode_worker = resp.timings.decode_worker
             rec.end_s = time.perf_counter() - t0
             texts[i] = "".join(parts)
         except grpc.aio.AioRpcError as e:

@@ -5,7 +5,7 @@ prefix cache off and on.
 Run from the repository root::
 
     python -m benchmarks.prefix_cache [--quick] [--workloads shared-prefix,multi-turn] \\
-        [--json PATH] [--markdown PATH]
+        [--no-policies] [--synthetic-answers] [--json PATH] [--markdown PATH]
 
 One process, one private local Ray cluster (:func:`benchmarks.common.start_ray`).
 Two arms, the same shape and cores (1 prefill + 1 decode worker of
@@ -19,14 +19,27 @@ other:
   part uncached on the chosen decode worker is that short is prefilled there.
 
 Each workload is sent closed loop, one request in flight (TTFT is then the
-prefill's cost, not queueing), the same seeded requests on both arms.
+prefill's cost, not queueing), the same seeded requests on both arms. A
+multi-turn conversation sends back the answers the server gave (as a chat
+client does; ``Settings.replay_answers``), so that the decode worker's cached
+blocks of the previous answer can match; the answers are greedy, hence the
+same on both arms, and the input lengths are the server's (no longer exact).
 Reported per workload and arm: TTFT p50 (all requests; for multi-turn also
 turns 2-5), its reduction from ``off``, the mean KV bytes moved per request
 and the bytes the cache saved (``off``'s mean minus ``on``'s; the router's
 per-request ``transfer_bytes_saved`` counts only the partial transfers), the
 requests that took the decode-only path, and each pool's prefix-cache hit
 rate over the run (the workers' ``prefix_hit_tokens / prefix_queried_tokens``
-deltas from ClusterStatus).
+deltas from ClusterStatus), and where the TTFT went: the median of each
+router stage before the first token (queue, prefill queue, prefill, transfer:
+``Timings``) and the rest (the first token's way back to the client).
+
+Routing (``--policies``, on by default): the same two workloads, concurrent
+(``policy_concurrency`` requests in flight; multi-turn with that many
+conversations interleaved), against ``least_loaded`` and ``prefix_aware``
+with caching on and conditional disaggregation on both, on 1 prefill + 2
+decode workers (the policy has a choice to make only with 2+ workers):
+TTFT p50, hit rates, paths and how requests spread over the decode workers.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +60,12 @@ from benchmarks.slo import SLO, RequestRecord
 from benchmarks.workloads import WorkloadSpec, generate
 
 ARMS = ("off", "on")
+#: The routing comparison's arms: caching and conditional disaggregation on, 2 decode workers.
+POLICY_ARMS = ("least_loaded", "prefix_aware")
 WORKLOADS = ("shared-prefix", "multi-turn")
+#: The router stages that can come before the first token (``Timings`` fields); the rest of the TTFT
+#: is the first token's way back (worker -> router -> client).
+TTFT_STAGES = ("queue_ms", "prefill_queue_ms", "prefill_ms", "transfer_ms")
 MAX_MODEL_LEN = 2048
 
 
@@ -61,25 +79,31 @@ class Settings:
     turns: int = 5
     output_tokens: tuple[int, int] = (16, 16)
     conditional_tokens: int = 128
+    replay_answers: bool = True       # multi-turn: send back the served answers (a chat client's history)
+    policies: bool = True             # also compare least_loaded with prefix_aware (POLICY_ARMS)
+    policy_concurrency: int = 4       # requests in flight in that comparison (= conversations of multi-turn)
     seed: int = 0
 
 
 FULL = Settings()
-QUICK = Settings(shared_prefix_requests=5, conversations=1)
+QUICK = Settings(shared_prefix_requests=5, conversations=1, policy_concurrency=2)
 
 
 def arm_config(arm: str, settings: Settings, model: str, namespace: str) -> dict[str, Any]:
-    """The deployment dict of one arm (validate with :func:`cluster.config.parse_config`)."""
-    if arm not in ARMS:
-        raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
-    on = arm == "on"
+    """The deployment dict of one arm (validate with :func:`cluster.config.parse_config`):
+    one of :data:`ARMS` (1 prefill + 1 decode worker) or :data:`POLICY_ARMS` (1 + 2)."""
+    if arm not in ARMS + POLICY_ARMS:
+        raise ValueError(f"arm must be one of {ARMS + POLICY_ARMS}, got {arm!r}")
+    on = arm != "off"
+    policy = arm if arm in POLICY_ARMS else ("prefix_aware" if on else "least_loaded")
     router: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "metrics_port": None, "drain_grace_s": 10,
-                              "policy": "prefix_aware" if on else "least_loaded"}
+                              "policy": policy}
     if on:
         router["conditional_prefill_max_tokens"] = settings.conditional_tokens
+    ratio, replicas = ("1:2", 3) if arm in POLICY_ARMS else ("1:1", 2)
     return {
         "model": {"name": model, "dtype": "float32", "max_model_len": MAX_MODEL_LEN},
-        "pools": {"mode": "disaggregated", "ratio": "1:1", "replicas": 2,
+        "pools": {"mode": "disaggregated", "ratio": ratio, "replicas": replicas,
                   "prefill": {"num_cpus": 1, "num_blocks": 512, "max_batched_tokens": MAX_MODEL_LEN,
                               "prefix_caching": on},
                   "decode": {"num_cpus": 1, "num_blocks": 1024, "prefix_caching": on}},
@@ -89,14 +113,16 @@ def arm_config(arm: str, settings: Settings, model: str, namespace: str) -> dict
     }
 
 
-def workload(name: str, settings: Settings) -> WorkloadSpec:
+def workload(name: str, settings: Settings, conversations: int | None = None) -> WorkloadSpec:
+    """``name``'s spec; ``conversations`` overrides the multi-turn conversation count (and interleave)."""
     if name == "shared-prefix":
         return WorkloadSpec(name=name, num_requests=settings.shared_prefix_requests, seed=settings.seed,
                             prefix_tokens=settings.prefix_tokens, suffix_input=(16, 48),
                             short_output=settings.output_tokens)
-    return WorkloadSpec(name=name, num_requests=settings.conversations * settings.turns, seed=settings.seed,
+    conv = conversations or settings.conversations
+    return WorkloadSpec(name=name, num_requests=conv * settings.turns, seed=settings.seed,
                         turns=settings.turns, turn_input=(40, 64), turn_output=settings.output_tokens,
-                        interleave=settings.conversations)
+                        interleave=conv)
 
 
 def cache_counters(address: str) -> dict[str, tuple[int, int]]:
@@ -133,6 +159,9 @@ def summarize(records: list[RequestRecord], before: dict[str, tuple[int, int]],
         hit_rate[kind] = (hits - h0) / (queried - q0) if queried > q0 else None
     later_turns = [r for r in ok if r.turn is not None and r.turn >= 1]
     return {
+        "ttft_stages_p50_ms": ttft_stages(later_turns or ok),
+        "decode_workers": {w: sum(1 for r in ok if r.decode_worker == w)
+                           for w in sorted({r.decode_worker for r in ok if r.decode_worker})},
         "num_ok": len(ok), "num_requests": len(records),
         "ttft_p50_ms": p50(ok),
         "ttft_p50_turns_2_5_ms": p50(later_turns) if later_turns else None,
@@ -144,6 +173,19 @@ def summarize(records: list[RequestRecord], before: dict[str, tuple[int, int]],
         "paths": {p: sum(1 for r in ok if r.path == p) for p in sorted({r.path for r in ok})},
         "hit_rate": hit_rate,
     }
+
+
+def ttft_stages(records: list[RequestRecord]) -> dict[str, float]:
+    """Median ms of each of :data:`TTFT_STAGES` over ``records`` (0 where a request skipped it), and
+    ``rest``: the median of the client's TTFT minus their sum (the first token's way back)."""
+    if not records:
+        return {}
+    out = {k: statistics.median(r.server.get(k, 0.0) for r in records) for k in TTFT_STAGES}
+    rest = [r.ttft_s * 1000.0 - sum(r.server.get(k, 0.0) for k in TTFT_STAGES) for r in records
+            if r.ttft_s is not None]
+    if rest:
+        out["rest"] = statistics.median(rest)
+    return out
 
 
 def reduction(off: float | None, on: float | None) -> float | None:
@@ -159,20 +201,32 @@ def run(settings: Settings, workloads: list[str], model: str = DEFAULT_MODEL) ->
 
     tokenizer = load_tokenizer(model)
     requests = {w: generate(workload(w, settings), tokenizer) for w in workloads}
+    conc = settings.policy_concurrency
+    policy_requests = {w: generate(workload(w, settings, conc), tokenizer) for w in workloads}
     result: dict[str, Any] = {"model": model, "settings": settings.__dict__, "load_before": os.getloadavg(),
-                              "workloads": {w: {} for w in workloads}, "configs": {}}
-    start_ray("prefix-cache-bench", num_cpus=2)
+                              "workloads": {w: {} for w in workloads}, "policies": {w: {} for w in workloads},
+                              "configs": {}}
+
+    def drive(arm: str, address: str, w: str, reqs: list, concurrency: int) -> dict[str, Any]:
+        log(f"{arm}: {w} ({len(reqs)} requests, {concurrency} in flight)")
+        before = cache_counters(address)
+        (res,) = asyncio.run(run_sweep(address, reqs, [FixedConcurrency(concurrency)], SLO(1000.0, 200.0),
+                                       timeout_s=300.0, replay_answers=settings.replay_answers))
+        return summarize(res.records, before, cache_counters(address))
+
+    # Logical CPUs: the routing arms run 3 workers of num_cpus 1 (only one arm is up at a time).
+    start_ray("prefix-cache-bench", num_cpus=3 if settings.policies else 2)
     try:
-        for arm in ARMS:
+        arms = ARMS + (POLICY_ARMS if settings.policies else ())
+        for arm in arms:
             cfg = arm_config(arm, settings, model, f"prefix-cache-{os.getpid()}")
             result["configs"][arm] = cfg
             with running(parse_config(cfg, source=f"<arm {arm}>")) as (_, address):
                 for w in workloads:
-                    log(f"{arm}: {w} ({len(requests[w])} requests, one in flight)")
-                    before = cache_counters(address)
-                    (res,) = asyncio.run(run_sweep(address, requests[w], [FixedConcurrency(1)],
-                                                   SLO(1000.0, 200.0), timeout_s=300.0))
-                    result["workloads"][w][arm] = summarize(res.records, before, cache_counters(address))
+                    if arm in ARMS:
+                        result["workloads"][w][arm] = drive(arm, address, w, requests[w], 1)
+                    else:
+                        result["policies"][w][arm] = drive(arm, address, w, policy_requests[w], conc)
     finally:
         import ray
 
@@ -183,6 +237,10 @@ def run(settings: Settings, workloads: list[str], model: str = DEFAULT_MODEL) ->
         arms["ttft_p50_turns_2_5_reduction"] = reduction(off["ttft_p50_turns_2_5_ms"], on["ttft_p50_turns_2_5_ms"])
         if off["transfer_bytes_mean"] is not None and on["transfer_bytes_mean"] is not None:
             arms["transfer_bytes_saved_mean"] = off["transfer_bytes_mean"] - on["transfer_bytes_mean"]
+    for w, arms in result["policies"].items():
+        if all(a in arms for a in POLICY_ARMS):
+            arms["ttft_p50_reduction"] = reduction(arms["least_loaded"]["ttft_p50_ms"],
+                                                   arms["prefix_aware"]["ttft_p50_ms"])
     result["load_after"] = os.getloadavg()
     return result
 
@@ -191,29 +249,66 @@ def _f(x, fmt: str = ".0f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _stages(s: dict[str, Any]) -> str:
+    st = s.get("ttft_stages_p50_ms") or {}
+    return " / ".join(_f(st.get(k)) for k in TTFT_STAGES + ("rest",))
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     lines = [f"Model `{result['model']}`; load average before {tuple(round(x, 1) for x in result['load_before'])}, "
              f"after {tuple(round(x, 1) for x in result['load_after'])}.", "",
-             "| workload | arm | ok/n | TTFT p50 ms | TTFT p50 turns 2-5 ms | KV bytes moved / req | "
-             "prefill cached tok / req | decode cached tok / req | paths | hit rate prefill / decode |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "One request in flight; 1 prefill + 1 decode worker. TTFT stages: medians (ms) over turns 2-5 "
+             "(multi-turn) or all requests, of queue / prefill queue / prefill / transfer / rest (the first "
+             "token's way back).", "",
+             "| workload | arm | ok/n | TTFT p50 ms | TTFT p50 turns 2-5 ms | TTFT stages p50 ms | "
+             "KV bytes moved / req | prefill cached tok / req | decode cached tok / req | paths | "
+             "hit rate prefill / decode |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for w, arms in result["workloads"].items():
         for arm in ARMS:
+            if arm not in arms:
+                continue
             s = arms[arm]
-            hr = s["hit_rate"]
-            paths = ", ".join(f"{k or '?'} {v}" for k, v in s["paths"].items())
-            lines.append(
-                f"| {w} | {arm} | {s['num_ok']}/{s['num_requests']} | {_f(s['ttft_p50_ms'])} | "
-                f"{_f(s['ttft_p50_turns_2_5_ms'])} | {_f(s['transfer_bytes_mean'])} | "
-                f"{_f(s['prefill_cached_tokens_mean'])} | {_f(s['decode_cached_tokens_mean'])} | {paths} | "
-                f"{_f(hr.get('prefill'), '.0%')} / {_f(hr.get('decode'), '.0%')} |")
+            lines.append(_row(w, arm, s, _stages(s)))
     lines.append("")
     for w, arms in result["workloads"].items():
+        if "off" not in arms or "on" not in arms:
+            continue
         lines.append(f"- `{w}`: TTFT p50 {_f(arms['ttft_p50_reduction'], '.0%')} lower with the cache"
                      + (f", turns 2-5 {_f(arms['ttft_p50_turns_2_5_reduction'], '.0%')} lower"
                         if arms["ttft_p50_turns_2_5_reduction"] is not None else "")
-                     + f"; KV bytes saved per request {_f(arms.get('transfer_bytes_saved_mean'))}.")
+                     + f"; KV bytes saved per request {_f(arms.get('transfer_bytes_saved_mean'))}"
+                     + f"; decode-side hit rate {_f(arms['on']['hit_rate'].get('decode'), '.0%')}.")
+    policies = {w: arms for w, arms in result.get("policies", {}).items() if arms}
+    if policies:
+        conc = result["settings"].get("policy_concurrency")
+        lines += ["", f"Routing: caching and conditional disaggregation on, 1 prefill + 2 decode workers, "
+                      f"{conc} requests in flight (multi-turn: {conc} conversations).", "",
+                  "| workload | policy | ok/n | TTFT p50 ms | TTFT p50 turns 2-5 ms | requests per decode worker | "
+                  "KV bytes moved / req | prefill cached tok / req | decode cached tok / req | paths | "
+                  "hit rate prefill / decode |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for w, arms in policies.items():
+            for arm in POLICY_ARMS:
+                if arm in arms:
+                    s = arms[arm]
+                    spread = " / ".join(str(n) for n in s["decode_workers"].values()) or "-"
+                    lines.append(_row(w, arm, s, spread))
+        lines.append("")
+        for w, arms in policies.items():
+            if arms.get("ttft_p50_reduction") is not None:
+                lines.append(f"- `{w}`: prefix_aware TTFT p50 {_f(arms['ttft_p50_reduction'], '.0%')} lower than "
+                             "least_loaded.")
     return "\n".join(lines) + "\n"
+
+
+def _row(w: str, arm: str, s: dict[str, Any], extra: str) -> str:
+    hr = s["hit_rate"]
+    paths = ", ".join(f"{k or '?'} {v}" for k, v in s["paths"].items())
+    return (f"| {w} | {arm} | {s['num_ok']}/{s['num_requests']} | {_f(s['ttft_p50_ms'])} | "
+            f"{_f(s['ttft_p50_turns_2_5_ms'])} | {extra} | {_f(s['transfer_bytes_mean'])} | "
+            f"{_f(s['prefill_cached_tokens_mean'])} | {_f(s['decode_cached_tokens_mean'])} | {paths} | "
+            f"{_f(hr.get('prefill'), '.0%')} / {_f(hr.get('decode'), '.0%')} |")
 
 
 def log(msg: str) -> None:
@@ -228,11 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--no-policies", action="store_true", help="skip the least_loaded vs prefix_aware comparison")
+    ap.add_argument("--synthetic-answers", action="store_true",
+                    help="multi-turn: keep the workload's stand-in answers (exact lengths) instead of the served ones")
     args = ap.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
     if any(w not in WORKLOADS for w in workloads):
         ap.error(f"--workloads: choose from {WORKLOADS}")
-    result = run(QUICK if args.quick else FULL, workloads, args.model)
+    settings = replace(QUICK if args.quick else FULL, policies=not args.no_policies,
+                       replay_answers=not args.synthetic_answers)
+    result = run(settings, workloads, args.model)
     table = render_markdown(result)
     print(table, end="")
     if args.json:

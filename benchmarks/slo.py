@@ -59,6 +59,7 @@ class RequestRecord:
     completion_tokens: int | None = None
     server: dict[str, float] = field(default_factory=dict)
     path: str = ""  # the router's Timings.path: disaggregated, decode_only or colocated
+    decode_worker: str = ""  # the router's Timings.decode_worker: which worker decoded it (routing)
 
     @property
     def ok(self) -> bool:

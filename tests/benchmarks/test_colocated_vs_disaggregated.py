@@ -194,3 +194,14 @@ def test_merge_env_weights_by_duration():
     assert env == {"other_cores": 0.25, "own_cores": 1.25, "other_cores_max": 1.0, "loadavg_1m": 5.0,
                    "waited_for_quiet_s": 4.0}
     assert cvd.merge_env([{"other_cores": None}])["other_cores"] is None
+
+
+def test_fresh_traces_never_reuse_a_prompt():
+    """Caching is on in every arm: a prompt sent twice would measure a cache hit, not a prefill."""
+    pool = cvd.RequestPool([_req(i, "short") for i in range(200)], [_req(i, "long") for i in range(20)], [], [])
+    specs = [cvd.TraceSpec(25, rate, 10, 4) for rate in (0.5, 0.5, 1.0, 1.0)]
+    traces, used = cvd.fresh_traces(specs, pool)
+    prompts = [r.prompt for reqs, _ in traces for r in reqs]
+    assert len(prompts) == len(set(prompts)) == sum(len(s.short_times()) + len(s.long_times()) for s in specs)
+    assert used == sum(len(s.short_times()) for s in specs)
+    assert [t for t, r in zip(traces[1][1], traces[1][0]) if r.kind == "long"] == [4, 14, 24]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.prefix_cache import FULL, arm_config, reduction, summarize
+from benchmarks.prefix_cache import FULL, POLICY_ARMS, arm_config, reduction, render_markdown, summarize, ttft_stages
 from benchmarks.slo import RequestRecord
 from cluster.config import parse_config
 
@@ -19,9 +19,19 @@ def test_arms_differ_only_in_caching_and_routing():
     assert off.pools.counts() == on.pools.counts() and off.pools.decode.num_cpus == on.pools.decode.num_cpus
 
 
-def record(i: int, ttft_s: float, turn: int | None, **server) -> RequestRecord:
+def test_policy_arms_differ_only_in_policy_and_have_two_decode_workers():
+    ll, pa = (parse_config(arm_config(a, FULL, "builtin:tiny-llama", "ns")) for a in POLICY_ARMS)
+    assert (ll.router.policy, pa.router.policy) == ("least_loaded", "prefix_aware")
+    assert ll.pools.counts() == pa.pools.counts() == (1, 2)
+    for cfg in (ll, pa):
+        assert cfg.pools.prefill.prefix_caching and cfg.pools.decode.prefix_caching
+        assert cfg.router.conditional_prefill_max_tokens == FULL.conditional_tokens
+
+
+def record(i: int, ttft_s: float, turn: int | None, worker: str = "", **server) -> RequestRecord:
     return RequestRecord(i, f"r{i}", start_s=0.0, end_s=1.0, token_times_s=[ttft_s], token_counts=[1],
-                         finish_reason="length", turn=turn, server=server, path="disaggregated")
+                         finish_reason="length", turn=turn, server=server, path="disaggregated",
+                         decode_worker=worker)
 
 
 def test_summary_and_reduction():
@@ -32,3 +42,26 @@ def test_summary_and_reduction():
     assert s["transfer_bytes_mean"] == pytest.approx(50) and s["paths"] == {"disaggregated": 3}
     assert s["hit_rate"] == {"prefill": 0.5, "decode": None}
     assert reduction(1000.0, 200.0) == pytest.approx(0.8) and reduction(None, 1.0) is None
+
+
+def test_ttft_stages_and_rest_come_from_the_timings():
+    recs = [record(0, 0.300, 1, queue_ms=10.0, prefill_ms=200.0, transfer_ms=50.0),
+            record(1, 0.500, 2, queue_ms=30.0, prefill_ms=400.0)]
+    st = ttft_stages(recs)
+    assert st["queue_ms"] == pytest.approx(20) and st["prefill_ms"] == pytest.approx(300)
+    assert st["transfer_ms"] == pytest.approx(25) and st["prefill_queue_ms"] == 0
+    assert st["rest"] == pytest.approx(55)  # medians of 40 and 70
+    assert ttft_stages([]) == {}
+
+
+def test_report_has_the_policy_table_and_worker_spread():
+    recs = [record(0, 0.3, 0, "d0"), record(1, 0.2, 1, "d0"), record(2, 0.4, 2, "d1")]
+    s = summarize(recs, {}, {"decode": (5, 10)})
+    assert s["decode_workers"] == {"d0": 2, "d1": 1}
+    result = {"model": "m", "load_before": (0.0, 0.0, 0.0), "load_after": (0.0, 0.0, 0.0),
+              "settings": {"policy_concurrency": 4}, "workloads": {"multi-turn": {"off": s, "on": s,
+              "ttft_p50_reduction": 0.0, "ttft_p50_turns_2_5_reduction": 0.0}},
+              "policies": {"multi-turn": {"least_loaded": s, "prefix_aware": s, "ttft_p50_reduction": 0.0}}}
+    md = render_markdown(result)
+    assert "| multi-turn | least_loaded |" in md and "| 2 / 1 |" in md
+    assert "prefix_aware TTFT p50 0% lower than least_loaded" in md

@@ -51,6 +51,8 @@ def test_local_yaml():
     assert cfg.pools.prefill.num_cpus + cfg.pools.decode.num_cpus <= 1  # leaves a core of 2 for the rest
     assert cfg.kvtransfer.backend == "gloo"
     assert (cfg.router.host, cfg.router.port, cfg.router.http_port) == ("127.0.0.1", 50051, 8000)
+    # What won the colocated-vs-disaggregated benchmark here: short uncached parts skip the prefill pool.
+    assert cfg.router.policy == "prefix_aware" and cfg.router.conditional_prefill_max_tokens == 64
 
 
 def test_gpu_yaml():
