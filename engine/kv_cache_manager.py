@@ -390,6 +390,14 @@ class KVCacheManager:
         if spares:
             self._spares[child_id] = [spares.pop()]
 
+    def rename(self, old: str, new: str) -> None:
+        """Let ``new`` own what ``old`` holds (a group's reservation taken over by its first live sample)."""
+        if new in self._tables:
+            raise BlockPoolError(f"{new!r} already holds blocks")
+        for d in (self._tables, self._hashes, self._cow, self._spares):
+            if old in d:
+                d[new] = d.pop(old)
+
     def hold_spares(self, seq_id: str, n: int) -> bool:
         """Hold ``n`` more blocks for the copies on write of ``seq_id``'s future forks; all or nothing."""
         blocks = self.pool.allocate(n)

@@ -46,7 +46,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import PagedKVCache
 from engine.kv_cache import KVLayout
 from engine.kv_cache_manager import KVCacheManager, blocks_needed
-from engine.kv_handoff import KVHandoff, KVLayoutMismatchError
+from engine.kv_handoff import KVHandoff, KVLayoutMismatchError, SampleStart
 from engine.model_loader import LoadedModel
 from engine.model_runner import ModelRunner
 from engine.sampler import SamplingError, TokenLogprob, sample, token_logprobs
@@ -413,14 +413,17 @@ class LLMEngine:
         self.kv.free(request_id)
 
     def reserve(self, request_id: str, num_tokens: int, token_ids: list[int] | None = None,
-                max_cached_tokens: int | None = None) -> Reservation | None:
+                max_cached_tokens: int | None = None, n: int = 1) -> Reservation | None:
         """Hold blocks for ``num_tokens`` tokens of a request that will be imported.
 
         ``token_ids`` (the tokens whose KV will come, as far as known): start
         with their leading cached blocks (at most ``max_cached_tokens``
         tokens; by default all but the last token), so only the rest has to
         be sent; the reservation says how many are cached. Counts against
-        ``max_running``; ``None`` when there is no room now.
+        ``max_running``; ``None`` when there is no room now. ``n`` > 1: the KV
+        will be shared by ``n`` samples (``import_kv(..., samples=)``): the
+        blocks are held once, plus one spare block per other sample for its
+        copy on write, so what is admitted is what the samples will take.
         """
         if self._in_use(request_id):
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
@@ -428,6 +431,9 @@ class LLMEngine:
             return None
         prefix = self.kv.match_prefix(token_ids, max_cached_tokens) if token_ids else None
         if not self.kv.allocate_slots(request_id, num_tokens, prefix):
+            return None
+        if n > 1 and not self.kv.hold_spares(request_id, n - 1):
+            self.kv.free(request_id)
             return None
         cached = prefix.num_tokens if prefix else 0
         if token_ids:
@@ -447,7 +453,7 @@ class LLMEngine:
                 or request_id in self._unforked)
 
     def import_kv(self, handoff: KVHandoff, params: SamplingParams, request_id: str | None = None,
-                  emitted_text: str | None = None) -> bool:
+                  emitted_text: str | None = None, samples: tuple[SampleStart, ...] = ()) -> bool:
         """Continue decoding a request prefilled elsewhere.
 
         Uses the blocks of a :meth:`reserve` made under ``request_id`` if
@@ -463,7 +469,14 @@ class LLMEngine:
         reservation) in the prefix cache; else ``ValueError``. Only positions
         past what is cached here are written (a cached block is shared and
         never written); the imported full blocks join the prefix cache.
+
+        ``samples`` (a request with ``n`` > 1 whose first tokens were drawn
+        where it was prefilled; the hand-off then covers the prompt): the KV is
+        written once, for the first of them, and the others fork from it
+        (module docstring); each runs as ``sample_request_id(request_id, index)``.
         """
+        if samples:
+            return self._import_samples(handoff, params, request_id or handoff.request_id, samples)
         diffs = self.layout.mismatches(handoff.layout)
         if diffs:
             raise KVLayoutMismatchError("KV layout mismatch (theirs != ours): " + "; ".join(diffs))
@@ -502,6 +515,42 @@ class LLMEngine:
         self.scheduler.running.append(seq)
         seq.status = SequenceStatus.RUNNING
         return True
+
+    def _import_samples(self, handoff: KVHandoff, params: SamplingParams, request_id: str,
+                        samples: tuple[SampleStart, ...]) -> bool:
+        first, rest = samples[0], samples[1:]
+        lead = sample_request_id(request_id, first.index)
+        if lead != request_id and request_id in self._reserved:  # the reservation passes to the first live sample
+            if self._in_use(lead):
+                raise InvalidRequestError("request_id", f"{lead!r} is already in use")
+            self.kv.rename(request_id, lead)
+            self._reserved[lead] = replace(self._reserved.pop(request_id), request_id=lead)
+        for s in rest:
+            if self._in_use(sample_request_id(request_id, s.index)):
+                raise InvalidRequestError("request_id", f"{sample_request_id(request_id, s.index)!r} is already in use")
+        one = KVHandoff(lead, handoff.layout, list(handoff.prompt_token_ids), [first.token_id], first.seed,
+                        handoff.data, handoff.start)
+        if not self.import_kv(one, self._sample_params(params, first.seed), lead, first.text):
+            return False
+        parent = self._requests[lead].seq
+        for s in rest:
+            sid = sample_request_id(request_id, s.index)
+            self.kv.fork(lead, sid, parent.num_computed_tokens)
+            sp = self._sample_params(params, s.seed)
+            seq = Sequence(sid, list(parent.prompt_token_ids), sp, arrival=self._arrivals, output_token_ids=[s.token_id],
+                           num_computed_tokens=parent.num_computed_tokens, status=SequenceStatus.RUNNING)
+            self._arrivals += 1
+            detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, sp.stop)
+            detok.skip_token(s.token_id)
+            detok.mark_emitted(len(s.text))
+            self._requests[sid] = _Request.of(seq, detok, s.seed)
+            self.scheduler.running.append(seq)
+        self.num_forks += len(rest)
+        return True
+
+    @staticmethod
+    def _sample_params(params: SamplingParams, seed: int) -> SamplingParams:
+        return replace(params, seed=seed) if params.seed is not None else params
 
     # ------------------------------------------------------------ utilities
     def stats(self) -> dict[str, int]:

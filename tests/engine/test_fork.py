@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.kv_cache_manager import KVCacheManager
+from engine.kv_handoff import SampleStart
 from engine.llm_engine import LLMEngine, run_to_completion
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.sequence import sample_request_id
@@ -182,3 +183,30 @@ def test_n_is_validated(tiny_model):
     with pytest.raises(InvalidRequestError):
         engine.add_request("x", params=SamplingParams(), prompt_token_ids=[1, 2], n=2, output_token_ids=[3])
     assert engine.stats()["free_blocks"] == 16 and not engine.has_unfinished()
+
+
+def test_prefilled_once_exported_once_imported_once_into_n_samples(tiny_model):
+    """The disaggregated path at engine level: the prefill engine draws the n first tokens
+    and parks the samples over one copy of the prompt's KV; one export; the decode
+    engine reserves the blocks once plus n - 1 spares, imports once and forks."""
+    ids = prompt(14, seed=12)
+    params = SamplingParams(max_tokens=9, temperature=1.0, seed=21, ignore_eos=True)
+    pre = LLMEngine(tiny_model, block_size=BS, num_blocks=32)
+    pre.add_request("t", params=params, prompt_token_ids=ids, n=3, export_after_prefill=True)
+    firsts = {out.request_id: out for out in pre.step()}
+    assert all(o.kv_ready for o in firsts.values()) and len(firsts) == 3
+    assert pre.stats()["used_blocks"] == 4  # one copy of the prompt for all three
+    handoff = pre.export_kv("t")
+    for i in range(3):
+        pre.release(sample_request_id("t", i))
+    assert pre.stats()["free_blocks"] == 32
+    samples = tuple(SampleStart(i, firsts[sample_request_id("t", i)].new_token_ids[0], 21 + i,
+                                firsts[sample_request_id("t", i)].new_text) for i in (1, 2))  # sample 0 "finished"
+    dec = LLMEngine(tiny_model, block_size=BS, num_blocks=32)
+    res = dec.reserve("t", len(ids) + 1, ids, n=3)
+    assert res is not None and dec.stats()["used_blocks"] == 4 + 2
+    assert dec.import_kv(handoff, params, "t", samples=samples)
+    done = run_to_completion(dec)
+    assert dec.stats()["free_blocks"] == 32
+    want = lones(tiny_model, ids, params, [22, 23])
+    assert [[samples[k].token_id] + done[sample_request_id("t", i)].token_ids for k, i in enumerate((1, 2))] == want
