@@ -337,7 +337,7 @@ class LLMEngine:
         for fid, seed in req.forks:
             del self._unforked[fid]
             self.kv.fork(parent.request_id, fid, parent.num_computed_tokens)
-            params = replace(parent.params, seed=seed) if parent.params.seed is not None else parent.params
+            params = self._sample_params(parent.params, seed)
             seq = Sequence(fid, list(parent.prompt_token_ids), params, arrival=self._arrivals,
                            num_computed_tokens=parent.num_computed_tokens, status=SequenceStatus.RUNNING,
                            export_after_prefill=parent.export_after_prefill,
@@ -406,6 +406,11 @@ class LLMEngine:
         data = self.cache.read_tokens(slots)
         return KVHandoff(request_id, self.layout, list(seq.prompt_token_ids), list(seq.output_token_ids), req.seed, data,
                          start)
+
+    def seed_of(self, request_id: str) -> int:
+        """The seed a running or parked request samples with (a drawn one when its params have none)."""
+        req = self._requests.get(request_id) or self._parked[request_id]
+        return req.seed
 
     def release(self, request_id: str) -> None:
         """Free a parked request's blocks (after the receiver acknowledged its KV)."""
