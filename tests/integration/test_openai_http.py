@@ -73,12 +73,27 @@ def test_greedy_completions_and_chat_match_grpc_and_generate(cluster, tiny_model
     assert chat.choices[0].message.content == via_grpc.text
 
 
-def test_n_seeded_samples_equal_grpc_with_the_sibling_seeds(cluster):
-    _, address, url = cluster
+def sample_counters(d) -> dict[str, int]:
+    """Prompts prefilled, KVs imported and samples forked, summed over the live workers (fresh statuses)."""
+    import ray
+
+    workers = d.deployment.router.directory.workers.values()
+    statuses = ray.get([w.handle.status.remote() for w in workers], timeout=30)
+    return {k: sum(getattr(s, k) for s in statuses) for k in ("prefills", "kv_imports", "forks")}
+
+
+def test_n_seeded_samples_are_prefilled_once_and_equal_grpc_with_the_sample_seeds(cluster):
+    d, address, url = cluster
     client, grpc_client = sdk(url), Client(address)
     kw = dict(model=MODEL, prompt="sample me a story", max_tokens=MAX_NEW, temperature=1.0, n=3, seed=1234,
               extra_body=NO_EOS)
+    before = sample_counters(d)
     first, again = client.completions.create(**kw), client.completions.create(**kw)
+    greedy = client.completions.create(model=MODEL, prompt="sample me a story", max_tokens=MAX_NEW, temperature=0,
+                                       n=3, extra_body=NO_EOS)
+    after = sample_counters(d)
+    # Three requests of three samples: one prefill, one KV transfer and import, two forks each.
+    assert {k: after[k] - before[k] for k in after} == {"prefills": 3, "kv_imports": 3, "forks": 6}
     choices = sorted(first.choices, key=lambda c: c.index)
     assert [c.index for c in choices] == [0, 1, 2]
     assert [c.text for c in choices] == [c.text for c in sorted(again.choices, key=lambda c: c.index)]
@@ -87,6 +102,8 @@ def test_n_seeded_samples_equal_grpc_with_the_sibling_seeds(cluster):
         out = grpc_client.generate("sample me a story", max_tokens=MAX_NEW, temperature=1.0, seed=1234 + i,
                                    ignore_eos=True)
         assert c.model_extra["token_ids"] == out.token_ids
+    single = grpc_client.generate("sample me a story", max_tokens=MAX_NEW, ignore_eos=True)
+    assert [c.model_extra["token_ids"] for c in greedy.choices] == [single.token_ids] * 3
 
 
 def test_stop_strings_and_logprobs(cluster, tiny_model):
@@ -156,6 +173,29 @@ def test_disconnect_mid_stream_frees_both_workers_within_one_second(cluster):
         while got.count(b"data: ") < 5:  # mid-decode
             got += s.recv(65536)
         assert not all_free(address)
+    assert wait_until(lambda: all_free(address), 5, "blocks freed after the disconnect", 0.02) < 1.0
+
+
+def test_n_samples_share_the_prompt_blocks_and_a_disconnect_frees_them_within_one_second(cluster, tiny_model):
+    d, address, url = cluster
+    wait_until(lambda: all_free(address), 10, "a cluster at rest")
+    prompt = " ".join(word_prompts(4, seed=8, lo=20, hi=21))  # 424 tokens: 27 blocks of 16
+    prompt_blocks = -(-len(tiny_model.tokenizer(prompt, add_special_tokens=False)["input_ids"]) // 16)
+    assert prompt_blocks >= 20, prompt_blocks
+    decodes = {w.worker_id for w in d.deployment.router.directory.of_kind("decode")}
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    body = json.dumps({"prompt": prompt, "max_tokens": 500, "n": 3, "stream": True, "ignore_eos": True,
+                       "temperature": 1.0, "seed": 5}).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        got = b""
+        while got.count(b"data: ") < 3 * 5:  # every sample mid-decode
+            got += s.recv(65536)
+        used = {w: u for w, (u, _) in block_usage(address).items() if w in decodes}
+        # One decode worker holds the prompt's blocks once plus each sample's own tail: well under 3 copies.
+        assert sorted(used.values())[:-1] == [0] * (len(used) - 1), used
+        assert prompt_blocks < max(used.values()) < 2 * prompt_blocks, (used, prompt_blocks)
     assert wait_until(lambda: all_free(address), 5, "blocks freed after the disconnect", 0.02) < 1.0
 
 
