@@ -17,7 +17,8 @@ copy-on-write (:meth:`KVCacheManager.fork`). Sample ``i`` runs under
 logits with its own seed (``seed + i``, or a fresh random one), so it is
 exactly what a lone request with that seed would produce. Each sample then
 lives on its own: it finishes, is cancelled or preempted alone, freeing only
-its own references.
+its own references. Forks join the running batch directly, so a batch may
+exceed ``max_running`` by up to ``n - 1`` (the KV pool, not that cap, bounds them).
 
 A request may ask to stop after prefill (``export_after_prefill``): its
 first token is sampled, its blocks are kept, and :meth:`LLMEngine.export_kv`
