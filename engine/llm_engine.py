@@ -211,7 +211,7 @@ class LLMEngine:
         """
         params = params or SamplingParams()
         params.validate()
-        if request_id in self._requests or request_id in self._parked:
+        if request_id in self._requests or request_id in self._parked or request_id in self._unforked:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         if not isinstance(n, int) or n < 1:
             raise InvalidRequestError("n", f"must be an integer >= 1, got {n!r}")
