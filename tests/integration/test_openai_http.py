@@ -74,12 +74,16 @@ def test_greedy_completions_and_chat_match_grpc_and_generate(cluster, tiny_model
 
 
 def sample_counters(d) -> dict[str, int]:
-    """Prompts prefilled, KVs imported and samples forked, summed over the live workers (fresh statuses)."""
+    """Prompts the prefill workers prefilled, KVs the decode workers imported and samples they forked
+    (fresh statuses, summed over each kind's live workers)."""
     import ray
 
-    workers = d.deployment.router.directory.workers.values()
-    statuses = ray.get([w.handle.status.remote() for w in workers], timeout=30)
-    return {k: sum(getattr(s, k) for s in statuses) for k in ("prefills", "kv_imports", "forks")}
+    def total(kind: str, attribute: str) -> int:
+        workers = d.deployment.router.directory.of_kind(kind)
+        return sum(getattr(s, attribute) for s in ray.get([w.handle.status.remote() for w in workers], timeout=30))
+
+    return {"prefills": total("prefill", "prefills"), "kv_imports": total("decode", "kv_imports"),
+            "forks": total("decode", "forks")}
 
 
 def test_n_seeded_samples_are_prefilled_once_and_equal_grpc_with_the_sample_seeds(cluster):
