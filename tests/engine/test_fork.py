@@ -9,7 +9,6 @@ import random
 from dataclasses import replace
 
 import pytest
-import torch
 
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_handoff import SampleStart
