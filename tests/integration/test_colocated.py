@@ -44,7 +44,7 @@ def test_n_samples_over_http_prefill_once_and_fork_on_one_replica(colocated):
     import openai
 
     d, address = colocated
-    workers = d.deployment.router.directory.of_kind("colocated")
+    workers = d.deployment.router.servicer.directory.of_kind("colocated")
 
     def forks() -> int:
         return sum(s.forks for s in ray.get([w.handle.status.remote() for w in workers], timeout=30))

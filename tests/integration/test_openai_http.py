@@ -79,7 +79,7 @@ def sample_counters(d) -> dict[str, int]:
     import ray
 
     def total(kind: str, attribute: str) -> int:
-        workers = d.deployment.router.directory.of_kind(kind)
+        workers = d.deployment.router.servicer.directory.of_kind(kind)
         return sum(getattr(s, attribute) for s in ray.get([w.handle.status.remote() for w in workers], timeout=30))
 
     return {"prefills": total("prefill", "prefills"), "kv_imports": total("decode", "kv_imports"),
@@ -186,7 +186,7 @@ def test_n_samples_share_the_prompt_blocks_and_a_disconnect_frees_them_within_on
     prompt = " ".join(word_prompts(4, seed=8, lo=20, hi=21))  # 424 tokens: 27 blocks of 16
     prompt_blocks = -(-len(tiny_model.tokenizer(prompt, add_special_tokens=False)["input_ids"]) // 16)
     assert prompt_blocks >= 20, prompt_blocks
-    decodes = {w.worker_id for w in d.deployment.router.directory.of_kind("decode")}
+    decodes = {w.worker_id for w in d.deployment.router.servicer.directory.of_kind("decode")}
     host, port = url.split("//")[1].split("/")[0].split(":")
     body = json.dumps({"prompt": prompt, "max_tokens": 500, "n": 3, "stream": True, "ignore_eos": True,
                        "temperature": 1.0, "seed": 5}).encode()
