@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -161,10 +162,14 @@ class DecodeWorker(WorkerBase):
         kv = handoff.with_data(transfer_id, data)
         self.kv_imports += 1
         indices = [s.index for s in handoff.samples] or [0]
-        async for ev in self._run(transfer_id, indices, params, t_called, kv.num_tokens,
-                                  lambda e: e.import_kv(kv, params, request_id=transfer_id, emitted_text=emitted_text,
-                                                        samples=handoff.samples)):
-            yield ev
+        # aclosing (here and below): a stream closed at a yield (a cancel) closes the engine's stream
+        # at once, whose cleanup aborts every sample still running, not when the generator is collected.
+        async with aclosing(self._run(transfer_id, indices, params, t_called, kv.num_tokens,
+                                      lambda e: e.import_kv(kv, params, request_id=transfer_id,
+                                                            emitted_text=emitted_text,
+                                                            samples=handoff.samples))) as events:
+            async for ev in events:
+                yield ev
 
     async def serve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     output_token_ids: list[int] | None = None,
@@ -184,8 +189,9 @@ class DecodeWorker(WorkerBase):
         if n > 1:
             self._samples[request_id] = n
         try:
-            async for ev in self._run(request_id, list(range(n)), params, time.time(), 0, start):
-                yield ev
+            async with aclosing(self._run(request_id, list(range(n)), params, time.time(), 0, start)) as events:
+                async for ev in events:
+                    yield ev
         except InvalidRequestError as e:
             yield WorkerError(ErrorReason.INVALID_REQUEST, e.reason, field=e.field)
 
@@ -202,26 +208,27 @@ class DecodeWorker(WorkerBase):
         made: dict[int, int] = {}
         try:
             first = True
-            async for out in self.engine.stream_group(list(index_of), start):
-                if first:
-                    first = False
-                    stamps = getattr(out, "timestamps", None) or {}
-                    yield Ack(t_called, time.time(), num_kv_tokens, stamps.get("scheduled"), stamps.get("first_token"),
-                              out.num_cached_tokens)
-                if out.finish_reason == "abort":
-                    yield WorkerError(ErrorReason.ABORTED)
-                    return
-                i = index_of[out.request_id]
-                produced += len(out.new_token_ids)
-                made[i] = made.get(i, 0) + len(out.new_token_ids)
-                if i not in first_tokens_at and out.new_token_ids:
-                    first_tokens_at[i] = (time.time(), made[i])
-                elif out.finished and i in first_tokens_at and made[i] > first_tokens_at[i][1]:
-                    now = time.time()  # TPOT: the mean gap after the first tokens this worker produced
-                    t0, k0 = first_tokens_at[i]
-                    self.latencies.append((now, (now - t0) / (made[i] - k0)))
-                yield TokenChunk(tuple(out.new_token_ids), out.new_text, out.finished, out.finish_reason,
-                                 tuple(out.logprobs or ()), index=i)
+            async with aclosing(self.engine.stream_group(list(index_of), start)) as outs:
+                async for out in outs:
+                    if first:
+                        first = False
+                        stamps = getattr(out, "timestamps", None) or {}
+                        yield Ack(t_called, time.time(), num_kv_tokens, stamps.get("scheduled"), stamps.get("first_token"),
+                                  out.num_cached_tokens)
+                    if out.finish_reason == "abort":
+                        yield WorkerError(ErrorReason.ABORTED)
+                        return
+                    i = index_of[out.request_id]
+                    produced += len(out.new_token_ids)
+                    made[i] = made.get(i, 0) + len(out.new_token_ids)
+                    if i not in first_tokens_at and out.new_token_ids:
+                        first_tokens_at[i] = (time.time(), made[i])
+                    elif out.finished and i in first_tokens_at and made[i] > first_tokens_at[i][1]:
+                        now = time.time()  # TPOT: the mean gap after the first tokens this worker produced
+                        t0, k0 = first_tokens_at[i]
+                        self.latencies.append((now, (now - t0) / (made[i] - k0)))
+                    yield TokenChunk(tuple(out.new_token_ids), out.new_text, out.finished, out.finish_reason,
+                                     tuple(out.logprobs or ()), index=i)
         except RequestFailedError as e:  # the engine already dropped it and freed its blocks
             yield WorkerError(ErrorReason.REQUEST_FAILED, str(e))
         finally:
