@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 from engine.llm_engine import LLMEngine, RequestOutput
@@ -76,8 +77,9 @@ class AsyncEngine:
         If the consumer stops early (cancel, error), the request is aborted
         and its blocks freed.
         """
-        async for out in self.stream_group([request_id], start):
-            yield out
+        async with aclosing(self.stream_group([request_id], start)) as outs:  # closed with this one, at once
+            async for out in outs:
+                yield out
 
     async def stream_group(self, request_ids: list[str],
                            start: Callable[[LLMEngine], Any]) -> AsyncIterator[RequestOutput]:

@@ -33,6 +33,7 @@ token, and the KV is exported and pushed once, with the samples that go on
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -167,15 +168,16 @@ class PrefillWorker(WorkerBase):
         (fewer than ``n`` when the stream ended early)."""
         ids = [sample_request_id(transfer_id, i) for i in range(n)]
         last: dict[str, RequestOutput] = {}
-        async for out in self.engine.stream_group(
+        async with aclosing(self.engine.stream_group(
             ids,
             lambda e: e.add_request(transfer_id, params=params, prompt_token_ids=prompt_token_ids,
                                     export_after_prefill=True, output_token_ids=output_token_ids,
                                     emitted_text=emitted_text, n=n),
-        ):
-            last[out.request_id] = out
-            if out.finish_reason == "abort":
-                return [out]
+        )) as outs:
+            async for out in outs:
+                last[out.request_id] = out
+                if out.finish_reason == "abort":
+                    return [out]
         return [last[i] for i in ids if i in last]
 
     async def resend(self, transfer_id: str, wire_id: str, decode_endpoint: dict,
