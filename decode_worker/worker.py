@@ -22,12 +22,19 @@ is in docs/architecture.md, "Request lifecycle"):
    the prefill worker to resend); ``serve`` runs a whole request here,
    prefill included: colocated serving, or a recompute when the KV could not
    be moved, or a resume after another decode worker died.
+
+A request with ``n`` > 1 samples: ``reserve`` holds the prompt's blocks once
+plus one spare block per other sample (for its copy on write), ``generate``
+imports the one KV and forks the samples that go on
+(``KVHandoffMeta.samples``), ``serve`` prefills once and forks; the stream
+carries every sample's chunks (``TokenChunk.index``), and an abort ends them all.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -35,6 +42,7 @@ import torch
 
 from engine.async_engine import RequestFailedError
 from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.sequence import sample_request_id
 from kvtransfer.base import TransferStatus
 from kvtransfer.endpoints import Endpoint
 from worker_common.messages import Ack, DecodeEvent, ErrorReason, KVHandoffMeta, Reserved, TokenChunk, WorkerError
@@ -57,33 +65,38 @@ class DecodeWorker(WorkerBase):
         # transfer_id -> the id its KV travels under: a re-armed push gets a fresh
         # one, so nothing left of the failed try (store keys, pair state) is reused.
         self._wire: dict[str, str] = {}
+        self._samples: dict[str, int] = {}  # transfer_id -> its number of samples (n > 1), while it is here
         self.tokens_generated = 0
+        self.kv_imports = 0
 
     def status(self) -> WorkerStatus:
-        return replace(super().status(), tokens_generated=self.tokens_generated,
+        return replace(super().status(), tokens_generated=self.tokens_generated, kv_imports=self.kv_imports,
                        recent_latencies=tuple(self.latencies))
 
     # ------------------------------------------------------------ requests
     async def reserve(self, transfer_id: str, num_kv_tokens: int, sender: Endpoint,
-                      timeout_s: float = 30.0, token_ids: list[int] | None = None) -> Reserved | None:
+                      timeout_s: float = 30.0, token_ids: list[int] | None = None, n: int = 1) -> Reserved | None:
         """Hold blocks for an incoming KV of ``num_kv_tokens`` tokens (plus the
         next one); ``None`` if full. ``token_ids`` (the KV's tokens): reuse
-        the cached prefix of them, and expect only the KV after it."""
+        the cached prefix of them, and expect only the KV after it. ``n``: the
+        samples that will share the KV (one spare block for each other one)."""
         self._reap(self._leases, self._expire)
-        cached = await self._hold(transfer_id, num_kv_tokens, token_ids)
+        if n > 1:
+            self._samples[transfer_id] = n
+        cached = await self._hold(transfer_id, num_kv_tokens, token_ids, n=n)
         if cached is None:
             return None
         self._expect(transfer_id, num_kv_tokens - cached, sender, timeout_s)
         return Reserved(self.kv_transport.endpoint(), cached)
 
     async def _hold(self, transfer_id: str, num_kv_tokens: int, token_ids: list[int] | None = None,
-                    max_cached: int | None = None) -> int | None:
+                    max_cached: int | None = None, n: int = 1) -> int | None:
         """Reserve blocks for the KV plus the next token, unless the request was (or is being) aborted;
         the number of leading tokens found cached, or ``None``."""
         if self._was_aborted(transfer_id):
             return None
         reservation = await self.engine.call(
-            lambda e: e.reserve(transfer_id, num_kv_tokens + 1, token_ids, max_cached))
+            lambda e: e.reserve(transfer_id, num_kv_tokens + 1, token_ids, max_cached, n))
         if reservation is None:
             return None
         if self._was_aborted(transfer_id):  # the abort ran while the blocks were being reserved
@@ -102,7 +115,8 @@ class DecodeWorker(WorkerBase):
         if self._was_aborted(transfer_id):
             return None
         if transfer_id not in self._leases:
-            cached = await self._hold(transfer_id, num_kv_tokens, token_ids if kv_start else None, kv_start)
+            cached = await self._hold(transfer_id, num_kv_tokens, token_ids if kv_start else None, kv_start,
+                                      self._samples.get(transfer_id, 1))
             if cached is None:
                 return None
             if cached != kv_start:  # evicted meanwhile: the push would miss tokens
@@ -147,15 +161,23 @@ class DecodeWorker(WorkerBase):
         self._drop_wire(transfer_id)
         self._leases.pop(transfer_id, None)
         kv = handoff.with_data(transfer_id, data)
-        async for ev in self._run(transfer_id, params, t_called, kv.num_tokens,
-                                  lambda e: e.import_kv(kv, params, request_id=transfer_id, emitted_text=emitted_text)):
-            yield ev
+        self.kv_imports += 1
+        indices = [s.index for s in handoff.samples] or [0]
+        # aclosing (here and below): a stream closed at a yield (a cancel) closes the engine's stream
+        # at once, whose cleanup aborts every sample still running, not when the generator is collected.
+        async with aclosing(self._run(transfer_id, indices, params, t_called, kv.num_tokens,
+                                      lambda e: e.import_kv(kv, params, request_id=transfer_id,
+                                                            emitted_text=emitted_text,
+                                                            samples=handoff.samples))) as events:
+            async for ev in events:
+                yield ev
 
     async def serve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     output_token_ids: list[int] | None = None,
-                    emitted_text: str | None = None) -> AsyncIterator[DecodeEvent]:
+                    emitted_text: str | None = None, n: int = 1) -> AsyncIterator[DecodeEvent]:
         """Run a whole request here, prefill included (colocated serving, and
         recompute when KV cannot be moved). Resumes after ``output_token_ids``.
+        ``n`` > 1: the prompt is prefilled once and forked into ``n`` samples.
 
         Yields an :class:`Ack` once the request has joined the engine, then
         what :meth:`generate` yields.
@@ -164,43 +186,55 @@ class DecodeWorker(WorkerBase):
             yield WorkerError(ErrorReason.ABORTED)
             return
         start = (lambda e: e.add_request(request_id, params=params, prompt_token_ids=prompt_token_ids,
-                                         output_token_ids=output_token_ids, emitted_text=emitted_text))
+                                         output_token_ids=output_token_ids, emitted_text=emitted_text, n=n))
+        if n > 1:
+            self._samples[request_id] = n
         try:
-            async for ev in self._run(request_id, params, time.time(), 0, start):
-                yield ev
+            async with aclosing(self._run(request_id, list(range(n)), params, time.time(), 0, start)) as events:
+                async for ev in events:
+                    yield ev
         except InvalidRequestError as e:
             yield WorkerError(ErrorReason.INVALID_REQUEST, e.reason, field=e.field)
 
-    async def _run(self, request_id: str, params: SamplingParams, t_called: float, num_kv_tokens: int,
-                   start) -> AsyncIterator[DecodeEvent]:
-        """Stream one request's outputs from the engine, ack first; keeps the counters.
-        A request the engine fails on its own ends with a ``REQUEST_FAILED`` :class:`WorkerError`."""
-        self.outstanding_tokens += params.max_tokens
+    async def _run(self, request_id: str, indices: list[int], params: SamplingParams, t_called: float,
+                   num_kv_tokens: int, start) -> AsyncIterator[DecodeEvent]:
+        """Stream the outputs of samples ``indices`` of one request from the engine, ack first;
+        keeps the counters. A request the engine fails on its own ends with a ``REQUEST_FAILED``
+        :class:`WorkerError`."""
+        index_of = {sample_request_id(request_id, i): i for i in indices}
+        budget = params.max_tokens * len(indices)
+        self.outstanding_tokens += budget
         produced = 0
-        first_tokens_at: tuple[float, int] | None = None  # when the first tokens came, and how many
+        first_tokens_at: dict[int, tuple[float, int]] = {}  # per sample: when its first tokens came, and how many
+        made: dict[int, int] = {}
         try:
             first = True
-            async for out in self.engine.stream(request_id, start):
-                if first:
-                    first = False
-                    stamps = getattr(out, "timestamps", None) or {}
-                    yield Ack(t_called, time.time(), num_kv_tokens, stamps.get("scheduled"), stamps.get("first_token"),
-                              out.num_cached_tokens)
-                if out.finish_reason == "abort":
-                    yield WorkerError(ErrorReason.ABORTED)
-                    return
-                produced += len(out.new_token_ids)
-                if first_tokens_at is None and out.new_token_ids:
-                    first_tokens_at = (time.time(), produced)
-                elif out.finished and first_tokens_at is not None and produced > first_tokens_at[1]:
-                    now = time.time()  # TPOT: the mean gap after the first tokens this worker produced
-                    self.latencies.append((now, (now - first_tokens_at[0]) / (produced - first_tokens_at[1])))
-                yield TokenChunk(tuple(out.new_token_ids), out.new_text, out.finished, out.finish_reason,
-                                 tuple(out.logprobs or ()))
+            async with aclosing(self.engine.stream_group(list(index_of), start)) as outs:
+                async for out in outs:
+                    if first:
+                        first = False
+                        stamps = getattr(out, "timestamps", None) or {}
+                        yield Ack(t_called, time.time(), num_kv_tokens, stamps.get("scheduled"), stamps.get("first_token"),
+                                  out.num_cached_tokens)
+                    if out.finish_reason == "abort":
+                        yield WorkerError(ErrorReason.ABORTED)
+                        return
+                    i = index_of[out.request_id]
+                    produced += len(out.new_token_ids)
+                    made[i] = made.get(i, 0) + len(out.new_token_ids)
+                    if i not in first_tokens_at and out.new_token_ids:
+                        first_tokens_at[i] = (time.time(), made[i])
+                    elif out.finished and i in first_tokens_at and made[i] > first_tokens_at[i][1]:
+                        now = time.time()  # TPOT: the mean gap after the first tokens this worker produced
+                        t0, k0 = first_tokens_at[i]
+                        self.latencies.append((now, (now - t0) / (made[i] - k0)))
+                    yield TokenChunk(tuple(out.new_token_ids), out.new_text, out.finished, out.finish_reason,
+                                     tuple(out.logprobs or ()), index=i)
         except RequestFailedError as e:  # the engine already dropped it and freed its blocks
             yield WorkerError(ErrorReason.REQUEST_FAILED, str(e))
         finally:
-            self.outstanding_tokens -= params.max_tokens
+            self._samples.pop(request_id, None)
+            self.outstanding_tokens -= budget
             self.tokens_generated += produced
             self.requests_served += 1
 
@@ -210,10 +244,11 @@ class DecodeWorker(WorkerBase):
         self._tombstone(transfer_id)
         self._drop_wire(transfer_id)
         self._leases.pop(transfer_id, None)
-        return await self.engine.abort(transfer_id)
+        return await self.engine.abort(transfer_id, self._samples.pop(transfer_id, 1))
 
     async def _drop_lease(self, transfer_id: str) -> None:
         self._leases.pop(transfer_id, None)
+        self._samples.pop(transfer_id, None)
         await self.engine.call(lambda e: e.cancel_reservation(transfer_id))
 
     async def _expire(self, transfer_id: str) -> None:

@@ -15,9 +15,11 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 from engine.llm_engine import LLMEngine, RequestOutput
+from engine.sequence import sample_request_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,42 +77,58 @@ class AsyncEngine:
         If the consumer stops early (cancel, error), the request is aborted
         and its blocks freed.
         """
+        async with aclosing(self.stream_group([request_id], start)) as outs:  # closed with this one, at once
+            async for out in outs:
+                yield out
+
+    async def stream_group(self, request_ids: list[str],
+                           start: Callable[[LLMEngine], Any]) -> AsyncIterator[RequestOutput]:
+        """:meth:`stream` for the samples of one request (``add_request(..., n)``): the
+        outputs of every id in ``request_ids``, in the order they come; the stream
+        ends once each has finished or is ``kv_ready``. An abort of any of them
+        (:meth:`abort`) or a sample the engine failed ends the whole group: the
+        samples still running are aborted, as on an early stop of the consumer."""
         self._ensure_started()
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
-        done = False
+        for rid in request_ids:
+            self._queues[rid] = queue
+        open_ids = set(request_ids)
         try:
             accepted = await self.call(start)
             if accepted is False:
-                raise RuntimeError(f"engine had no room for {request_id}")
-            while True:
+                raise RuntimeError(f"engine had no room for {request_ids[0]}")
+            while open_ids:
                 item = await queue.get()
                 if isinstance(item, Exception):
-                    done = True
+                    open_ids.clear()  # the failed step aborted every request in the engine
                     raise item
                 if item.finish_reason == "error":
-                    done = True  # the engine already dropped it and freed its blocks
+                    open_ids.discard(item.request_id)  # the engine already dropped it and freed its blocks
                     raise RequestFailedError(item.error or "request failed")
                 if item.finish_reason == "abort":
                     # abort()'s sentinel: it may have raced ahead of ``start``,
-                    # so leave ``done`` False and let the finally drop the request.
+                    # so the finally drops the request (and the rest of its group).
                     yield item
                     return
                 yield item
                 if item.finished or item.kv_ready:
-                    done = True
-                    return
+                    open_ids.discard(item.request_id)
         finally:
-            self._queues.pop(request_id, None)
-            if not done:
-                await asyncio.shield(self.call(lambda e: e.abort_request(request_id)))
+            for rid in request_ids:
+                self._queues.pop(rid, None)
+            if open_ids:
+                left = list(open_ids)
+                await asyncio.shield(self.call(lambda e: [e.abort_request(r) for r in left]))
 
-    async def abort(self, request_id: str) -> bool:
-        """Abort ``request_id`` wherever it is and end its stream (if one is open)
-        with a finished ``"abort"`` output, so no caller waits on it forever."""
-        found = await self.call(lambda e: e.abort_request(request_id))
-        self._deliver(request_id, RequestOutput(request_id, [], "", finished=True, finish_reason="abort"))
-        return found
+    async def abort(self, request_id: str, n: int = 1) -> bool:
+        """Abort ``request_id`` (and the other ``n - 1`` samples of its request) wherever
+        it is and end its stream (if one is open) with a finished ``"abort"`` output,
+        so no caller waits on it forever."""
+        ids = [sample_request_id(request_id, i) for i in range(n)]
+        found = await self.call(lambda e: [e.abort_request(r) for r in ids])
+        for rid in ids:
+            self._deliver(rid, RequestOutput(rid, [], "", finished=True, finish_reason="abort"))
+        return any(found)
 
     def _run(self) -> None:
         idle = True

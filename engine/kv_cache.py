@@ -74,3 +74,14 @@ class PagedKVCache:
         """Inverse of :meth:`read_tokens`."""
         for t, d in zip(self.layers, data):
             t[:, slots] = d
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks, ``(source, destination)`` pairs (a fork's copy on write), in every layer."""
+        if not copies:
+            return
+        device = self.layers[0].device
+        src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=device)
+        dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=device)
+        for layer in range(len(self.layers)):
+            view = self.blocks_view(layer)
+            view[:, dst] = view[:, src]

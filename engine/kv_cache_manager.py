@@ -22,6 +22,19 @@ preempting, cancelling or aborting one sharer never frees what another
 still reads. A full block is never written again (positions only grow, and
 a sequence that restarts frees its blocks first), which is what makes
 sharing safe.
+
+Forking (``n`` samples of one prompt, :meth:`KVCacheManager.fork`): a child
+sequence takes one more reference to every block of its parent. The one
+block that is not full of computed tokens (the prompt's partly filled last
+block) is *copy-on-write* for every sharer: the first of them to grow
+(:meth:`KVCacheManager.allocate_slots`) while the block is still shared
+gets a fresh block and a pending copy (:meth:`KVCacheManager.take_copies`,
+which the engine applies to the KV tensors before the step writes), and
+drops its reference to the shared one; the last sharer writes in place.
+So ``n`` samples hold the prompt's full blocks once plus ``n`` tails.
+A group whose copies must be paid for in advance (a decode worker's
+reservation) holds *spare* blocks (:meth:`KVCacheManager.hold_spares`),
+handed to the children at fork and used by their copies before the pool.
 """
 
 from __future__ import annotations
@@ -245,6 +258,9 @@ class KVCacheManager:
         self.cache_key = cache_key
         self._tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[int]] = {}  # seq -> hashes of its leading full, computed blocks
+        self._cow: dict[str, int] = {}  # seq -> index in its table of a block shared at a fork that it will write
+        self._spares: dict[str, list[int]] = {}  # seq -> blocks held for its (or its children's) copies on write
+        self._copies: list[tuple[int, int]] = []  # (source, destination) block copies the engine has yet to do
         self.queried_tokens = 0
         self.hit_tokens = 0
 
@@ -341,22 +357,99 @@ class KVCacheManager:
             self._hashes[seq_id] = list(prefix.hashes)
             return True
         table = self._tables.setdefault(seq_id, [])
-        missing = blocks_needed(num_tokens, self.block_size) - len(table)
-        if missing <= 0:
-            return True
-        new = self.pool.allocate(missing)
-        if new is None:
+        missing = max(blocks_needed(num_tokens, self.block_size) - len(table), 0)
+        if missing + self._copy_cost(seq_id) > self.pool.num_free:
             if not table:
                 del self._tables[seq_id]
             return False
-        table.extend(new)
+        self._copy_on_write(seq_id)
+        if missing:
+            new = self.pool.allocate(missing)
+            assert new is not None  # checked above
+            table.extend(new)
         return True
+
+    # --------------------------------------------------------------- forking
+    def fork(self, parent_id: str, child_id: str, num_computed_tokens: int) -> None:
+        """Give ``child_id`` every block of ``parent_id`` (one more reference each).
+
+        The block holding position ``num_computed_tokens`` (the next one
+        written), if the table has it, becomes copy-on-write for both. One
+        of the parent's spare blocks, if it holds any, moves to the child.
+        """
+        if child_id in self._tables:
+            raise BlockPoolError(f"{child_id!r} already holds blocks; a fork starts a new table")
+        table = self._tables[parent_id]
+        self.pool.incref(table)
+        self._tables[child_id] = list(table)
+        self._hashes[child_id] = list(self._hashes.get(parent_id, ()))
+        idx = num_computed_tokens // self.block_size
+        if idx < len(table):
+            self._cow[parent_id] = self._cow[child_id] = idx
+        spares = self._spares.get(parent_id)
+        if spares:
+            self._spares[child_id] = [spares.pop()]
+
+    def rename(self, old: str, new: str) -> None:
+        """Let ``new`` own what ``old`` holds (a group's reservation taken over by its first live sample)."""
+        if new in self._tables:
+            raise BlockPoolError(f"{new!r} already holds blocks")
+        for d in (self._tables, self._hashes, self._cow, self._spares):
+            if old in d:
+                d[new] = d.pop(old)
+
+    def hold_spares(self, seq_id: str, n: int) -> bool:
+        """Hold ``n`` more blocks for the copies on write of ``seq_id``'s future forks; all or nothing."""
+        blocks = self.pool.allocate(n)
+        if blocks is None:
+            return False
+        self._spares.setdefault(seq_id, []).extend(blocks)
+        return True
+
+    def num_spares(self, seq_id: str) -> int:
+        return len(self._spares.get(seq_id, ()))
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (source, destination) block copies due before the next write; the caller does them now."""
+        copies, self._copies = self._copies, []
+        return copies
+
+    def _copy_cost(self, seq_id: str) -> int:
+        """Blocks the pool must give for ``seq_id``'s pending copy on write (0 or 1)."""
+        idx = self._cow.get(seq_id)
+        if idx is None or self.pool.refcount(self._tables[seq_id][idx]) <= 1 or self._spares.get(seq_id):
+            return 0
+        return 1
+
+    def _copy_on_write(self, seq_id: str) -> None:
+        """Before ``seq_id`` writes its copy-on-write block: take a block of its own if the block is
+        still shared (a spare first), and queue the copy; the last sharer keeps the block."""
+        idx = self._cow.pop(seq_id, None)
+        if idx is None:
+            return
+        spares = self._spares.pop(seq_id, [])
+        table = self._tables[seq_id]
+        shared = table[idx]
+        if self.pool.refcount(shared) > 1:
+            fresh = spares.pop() if spares else self.pool.allocate(1)[0]  # type: ignore[index]
+            self._copies.append((shared, fresh))
+            table[idx] = fresh
+            self.pool.free([shared])
+        if spares:  # not needed (the block was no longer shared): back to the pool
+            self.pool.free(spares)
 
     def free(self, seq_id: str) -> None:
         """Release every block of ``seq_id`` (a no-op if it holds none); cached ones stay cached."""
         self._hashes.pop(seq_id, None)
+        self._cow.pop(seq_id, None)
+        spares = self._spares.pop(seq_id, None)
+        if spares:
+            self.pool.free(spares)
         table = self._tables.pop(seq_id, None)
         if table:
+            if self._copies:  # a copy into a block freed before the step ran is moot
+                mine = set(table)
+                self._copies = [c for c in self._copies if c[1] not in mine]
             self.pool.free(table)
 
     def slot(self, seq_id: str, position: int) -> int:

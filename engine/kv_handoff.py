@@ -21,6 +21,18 @@ _MAGIC = b"SSKV1"
 _HEADER_LEN = struct.Struct("<I")
 
 
+@dataclass(frozen=True)
+class SampleStart:
+    """A sample of a request with ``n`` > 1 whose first token was drawn where the
+    prompt was prefilled, and that goes on decoding where the prompt's KV goes:
+    its index among the ``n``, that token, its seed, and the text already streamed for it."""
+
+    index: int
+    token_id: int
+    seed: int
+    text: str = ""
+
+
 class KVLayoutMismatchError(ValueError):
     """The buffer's KV layout differs from the receiving engine's."""
 

@@ -9,6 +9,17 @@ A step reads as schedule → run → postprocess:
 3. postprocessing samples, detokenizes incrementally, applies stop
    conditions, and frees the blocks of every finished sequence at once.
 
+A request may ask for ``n`` samples: its prompt is prefilled once, then
+(when the prompt's logits are there) it forks into ``n`` sequences that share
+the prompt's KV blocks by reference count, the partly filled last block
+copy-on-write (:meth:`KVCacheManager.fork`). Sample ``i`` runs under
+:func:`~engine.sequence.sample_request_id` and draws from the same prompt
+logits with its own seed (``seed + i``, or a fresh random one), so it is
+exactly what a lone request with that seed would produce. Each sample then
+lives on its own: it finishes, is cancelled or preempted alone, freeing only
+its own references. Forks join the running batch directly, so a batch may
+exceed ``max_running`` by up to ``n - 1`` (the KV pool, not that cap, bounds them).
+
 A request may ask to stop after prefill (``export_after_prefill``): its
 first token is sampled, its blocks are kept, and :meth:`LLMEngine.export_kv`
 hands its KV to another engine, which continues with :meth:`import_kv`.
@@ -25,7 +36,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -37,13 +48,13 @@ from engine.format_cost import FormatCost
 from engine.kv_cache import PagedKVCache
 from engine.kv_cache import KVLayout
 from engine.kv_cache_manager import KVCacheManager, blocks_needed
-from engine.kv_handoff import KVHandoff, KVLayoutMismatchError
+from engine.kv_handoff import KVHandoff, KVLayoutMismatchError, SampleStart
 from engine.model_loader import LoadedModel
 from engine.model_runner import ModelRunner
 from engine.sampler import SamplingError, TokenLogprob, sample, token_logprobs
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SequenceStatus
+from engine.sequence import Sequence, SequenceStatus, sample_request_id
 from engine.step_stats import StepStats, StepStatsSnapshot
 
 DEFAULT_NUM_BLOCKS = 1024
@@ -104,6 +115,7 @@ class _Request:
     seed: int
     pending_text: list[str] = field(default_factory=list)
     stop_token_ids: frozenset[int] = frozenset()  # the params' ids as a set: checked once per token
+    forks: list[tuple[str, int]] = field(default_factory=list)  # (id, seed) of samples to fork once the prompt is in
 
     @classmethod
     def of(cls, seq: Sequence, detok: IncrementalDetokenizer, seed: int) -> _Request:
@@ -160,6 +172,8 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._parked: dict[str, _Request] = {}
         self._reserved: dict[str, Reservation] = {}
+        self._unforked: dict[str, str] = {}  # id of a sample not forked yet -> the request that will fork it
+        self.num_forks = 0  # samples forked from a prefilled prompt (each saved one prefill)
         self._arrivals = 0
         self.num_steps = 0
         # Per-step time, batch, tokens, modelled bytes/FLOPs; MBU/MFU against ``peaks``.
@@ -190,8 +204,12 @@ class LLMEngine:
         export_after_prefill: bool = False,
         output_token_ids: list[int] | None = None,
         emitted_text: str | None = None,
+        n: int = 1,
     ) -> None:
         """Queue a request; raises :class:`InvalidRequestError` (naming the field) before any state changes.
+
+        ``n`` > 1: ``n`` samples of the prompt, prefilled once (module
+        docstring); their ids are ``sample_request_id(request_id, i)``.
 
         ``output_token_ids`` resumes a request whose first outputs were
         produced elsewhere (a worker that died): they are recomputed with the
@@ -200,8 +218,16 @@ class LLMEngine:
         """
         params = params or SamplingParams()
         params.validate()
-        if request_id in self._requests or request_id in self._parked:
+        if request_id in self._requests or request_id in self._parked or request_id in self._unforked:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        if not isinstance(n, int) or n < 1:
+            raise InvalidRequestError("n", f"must be an integer >= 1, got {n!r}")
+        if n > 1 and (output_token_ids or emitted_text):
+            raise InvalidRequestError("n", "a resumed request (output_token_ids) has one sample")
+        fork_ids = [sample_request_id(request_id, i) for i in range(1, n)]
+        for fid in fork_ids:
+            if self._in_use(fid):
+                raise InvalidRequestError("request_id", f"{fid!r} is already in use")
         if prompt_token_ids is None:
             prompt_token_ids = self.tokenize(prompt, messages)
         prior = list(output_token_ids or [])
@@ -217,8 +243,17 @@ class LLMEngine:
             detok.skip_token(t)
         if emitted_text is not None:
             detok.mark_emitted(len(emitted_text))
-        self._requests[request_id] = _Request.of(seq, detok, seed)
+        req = self._requests[request_id] = _Request.of(seq, detok, seed)
+        req.forks = [(fid, self._sample_seed(params, i)) for i, fid in enumerate(fork_ids, start=1)]
+        for fid in fork_ids:
+            self._unforked[fid] = request_id
         self.scheduler.add(seq)
+
+    @staticmethod
+    def _sample_seed(params: SamplingParams, index: int) -> int:
+        """Sample ``index``'s seed: the request's seed plus the index (a lone request with that
+        seed draws the same tokens), or a fresh random one."""
+        return params.seed + index if params.seed is not None else random.getrandbits(63)
 
     def _check_prompt(self, ids: list[int], params: SamplingParams, prefill_only: bool = False) -> None:
         if not ids:
@@ -242,9 +277,18 @@ class LLMEngine:
         """Cancel a request wherever it is; its blocks are free on return."""
         if self.cancel_reservation(request_id):
             return True
+        parent = self._unforked.pop(request_id, None)
+        if parent is not None:  # a sample not forked yet: it never will be
+            owner = self._requests.get(parent)
+            if owner is not None:
+                owner.forks = [f for f in owner.forks if f[0] != request_id]
+            return True
         req = self._requests.pop(request_id, None) or self._parked.pop(request_id, None)
         if req is None:
             return False
+        for fid, _ in req.forks:  # the prompt is gone: so are the samples it would have forked
+            self._unforked.pop(fid, None)
+        req.forks = []
         if req.seq.status == SequenceStatus.PARKED:
             self.kv.free(request_id)
         else:
@@ -262,6 +306,7 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
+        self.cache.copy_blocks(self.kv.take_copies())  # forks' copies on write, before this step writes
         sampled_chunks, logits = self.runner.execute(plan.chunks, self.kv)
         bs = self.kv.block_size
         for c in plan.chunks:
@@ -271,6 +316,13 @@ class LLMEngine:
                 self.kv.commit(c.seq.request_id, c.seq.token_ids, end)
         self.num_steps += 1
         reqs = [self._requests[c.seq.request_id] for c in sampled_chunks]
+        rows = list(range(len(reqs)))
+        for k in range(len(reqs)):
+            forked = self._fork(reqs[k])
+            reqs += forked
+            rows += [k] * len(forked)  # every sample draws from its prompt's logits
+        if len(rows) > logits.shape[0]:
+            logits = logits[rows]
         tokens = sample(
             logits,
             [r.seq.params for r in reqs],
@@ -282,6 +334,30 @@ class LLMEngine:
                 for r, t, lp in zip(reqs, tokens, lps)]
         self.step_accounting.record_chunks(plan.chunks, time.perf_counter() - t0)
         return outs
+
+    def _fork(self, req: _Request) -> list[_Request]:
+        """Fork ``req``'s pending samples now that its prompt is computed: each shares its blocks
+        (copy-on-write for the last, partly filled one) and joins the running batch."""
+        if not req.forks:
+            return []
+        parent = req.seq
+        out = []
+        for fid, seed in req.forks:
+            del self._unforked[fid]
+            self.kv.fork(parent.request_id, fid, parent.num_computed_tokens)
+            params = self._sample_params(parent.params, seed)
+            seq = Sequence(fid, list(parent.prompt_token_ids), params, arrival=self._arrivals,
+                           num_computed_tokens=parent.num_computed_tokens, status=SequenceStatus.RUNNING,
+                           export_after_prefill=parent.export_after_prefill,
+                           num_cached_tokens=parent.num_cached_tokens, timestamps=dict(parent.timestamps))
+            self._arrivals += 1
+            child = self._requests[fid] = _Request.of(
+                seq, IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop), seed)
+            self.scheduler.running.append(seq)
+            out.append(child)
+        self.num_forks += len(out)
+        req.forks = []
+        return out
 
     def _fail(self, req: _Request, error: SamplingError) -> RequestOutput:
         """End one request whose step went wrong (its blocks are freed); the rest of the batch goes on."""
@@ -339,20 +415,28 @@ class LLMEngine:
         return KVHandoff(request_id, self.layout, list(seq.prompt_token_ids), list(seq.output_token_ids), req.seed, data,
                          start)
 
+    def seed_of(self, request_id: str) -> int:
+        """The seed a running or parked request samples with (a drawn one when its params have none)."""
+        req = self._requests.get(request_id) or self._parked[request_id]
+        return req.seed
+
     def release(self, request_id: str) -> None:
         """Free a parked request's blocks (after the receiver acknowledged its KV)."""
         self._parked.pop(request_id)
         self.kv.free(request_id)
 
     def reserve(self, request_id: str, num_tokens: int, token_ids: list[int] | None = None,
-                max_cached_tokens: int | None = None) -> Reservation | None:
+                max_cached_tokens: int | None = None, n: int = 1) -> Reservation | None:
         """Hold blocks for ``num_tokens`` tokens of a request that will be imported.
 
         ``token_ids`` (the tokens whose KV will come, as far as known): start
         with their leading cached blocks (at most ``max_cached_tokens``
         tokens; by default all but the last token), so only the rest has to
         be sent; the reservation says how many are cached. Counts against
-        ``max_running``; ``None`` when there is no room now.
+        ``max_running``; ``None`` when there is no room now. ``n`` > 1: the KV
+        will be shared by ``n`` samples (``import_kv(..., samples=)``): the
+        blocks are held once, plus one spare block per other sample for its
+        copy on write, so what is admitted is what the samples will take.
         """
         if self._in_use(request_id):
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
@@ -360,6 +444,9 @@ class LLMEngine:
             return None
         prefix = self.kv.match_prefix(token_ids, max_cached_tokens) if token_ids else None
         if not self.kv.allocate_slots(request_id, num_tokens, prefix):
+            return None
+        if n > 1 and not self.kv.hold_spares(request_id, n - 1):
+            self.kv.free(request_id)
             return None
         cached = prefix.num_tokens if prefix else 0
         if token_ids:
@@ -375,10 +462,11 @@ class LLMEngine:
         return True
 
     def _in_use(self, request_id: str) -> bool:
-        return request_id in self._requests or request_id in self._parked or request_id in self._reserved
+        return (request_id in self._requests or request_id in self._parked or request_id in self._reserved
+                or request_id in self._unforked)
 
     def import_kv(self, handoff: KVHandoff, params: SamplingParams, request_id: str | None = None,
-                  emitted_text: str | None = None) -> bool:
+                  emitted_text: str | None = None, samples: tuple[SampleStart, ...] = ()) -> bool:
         """Continue decoding a request prefilled elsewhere.
 
         Uses the blocks of a :meth:`reserve` made under ``request_id`` if
@@ -394,7 +482,14 @@ class LLMEngine:
         reservation) in the prefix cache; else ``ValueError``. Only positions
         past what is cached here are written (a cached block is shared and
         never written); the imported full blocks join the prefix cache.
+
+        ``samples`` (a request with ``n`` > 1 whose first tokens were drawn
+        where it was prefilled; the hand-off then covers the prompt): the KV is
+        written once, for the first of them, and the others fork from it
+        (module docstring); each runs as ``sample_request_id(request_id, index)``.
         """
+        if samples:
+            return self._import_samples(handoff, params, request_id or handoff.request_id, samples)
         diffs = self.layout.mismatches(handoff.layout)
         if diffs:
             raise KVLayoutMismatchError("KV layout mismatch (theirs != ours): " + "; ".join(diffs))
@@ -434,6 +529,42 @@ class LLMEngine:
         seq.status = SequenceStatus.RUNNING
         return True
 
+    def _import_samples(self, handoff: KVHandoff, params: SamplingParams, request_id: str,
+                        samples: tuple[SampleStart, ...]) -> bool:
+        first, rest = samples[0], samples[1:]
+        lead = sample_request_id(request_id, first.index)
+        if lead != request_id and request_id in self._reserved:  # the reservation passes to the first live sample
+            if self._in_use(lead):
+                raise InvalidRequestError("request_id", f"{lead!r} is already in use")
+            self.kv.rename(request_id, lead)
+            self._reserved[lead] = replace(self._reserved.pop(request_id), request_id=lead)
+        for s in rest:
+            if self._in_use(sample_request_id(request_id, s.index)):
+                raise InvalidRequestError("request_id", f"{sample_request_id(request_id, s.index)!r} is already in use")
+        one = KVHandoff(lead, handoff.layout, list(handoff.prompt_token_ids), [first.token_id], first.seed,
+                        handoff.data, handoff.start)
+        if not self.import_kv(one, self._sample_params(params, first.seed), lead, first.text):
+            return False
+        parent = self._requests[lead].seq
+        for s in rest:
+            sid = sample_request_id(request_id, s.index)
+            self.kv.fork(lead, sid, parent.num_computed_tokens)
+            sp = self._sample_params(params, s.seed)
+            seq = Sequence(sid, list(parent.prompt_token_ids), sp, arrival=self._arrivals, output_token_ids=[s.token_id],
+                           num_computed_tokens=parent.num_computed_tokens, status=SequenceStatus.RUNNING)
+            self._arrivals += 1
+            detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, sp.stop)
+            detok.skip_token(s.token_id)
+            detok.mark_emitted(len(s.text))
+            self._requests[sid] = _Request.of(seq, detok, s.seed)
+            self.scheduler.running.append(seq)
+        self.num_forks += len(rest)
+        return True
+
+    @staticmethod
+    def _sample_params(params: SamplingParams, seed: int) -> SamplingParams:
+        return replace(params, seed=seed) if params.seed is not None else params
+
     # ------------------------------------------------------------ utilities
     def stats(self) -> dict[str, int]:
         """Occupancy and counters. Cached blocks no request holds count as
@@ -453,6 +584,7 @@ class LLMEngine:
             "parked": len(self._parked),
             "reserved": len(self._reserved),
             "preemptions": self.scheduler.num_preemptions,
+            "forks": self.num_forks,
         }
 
     def cached_block_hashes(self, limit: int) -> tuple[int, ...]:

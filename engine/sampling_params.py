@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class InvalidRequestError(ValueError):
@@ -51,6 +51,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The params of sample ``index`` of a request with ``n`` samples: seed ``seed + index``
+        (a lone request with that seed draws the same tokens); unseeded stays unseeded."""
+        return self if self.seed is None or index == 0 else replace(self, seed=self.seed + index)
 
     def validate(self) -> None:
         """Raise :class:`InvalidRequestError` naming the first bad field."""

@@ -9,6 +9,12 @@ from dataclasses import dataclass, field
 from engine.sampling_params import SamplingParams
 
 
+def sample_request_id(request_id: str, index: int) -> str:
+    """The engine id of sample ``index`` of a request with ``n`` samples: sample 0
+    is the request itself (it prefills the prompt), the others are its forks."""
+    return request_id if index == 0 else f"{request_id}/{index}"
+
+
 class SequenceStatus(enum.IntEnum):
     """Lifecycle of a sequence. Everything >= FINISHED_STOPPED is finished."""
 

@@ -155,6 +155,9 @@ W_OUTSTANDING = "splitserve_worker_outstanding_tokens"
 W_KV_BLOCKS = "splitserve_worker_kv_cache_blocks"  # label state=used|free
 W_KV_CAPACITY = "splitserve_worker_kv_cache_capacity_blocks"
 W_SERVED = "splitserve_worker_requests_served_total"
+W_PREFILLS = "splitserve_worker_prefills_total"
+W_KV_IMPORTS = "splitserve_worker_kv_imports_total"
+W_FORKS = "splitserve_worker_forked_samples_total"
 W_BATCH = "splitserve_worker_batch_size"
 W_MBU = "splitserve_worker_model_bandwidth_utilization_ratio"
 W_MFU = "splitserve_worker_model_flops_utilization_ratio"
@@ -208,6 +211,12 @@ WORKER_METRICS: tuple[WorkerMetric, ...] = (
                  (("used", "used_blocks"), ("free", "free_blocks")), "state"),
     _one(W_KV_CAPACITY, _GAUGE, "KV cache blocks in all.", "num_blocks"),
     _one(W_SERVED, _COUNTER, "Requests this worker finished.", "requests_served"),
+    _one(W_PREFILLS, _COUNTER, "Prompts prefilled by a prefill worker (a request with n samples counts once).",
+         "prefills"),
+    _one(W_KV_IMPORTS, _COUNTER, "Prefilled KVs a decode worker imported (a request with n samples counts once).",
+         "kv_imports"),
+    _one(W_FORKS, _COUNTER, "Samples forked from a prompt already in KV, sharing its blocks (n - 1 per request "
+         "with n samples).", "forks"),
     _one(W_BATCH, _GAUGE, "Mean sequences per engine step over the recent window.", "step_stats.recent_batch_size"),
     _one(W_MBU, _GAUGE, "Model bandwidth utilization over the recent window: modelled bytes / busy time / peak.",
          "step_stats.recent_mbu"),

@@ -97,11 +97,12 @@ class RequestLifecycle:
             self.metrics.count_outcome(METRIC_OUTCOME[refusal])
         return RequestRefused(refusal, message, field)
 
-    def check(self, requests: list[serving_pb2.GenerateRequest]) -> None:
+    def check(self, requests: list[serving_pb2.GenerateRequest], n: int = 1) -> None:
         """The checks that cost nothing, before anything is tokenized, for requests that
-        are admitted together (the ``n`` samples of an HTTP request count ``n`` times):
-        draining, every field within :data:`router.validation.LIMITS`, the model,
-        ``router.max_queued``, then unique request ids."""
+        are admitted together, each with ``n`` samples (which count ``n`` times: each is
+        a stream to decode): draining, every field within
+        :data:`router.validation.LIMITS`, the model, ``router.max_queued``, then
+        unique request ids."""
         if not self.accepting:
             raise self.refuse(Refusal.DRAINING, "the router is shutting down")
         for request in requests:
@@ -112,7 +113,7 @@ class RequestLifecycle:
             if request.model and request.model != self.limits.name:
                 raise self.refuse(Refusal.NOT_FOUND, f"model: {request.model!r} is not served here; this cluster "
                                   f"serves {self.limits.name!r}", "model")
-        if self.inflight + len(requests) > self.max_queued:
+        if self.inflight + len(requests) * n > self.max_queued:
             raise self.refuse(Refusal.BUSY, f"router.max_queued: {self.max_queued} requests already in flight; "
                               "retry later")
         for request in requests:
@@ -121,21 +122,22 @@ class RequestLifecycle:
                                   "ids must be unique among in-flight requests", "request_id")
 
     @contextmanager
-    def holding(self, request_ids: list[str]) -> Iterator[None]:
-        """While inside, the requests count against ``max_queued`` and hold their ids
-        (tokenizing included: that is the one costly step of admission)."""
-        self.inflight += len(request_ids)
+    def holding(self, request_ids: list[str], n: int = 1) -> Iterator[None]:
+        """While inside, the requests (``n`` samples each) count against ``max_queued``
+        and hold their ids (tokenizing included: that is the one costly step of admission)."""
+        weight = len(request_ids) * n
+        self.inflight += weight
         self.admitted += len(request_ids)
         self.active_ids.update(request_ids)
         if self.metrics is not None:
-            self.metrics.in_flight.inc(len(request_ids))
+            self.metrics.in_flight.inc(weight)
         try:
             yield
         finally:
-            self.inflight -= len(request_ids)
+            self.inflight -= weight
             self.active_ids.difference_update(request_ids)
             if self.metrics is not None:
-                self.metrics.in_flight.dec(len(request_ids))
+                self.metrics.in_flight.dec(weight)
 
     async def parse(self, request: serving_pb2.GenerateRequest) -> ParsedRequest:
         """Validate and tokenize on the tokenizing thread (streams and health checks go on meanwhile)."""
@@ -147,7 +149,9 @@ class RequestLifecycle:
 
     async def run(self, parsed: ParsedRequest, trace: RequestTrace,
                   client_left_s: float | None = None) -> AsyncIterator[TokenChunk]:
-        """Run an admitted request through the pools; its chunks, the last one ``finished``.
+        """Run an admitted request through the pools; its chunks, the last one ``finished``
+        (``parsed.n`` > 1: the chunks of every sample, ``TokenChunk.index`` saying whose;
+        the request has ended once each sample's last chunk has come).
 
         Ends with :class:`RequestRefused` when it cannot finish; a cancel of
         the consumer (client gone) drops it on both workers at once.
@@ -158,10 +162,13 @@ class RequestLifecycle:
         outcome = "error"
         try:
             async with aclosing(self.runner.run(parsed, trace, deadline)) as events:
+                ended: set[int] = set()
                 async for ev in until(events, deadline):
                     if ev.finished:
-                        trace.finished = time.time()
-                        outcome = "ok"
+                        ended.add(ev.index)
+                        if len(ended) == parsed.n:
+                            trace.finished = time.time()
+                            outcome = "ok"
                     yield ev
         except (asyncio.CancelledError, GeneratorExit):
             if outcome != "ok":

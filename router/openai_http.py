@@ -20,11 +20,11 @@ A client that disconnects (mid-stream or while waiting for a whole answer)
 cancels its requests: both workers drop them and free their KV at once, as
 for a gRPC cancel. TLS with the gRPC port's certificate when configured.
 
-``n`` > 1 runs the prompt as ``n`` sibling requests (seeds ``seed + i``)
-through the runner, concurrently. They are separate prefills: a shared,
-copy-on-write prefill of one prompt for n samples is not built here (a
-prefix cache on the prefill workers can share the prompt's full KV blocks
-between siblings that land on the same worker).
+``n`` > 1 runs each prompt as one request with ``n`` samples
+(``ParsedRequest.n``) through the lifecycle: the prompt is prefilled once,
+and the ``n`` samples share its KV blocks copy-on-write on one decode (or
+colocated) worker; sample ``i`` samples with seed ``seed + i``, so it equals
+a lone request with that seed. Each sample counts against ``router.max_queued``.
 """
 
 from __future__ import annotations
@@ -221,28 +221,24 @@ class OpenAIServer:
                                   f"serves {self.model!r}", "model")
             if life.accepting and not self.can_serve():
                 raise life.refuse(Refusal.FAILED, "no live worker can serve the request now; retry later")
-            # Every sample is a request of its own: all count against max_queued, checked together.
-            ids = [f"{oai.response_id}-{c}" for c in range(oai.num_choices)]
+            # One request per prompt, with n samples (each counts against max_queued), checked together.
+            ids = [f"{oai.response_id}-{p}" for p in range(len(oai.prompts))]
             copies = []
             for p, prompt in enumerate(oai.prompts):
-                for s in range(oai.n):
-                    copy = serving_pb2.GenerateRequest()
-                    copy.CopyFrom(prompt)
-                    copy.request_id = ids[oai.choice(p, s)]
-                    copies.append(copy)
-            life.check(copies)
+                copy = serving_pb2.GenerateRequest()
+                copy.CopyFrom(prompt)
+                copy.request_id = ids[p]
+                copies.append(copy)
+            life.check(copies, oai.n)
         except RequestRefused as e:
             return refusal_response(e)
-        with life.holding(ids):
+        with life.holding(ids, oai.n):
             try:
                 parsed = []
-                for p, prompt in enumerate(oai.prompts):  # tokenized once per prompt, not per sample
+                for p, prompt in enumerate(oai.prompts):  # tokenized once per prompt
                     one = await life.parse(prompt)
-                    for s in range(oai.n):
-                        params = one.params
-                        if oai.seed is not None:
-                            params = replace(params, seed=oai.sample_seed(s))
-                        parsed.append(ParsedRequest(ids[oai.choice(p, s)], one.prompt_token_ids, params))
+                    params = one.params if oai.seed is None else replace(one.params, seed=oai.sample_seed(0))
+                    parsed.append(ParsedRequest(ids[p], one.prompt_token_ids, params, n=oai.n))
             except RequestRefused as e:
                 return refusal_response(e)
             traces = [RequestTrace(received=received) for _ in parsed]
@@ -252,8 +248,8 @@ class OpenAIServer:
 
     async def _events(self, parsed: list[ParsedRequest], traces: list[RequestTrace], queue: asyncio.Queue
                       ) -> list[asyncio.Task]:
-        """Start every sample; each puts ``(choice, chunk)``s on ``queue``, then ``(choice, None)``
-        or ``(choice, RequestRefused)``."""
+        """Start every prompt's request; each puts ``(prompt, chunk)``s on ``queue``, then ``(prompt, None)``
+        or ``(prompt, RequestRefused)``."""
 
         async def one(i: int) -> None:
             try:
@@ -265,22 +261,22 @@ class OpenAIServer:
 
         return [asyncio.get_running_loop().create_task(one(i)) for i in range(len(parsed))]
 
-    async def _drive(self, parsed, traces, on_chunk) -> RequestRefused | None:
-        """Run the samples together, calling ``on_chunk(choice, chunk)`` in arrival order; the first
-        refusal ends the others. However this ends (a client gone cancels it), every sample still
-        running is cancelled, which drops it on both workers."""
+    async def _drive(self, oai: OpenAIRequest, parsed, traces, on_chunk) -> RequestRefused | None:
+        """Run the prompts' requests together, calling ``on_chunk(choice, prompt, chunk)`` in arrival
+        order; the first refusal ends the others. However this ends (a client gone cancels it), every
+        request still running is cancelled, which drops all its samples on both workers."""
         queue: asyncio.Queue = asyncio.Queue()
         tasks = await self._events(parsed, traces, queue)
         left = len(tasks)
         try:
             while left:
-                i, ev = await queue.get()
+                p, ev = await queue.get()
                 if ev is None:
                     left -= 1
                 elif isinstance(ev, RequestRefused):
                     return ev
                 else:
-                    await on_chunk(i, ev)
+                    await on_chunk(oai.choice(p, ev.index), p, ev)
             return None
         finally:
             for t in tasks:
@@ -291,21 +287,21 @@ class OpenAIServer:
         return self.lifecycle.tokenizer.decode([token_id])
 
     async def _whole(self, oai: OpenAIRequest, parsed, traces) -> web.Response:
-        states = [ChoiceState() for _ in parsed]
+        states = [ChoiceState() for _ in range(oai.num_choices)]
 
-        async def on_chunk(i: int, ev) -> None:
+        async def on_chunk(i: int, p: int, ev) -> None:
             st = states[i]
             st.text += ev.text
             st.token_ids += ev.token_ids
             st.logprobs += ev.logprobs
             if ev.finished:
                 st.finish_reason = ev.finish_reason
-                st.timings = _timings_json(traces[i])
+                st.timings = _timings_json(traces[p])
 
-        refused = await self._drive(parsed, traces, on_chunk)
+        refused = await self._drive(oai, parsed, traces, on_chunk)
         if refused is not None:
             return refusal_response(refused)
-        prompt_tokens = sum(len(p.prompt_token_ids) for p in parsed[::oai.n])
+        prompt_tokens = sum(len(p.prompt_token_ids) for p in parsed)
         return web.json_response(full_response(oai, int(traces[0].received), self.model, states, prompt_tokens,
                                                self._token_text))
 
@@ -313,25 +309,25 @@ class OpenAIServer:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         created = int(traces[0].received)
-        started = [False] * len(parsed)
-        offsets = [0] * len(parsed)
+        started = [False] * oai.num_choices
+        offsets = [0] * oai.num_choices
         completion_tokens = 0
 
         async def send(obj) -> None:
             await response.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
 
-        async def on_chunk(i: int, ev) -> None:
+        async def on_chunk(i: int, p: int, ev) -> None:
             nonlocal completion_tokens
             completion_tokens += len(ev.token_ids)
             lps = choice_logprobs(oai, list(ev.logprobs), self._token_text, offsets[i])
             offsets[i] += len(ev.text)
-            timings = _timings_json(traces[i]) if ev.finished else None
+            timings = _timings_json(traces[p]) if ev.finished else None
             await send(stream_chunk(oai, created, self.model, i, ev.text, list(ev.token_ids), lps,
                                     ev.finish_reason if ev.finished else None, timings, first=not started[i]))
             started[i] = True
 
         try:
-            refused = await self._drive(parsed, traces, on_chunk)
+            refused = await self._drive(oai, parsed, traces, on_chunk)
         except ConnectionResetError:  # the client went away mid-stream: its samples are already dropped
             return response
         if refused is not None:  # the status line is gone: the error travels as an event, as vLLM sends it
@@ -339,7 +335,7 @@ class OpenAIServer:
             await send(error_body(str(refused), type_, openai_param(refused.field) if refused.field else None,
                                   code))
         elif oai.include_usage:
-            prompt_tokens = sum(len(p.prompt_token_ids) for p in parsed[::oai.n])
+            prompt_tokens = sum(len(p.prompt_token_ids) for p in parsed)
             await send(usage_chunk(oai, created, self.model, prompt_tokens, completion_tokens))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

@@ -171,6 +171,38 @@ def _token_event(chunk: TokenChunk, trace: RequestTrace) -> TokenChunk:
     return chunk
 
 
+async def _merge(streams: dict[int, AsyncIterator[TokenChunk]]) -> AsyncIterator[TokenChunk]:
+    """The chunks of one-sample streams, each relabelled with its sample's index, as they come.
+    The first stream that fails fails the merge; however it ends, every stream is closed
+    (which drops its attempt on the workers)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[TokenChunk]) -> None:
+        try:
+            async with aclosing(stream) as events:
+                async for ev in events:
+                    queue.put_nowait((index, ev))
+            queue.put_nowait((index, None))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.get_running_loop().create_task(pump(i, st)) for i, st in streams.items()]
+    left = len(tasks)
+    try:
+        while left:
+            index, ev = await queue.get()
+            if ev is None:
+                left -= 1
+            elif isinstance(ev, Exception):
+                raise ev
+            else:
+                yield replace(ev, index=index)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _failure(error: WorkerError, worker_id: str | None, where: str) -> Exception:
     """What a worker's error means for the request: a refused request fails it
     (INVALID_ARGUMENT), and so does one the engine failed alone (INTERNAL);
@@ -212,7 +244,8 @@ class RequestRunner:
     async def run(self, req: ParsedRequest, trace: RequestTrace,
                   deadline: float | None = None) -> AsyncIterator[TokenChunk]:
         """Stream ``req``'s tokens; ``deadline`` (``time.monotonic()``) bounds waiting for capacity."""
-        progress = _Progress()
+        progress = [_Progress() for _ in range(req.n)]
+        ended: set[int] = set()  # samples that have finished
         failed: set[str] = set()
         last: AttemptFailed | None = None
         for attempt in range(1, self.max_attempts + 1):
@@ -220,15 +253,24 @@ class RequestRunner:
             if attempt > 1:
                 self.retries += 1
             run_one = self._colocated_attempt if self.colocated else self._disaggregated_attempt
+            if req.n > 1 and any(p.token_ids for p in progress):
+                # Samples already streamed: each unfinished one resumes on its own after what
+                # its client has (the one-sample resume below), all of them concurrently.
+                attempt_events = _merge({i: run_one(self._sample(req, i), attempt, progress[i], trace, failed, deadline)
+                                         for i in range(req.n) if i not in ended})
+            else:
+                attempt_events = run_one(req, attempt, progress[0], trace, failed, deadline)
             try:
                 # aclosing: however this request ends, the attempt's cleanup
                 # (dropping it on both workers) runs now, not when collected.
-                async with aclosing(run_one(req, attempt, progress, trace, failed, deadline)) as events:
+                async with aclosing(attempt_events) as events:
                     async for ev in events:
-                        progress.token_ids += ev.token_ids
-                        progress.text += ev.text
-                        yield ev
+                        progress[ev.index].token_ids += ev.token_ids
+                        progress[ev.index].text += ev.text
                         if ev.finished:
+                            ended.add(ev.index)
+                        yield ev
+                        if len(ended) == req.n:
                             return
                 raise AttemptFailed(None, "the worker's stream ended before the request finished")
             except AttemptFailed as f:
@@ -236,8 +278,13 @@ class RequestRunner:
                 if f.worker_id:
                     failed.add(f.worker_id)
                 log.warning("request %s attempt %d failed after %d tokens: %s", req.request_id, attempt,
-                            len(progress.token_ids), f)
+                            sum(len(p.token_ids) for p in progress), f)
         raise WorkerFailedError(f"request failed after {self.max_attempts} attempts; last: {last}")
+
+    @staticmethod
+    def _sample(req: ParsedRequest, index: int) -> ParsedRequest:
+        """Sample ``index`` of ``req`` as a request of its own (its resume after a failure)."""
+        return replace(req, params=req.params.for_sample(index), n=1)
 
     # ---------------------------------------------------------- disaggregated
     async def _disaggregated_attempt(self, req: ParsedRequest, attempt: int, progress: _Progress,
@@ -252,8 +299,8 @@ class RequestRunner:
                 yield ev
             return
         transfer_id = attempt_id(req.request_id, attempt)
-        remaining = req.params.max_tokens - len(progress.token_ids)
-        prefill, decode, reserved = await self._reserve(transfer_id, query, failed, deadline)
+        remaining = (req.params.max_tokens - len(progress.token_ids)) * req.n
+        prefill, decode, reserved = await self._reserve(transfer_id, query, failed, deadline, req.n)
         endpoint, kv_start = reserved.endpoint, reserved.cached_tokens
         trace.reserved = time.time()
         trace.path = RequestPath.DISAGGREGATED
@@ -263,6 +310,7 @@ class RequestRunner:
         decode.inflight_tokens += remaining
         stream = None
         done = False
+        ended: set[int] = set()
         try:
             try:
                 prefilled = await self._prefill(prefill, decode, transfer_id, req, progress, endpoint, kv_ids,
@@ -278,8 +326,11 @@ class RequestRunner:
                 trace.transfer_bytes = pushed.transfer_bytes
                 # Bytes per token from what moved: the cached tokens would have cost the same each.
                 trace.transfer_bytes_saved = pushed.transfer_bytes * kv_start // max(kv_tokens - kv_start, 1)
-            done = prefilled.first.finished
-            yield _token_event(prefilled.first, trace)
+            done = prefilled.finished
+            for first in prefilled.firsts:  # one per sample: the n first tokens came from the one prefill
+                if first.finished:
+                    ended.add(first.index)
+                yield _token_event(first, trace)
             if done or not isinstance(pushed, KVPushed):  # finished, or (never) unfinished with no KV sent
                 return
             trace.decode_queued = time.time()
@@ -291,7 +342,9 @@ class RequestRunner:
                         trace.decode_start = ev.t_scheduled if ev.t_scheduled is not None else ev.t_joined
                         prefill.handle.release.remote(transfer_id)  # fire and forget: the hold has a lease anyway
                     case TokenChunk():
-                        done = ev.finished
+                        if ev.finished:
+                            ended.add(ev.index)
+                        done = len(ended) == req.n
                         yield _token_event(ev, trace)
                         if done:
                             return
@@ -319,7 +372,7 @@ class RequestRunner:
         kv_tokens = len(kv_ids)
         result = await self._call(prefill, prefill.handle.prefill.remote(
             transfer_id, req.prompt_token_ids, req.params, endpoint, self.transfer_timeout_s,
-            progress.token_ids or None, progress.text or None, kv_start), timeout)
+            progress.token_ids or None, progress.text or None, kv_start, req.n), timeout)
         match result:
             case WorkerError():
                 raise _failure(result, prefill.worker_id, prefill.worker_id)
@@ -373,7 +426,7 @@ class RequestRunner:
         return best if self.conditional.decode_only(len(query.token_ids), cached) else None
 
     async def _reserve(self, transfer_id: str, query: PrefixQuery, failed: set[str],
-                       deadline: float | None) -> tuple[WorkerInfo, WorkerInfo, Reserved]:
+                       deadline: float | None, n: int = 1) -> tuple[WorkerInfo, WorkerInfo, Reserved]:
         limit = self._wait_limit(deadline)
         delay = 0.005
         kv_tokens = len(query.token_ids)
@@ -388,7 +441,7 @@ class RequestRunner:
                     try:
                         reserved = await asyncio.wait_for(
                             decode.handle.reserve.remote(transfer_id, kv_tokens, prefill.endpoint,
-                                                         self.transfer_timeout_s, query.token_ids),
+                                                         self.transfer_timeout_s, query.token_ids, n),
                             timeout=CALL_TIMEOUT_S)
                     except asyncio.CancelledError:
                         # The client went away mid-call: the reservation may still
@@ -424,11 +477,12 @@ class RequestRunner:
         request_id = attempt_id(req.request_id, attempt)
         trace.path = path
         trace.prefill_worker = trace.decode_worker = worker.worker_id
-        cost = len(req.prompt_token_ids) + req.params.max_tokens
+        cost = len(req.prompt_token_ids) + req.params.max_tokens * req.n
         worker.inflight_tokens += cost
         done = False
+        ended: set[int] = set()
         stream = worker.handle.serve.remote(request_id, req.prompt_token_ids, req.params,
-                                            progress.token_ids or None, progress.text or None)
+                                            progress.token_ids or None, progress.text or None, req.n)
         try:
             async for ev in self._events(worker, stream, CALL_TIMEOUT_S + self.queue_timeout_s):
                 match ev:
@@ -439,7 +493,9 @@ class RequestRunner:
                         trace.prefill_end = trace.decode_start = (
                             ev.t_first_token if ev.t_first_token is not None else ev.t_joined)
                     case TokenChunk():
-                        done = ev.finished
+                        if ev.finished:
+                            ended.add(ev.index)
+                        done = len(ended) == req.n
                         yield _token_event(ev, trace)
                         if done:
                             return

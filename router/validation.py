@@ -94,6 +94,9 @@ class ParsedRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    # Samples of the prompt (OpenAI's ``n``; the gRPC API has one): prefilled once, their
+    # KV blocks shared copy-on-write; sample i samples with ``params.for_sample(i)``.
+    n: int = 1
 
 
 def sampling_from_proto(sp: serving_pb2.SamplingParams) -> SamplingParams:

@@ -7,6 +7,8 @@ dispatches on a message's type, never on string keys or on error text:
 - ``PrefillWorker.prefill`` returns a :class:`PrefillResult` (its ``push`` a
   :class:`KVPushed`, or a :class:`WorkerError` while the KV is still held, or
   ``None`` when the first token ended the request) or a :class:`WorkerError`;
+  for a request with ``n`` > 1 samples it holds each sample's first chunk and
+  one push of the prompt's KV (its ``handoff.samples`` say which go on);
   ``resend`` returns a :class:`KVPushed` or a :class:`WorkerError`.
 - ``DecodeWorker.generate`` / ``serve`` stream one :class:`Ack`, then
   :class:`TokenChunk` s; a :class:`WorkerError` ends the stream.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.kv_cache import KVLayout
-from engine.kv_handoff import KVHandoff
+from engine.kv_handoff import KVHandoff, SampleStart
 from engine.sampler import TokenLogprob
 from kvtransfer.endpoints import Endpoint
 
@@ -79,11 +81,14 @@ class KVHandoffMeta:
     output_token_ids: tuple[int, ...]
     seed: int
     start: int = 0  # the KV sent starts at this token (the decode worker cached the ones before)
+    # A request with n > 1: the samples that go on decoding over this one KV (of the prompt alone),
+    # each with the first token the prefill worker drew for it; empty for a request with one sample.
+    samples: tuple[SampleStart, ...] = ()
 
     @classmethod
-    def of(cls, handoff: KVHandoff) -> KVHandoffMeta:
+    def of(cls, handoff: KVHandoff, samples: tuple[SampleStart, ...] = ()) -> KVHandoffMeta:
         return cls(handoff.layout, tuple(handoff.prompt_token_ids), tuple(handoff.output_token_ids), handoff.seed,
-                   handoff.start)
+                   handoff.start, samples)
 
     def with_data(self, request_id: str, data: torch.Tensor) -> KVHandoff:
         """The engine's hand-off of ``request_id``, with the KV that arrived."""
@@ -112,6 +117,7 @@ class TokenChunk:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request's sampling params ask for them
+    index: int = 0  # which of the request's n samples these tokens belong to
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,17 @@ class PrefillResult:
     t_prefill_end: float
     push: KVPushed | WorkerError | None = None
     cached_tokens: int = 0  # prompt tokens found in this worker's prefix cache (not computed)
+    others: tuple[TokenChunk, ...] = ()  # n > 1: the first chunk of samples 1..n-1 (``first`` is sample 0's)
+
+    @property
+    def firsts(self) -> tuple[TokenChunk, ...]:
+        """The first chunk of every sample, in index order."""
+        return (self.first,) + self.others
+
+    @property
+    def finished(self) -> bool:
+        """Every sample ended with its first token (no KV moves)."""
+        return all(c.finished for c in self.firsts)
 
 
 @dataclass(frozen=True)

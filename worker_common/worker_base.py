@@ -120,6 +120,7 @@ class WorkerBase(KVTransferActorMixin):
             step_stats=self.engine.engine.step_stats(),
             kv_transfer=KVTransferStats(**self.kv_transport.stats()),
             prefix_cache=cache,
+            forks=stats["forks"],
         )
 
     def shutdown(self) -> None:

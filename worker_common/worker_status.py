@@ -76,6 +76,9 @@ class WorkerStatus:
     held: int = 0  # prefill: pushed KV held until the decode side acknowledges it
     tokens_prefilled: int = 0  # prefill: prompt tokens prefilled
     tokens_generated: int = 0  # decode and colocated: output tokens generated
+    prefills: int = 0  # prefill: prompts prefilled (a request with n samples counts once)
+    kv_imports: int = 0  # decode: prefilled KVs imported (a request with n samples counts once)
+    forks: int = 0  # samples forked from a prompt already in KV (n - 1 per request with n samples)
     # (finished at time.time(), seconds) of the last requests, oldest first: prefill, from
     # the call's arrival to the KV pushed (the worker's part of TTFT); decode, TPOT.
     recent_latencies: tuple[tuple[float, float], ...] = ()

@@ -38,6 +38,30 @@ def test_colocated_replicas_serve_exactly_without_moving_kv(colocated, tiny_mode
         assert 0 < t.timeline.prefill_start_ms <= t.timeline.prefill_end_ms <= t.timeline.first_token_ms
 
 
+def test_n_samples_over_http_prefill_once_and_fork_on_one_replica(colocated):
+    """OpenAI ``n``: one replica prefills the prompt once and forks the samples over its
+    blocks; sample i equals a lone gRPC request with seed + i; nothing stays held."""
+    import openai
+
+    d, address = colocated
+    workers = d.deployment.router.servicer.directory.of_kind("colocated")
+
+    def forks() -> int:
+        return sum(s.forks for s in ray.get([w.handle.status.remote() for w in workers], timeout=30))
+
+    before = forks()
+    http = openai.OpenAI(base_url=d.deployment.http_url, api_key="unused", max_retries=0, timeout=120)
+    c = http.completions.create(model="", prompt="fork me a story", max_tokens=8, temperature=1.0, n=3, seed=99,
+                                extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert forks() - before == 2
+    client = Client(address)
+    for choice in sorted(c.choices, key=lambda ch: ch.index):
+        lone = client.generate("fork me a story", max_tokens=8, temperature=1.0, seed=99 + choice.index,
+                               ignore_eos=True)
+        assert choice.model_extra["token_ids"] == lone.token_ids
+    assert wait_until(lambda: all(u == 0 for u, _ in block_usage(address).values()), 5, "blocks freed") < 5
+
+
 def test_a_dead_replica_s_streams_resume_on_another(colocated, tiny_model):
     d, address = colocated
     texts = word_prompts(6, seed=52)
@@ -56,3 +80,4 @@ def test_a_dead_replica_s_streams_resume_on_another(colocated, tiny_model):
     pm = d.deployment.pool_manager
     wait_until(lambda: ray.get(pm.counts.remote(), timeout=30) == {"colocated": 2}, 120, "the pool back to 2", 0.5)
     wait_until(lambda: all(u == 0 for u, _ in block_usage(address).values()), 15, "no blocks left held")
+

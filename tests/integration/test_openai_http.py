@@ -73,12 +73,40 @@ def test_greedy_completions_and_chat_match_grpc_and_generate(cluster, tiny_model
     assert chat.choices[0].message.content == via_grpc.text
 
 
-def test_n_seeded_samples_equal_grpc_with_the_sibling_seeds(cluster):
-    _, address, url = cluster
+def sample_counters(d) -> dict[str, int]:
+    """Prompts the prefill workers prefilled, KVs the decode workers imported and samples they forked
+    (fresh statuses, summed over each kind's live workers)."""
+    import ray
+
+    def total(kind: str, attribute: str) -> int:
+        workers = d.deployment.router.servicer.directory.of_kind(kind)
+        return sum(getattr(s, attribute) for s in ray.get([w.handle.status.remote() for w in workers], timeout=30))
+
+    return {"prefills": total("prefill", "prefills"), "kv_imports": total("decode", "kv_imports"),
+            "forks": total("decode", "forks")}
+
+
+def decode_blocks_used(d) -> dict[str, int]:
+    """Each decode worker's KV blocks in use, asked of the workers themselves."""
+    import ray
+
+    workers = d.deployment.router.servicer.directory.of_kind("decode")
+    return {w.worker_id: s.used_blocks for w, s in zip(workers, ray.get([w.handle.status.remote() for w in workers],
+                                                                         timeout=30))}
+
+
+def test_n_seeded_samples_are_prefilled_once_and_equal_grpc_with_the_sample_seeds(cluster):
+    d, address, url = cluster
     client, grpc_client = sdk(url), Client(address)
     kw = dict(model=MODEL, prompt="sample me a story", max_tokens=MAX_NEW, temperature=1.0, n=3, seed=1234,
               extra_body=NO_EOS)
+    before = sample_counters(d)
     first, again = client.completions.create(**kw), client.completions.create(**kw)
+    greedy = client.completions.create(model=MODEL, prompt="sample me a story", max_tokens=MAX_NEW, temperature=0,
+                                       n=3, extra_body=NO_EOS)
+    after = sample_counters(d)
+    # Three requests of three samples: one prefill, one KV transfer and import, two forks each.
+    assert {k: after[k] - before[k] for k in after} == {"prefills": 3, "kv_imports": 3, "forks": 6}
     choices = sorted(first.choices, key=lambda c: c.index)
     assert [c.index for c in choices] == [0, 1, 2]
     assert [c.text for c in choices] == [c.text for c in sorted(again.choices, key=lambda c: c.index)]
@@ -87,6 +115,8 @@ def test_n_seeded_samples_equal_grpc_with_the_sibling_seeds(cluster):
         out = grpc_client.generate("sample me a story", max_tokens=MAX_NEW, temperature=1.0, seed=1234 + i,
                                    ignore_eos=True)
         assert c.model_extra["token_ids"] == out.token_ids
+    single = grpc_client.generate("sample me a story", max_tokens=MAX_NEW, ignore_eos=True)
+    assert [c.model_extra["token_ids"] for c in greedy.choices] == [single.token_ids] * 3
 
 
 def test_stop_strings_and_logprobs(cluster, tiny_model):
@@ -157,6 +187,30 @@ def test_disconnect_mid_stream_frees_both_workers_within_one_second(cluster):
             got += s.recv(65536)
         assert not all_free(address)
     assert wait_until(lambda: all_free(address), 5, "blocks freed after the disconnect", 0.02) < 1.0
+
+
+def test_n_samples_share_the_prompt_blocks_and_a_disconnect_frees_them(cluster, tiny_model):
+    d, address, url = cluster
+    wait_until(lambda: all_free(address), 10, "a cluster at rest")
+    prompt = " ".join(word_prompts(4, seed=8, lo=20, hi=21))  # 424 tokens: 27 blocks of 16
+    prompt_blocks = -(-len(tiny_model.tokenizer(prompt, add_special_tokens=False)["input_ids"]) // 16)
+    assert prompt_blocks >= 20, prompt_blocks
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    body = json.dumps({"prompt": prompt, "max_tokens": 500, "n": 3, "stream": True, "ignore_eos": True,
+                       "temperature": 1.0, "seed": 5}).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        got = b""
+        while got.count(b"data: ") < 3 * 5:  # every sample mid-decode
+            got += s.recv(65536)
+        used = decode_blocks_used(d)
+        # One decode worker holds the prompt's blocks once plus each sample's own tail: well under 3 copies.
+        assert sorted(used.values())[:-1] == [0] * (len(used) - 1), used
+        assert prompt_blocks < max(used.values()) < 2 * prompt_blocks, (used, prompt_blocks)
+    # NOT DONE: a single request's disconnect frees both workers within 1 s (test above), but a group of
+    # n = 3 measured 2.0 s and 3.5 s on a busy machine (cause not found yet); this bound only says it is freed.
+    assert wait_until(lambda: all_free(address), 10, "blocks freed after the disconnect", 0.02) < 8.0
 
 
 def test_64_http_and_64_grpc_streams_at_once_are_exact_and_leak_nothing(cluster, tiny_model):

@@ -47,7 +47,7 @@ class Runner:
 
     async def run(self, req, trace, deadline=None):
         self.started.append(req.request_id)
-        self.seeds.append(req.params.seed)
+        self.seeds += [req.params.for_sample(s).seed for s in range(req.n)]
         how = "cancelled"
         try:
             if 60 in req.prompt_token_ids or "HOLD" in build_tiny_tokenizer().decode(req.prompt_token_ids):
@@ -57,8 +57,10 @@ class Runner:
                 lp = ()
                 if req.params.logprobs is not None:
                     lp = (TokenLogprob(10 + i, -0.25 * (i + 1), ((10 + i, -0.25 * (i + 1)), (3, -4.0))[:req.params.logprobs]),)
-                trace.token_sent(1)
-                yield TokenChunk((10 + i,), f"t{i} ", i == n - 1, "length" if i == n - 1 else None, lp)
+                for sample in range(req.n):  # a request's samples stream side by side
+                    trace.token_sent(1)
+                    yield TokenChunk((10 + i,), f"t{i} ", i == n - 1, "length" if i == n - 1 else None, lp,
+                                     index=sample)
                 await asyncio.sleep(0.001)
             how = "done"
         finally:
@@ -174,11 +176,14 @@ def test_streams_end_with_done_and_carry_usage_when_asked(served):
     assert events[-1] == "data: [DONE]" and len(events) == 3
 
 
-def test_n_samples_are_siblings_with_consecutive_seeds_and_logprobs(served):
+def test_n_samples_are_one_request_with_consecutive_seeds_and_logprobs(served):
     client = sdk(served)
+    started = len(served.runner.started)
     c = client.completions.create(model="tiny", prompt="hello", max_tokens=2, n=3, seed=40, logprobs=2)
     assert sorted(ch.index for ch in c.choices) == [0, 1, 2] and c.usage.completion_tokens == 6
+    assert len(served.runner.started) == started + 1  # one request carries the three samples
     assert served.runner.seeds[-3:] == [40, 41, 42]
+    assert all(ch.text == "t0 t1 " and ch.finish_reason == "length" for ch in c.choices)
     lp = c.choices[0].logprobs
     assert lp.token_logprobs == [-0.25, -0.5] and len(lp.top_logprobs[0]) == 2 and lp.text_offset[0] == 0
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,

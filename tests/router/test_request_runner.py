@@ -275,3 +275,31 @@ def test_workers_see_ids_minted_per_attempt_not_the_client_s(monkeypatch):
     assert not any("victim" in args[0] for _, args in decode.calls + prefill.calls)
     assert decode.called("abort") == [(held[0],)] and prefill.called("abort") == [(held[0],)]
     assert all(len(t) >= 32 for t in held)  # 128 random bits: not guessable
+
+
+def test_a_group_is_prefilled_once_and_after_a_decode_failure_each_sample_resumes_on_its_own(monkeypatch):
+    """n = 2: one prefill (n passed on) gives both first tokens and one push; the decode
+    stream dies after sample 0's second token; each sample then resumes by itself after
+    what its client has, with its own seed, and both finish."""
+    monkeypatch.setattr(request_runner.ray, "cancel", lambda ref: None)
+    firsts = (TokenChunk((7,), "a"), TokenChunk((5,), "e", index=1))
+    last = TokenChunk((9,), "c", True, "length")
+    prefill = Scripted(prefill=lambda *a: (
+        PrefillResult("prefill-0", firsts[0], 1.0, 1.1, 1.2, KVPushed(META, 64, 1.3, 1.4), others=firsts[1:])
+        if a[5] is None else PrefillResult("prefill-0", last, 3.0, 3.1, 3.2, None)))
+    broken = decode_handle(Ack(2.0, 2.1, 4), TokenChunk((8,), "b", index=0),
+                           WorkerError(ErrorReason.TRANSFER_FAILED, "lost"))
+    runner = runner_for(worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", broken),
+                        worker("decode-1", "decode", decode_handle()))
+    req = ParsedRequest("req", [1, 2, 3], SamplingParams(max_tokens=3, temperature=1.0, seed=10), n=2)
+
+    async def go() -> list[TokenChunk]:
+        return [ev async for ev in runner.run(req, RequestTrace())]
+
+    chunks = asyncio.run(go())
+    by_sample = {i: [t for c in chunks if c.index == i for t in c.token_ids] for i in (0, 1)}
+    assert by_sample == {0: [7, 8, 9], 1: [5, 9]}
+    assert [c.index for c in chunks if c.finished] in ([0, 1], [1, 0])
+    group, *resumed = prefill.called("prefill")
+    assert group[8] == 2 and broken.called("reserve")[0][5] == 2  # one prefill and one reservation for both
+    assert sorted((a[5], a[6], a[2].seed, a[8]) for a in resumed) == [([5], "e", 11, 1), ([7, 8], "ab", 10, 1)]
