@@ -63,7 +63,7 @@ from benchmarks.autoscale_report import (AUTOSCALED, DEFAULT_PHASES, LONG_INPUT,
                                          WORKER_CPUS, Phase, TraceEvent, analyze_run, arm_goodput, compare, mean_rate,
                                          render_markdown, trace_events, write_plot)
 from benchmarks.common import CpuSampler, log  # noqa: E402
-from benchmarks.loadgen import Arrival, run_trace  # noqa: E402
+from benchmarks.loadgen import Scheduled, run_trace  # noqa: E402
 from benchmarks.slo import RequestRecord  # noqa: E402
 from benchmarks.workloads import BenchRequest, WorkloadSpec, generate  # noqa: E402
 
@@ -88,21 +88,6 @@ class Settings:
 
 
 QUICK_PHASES = tuple(replace(p, duration_s=p.duration_s / 2) for p in DEFAULT_PHASES)
-
-
-@dataclass(frozen=True)
-class Scheduled(Arrival):
-    """Open loop with explicit send offsets."""
-
-    times: tuple[float, ...]
-
-    def schedule(self, n: int) -> list[float]:
-        if n != len(self.times):
-            raise ValueError(f"schedule of {len(self.times)} sends for {n} requests")
-        return list(self.times)
-
-    def describe(self) -> dict:
-        return {"kind": "scheduled", "n": len(self.times)}
 
 
 def arm_config(arm: str, model: str, settings: Settings):

@@ -97,7 +97,7 @@ from typing import Any  # noqa: E402
 
 from analysis.model_catalog import DEFAULT_MODEL  # noqa: E402
 from benchmarks.common import BUSY_WARN_CORES, CpuSampler, busy_cores, log  # noqa: E402
-from benchmarks.loadgen import Arrival, FixedConcurrency, Poisson, run_trace  # noqa: E402
+from benchmarks.loadgen import Arrival, FixedConcurrency, Poisson, Scheduled, run_trace  # noqa: E402
 from benchmarks.slo import SLO, RequestRecord, goodput, summarize  # noqa: E402
 from benchmarks.workloads import BenchRequest, WorkloadSpec, generate  # noqa: E402
 from cluster.config import ClusterConfig, parse_config  # noqa: E402
@@ -187,21 +187,6 @@ def total_cpus(cfg: ClusterConfig) -> float:
 
 
 # --------------------------------------------------------------------- trace
-@dataclass(frozen=True)
-class Scheduled(Arrival):
-    """Open loop with explicit send offsets (the merged short + long schedule)."""
-
-    times: tuple[float, ...]
-
-    def schedule(self, n: int) -> list[float]:
-        if n != len(self.times):
-            raise ValueError(f"schedule of {len(self.times)} sends for {n} requests")
-        return list(self.times)
-
-    def describe(self) -> dict:
-        return {"kind": "scheduled", "n": len(self.times), "last_s": self.times[-1] if self.times else 0.0}
-
-
 @dataclass(frozen=True)
 class TraceSpec:
     """Poisson short requests at ``short_rate`` plus a long prompt every ``long_every_s``

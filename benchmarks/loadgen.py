@@ -143,6 +143,21 @@ class Burst(Arrival):
 
 
 @dataclass(frozen=True)
+class Scheduled(Arrival):
+    """Open loop with explicit send offsets (a trace built elsewhere: merged or phased schedules)."""
+
+    times: tuple[float, ...]
+
+    def schedule(self, n: int) -> list[float]:
+        if n != len(self.times):
+            raise ValueError(f"schedule of {len(self.times)} sends for {n} requests")
+        return list(self.times)
+
+    def describe(self) -> dict:
+        return {"kind": "scheduled", "n": len(self.times), "last_s": self.times[-1] if self.times else 0.0}
+
+
+@dataclass(frozen=True)
 class FixedConcurrency(Arrival):
     """Closed loop: ``concurrency`` requests in flight, in workload order."""
 
