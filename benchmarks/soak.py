@@ -96,6 +96,7 @@ from benchmarks.soak_report import (  # noqa: E402
     render,
     worker_blocks,
 )
+from worker_common.timeouts import within  # noqa: E402
 
 INVALID_KINDS = ("max_tokens_zero", "negative_temperature", "top_p_too_big", "negative_top_k", "empty_chat",
                  "bad_role", "no_input", "prompt_too_long")
@@ -294,7 +295,7 @@ class Driver:
         bound = (plan.deadline_s + self.s.margin_s) if plan.deadline_s is not None else self.s.hang_s
         r.sent_at = self.now()
         try:
-            await asyncio.wait_for(consume(), timeout=bound)
+            await within(consume(), timeout_s=bound)
         except asyncio.TimeoutError:
             r.hung = True
             r.details = f"no finish_reason and no status after {bound:.0f} s"

@@ -39,6 +39,7 @@ from kvtransfer.faults import TransferFaults
 from router.request_runner import ConditionalPrefill
 from router.security import load_secret
 from router.server import RouterServer
+from worker_common.timeouts import within
 from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, PrefillEngineConfig
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class Deployment:
             self._address = self.router.address
         else:
             self.replicas = await asyncio.to_thread(self.find_or_create_replicas)
-            stats = await asyncio.gather(*(asyncio.wait_for(h.ready.remote(), timeout=READY_TIMEOUT_S)
+            stats = await asyncio.gather(*(within(h.ready.remote(), timeout_s=READY_TIMEOUT_S)
                                            for h in self.replicas))
             self._address = stats[0].address
             self.metrics_port = stats[0].metrics_port
@@ -197,7 +198,7 @@ class Deployment:
         """Every router's :class:`RouterStats` (a replica that does not answer is left out)."""
         if self._local is not None:
             return [self._local.stats(0)]
-        results = await asyncio.gather(*(asyncio.wait_for(h.stats.remote(), timeout=30) for h in self.replicas),
+        results = await asyncio.gather(*(within(h.stats.remote(), timeout_s=30) for h in self.replicas),
                                        return_exceptions=True)
         return [r for r in results if isinstance(r, RouterStats)]
 
@@ -231,7 +232,7 @@ class Deployment:
                 log.warning("the pool manager is gone; recreating it (it adopts the live workers)")
                 try:
                     pm = await asyncio.to_thread(self.find_or_create_pool_manager)
-                    await asyncio.wait_for(pm.table.remote(), timeout=60)
+                    await within(pm.table.remote(), timeout_s=60)
                 except Exception:
                     log.exception("recreating the pool manager failed; retrying")
             except Exception:
@@ -256,14 +257,14 @@ class Deployment:
             self._local = None
         if self.replicas:
             # Every replica drains at once; one that is dead or stuck is killed below with the rest.
-            drained = await asyncio.gather(*(asyncio.wait_for(h.drain.remote(grace), timeout=grace + 60)
+            drained = await asyncio.gather(*(within(h.drain.remote(grace), timeout_s=grace + 60)
                                              for h in self.replicas), return_exceptions=True)
             for i, r in enumerate(drained):
                 if isinstance(r, BaseException):
                     log.warning("router replica %d did not drain (%r); killing it", i, r)
         try:
             if self.pool_manager is not None:
-                await asyncio.wait_for(self.pool_manager.stop.remote(), timeout=60)
+                await within(self.pool_manager.stop.remote(), timeout_s=60)
         except Exception:
             log.exception("the pool manager did not stop its workers; killing them")
         finally:

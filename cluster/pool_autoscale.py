@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from cluster.autoscaler import STATUS_TIMEOUT_S, Autoscaler
 from cluster.role_worker import RoleWorker
+from worker_common.timeouts import within
 from worker_common.worker_status import WorkerStatus
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ class PoolAutoscaleMixin:
 
         async def one(w: Any) -> WorkerStatus | None:
             try:
-                return await asyncio.wait_for(w.handle.status.remote(), timeout=STATUS_TIMEOUT_S)
+                return await within(w.handle.status.remote(), timeout_s=STATUS_TIMEOUT_S)
             except Exception:
                 return None  # the health loop deals with it
 
@@ -127,8 +128,8 @@ class PoolAutoscaleMixin:
         try:
             await self._wait_drained(w)
             t0 = time.perf_counter()
-            seconds = await asyncio.wait_for(w.handle.switch_role.remote(to), timeout=SWITCH_TIMEOUT_S)
-            endpoint = await asyncio.wait_for(w.handle.endpoint.remote(), timeout=STATUS_TIMEOUT_S)
+            seconds = await within(w.handle.switch_role.remote(to), timeout_s=SWITCH_TIMEOUT_S)
+            endpoint = await within(w.handle.endpoint.remote(), timeout_s=STATUS_TIMEOUT_S)
             async with self._lock:
                 w.kind, w.endpoint, w.draining = to, endpoint, False
                 self.version += 1

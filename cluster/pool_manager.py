@@ -46,6 +46,7 @@ from decode_worker.worker import DecodeWorker
 from kvtransfer.endpoints import Endpoint
 from prefill_worker.worker import PrefillWorker
 from worker_common.routing_table import RoutingTable, TableWorker
+from worker_common.timeouts import within
 from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, ModelConfig, PrefillEngineConfig
 
 log = logging.getLogger(__name__)
@@ -224,10 +225,10 @@ class PoolManager(PoolAutoscaleMixin):
 
     @staticmethod
     async def _describe(worker_id: str, kind: str, handle: Any, ready_timeout_s: float) -> WorkerEntry:
-        await asyncio.wait_for(handle.ping.remote(), timeout=ready_timeout_s)
-        endpoint, node, status = await asyncio.wait_for(
+        await within(handle.ping.remote(), timeout_s=ready_timeout_s)
+        endpoint, node, status = await within(
             asyncio.gather(handle.endpoint.remote(), handle.node_id.remote(), handle.status.remote()),
-            timeout=PING_TIMEOUT_S)
+            timeout_s=PING_TIMEOUT_S)
         # The kind it serves now: a worker that switched role keeps the name it started with.
         return WorkerEntry(worker_id, status.kind, handle, endpoint, node)
 
@@ -352,7 +353,7 @@ class PoolManager(PoolAutoscaleMixin):
     async def _drain_and_kill(self, w: WorkerEntry) -> None:
         await self._wait_drained(w)
         try:
-            await asyncio.wait_for(w.handle.shutdown.remote(), timeout=PING_TIMEOUT_S)
+            await within(w.handle.shutdown.remote(), timeout_s=PING_TIMEOUT_S)
         except Exception:
             pass
         ray.kill(w.handle, no_restart=True)
@@ -366,7 +367,7 @@ class PoolManager(PoolAutoscaleMixin):
         while idle_checks < 2 and time.monotonic() < deadline:
             await asyncio.sleep(1.0)  # longer than the router's table refresh
             try:
-                s = await asyncio.wait_for(w.handle.status.remote(), timeout=PING_TIMEOUT_S)
+                s = await within(w.handle.status.remote(), timeout_s=PING_TIMEOUT_S)
             except Exception:
                 break  # already dead
             idle_checks = 0 if s.busy else idle_checks + 1
@@ -388,7 +389,7 @@ class PoolManager(PoolAutoscaleMixin):
 
             async def alive(w: WorkerEntry) -> bool:
                 try:
-                    await asyncio.wait_for(w.handle.ping.remote(), timeout=PING_TIMEOUT_S)
+                    await within(w.handle.ping.remote(), timeout_s=PING_TIMEOUT_S)
                     return True
                 except Exception:
                     return False
@@ -414,7 +415,7 @@ class PoolManager(PoolAutoscaleMixin):
         self._stop_autoscaler()
         for w in list(self.workers.values()):
             try:
-                await asyncio.wait_for(w.handle.shutdown.remote(), timeout=PING_TIMEOUT_S)
+                await within(w.handle.shutdown.remote(), timeout_s=PING_TIMEOUT_S)
             except Exception:
                 pass
             ray.kill(w.handle, no_restart=True)

@@ -106,9 +106,10 @@ class _Servicer(kvtransfer_pb2_grpc.KvTransferServicer):
             try:
                 while True:
                     wait_s = min(tr.stream_idle_s, max(t.remaining(), 0.0))
-                    try:
-                        chunk = await asyncio.wait_for(context.read(), timeout=wait_s)
-                    except asyncio.TimeoutError:
+                    try:  # asyncio.timeout, not wait_for: see worker_common/timeouts.py
+                        async with asyncio.timeout(wait_s):
+                            chunk = await context.read()
+                    except TimeoutError:
                         why = (f"stream of {transfer_id!r} from {sender[:128]!r} sent nothing for {wait_s:g}s"
                                if t.remaining() > 0 else f"timed out after {t.timeout_s:g}s in {t.status.name}")
                         tr._fail(t, why)

@@ -17,6 +17,7 @@ from kvtransfer.endpoints import Endpoint
 from router.policy import WorkerLoad
 from router.prefix_index import PrefixIndex, PrefixQuery
 from worker_common.routing_table import RoutingTable
+from worker_common.timeouts import within
 from worker_common.worker_status import WorkerStatus
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class WorkerDirectory:
         await self.poll_status()
 
     async def refresh_table(self) -> None:
-        table: RoutingTable = await asyncio.wait_for(self.pool_manager.table.remote(), timeout=STATUS_TIMEOUT_S)
+        table: RoutingTable = await within(self.pool_manager.table.remote(), timeout_s=STATUS_TIMEOUT_S)
         self.table_failures = 0
         self.targets = table.targets
         self.autoscale = table.autoscale
@@ -112,7 +113,7 @@ class WorkerDirectory:
     async def poll_status(self) -> None:
         async def one(w: WorkerInfo) -> None:
             try:
-                w.status = await asyncio.wait_for(w.handle.status.remote(), timeout=STATUS_TIMEOUT_S)
+                w.status = await within(w.handle.status.remote(), timeout_s=STATUS_TIMEOUT_S)
                 w.alive = True
             except Exception:
                 w.alive = False

@@ -64,6 +64,7 @@ from router.policy import RoutingPolicy
 from router.prefix_index import PrefixQuery
 from router.validation import ParsedRequest
 from worker_common.messages import Ack, ErrorReason, KVPushed, PrefillResult, Reserved, TokenChunk, WorkerError
+from worker_common.timeouts import within
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 30.0  # any control call; a worker that takes longer is treated as failed
@@ -439,10 +440,10 @@ class RequestRunner:
                 for worker_id in self.decode_policy.rank(self.directory.loads(list(decodes.values()), query)):
                     decode = decodes[worker_id]
                     try:
-                        reserved = await asyncio.wait_for(
+                        reserved = await within(
                             decode.handle.reserve.remote(transfer_id, kv_tokens, prefill.endpoint,
                                                          self.transfer_timeout_s, query.token_ids, n),
-                            timeout=CALL_TIMEOUT_S)
+                            timeout_s=CALL_TIMEOUT_S)
                     except asyncio.CancelledError:
                         # The client went away mid-call: the reservation may still
                         # happen there, so drop it (the worker refuses it if late).
@@ -521,7 +522,7 @@ class RequestRunner:
     async def _call(self, worker: WorkerInfo, ref: Any, timeout: float) -> Any:
         """Await one actor call; a dead, failing or stuck worker fails the attempt."""
         try:
-            return await asyncio.wait_for(ref, timeout=timeout)
+            return await within(ref, timeout_s=timeout)
         except InvalidRequestError:
             raise
         except Exception as exc:
@@ -533,8 +534,8 @@ class RequestRunner:
         timeout = first_timeout
         while True:
             try:
-                ref = await asyncio.wait_for(stream.__anext__(), timeout=timeout)
-                ev = await asyncio.wait_for(ref, timeout=CALL_TIMEOUT_S)
+                ref = await within(stream.__anext__(), timeout_s=timeout)
+                ev = await within(ref, timeout_s=CALL_TIMEOUT_S)
             except StopAsyncIteration:
                 return
             except Exception as exc:

@@ -34,6 +34,7 @@ from router.request_decoding import WireError, make_request_deserializer
 from router.request_runner import RequestRunner, RequestTrace
 from router.security import add_port, auth_interceptors
 from worker_common.messages import ModelLimits
+from worker_common.timeouts import within
 
 __all__ = ["DeadlineExceeded", "RouterServer", "ServingServicer", "fill_timings", "request_deadline", "until"]
 
@@ -251,4 +252,4 @@ async def fetch_limits(directory: WorkerDirectory) -> ModelLimits:
     workers = list(directory.workers.values())
     if not workers:
         raise RuntimeError("no workers to ask for the model's limits")
-    return await asyncio.wait_for(workers[0].handle.limits.remote(), timeout=STATUS_TIMEOUT_S)
+    return await within(workers[0].handle.limits.remote(), timeout_s=STATUS_TIMEOUT_S)

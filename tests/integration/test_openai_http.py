@@ -1,8 +1,7 @@
 """The OpenAI-compatible HTTP API on a live tiny cluster, through the official
 ``openai`` SDK and raw HTTP: greedy output identical to the gRPC API's and to
 ``generate()``, n seeded samples, stop strings, logprobs, usage, errors, a
-disconnect mid-stream that frees the KV of both workers (not yet always within the
-issue's 1 s: see the test), and 64 HTTP
+disconnect mid-stream that frees the KV of both workers within a second, and 64 HTTP
 plus 64 gRPC streams at once, all exact, nothing leaked. One cluster for all."""
 
 from __future__ import annotations
@@ -175,25 +174,26 @@ def test_errors_from_the_sdk_and_raw_http(cluster):
 
 
 def test_disconnect_mid_stream_frees_both_workers(cluster):
+    """Each of several disconnects mid-decode frees the KV on both workers within the issue's second.
+    Several, because the cancel the router once lost (worker_common/timeouts.py) was lost in one close of
+    three to ten: a single close would mostly pass with it."""
     _, address, url = cluster
-    wait_until(lambda: all_free(address), 10, "a cluster at rest")
     host, port = url.split("//")[1].split("/")[0].split(":")
     body = json.dumps({"prompt": "talk for a long time", "max_tokens": 900, "stream": True, "ignore_eos": True,
                        "temperature": 0}).encode()
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        got = b""
-        while got.count(b"data: ") < 5:  # mid-decode
-            got += s.recv(65536)
-        assert not all_free(address)
-    # NOT DONE: the router usually sees the disconnect at once (KV freed in 0.02-0.1 s), but sometimes not
-    # until the stream ends (measured: a 900-token stream decoded to its end, ~1.7-2 s here, then freed);
-    # aiohttp's handler cancellation and a watch of the transport both missed those closes. Until that is
-    # found, the bound is the stream's own length, not the issue's 1 s.
-    took = wait_until(lambda: all_free(address), 10, "blocks freed after the disconnect", 0.02)
-    print(f"\ndisconnect: KV freed on both workers after {took:.2f} s")
-    assert took < 8.0
+    took = []
+    for _ in range(6):
+        wait_until(lambda: all_free(address), 10, "a cluster at rest")
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            got = b""
+            while got.count(b"data: ") < 5:  # mid-decode
+                got += s.recv(65536)
+            assert not all_free(address)
+        took.append(wait_until(lambda: all_free(address), 10, "blocks freed after the disconnect", 0.02))
+    print(f"\ndisconnects: KV freed on both workers after {', '.join(f'{t:.2f}' for t in took)} s")
+    assert max(took) < 1.0, took
 
 
 def test_n_samples_share_the_prompt_blocks_and_a_disconnect_frees_them(cluster, tiny_model):
@@ -216,11 +216,10 @@ def test_n_samples_share_the_prompt_blocks_and_a_disconnect_frees_them(cluster, 
         assert sorted(used.values())[:-1] == [0] * (len(used) - 1), used
         assert prompt_blocks < max(used.values()) < 2 * prompt_blocks, (used, prompt_blocks)
         assert not all_free(address)
-    # A disconnect drops the whole group on both workers, as a single request's does (test above, and its
-    # NOT DONE: a close the router does not see at once is freed when the stream ends).
+    # A disconnect drops the whole group on both workers within a second, as a single request's does.
     took = wait_until(lambda: all_free(address), 10, "blocks freed after the disconnect", 0.02)
     print(f"\nn=3 disconnect: KV freed on both workers after {took:.2f} s")
-    assert took < 8.0
+    assert took < 1.0, took
 
 
 def test_64_http_and_64_grpc_streams_at_once_are_exact_and_leak_nothing(cluster, tiny_model):
