@@ -35,6 +35,16 @@ So ``n`` samples hold the prompt's full blocks once plus ``n`` tails.
 A group whose copies must be paid for in advance (a decode worker's
 reservation) holds *spare* blocks (:meth:`KVCacheManager.hold_spares`),
 handed to the children at fork and used by their copies before the pool.
+
+Tails: a finished sequence's last, partly filled block is cached too
+(:meth:`KVCacheManager.cache_tail`), named by its parent's hash and its
+``L`` < ``block_size`` computed tokens. The next turn of a conversation
+shares the previous turn's tokens up to the middle of that block and then
+diverges (its new message), so full blocks alone would leave up to a block
+of the history to compute again. A tail is never shared: a sequence whose
+tokens continue it (``match_prefix(..., tails=True)``) gets a fresh block
+and a copy of the tail's ``L`` tokens (:meth:`KVCacheManager.take_copies`),
+the source held until the copy is taken, so the cached tail stays as it was.
 """
 
 from __future__ import annotations
@@ -101,6 +111,7 @@ class BlockPool:
         self._refcount = [0] * num_blocks
         self._hash_of: dict[int, int] = {}  # block -> its hash
         self._by_hash: OrderedDict[int, int] = OrderedDict()  # hash -> block, least recently used first
+        self._tails: set[int] = set()  # hashes that name a partly filled block (never routed on)
         self.evictions = 0
 
     @property
@@ -146,7 +157,9 @@ class BlockPool:
                 b = self._free.popleft()
             else:
                 b, _ = self._evictable.popitem(last=False)
-                del self._by_hash[self._hash_of.pop(b)]
+                h = self._hash_of.pop(b)
+                del self._by_hash[h]
+                self._tails.discard(h)
                 self.evictions += 1
             self._refcount[b] = 1
             blocks.append(b)
@@ -188,25 +201,28 @@ class BlockPool:
                 else:
                     self._free.append(b)
 
-    def register(self, block_id: int, block_hash: int) -> bool:
-        """Name a held, full, computed block by its hash; ``False`` if the hash
-        already names another block (that one stays the cached copy) or this block has a name."""
+    def register(self, block_id: int, block_hash: int, tail: bool = False) -> bool:
+        """Name a held, computed block by its hash (``tail``: a partly filled one); ``False`` if the
+        hash already names another block (that one stays the cached copy) or this block has a name."""
         if self._refcount[block_id] == 0:
             raise BlockPoolError(f"block {block_id} is free; only a held block can be cached")
         if block_hash in self._by_hash or block_id in self._hash_of:
             return False
         self._by_hash[block_hash] = block_id
         self._hash_of[block_id] = block_hash
+        if tail:
+            self._tails.add(block_hash)
         return True
 
     def recent_hashes(self, limit: int) -> tuple[int, ...]:
-        """Up to ``limit`` hashes of cached blocks, most recently used first.
+        """Up to ``limit`` hashes of cached full blocks, most recently used first (tails are
+        matched only inside a worker: a router's index names full blocks).
 
         Safe to call from another thread than the one that allocates (a
         worker's status call): ``list()`` copies the keys in one step under
         the GIL, where iterating would fail if the engine changed them meanwhile.
         """
-        keys = list(self._by_hash)
+        keys = [h for h in list(self._by_hash) if h not in self._tails]
         return tuple(reversed(keys[-limit:])) if limit > 0 else ()
 
 
@@ -217,11 +233,14 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 @dataclass(frozen=True)
 class PrefixMatch:
-    """The leading cached full blocks of a token sequence (:meth:`KVCacheManager.match_prefix`)."""
+    """The leading cached full blocks of a token sequence (:meth:`KVCacheManager.match_prefix`),
+    and the cached tail that continues them, if one was asked for and found."""
 
     blocks: tuple[int, ...] = ()
     hashes: tuple[int, ...] = ()
-    num_tokens: int = 0  # tokens these blocks hold
+    num_tokens: int = 0  # tokens these blocks hold, and the tail's
+    tail_block: int | None = None  # a cached partly filled block whose tokens come next (copied, not shared)
+    tail_tokens: int = 0  # its tokens that match
 
 
 @dataclass(frozen=True)
@@ -261,6 +280,7 @@ class KVCacheManager:
         self._cow: dict[str, int] = {}  # seq -> index in its table of a block shared at a fork that it will write
         self._spares: dict[str, list[int]] = {}  # seq -> blocks held for its (or its children's) copies on write
         self._copies: list[tuple[int, int]] = []  # (source, destination) block copies the engine has yet to do
+        self._tail_sources: dict[int, int] = {}  # destination -> cached tail held until its copy is taken
         self.queried_tokens = 0
         self.hit_tokens = 0
 
@@ -283,11 +303,16 @@ class KVCacheManager:
         return blocks_needed(num_tokens, self.block_size) - have <= self.pool.num_free
 
     # --------------------------------------------------------------- prefix
-    def match_prefix(self, token_ids: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
+    def match_prefix(self, token_ids: Sequence[int], max_tokens: int | None = None,
+                     tails: bool = False) -> PrefixMatch:
         """The leading full blocks of ``token_ids`` that are cached, up to ``max_tokens`` tokens.
 
         By default at least the last token is left out (``len - 1``): a
         sequence must compute one token to have logits to sample from.
+        ``tails``: also the longest cached tail (:meth:`cache_tail`) that
+        continues the matched blocks — for a sequence computed here, whose
+        first write then goes to a copy of it; not for KV imported from
+        elsewhere, which starts at a block boundary.
         Takes nothing; pass the match to :meth:`allocate_slots`.
         """
         if not self.enable_caching:
@@ -304,7 +329,14 @@ class KVCacheManager:
                 break
             blocks.append(block)
             hashes.append(parent)
-        return PrefixMatch(tuple(blocks), tuple(hashes), len(blocks) * bs)
+        matched = len(blocks) * bs
+        if tails:
+            after = hashes[-1] if hashes else None
+            for length in range(min(limit - matched, bs - 1), 0, -1):
+                block = self.pool.lookup(hash_block(after, token_ids[matched:matched + length], self.cache_key))
+                if block is not None:
+                    return PrefixMatch(tuple(blocks), tuple(hashes), matched + length, block, length)
+        return PrefixMatch(tuple(blocks), tuple(hashes), matched)
 
     def record_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
         """Count one sequence's first lookup (the hit-rate metric)."""
@@ -334,6 +366,24 @@ class KVCacheManager:
             self.pool.register(table[i], hashes[i])
         known[:] = hashes
 
+    def cache_tail(self, seq_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> bool:
+        """Cache ``seq_id``'s partly filled last block before the sequence is freed (a finished
+        turn: the next turn of its conversation continues these tokens). Only a block this
+        sequence alone holds and whose full predecessors are cached; ``True`` if it was named."""
+        if not self.enable_caching:
+            return False
+        table = self._tables.get(seq_id)
+        full, length = divmod(num_computed_tokens, self.block_size)
+        known = self._hashes.get(seq_id, [])
+        if not table or length == 0 or full >= len(table) or len(known) < full:
+            return False
+        block = table[full]
+        if self.pool.refcount(block) != 1 or seq_id in self._cow:
+            return False
+        start = full * self.block_size
+        name = hash_block(known[full - 1] if full else None, token_ids[start:start + length], self.cache_key)
+        return self.pool.register(block, name, tail=True)
+
     # ----------------------------------------------------------- allocation
     def allocate_slots(self, seq_id: str, num_tokens: int, prefix: PrefixMatch | None = None) -> bool:
         """Grow ``seq_id``'s table to hold ``num_tokens`` tokens in total.
@@ -342,17 +392,24 @@ class KVCacheManager:
         blocks, shared, and allocate only the rest. All-or-nothing.
         """
         table = self._tables.get(seq_id)
-        if prefix is not None and prefix.blocks:
+        if prefix is not None and (prefix.blocks or prefix.tail_block is not None):
             if table:
                 raise BlockPoolError(f"{seq_id!r} already holds blocks; a prefix starts a new table")
+            taken = list(prefix.blocks) + ([prefix.tail_block] if prefix.tail_block is not None else [])
             missing = blocks_needed(num_tokens, self.block_size) - len(prefix.blocks)
             # Reviving a free cached block takes it out of the free count too.
-            reviving = sum(1 for b in prefix.blocks if self.pool.refcount(b) == 0)
+            reviving = sum(1 for b in taken if self.pool.refcount(b) == 0)
             if missing + reviving > self.pool.num_free:
                 return False
-            self.pool.acquire(prefix.blocks)
+            self.pool.acquire(taken)
             new = self.pool.allocate(max(missing, 0))
             assert new is not None  # checked above
+            if prefix.tail_block is not None:
+                # The tail's tokens reach this sequence as a copy (it writes on after them); the
+                # cached tail stays held, so not evicted, until the engine has taken the copy.
+                assert new, "a tail match leaves at least one token to compute"
+                self._copies.append((prefix.tail_block, new[0]))
+                self._tail_sources[new[0]] = prefix.tail_block
             self._tables[seq_id] = list(prefix.blocks) + new
             self._hashes[seq_id] = list(prefix.hashes)
             return True
@@ -412,6 +469,9 @@ class KVCacheManager:
     def take_copies(self) -> list[tuple[int, int]]:
         """The (source, destination) block copies due before the next write; the caller does them now."""
         copies, self._copies = self._copies, []
+        if self._tail_sources:  # the caller copies before anything allocates again: the tails may go
+            self.pool.free(list(self._tail_sources.values()))
+            self._tail_sources.clear()
         return copies
 
     def _copy_cost(self, seq_id: str) -> int:
@@ -450,6 +510,9 @@ class KVCacheManager:
             if self._copies:  # a copy into a block freed before the step ran is moot
                 mine = set(table)
                 self._copies = [c for c in self._copies if c[1] not in mine]
+                moot = [self._tail_sources.pop(b) for b in table if b in self._tail_sources]
+                if moot:
+                    self.pool.free(moot)
             self.pool.free(table)
 
     def slot(self, seq_id: str, position: int) -> int:

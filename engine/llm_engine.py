@@ -390,6 +390,8 @@ class LLMEngine:
             out.timestamps = dict(seq.timestamps)
             out.num_cached_tokens = seq.num_cached_tokens or 0
         if status is not None:
+            # Its partly filled last block too: a conversation's next turn continues these tokens.
+            self.kv.cache_tail(seq.request_id, seq.token_ids, seq.num_computed_tokens)
             self.scheduler.remove(seq)
             seq.status = status
             del self._requests[seq.request_id]
@@ -421,8 +423,10 @@ class LLMEngine:
         return req.seed
 
     def release(self, request_id: str) -> None:
-        """Free a parked request's blocks (after the receiver acknowledged its KV)."""
-        self._parked.pop(request_id)
+        """Free a parked request's blocks (after the receiver acknowledged its KV); the prompt's
+        partly filled last block stays cached with the full ones."""
+        req = self._parked.pop(request_id)
+        self.kv.cache_tail(request_id, req.seq.token_ids, req.seq.num_computed_tokens)
         self.kv.free(request_id)
 
     def reserve(self, request_id: str, num_tokens: int, token_ids: list[int] | None = None,

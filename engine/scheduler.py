@@ -107,7 +107,7 @@ class Scheduler:
             seq = self.waiting[0]
             prefix = None
             if seq.num_computed_tokens == 0 and not self.kv.block_table(seq.request_id):
-                prefix = self.kv.match_prefix(seq.token_ids)
+                prefix = self.kv.match_prefix(seq.token_ids, tails=True)  # computed here: a cached tail may continue it
             start = seq.num_computed_tokens + (prefix.num_tokens if prefix else 0)
             n = min(seq.num_tokens - start, budget)
             if not self.kv.allocate_slots(seq.request_id, start + n, prefix):

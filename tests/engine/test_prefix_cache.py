@@ -168,3 +168,90 @@ def test_scheduler_admits_after_the_cached_prefix_and_counts_the_hit_once():
     sched._preempt(sched.running.pop())
     (chunk,) = sched.schedule().chunks
     assert chunk.start == 12 and (kv.queried_tokens, kv.hit_tokens) == (28, 12)
+
+
+# ------------------------------------------------------------------ tails
+def finish(kv: KVCacheManager, seq_id: str, tokens: list[int]) -> None:
+    """End a computed sequence as the engine does: its tail cached, then its blocks freed."""
+    kv.cache_tail(seq_id, tokens, len(tokens))
+    kv.free(seq_id)
+
+
+def test_a_finished_turns_tail_is_matched_by_the_next_turn_and_copied_not_shared():
+    kv = cached_manager()
+    turn1 = list(range(10))  # 2 full blocks + a tail of 2 tokens
+    fill(kv, "t1", turn1)
+    tail = kv.block_table("t1")[2]
+    finish(kv, "t1", turn1)
+    assert kv.num_free_blocks == kv.num_blocks and kv.cache_stats().cached_blocks == 3
+    turn2 = turn1 + [50, 51, 52, 53, 54]  # continues the history, then its new message
+    assert kv.match_prefix(turn2).num_tokens == 8  # full blocks only, unless asked
+    prefix = kv.match_prefix(turn2, tails=True)
+    assert (prefix.num_tokens, prefix.tail_block, prefix.tail_tokens) == (10, tail, 2)
+    assert kv.allocate_slots("t2", len(turn2), prefix)
+    table = kv.block_table("t2")
+    assert table[2] != tail and kv.pool.refcount(tail) == 1  # a fresh block; the tail held until copied
+    assert kv.take_copies() == [(tail, table[2])]
+    assert kv.pool.refcount(tail) == 0 and kv.take_copies() == []  # released once taken; still cached
+    assert kv.match_prefix(turn1 + [99], tails=True).tail_block == tail
+    kv.commit("t2", turn2, len(turn2))
+    finish(kv, "t2", turn2)
+    assert kv.num_free_blocks == kv.num_blocks
+    # Turn 3 finds turn 2's blocks, the one that was a copy now full and cached under its own name.
+    assert kv.match_prefix(turn2 + [7, 7], tails=True).num_tokens == 15
+
+
+def test_a_tail_matches_only_as_far_as_its_tokens_and_never_past_the_last_token():
+    kv = cached_manager()
+    fill(kv, "a", [1, 2, 3, 4, 5, 6, 7])  # a tail of 3 tokens: 5 6 7
+    finish(kv, "a", [1, 2, 3, 4, 5, 6, 7])
+    assert kv.match_prefix([1, 2, 3, 4, 5, 6, 9, 9], tails=True).num_tokens == 4  # diverges inside the tail
+    assert kv.match_prefix([1, 2, 3, 4, 5, 6, 7, 8], tails=True).num_tokens == 7
+    assert kv.match_prefix([1, 2, 3, 4, 5, 6, 7], tails=True).num_tokens == 4  # the last token is computed
+    fill(kv, "b", [5, 6])  # a tail with no full block before it
+    finish(kv, "b", [5, 6])
+    assert kv.match_prefix([5, 6, 0], tails=True).num_tokens == 2
+
+
+def test_tails_are_not_routed_on_and_a_shared_or_empty_tail_is_not_cached():
+    kv = cached_manager()
+    fill(kv, "a", list(range(6)))
+    finish(kv, "a", list(range(6)))
+    assert kv.cached_hashes(10) == (hash_block(None, [0, 1, 2, 3], kv.cache_key),)  # the full block only
+    fill(kv, "b", list(range(8)))  # no tail: ends on a block boundary
+    assert not kv.cache_tail("b", list(range(8)), 8)
+    kv.fork("b", "b2", 7)  # the last block shared copy-on-write
+    assert not kv.cache_tail("b", list(range(8)), 7)
+    kv.free("b")
+    kv.free("b2")
+    assert kv.num_free_blocks == kv.num_blocks
+    assert not cached_manager().cache_tail("nobody", [1], 1)
+
+
+def test_a_tail_copy_dropped_before_the_step_releases_its_source_and_leaks_nothing():
+    kv = cached_manager(num_blocks=4)
+    fill(kv, "a", [1, 2, 3, 4, 5, 6])
+    finish(kv, "a", [1, 2, 3, 4, 5, 6])
+    prefix = kv.match_prefix([1, 2, 3, 4, 5, 6, 7], tails=True)
+    assert kv.allocate_slots("b", 7, prefix)
+    kv.free("b")  # aborted before the engine took the copy
+    assert kv.take_copies() == []
+    assert kv.num_free_blocks == 4 and kv.match_prefix([1, 2, 3, 4, 5, 6, 7], tails=True).num_tokens == 6
+    # Room is counted with the tail revived: 2 full + tail + ... all or nothing.
+    assert kv.allocate_slots("x", 2 * BS)  # takes the 2 never-hashed blocks
+    prefix = kv.match_prefix([1, 2, 3, 4, 5, 6, 7], tails=True)
+    assert not kv.allocate_slots("c", 7, prefix)  # 1 revived block + tail + 1 fresh > 2 free
+    assert kv.num_free_blocks == 2
+
+
+def test_scheduler_admits_after_a_cached_tail():
+    kv = cached_manager()
+    fill(kv, "a", list(range(6)))
+    finish(kv, "a", list(range(6)))
+    sched = Scheduler(kv, max_running=4, max_batched_tokens=64)
+    seq = Sequence("b", list(range(6)) + [9, 9], SamplingParams(max_tokens=1))
+    sched.add(seq)
+    out = sched.schedule()
+    assert [(c.start, c.num_tokens) for c in out.chunks] == [(6, 2)]
+    assert seq.num_cached_tokens == 6 and kv.cache_stats().hit_tokens == 6
+    assert len(kv.take_copies()) == 1

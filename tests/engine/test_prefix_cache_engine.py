@@ -94,3 +94,23 @@ def test_imported_kv_is_cached_and_a_partial_hand_off_continues_exactly(tiny_mod
     again = dst.generate([turn2], PARAMS)[0].token_ids
     assert dst.stats()["prefix_hit_tokens"] - hits == 64 and again == out
     assert dst.stats()["free_blocks"] == 64 and src.stats()["free_blocks"] == 64
+
+
+def test_the_next_turn_continues_the_last_turns_partly_filled_block_exactly(tiny_model):
+    """A finished turn's last, partly filled block is cached too: the next turn (the history, the
+    served answer, a new message) computes only what comes after it, and decodes exactly."""
+    rng = random.Random(13)
+    turn1 = [rng.randrange(0, 256) for _ in range(43)]
+    on = LLMEngine(tiny_model, block_size=8, num_blocks=64)
+    off = LLMEngine(tiny_model, block_size=8, num_blocks=64, prefix_caching=False)
+    answer = on.generate([turn1], PARAMS)[0].token_ids
+    assert answer == off.generate([turn1], PARAMS)[0].token_ids
+    turn2 = turn1 + answer + [rng.randrange(0, 256) for _ in range(20)]
+    hits = on.stats()["prefix_hit_tokens"]
+    got = on.generate([turn2], PARAMS)[0].token_ids
+    # 43 + 12 - 1 = 54 tokens of turn 1 were computed (the last answer token never is): 6 full blocks
+    # of 8 and a tail of 6, all of them found.
+    assert on.stats()["prefix_hit_tokens"] - hits == 54
+    assert got == off.generate([turn2], PARAMS)[0].token_ids
+    assert compare_greedy(tiny_model.model, turn2, got, PARAMS.max_tokens, ignore_eos=True).exact
+    assert on.stats()["free_blocks"] == 64
