@@ -36,7 +36,6 @@ from cluster.preflight import preflight
 from cluster.router_replica import (READY_TIMEOUT_S, RouterReplica, RouterSettings, RouterStats, RunningRouter,
                                     router_actor_name, start_router)
 from kvtransfer.faults import TransferFaults
-from router.request_runner import ConditionalPrefill
 from router.security import load_secret
 from router.server import RouterServer
 from worker_common.timeouts import within
@@ -74,15 +73,9 @@ def router_settings(cfg: ClusterConfig, token: str | None) -> RouterSettings:
     rc = cfg.router
     tls = (os.path.abspath(rc.tls_cert), os.path.abspath(rc.tls_key)) if rc.tls_cert and rc.tls_key else None
     return RouterSettings(
-        model_name=cfg.model.name, host=rc.host, port=rc.port, policy=rc.policy,
-        prefix_cache_weight=rc.prefix_cache_weight,
-        conditional=ConditionalPrefill(rc.conditional_prefill_max_tokens, rc.conditional_prefill_min_cached_ratio),
-        max_queued=rc.max_queued,
-        request_timeout_s=rc.request_timeout_s, queue_timeout_s=rc.queue_timeout_s,
-        max_request_bytes=rc.max_request_bytes, max_attempts=rc.max_attempts, transfer_retries=rc.transfer_retries,
-        transfer_timeout_s=cfg.kvtransfer.timeout_s, drain_grace_s=rc.drain_grace_s, colocated=cfg.pools.colocated,
-        namespace=cfg.ray.namespace, pool_manager_name=POOL_MANAGER_NAME, metrics_host=rc.metrics_host,
-        metrics_port=rc.metrics_port, tls=tls, token=token, http_port=rc.http_port)
+        config=rc, model_name=cfg.model.name, transfer_timeout_s=cfg.kvtransfer.timeout_s,
+        colocated=cfg.pools.colocated, namespace=cfg.ray.namespace, pool_manager_name=POOL_MANAGER_NAME,
+        tls=tls, token=token, port=rc.port, http_port=rc.http_port)
 
 
 class Deployment:

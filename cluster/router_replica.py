@@ -25,6 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from engine.model_loader import load_tokenizer
+from cluster.config import RouterConfig
 from observability.metrics import AutoscaleCollector, RouterMetrics, WorkerStatusCollector, start_metrics_server
 from router.directory import WorkerDirectory
 from router.policy import make_policy
@@ -44,35 +45,25 @@ def router_actor_name(index: int) -> str:
 
 @dataclass(frozen=True)
 class RouterSettings:
-    """Everything one router needs (``cluster.deployment`` fills it from the config)."""
+    """Everything one router needs: the config's ``router`` section as written, and what the
+    deployment resolves around it (``cluster.deployment.router_settings`` fills it)."""
 
+    config: RouterConfig  # router.* (its port and http_port as configured: see ``port``, ``http_port``)
     model_name: str
-    host: str
-    port: int  # the port every replica binds (resolved from 0 before any replica starts)
-    policy: str
-    prefix_cache_weight: float
-    conditional: ConditionalPrefill
-    max_queued: int
-    request_timeout_s: float
-    queue_timeout_s: float
-    max_request_bytes: int
-    max_attempts: int
-    transfer_retries: int
-    transfer_timeout_s: float
-    drain_grace_s: float
+    transfer_timeout_s: float  # kvtransfer.timeout_s
     colocated: bool
     namespace: str
     pool_manager_name: str
-    metrics_host: str
-    metrics_port: int | None  # replica 0's; None: off, 0: a free port each
     tls: tuple[str, str] | None  # absolute (cert, key) paths: a replica's working directory is not the launch's
     token: str | None
-    http_port: int | None = None  # the OpenAI-compatible API's port (None: off; resolved from 0 like ``port``)
+    port: int  # the port every replica binds (config.port, 0 resolved before any replica starts)
+    http_port: int | None  # the OpenAI-compatible API's port (None: off; resolved from 0 like ``port``)
     reuse_port: bool = False  # SO_REUSEPORT, explicitly (replicas share the ports)
 
     def metrics_port_of(self, index: int) -> int | None:
-        """Where replica ``index`` serves /metrics: ``metrics_port + index`` (0 and None as they are)."""
-        return self.metrics_port + index if self.metrics_port else self.metrics_port
+        """Where replica ``index`` serves /metrics: ``router.metrics_port + index`` (0 and None as they are)."""
+        base = self.config.metrics_port
+        return base + index if base else base
 
 
 @dataclass(frozen=True)
@@ -118,27 +109,29 @@ async def start_router(s: RouterSettings, pool_manager: Any, find_pool_manager: 
                        metrics_port: int | None, registry: CollectorRegistry | None = None) -> RunningRouter:
     """Build the router for ``s`` on the pools of ``pool_manager`` and start serving."""
     registry = registry if registry is not None else CollectorRegistry()
+    rc = s.config
     tokenizer = await asyncio.to_thread(load_tokenizer, s.model_name)
     directory = WorkerDirectory(pool_manager, find_pool_manager=find_pool_manager)
     await directory.refresh()
     limits = await fetch_limits(directory)
-    runner = RequestRunner(directory, make_policy(s.policy, s.prefix_cache_weight),
-                           make_policy(s.policy, s.prefix_cache_weight),
-                           transfer_timeout_s=s.transfer_timeout_s, queue_timeout_s=s.queue_timeout_s,
-                           max_attempts=s.max_attempts, transfer_retries=s.transfer_retries, colocated=s.colocated,
-                           conditional=s.conditional)
+    runner = RequestRunner(directory, make_policy(rc.policy, rc.prefix_cache_weight),
+                           make_policy(rc.policy, rc.prefix_cache_weight),
+                           transfer_timeout_s=s.transfer_timeout_s, queue_timeout_s=rc.queue_timeout_s,
+                           max_attempts=rc.max_attempts, transfer_retries=rc.transfer_retries, colocated=s.colocated,
+                           conditional=ConditionalPrefill(rc.conditional_prefill_max_tokens,
+                                                          rc.conditional_prefill_min_cached_ratio))
     metrics = RouterMetrics(registry)
     registry.register(WorkerStatusCollector(
         lambda: [w.status for w in list(directory.workers.values()) if w.status is not None]))
     registry.register(AutoscaleCollector(lambda: directory.autoscale))
-    servicer = ServingServicer(runner, directory, tokenizer, limits, s.max_queued, metrics,
-                               request_timeout_s=s.request_timeout_s)
-    server = RouterServer(servicer, s.host, s.port, tls=s.tls, token=s.token,
-                          max_request_bytes=s.max_request_bytes, reuse_port=s.reuse_port, http_port=s.http_port)
+    servicer = ServingServicer(runner, directory, tokenizer, limits, rc.max_queued, metrics,
+                               request_timeout_s=rc.request_timeout_s)
+    server = RouterServer(servicer, rc.host, s.port, tls=s.tls, token=s.token,
+                          max_request_bytes=rc.max_request_bytes, reuse_port=s.reuse_port, http_port=s.http_port)
     await server.start()
     metrics_server, bound = None, None
     if metrics_port is not None:
-        metrics_server, bound = start_metrics_server(registry, s.metrics_host, metrics_port)
+        metrics_server, bound = start_metrics_server(registry, rc.metrics_host, metrics_port)
     return RunningRouter(server, metrics_server, bound)
 
 
