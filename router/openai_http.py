@@ -36,6 +36,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import replace
 
 from aiohttp import web
@@ -43,6 +44,7 @@ from google.protobuf import json_format
 
 from engine.sampling_params import InvalidRequestError
 from protos import serving_pb2
+from router.fan_in import fan_in
 from router.lifecycle import Refusal, RequestLifecycle, RequestRefused, fill_timings
 from router.openai_schema import (ChoiceState, OpenAIRequest, choice_logprobs, error_body, full_response,
                                   models_response, openai_param, parse_chat, parse_completions, stream_chunk,
@@ -246,42 +248,19 @@ class OpenAIServer:
                 return await self._stream(request, oai, parsed, traces)
             return await self._whole(oai, parsed, traces)
 
-    async def _events(self, parsed: list[ParsedRequest], traces: list[RequestTrace], queue: asyncio.Queue
-                      ) -> list[asyncio.Task]:
-        """Start every prompt's request; each puts ``(prompt, chunk)``s on ``queue``, then ``(prompt, None)``
-        or ``(prompt, RequestRefused)``."""
-
-        async def one(i: int) -> None:
-            try:
-                async for ev in self.lifecycle.run(parsed[i], traces[i]):
-                    queue.put_nowait((i, ev))
-                queue.put_nowait((i, None))
-            except RequestRefused as e:
-                queue.put_nowait((i, e))
-
-        return [asyncio.get_running_loop().create_task(one(i)) for i in range(len(parsed))]
-
     async def _drive(self, oai: OpenAIRequest, parsed, traces, on_chunk) -> RequestRefused | None:
         """Run the prompts' requests together, calling ``on_chunk(choice, prompt, chunk)`` in arrival
-        order; the first refusal ends the others. However this ends (a client gone cancels it), every
-        request still running is cancelled, which drops all its samples on both workers."""
-        queue: asyncio.Queue = asyncio.Queue()
-        tasks = await self._events(parsed, traces, queue)
-        left = len(tasks)
+        order; the first refusal ends the others and is returned. However this ends (a client gone
+        cancels it), every request still running is cancelled, which drops all its samples on both
+        workers."""
+        streams = {p: self.lifecycle.run(parsed[p], traces[p]) for p in range(len(parsed))}
         try:
-            while left:
-                p, ev = await queue.get()
-                if ev is None:
-                    left -= 1
-                elif isinstance(ev, RequestRefused):
-                    return ev
-                else:
+            async with aclosing(fan_in(streams)) as chunks:
+                async for p, ev in chunks:
                     await on_chunk(oai.choice(p, ev.index), p, ev)
-            return None
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        except RequestRefused as e:
+            return e
+        return None
 
     def _token_text(self, token_id: int) -> str:
         return self.lifecycle.tokenizer.decode([token_id])

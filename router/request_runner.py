@@ -60,6 +60,7 @@ from engine.sampling_params import InvalidRequestError
 from kvtransfer.endpoints import Endpoint
 from observability.stages import RequestPath, Timeline
 from router.directory import WorkerDirectory, WorkerInfo
+from router.fan_in import fan_in
 from router.policy import RoutingPolicy
 from router.prefix_index import PrefixQuery
 from router.validation import ParsedRequest
@@ -176,32 +177,9 @@ async def _merge(streams: dict[int, AsyncIterator[TokenChunk]]) -> AsyncIterator
     """The chunks of one-sample streams, each relabelled with its sample's index, as they come.
     The first stream that fails fails the merge; however it ends, every stream is closed
     (which drops its attempt on the workers)."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator[TokenChunk]) -> None:
-        try:
-            async with aclosing(stream) as events:
-                async for ev in events:
-                    queue.put_nowait((index, ev))
-            queue.put_nowait((index, None))
-        except Exception as exc:
-            queue.put_nowait((index, exc))
-
-    tasks = [asyncio.get_running_loop().create_task(pump(i, st)) for i, st in streams.items()]
-    left = len(tasks)
-    try:
-        while left:
-            index, ev = await queue.get()
-            if ev is None:
-                left -= 1
-            elif isinstance(ev, Exception):
-                raise ev
-            else:
-                yield replace(ev, index=index)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async with aclosing(fan_in(streams)) as merged:
+        async for index, ev in merged:
+            yield replace(ev, index=index)
 
 
 def _failure(error: WorkerError, worker_id: str | None, where: str) -> Exception:
