@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.compiled_decode import CompiledDecode
+from engine.decode_attention import grouped_decode_attention
 from engine.kv_cache import KVLayout, PagedKVCache
 from engine.kv_cache_manager import KVCacheManager
 from engine.llama_ops import rms_norm, rotate
@@ -86,6 +87,9 @@ class ModelRunner:
         self.qk_dim = (self.num_heads + self.num_kv_heads) * self.head_dim
         self.scale = self.head_dim**-0.5
         self._positions = torch.arange(weights.rope_cos.shape[0])  # reused: no per-step arange
+        # A 16-bit cache decodes through grouped einsums (engine.decode_attention: SDPA's CPU kernel is
+        # slow for one query in 16 bits); float32, the exactness reference, keeps SDPA.
+        self.sdpa_decode = cache.layout.dtype == "float32" or weights.device.type != "cpu"
         # Decode-only steps through one compiled graph per batch bucket; CPU only (the inductor C++
         # backend is what was measured; any other device keeps the eager forward).
         self.compiled = CompiledDecode(weights, cache) if compile_decode and weights.device.type == "cpu" else None
@@ -128,11 +132,14 @@ class ModelRunner:
             # index_select, not blocks[0][tables]: advanced indexing takes a
             # slow generic path here (milliseconds instead of microseconds).
             b = d.block_tables.shape[0]
-            kd = blocks[0].index_select(0, d.flat_blocks).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            vd = blocks[1].index_select(0, d.flat_blocks).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            qd = q[:b].unsqueeze(2)  # [B, H, 1, hd]: decode rows come first in the pack
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.ctx_mask, scale=self.scale,
-                                                enable_gqa=True).squeeze(2)
+            kd = blocks[0].index_select(0, d.flat_blocks).view(b, -1, self.num_kv_heads, self.head_dim)
+            vd = blocks[1].index_select(0, d.flat_blocks).view(b, -1, self.num_kv_heads, self.head_dim)
+            if self.sdpa_decode:
+                qd = q[:b].unsqueeze(2)  # [B, H, 1, hd]: decode rows come first in the pack
+                od = F.scaled_dot_product_attention(qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=d.ctx_mask,
+                                                    scale=self.scale, enable_gqa=True).squeeze(2)
+            else:
+                od = grouped_decode_attention(q[:b], kd, vd, d.ctx_mask, self.scale)
             if not batch.prefills:
                 return od
             out = torch.empty_like(q)
