@@ -8,7 +8,7 @@ from engine.decode_attention import grouped_decode_attention
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3])  # both paths: upcast SDPA up to UPCAST_MAX_BATCH, einsum above
 def test_matches_sdpa_with_gqa_and_padding(dtype, tol, batch):
     gen = torch.Generator().manual_seed(batch)
     heads, kv_heads, dim, keys = 9, 3, 64, 48
