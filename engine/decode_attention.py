@@ -37,14 +37,25 @@ def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """Attention of ``q`` ``[B, H, D]`` over ``k``, ``v`` ``[B, L, KV, D]`` (``H`` a multiple of ``KV``).
 
     ``mask`` is boolean, broadcastable to ``[B, KV, H // KV, L]`` (True = attend).
-    Scores and softmax are float32 (module docstring: two paths by batch); the result is ``[B, H, D]``
-    in ``v``'s dtype.
+    Scores and softmax are float32 on either path (module docstring: chosen by batch); the result is
+    ``[B, H, D]`` in ``v``'s dtype.
     """
+    path = upcast_sdpa_attention if q.shape[0] <= UPCAST_MAX_BATCH else grouped_einsum_attention
+    return path(q, k, v, mask, scale)
+
+
+def upcast_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """:func:`grouped_decode_attention` through SDPA on float32 copies of ``q``, ``k``, ``v``."""
+    return F.scaled_dot_product_attention(q.float().unsqueeze(2), k.transpose(1, 2).float(),
+                                          v.transpose(1, 2).float(), attn_mask=mask, scale=scale,
+                                          enable_gqa=True).squeeze(2).to(v.dtype)
+
+
+def grouped_einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """:func:`grouped_decode_attention` through two grouped einsums in ``v``'s dtype, softmax in float32."""
     b, heads, dim = q.shape
-    if b <= UPCAST_MAX_BATCH:
-        return F.scaled_dot_product_attention(q.float().unsqueeze(2), k.transpose(1, 2).float(),
-                                              v.transpose(1, 2).float(), attn_mask=mask, scale=scale,
-                                              enable_gqa=True).squeeze(2).to(v.dtype)
     kv_heads = k.shape[2]
     grouped = q.reshape(b, kv_heads, heads // kv_heads, dim)
     scores = torch.einsum("bkgd,blkd->bkgl", grouped, k).float() * scale

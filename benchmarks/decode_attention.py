@@ -1,0 +1,144 @@
+"""Decode attention over a 16-bit paged cache: the grouped path against SDPA, side by side in one run.
+
+Run from the repository root::
+
+    python -m benchmarks.decode_attention [--quantization int4] [--batches 1,8,64] [--rounds 5]
+
+Loads SmolLM2-135M-Instruct in bfloat16 (weights in ``--quantization``, the
+default deployment's decode format), then, in one process:
+
+1. **One layer's attention** (gather from the paged cache included) for each
+   batch: SDPA on the 16-bit K/V (the path :mod:`engine.decode_attention`
+   replaced), SDPA on K/V upcast to float32, and the grouped einsum — medians
+   of interleaved rounds, in µs, with their ratio to SDPA.
+2. **Whole decode steps** of the engine at each batch (~256 keys of
+   context), the runner switched between SDPA and
+   :func:`~engine.decode_attention.grouped_decode_attention` on alternate
+   steps of the same requests, so both see the same machine: median ms/step
+   and the speed-up.
+
+The machine is shared: each phase prints how many cores other processes used
+meanwhile (``other_cpu_cores``); compare figures from one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.engine import Contention, make_engine, random_prompt
+from engine.decode_attention import UPCAST_MAX_BATCH, grouped_einsum_attention, upcast_sdpa_attention
+from engine.model_loader import load_model
+from engine.sampling_params import SamplingParams
+
+CONTEXT = 256        # prompt tokens per sequence: the keys each decode step attends to
+BLOCK_SIZE = 16
+
+
+def _median_us(fns: dict[str, Callable[[], object]], rounds: int, reps: int) -> dict[str, float]:
+    """Median µs per call of each function, rounds interleaved across the functions."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / reps * 1e6)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def layer_attention(batch: int, heads: int, kv_heads: int, head_dim: int, rounds: int) -> dict[str, float]:
+    """One layer's decode attention at ``batch`` rows, three ways (module docstring, 1)."""
+    gen = torch.Generator().manual_seed(batch)
+    blocks_per_seq = -(-(CONTEXT + 16) // BLOCK_SIZE)
+    num_blocks = batch * blocks_per_seq * 2
+    cache_k = torch.randn(num_blocks, BLOCK_SIZE, kv_heads, head_dim, generator=gen).to(torch.bfloat16)
+    cache_v = torch.randn(num_blocks, BLOCK_SIZE, kv_heads, head_dim, generator=gen).to(torch.bfloat16)
+    flat = torch.randperm(num_blocks, generator=gen)[:batch * blocks_per_seq]
+    q = torch.randn(batch, heads, head_dim, generator=gen).to(torch.bfloat16)
+    keys = blocks_per_seq * BLOCK_SIZE
+    mask = (torch.arange(keys)[None, :] < CONTEXT + 4)[:, None, None, :].expand(batch, 1, 1, keys)
+    scale = head_dim**-0.5
+
+    def gather():
+        return (cache_k.index_select(0, flat).view(batch, -1, kv_heads, head_dim),
+                cache_v.index_select(0, flat).view(batch, -1, kv_heads, head_dim))
+
+    def timed(path):
+        def call():
+            k, v = gather()
+            return path(q, k, v, mask, scale)
+        return call
+
+    def sdpa_bf16():  # the path the grouped one replaced
+        k, v = gather()
+        return F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                              scale=scale, enable_gqa=True).squeeze(2)
+
+    reps = max(3, 60 // batch)
+    return _median_us({"sdpa_bf16": sdpa_bf16, "sdpa_fp32": timed(upcast_sdpa_attention),
+                       "grouped_einsum": timed(grouped_einsum_attention)}, rounds, reps)
+
+
+def engine_steps(loaded, batch: int, steps: int) -> dict[str, float]:
+    """Median ms of whole decode steps with SDPA and with the grouped path, on alternate steps."""
+    engine = make_engine(loaded, batch, CONTEXT + 2 * steps + 16, batch * CONTEXT)
+    params = SamplingParams(max_tokens=2 * steps + 8, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"b{batch}-{i}", params=params,
+                           prompt_token_ids=random_prompt(random.Random(i), CONTEXT, loaded.config.vocab_size))
+    while len(engine.step()) < batch:  # prefill until every sequence decodes
+        pass
+    for _ in range(2):
+        engine.step()
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(2 * steps):
+        use_sdpa = i % 2 == 0
+        engine.runner.sdpa_decode = use_sdpa
+        t0 = time.perf_counter()
+        outs = engine.step()
+        times[use_sdpa].append(time.perf_counter() - t0)
+        if len(outs) != batch:
+            raise RuntimeError(f"decode step at batch {batch} produced {len(outs)} tokens")
+    return {"sdpa_ms": 1e3 * statistics.median(times[True]), "grouped_ms": 1e3 * statistics.median(times[False])}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--quantization", default="int4", choices=("none", "int8", "int4"))
+    parser.add_argument("--batches", default="1,8,64", help="decode batch sizes, comma-separated")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per layer measurement")
+    parser.add_argument("--steps", type=int, default=8, help="timed engine steps per path and batch")
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    loaded = load_model(dtype="bfloat16", quantization=args.quantization)
+    w = loaded.weights
+    print(f"bfloat16 cache, weights {args.quantization}, {torch.get_num_threads()} threads, "
+          f"~{CONTEXT} keys; the grouped path upcasts to float32 SDPA up to {UPCAST_MAX_BATCH} rows")
+    print("\none layer's attention, gather included (µs, median of interleaved rounds)")
+    print(f"{'batch':>5} {'SDPA bf16':>10} {'SDPA fp32':>10} {'einsum bf16':>12} {'best vs SDPA bf16':>18} {'others':>7}")
+    for b in batches:
+        with Contention() as busy:
+            r = layer_attention(b, w.num_heads, w.num_kv_heads, w.head_dim, args.rounds)
+        best = min(r["sdpa_fp32"], r["grouped_einsum"])
+        print(f"{b:>5} {r['sdpa_bf16']:>10.0f} {r['sdpa_fp32']:>10.0f} {r['grouped_einsum']:>12.0f} "
+              f"{r['sdpa_bf16'] / best:>17.2f}x {busy.cores or 0:>7.2f}")
+    print("\nwhole decode steps (ms, median; the two paths on alternate steps)")
+    print(f"{'batch':>5} {'SDPA':>9} {'grouped':>9} {'speed-up':>9} {'others':>7}")
+    for b in batches:
+        with Contention() as busy:
+            r = engine_steps(loaded, b, args.steps)
+        print(f"{b:>5} {r['sdpa_ms']:>9.1f} {r['grouped_ms']:>9.1f} {r['sdpa_ms'] / r['grouped_ms']:>8.2f}x "
+              f"{busy.cores or 0:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
