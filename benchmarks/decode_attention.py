@@ -9,11 +9,12 @@ default deployment's decode format), then, in one process:
 
 1. **One layer's attention** (gather from the paged cache included) for each
    batch: SDPA on the 16-bit K/V (the path :mod:`engine.decode_attention`
-   replaced), SDPA on K/V upcast to float32, and the grouped einsum — medians
+   replaced), SDPA on K/V upcast to float32, the grouped einsum and the
+   heads-major gather with batched matmuls — medians
    of interleaved rounds, in µs, with their ratio to SDPA.
 2. **Whole decode steps** of the engine at each batch (~256 keys of
    context), the runner switched between SDPA and
-   :func:`~engine.decode_attention.grouped_decode_attention` on alternate
+   the path it picks for a 16-bit cache (:mod:`engine.decode_attention`) on alternate
    steps of the same requests, so both see the same machine: median ms/step
    and the speed-up.
 
@@ -33,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.engine import Contention, make_engine, random_prompt
-from engine.decode_attention import UPCAST_MAX_BATCH, grouped_einsum_attention, upcast_sdpa_attention
+from engine.decode_attention import (UPCAST_MAX_BATCH, gather_heads_major, grouped_einsum_attention,
+                                     heads_major_attention, upcast_sdpa_attention)
 from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
 
@@ -55,7 +57,7 @@ def _median_us(fns: dict[str, Callable[[], object]], rounds: int, reps: int) -> 
 
 
 def layer_attention(batch: int, heads: int, kv_heads: int, head_dim: int, rounds: int) -> dict[str, float]:
-    """One layer's decode attention at ``batch`` rows, three ways (module docstring, 1)."""
+    """One layer's decode attention at ``batch`` rows, four ways (module docstring, 1)."""
     gen = torch.Generator().manual_seed(batch)
     blocks_per_seq = -(-(CONTEXT + 16) // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq * 2
@@ -82,9 +84,16 @@ def layer_attention(batch: int, heads: int, kv_heads: int, head_dim: int, rounds
         return F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                               scale=scale, enable_gqa=True).squeeze(2)
 
+    blocks = torch.stack([cache_k, cache_v])
+
+    def heads_major():
+        k, v = gather_heads_major(blocks, flat, batch)
+        return heads_major_attention(q, k, v, mask, scale)
+
     reps = max(3, 60 // batch)
     return _median_us({"sdpa_bf16": sdpa_bf16, "sdpa_fp32": timed(upcast_sdpa_attention),
-                       "grouped_einsum": timed(grouped_einsum_attention)}, rounds, reps)
+                       "grouped_einsum": timed(grouped_einsum_attention), "heads_major": heads_major},
+                      rounds, reps)
 
 
 def engine_steps(loaded, batch: int, steps: int) -> dict[str, float]:
@@ -124,12 +133,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bfloat16 cache, weights {args.quantization}, {torch.get_num_threads()} threads, "
           f"~{CONTEXT} keys; the grouped path upcasts to float32 SDPA up to {UPCAST_MAX_BATCH} rows")
     print("\none layer's attention, gather included (µs, median of interleaved rounds)")
-    print(f"{'batch':>5} {'SDPA bf16':>10} {'SDPA fp32':>10} {'einsum bf16':>12} {'best vs SDPA bf16':>18} {'others':>7}")
+    print(f"{'batch':>5} {'SDPA bf16':>10} {'SDPA fp32':>10} {'einsum bf16':>12} {'heads-major':>12} "
+          f"{'best vs SDPA bf16':>18} {'others':>7}")
     for b in batches:
         with Contention() as busy:
             r = layer_attention(b, w.num_heads, w.num_kv_heads, w.head_dim, args.rounds)
-        best = min(r["sdpa_fp32"], r["grouped_einsum"])
+        best = min(r["sdpa_fp32"], r["grouped_einsum"], r["heads_major"])
         print(f"{b:>5} {r['sdpa_bf16']:>10.0f} {r['sdpa_fp32']:>10.0f} {r['grouped_einsum']:>12.0f} "
+              f"{r['heads_major']:>12.0f} "
               f"{r['sdpa_bf16'] / best:>17.2f}x {busy.cores or 0:>7.2f}")
     print("\nwhole decode steps (ms, median; the two paths on alternate steps)")
     print(f"{'batch':>5} {'SDPA':>9} {'grouped':>9} {'speed-up':>9} {'others':>7}")

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.compiled_decode import CompiledDecode
-from engine.decode_attention import grouped_decode_attention
+from engine.decode_attention import (UPCAST_MAX_BATCH, gather_heads_major, heads_major_attention,
+                                     upcast_sdpa_attention)
 from engine.kv_cache import KVLayout, PagedKVCache
 from engine.kv_cache_manager import KVCacheManager
 from engine.llama_ops import rms_norm, rotate
@@ -132,14 +133,19 @@ class ModelRunner:
             # index_select, not blocks[0][tables]: advanced indexing takes a
             # slow generic path here (milliseconds instead of microseconds).
             b = d.block_tables.shape[0]
-            kd = blocks[0].index_select(0, d.flat_blocks).view(b, -1, self.num_kv_heads, self.head_dim)
-            vd = blocks[1].index_select(0, d.flat_blocks).view(b, -1, self.num_kv_heads, self.head_dim)
-            if self.sdpa_decode:
-                qd = q[:b].unsqueeze(2)  # [B, H, 1, hd]: decode rows come first in the pack
-                od = F.scaled_dot_product_attention(qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=d.ctx_mask,
-                                                    scale=self.scale, enable_gqa=True).squeeze(2)
+            if not self.sdpa_decode and b > UPCAST_MAX_BATCH:  # engine.decode_attention: the many-rows path
+                kh, vh = gather_heads_major(blocks, d.flat_blocks, b)
+                od = heads_major_attention(q[:b], kh, vh, d.ctx_mask, self.scale)
             else:
-                od = grouped_decode_attention(q[:b], kd, vd, d.ctx_mask, self.scale)
+                kd = blocks[0].index_select(0, d.flat_blocks).view(b, -1, self.num_kv_heads, self.head_dim)
+                vd = blocks[1].index_select(0, d.flat_blocks).view(b, -1, self.num_kv_heads, self.head_dim)
+                if self.sdpa_decode:
+                    qd = q[:b].unsqueeze(2)  # [B, H, 1, hd]: decode rows come first in the pack
+                    od = F.scaled_dot_product_attention(qd, kd.transpose(1, 2), vd.transpose(1, 2),
+                                                        attn_mask=d.ctx_mask, scale=self.scale,
+                                                        enable_gqa=True).squeeze(2)
+                else:
+                    od = upcast_sdpa_attention(q[:b], kd, vd, d.ctx_mask, self.scale)
             if not batch.prefills:
                 return od
             out = torch.empty_like(q)
