@@ -88,8 +88,8 @@ class ModelRunner:
         self.qk_dim = (self.num_heads + self.num_kv_heads) * self.head_dim
         self.scale = self.head_dim**-0.5
         self._positions = torch.arange(weights.rope_cos.shape[0])  # reused: no per-step arange
-        # A 16-bit cache decodes through grouped einsums (engine.decode_attention: SDPA's CPU kernel is
-        # slow for one query in 16 bits); float32, the exactness reference, keeps SDPA.
+        # A 16-bit cache on the CPU decodes through engine.decode_attention (SDPA's CPU kernel is slow for
+        # one query in 16 bits); float32, the exactness reference, and other devices keep SDPA.
         self.sdpa_decode = cache.layout.dtype == "float32" or weights.device.type != "cpu"
         # Decode-only steps through one compiled graph per batch bucket; CPU only (the inductor C++
         # backend is what was measured; any other device keeps the eager forward).
