@@ -23,8 +23,10 @@ has the same 2 cores' worth of workers:
 (d) ``conditional``: as (b) (prefix caching on, as by default in every arm)
     with ``router.policy: prefix_aware`` and conditional disaggregation
     (``router.conditional_prefill_max_tokens`` = ``CONDITIONAL_TOKENS``, 64): a
-    short prompt is prefilled by the decode worker itself, no transfer; only
-    long prompts use the prefill worker.
+    short prompt is prefilled by the decode worker itself, no transfer, unless
+    that worker is decoding a batch while the prefill worker idles
+    (``router.conditional_prefill_offload_when_idle``, on by default); long
+    prompts always use the prefill worker.
 
 All four deployments are up at once (the Ray head declares 8 logical CPUs
 for that) but only one arm is driven at a time; the machine's load drifts

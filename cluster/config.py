@@ -394,6 +394,10 @@ class RouterConfig(Settings):
     conditional_prefill_max_tokens: int = Field(0, ge=0)
     # ... or when it caches at least this share of the prompt (null: never on that ground).
     conditional_prefill_min_cached_ratio: float | None = Field(None, gt=0, le=1)
+    # ... except that a prompt the decode worker would take on the short ground still
+    # goes to a prefill worker when the decode worker has a batch running and that
+    # prefill worker is idle (caching at least as much of it): no stall of the batch.
+    conditional_prefill_offload_when_idle: bool = True
     max_queued: int = Field(256, ge=1)  # beyond this, new requests get RESOURCE_EXHAUSTED (0 would refuse all)
     request_timeout_s: float = Field(600, gt=0, le=MAX_WAIT_S)  # then DEADLINE_EXCEEDED, KV freed
     queue_timeout_s: float = Field(30, gt=0, le=MAX_WAIT_S)  # longest wait for KV room before RESOURCE_EXHAUSTED

@@ -119,7 +119,8 @@ async def start_router(s: RouterSettings, pool_manager: Any, find_pool_manager: 
                            transfer_timeout_s=s.transfer_timeout_s, queue_timeout_s=rc.queue_timeout_s,
                            max_attempts=rc.max_attempts, transfer_retries=rc.transfer_retries, colocated=s.colocated,
                            conditional=ConditionalPrefill(rc.conditional_prefill_max_tokens,
-                                                          rc.conditional_prefill_min_cached_ratio))
+                                                          rc.conditional_prefill_min_cached_ratio,
+                                                          rc.conditional_prefill_offload_when_idle))
     metrics = RouterMetrics(registry)
     registry.register(WorkerStatusCollector(
         lambda: [w.status for w in list(directory.workers.values()) if w.status is not None]))

@@ -40,7 +40,9 @@ the prompt that the best-ranked decode worker does not cache (by the
 router's prefix index) is short, or that worker caches most of it, the
 attempt skips the prefill pool altogether and runs as one ``serve`` call on
 that decode worker, which prefills the rest itself (``Timings.path``
-``decode_only``).
+``decode_only``) -- unless that worker is decoding a batch and a prefill
+worker sits idle with at least as much of the prompt cached: the short
+prefill then runs there, so it does not stall the running batch for a step.
 """
 
 from __future__ import annotations
@@ -109,6 +111,10 @@ class ConditionalPrefill:
 
     max_uncached_tokens: int = 0
     min_cached_ratio: float | None = None
+    # A short prompt still goes to a prefill worker when the decode worker has a
+    # batch running and that prefill worker is idle and caches at least as much of
+    # it: the same compute on a spare core instead of a step-long stall of the batch.
+    offload_when_prefill_idle: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -119,6 +125,14 @@ class ConditionalPrefill:
         if kv_tokens - cached_tokens <= self.max_uncached_tokens:
             return True
         return self.min_cached_ratio is not None and cached_tokens >= self.min_cached_ratio * kv_tokens
+
+    def offload(self, decode_cached_tokens: int, decode_busy: bool, prefill_cached_tokens: int | None) -> bool:
+        """Whether a prompt :meth:`decode_only` accepted goes to a prefill worker after all:
+        ``decode_busy``, the decode worker has sequences running; ``prefill_cached_tokens``,
+        what the best idle prefill worker caches of it (``None``: no prefill worker is idle).
+        Never when the decode worker caches more than that worker: it would recompute it."""
+        return (self.offload_when_prefill_idle and decode_busy and prefill_cached_tokens is not None
+                and prefill_cached_tokens >= decode_cached_tokens)
 
 
 @dataclass
@@ -200,6 +214,17 @@ class _Progress:
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+
+
+def _idle(worker: WorkerInfo) -> bool:
+    """Nothing of this router's in flight there, and nothing running or queued at its last poll."""
+    st = worker.status
+    return worker.alive and worker.inflight_tokens == 0 and (st is None or st.running + st.waiting == 0)
+
+
+def _decoding(worker: WorkerInfo) -> bool:
+    """Sequences of this router's or, at its last poll, of anyone's run there."""
+    return worker.inflight_tokens > 0 or (worker.status is not None and worker.status.running > 0)
 
 
 class RequestRunner:
@@ -402,7 +427,15 @@ class RequestRunner:
             return None
         best = decodes[self.decode_policy.rank(self.directory.loads(list(decodes.values()), query))[0]]
         cached = self.directory.prefix_index.cached_tokens(best.worker_id, query)
-        return best if self.conditional.decode_only(len(query.token_ids), cached) else None
+        if not self.conditional.decode_only(len(query.token_ids), cached):
+            return None
+        if self.conditional.offload_when_prefill_idle:
+            idle = [w for w in self.directory.of_kind("prefill") if w.worker_id not in failed and _idle(w)]
+            prefill_cached = max((self.directory.prefix_index.cached_tokens(w.worker_id, query) for w in idle),
+                                 default=None)
+            if self.conditional.offload(cached, _decoding(best), prefill_cached):
+                return None
+        return best
 
     async def _reserve(self, transfer_id: str, query: PrefixQuery, failed: set[str],
                        deadline: float | None, n: int = 1) -> tuple[WorkerInfo, WorkerInfo, Reserved]:

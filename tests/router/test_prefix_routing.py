@@ -13,8 +13,10 @@ from router.policy import PrefixAware, WorkerLoad, make_policy
 from router.prefix_index import PrefixIndex, PrefixQuery
 from router.request_runner import ConditionalPrefill, RequestRunner, RequestTrace
 from router.validation import ParsedRequest
-from tests.router.test_request_runner import META, Directory, Scripted, decode_handle, prefilled, worker
+from tests.router.test_request_runner import META, _Method, Directory, Scripted, decode_handle, prefilled, worker
 from worker_common.messages import Ack, KVPushed, Reserved, TokenChunk
+from engine.step_stats import StepStatsSnapshot
+from worker_common.worker_status import KVTransferStats, WorkerStatus
 
 KEY = "model|f32"
 PROMPT = list(range(100, 140))  # 40 tokens: 2 full blocks of 16 + 8
@@ -60,6 +62,16 @@ def test_conditional_prefill_decides_on_the_uncached_part():
     assert short.decode_only(64, 0) and not short.decode_only(1000, 0) and short.decode_only(1000, 960)
     mostly = ConditionalPrefill(min_cached_ratio=0.75)
     assert mostly.decode_only(1000, 800) and not mostly.decode_only(1000, 700)
+
+
+def test_conditional_prefill_offloads_a_short_prompt_only_from_a_busy_decode_to_an_idle_prefill():
+    on = ConditionalPrefill(max_uncached_tokens=64, offload_when_prefill_idle=True)
+    assert on.offload(0, decode_busy=True, prefill_cached_tokens=0)
+    assert not on.offload(0, decode_busy=False, prefill_cached_tokens=0)  # nothing to stall
+    assert not on.offload(0, decode_busy=True, prefill_cached_tokens=None)  # no prefill worker idle
+    assert not on.offload(32, decode_busy=True, prefill_cached_tokens=16)  # it would recompute what decode caches
+    assert on.offload(32, decode_busy=True, prefill_cached_tokens=32)
+    assert not ConditionalPrefill(max_uncached_tokens=64).offload(0, decode_busy=True, prefill_cached_tokens=0)
 
 
 def run(runner: RequestRunner) -> tuple[list[TokenChunk], RequestTrace]:
@@ -109,3 +121,36 @@ def test_a_long_uncached_part_is_disaggregated_and_only_the_missing_kv_moves():
     (prefill_args,) = prefill.called("prefill")
     assert prefill_args[7] == 32  # the prefill worker pushes from token 32 on
     assert (trace.decode_cached_tokens, trace.transfer_bytes, trace.transfer_bytes_saved) == (32, 800, 3200)
+
+
+def _status(worker_id: str, kind: str, running: int) -> WorkerStatus:
+    return WorkerStatus(worker_id, kind, running=running, waiting=0, reserved=0, outstanding_tokens=0,
+                        free_blocks=10, used_blocks=0, num_blocks=10, requests_served=0, preemptions=0,
+                        step_stats=StepStatsSnapshot(), kv_transfer=KVTransferStats())
+
+
+@pytest.mark.parametrize("decode_running,prefill_running,path", [
+    (0, 0, RequestPath.DECODE_ONLY),      # decode idle: it prefills the short prompt itself
+    (3, 0, RequestPath.DISAGGREGATED),    # decode busy, prefill idle: the prefill worker takes it
+    (3, 1, RequestPath.DECODE_ONLY),      # both busy: the decode worker, as without the option
+])
+def test_a_short_prompt_goes_to_an_idle_prefill_worker_while_decode_runs_a_batch(decode_running, prefill_running,
+                                                                                  path):
+    pushed = KVPushed(META, 40 * 100, 1.3, 1.4)
+
+    async def serve(*args):
+        yield Ack(1.0, 1.1, 0, 1.05, 1.2)
+        yield TokenChunk((7, 8), "ab", True, "length")
+
+    prefill = Scripted(prefill=lambda *a: prefilled(pushed))
+    decode = decode_handle(Ack(2.0, 2.1, 0), TokenChunk((8,), "b", True, "length"))
+    decode.serve = _Method(decode, "serve", serve)
+    p, d = worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", decode)
+    p.alive = d.alive = True
+    p.status, d.status = _status("prefill-0", "prefill", prefill_running), _status("decode-0", "decode", decode_running)
+    runner = RequestRunner(Directory(p, d), make_policy("prefix_aware"), make_policy("prefix_aware"),
+                           conditional=ConditionalPrefill(max_uncached_tokens=64, offload_when_prefill_idle=True))
+    chunks, trace = run(runner)
+    assert [t for c in chunks for t in c.token_ids] == [7, 8]
+    assert trace.path is path
+    assert bool(prefill.calls) == (path is RequestPath.DISAGGREGATED)
