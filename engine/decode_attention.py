@@ -19,7 +19,7 @@ float32 and go through SDPA's float32 kernel (:func:`upcast_sdpa_attention`);
 above it, K/V are gathered heads-major (:func:`gather_heads_major`, one copy)
 and two batched matmuls over (KV head, sequence) take each KV head's query
 group at once, so K/V are never repeated per query head, with the softmax in
-float32 (:func:`heads_major_attention`; :func:`grouped_einsum_attention` is
+float32 (:func:`heads_major_attention`; the benchmark's grouped einsum is
 the same product over the plain gather, one copy more). The runner picks the
 path by batch. Whole int4/bfloat16 decode steps got 1.5-2.2x faster (batch
 8: 76 -> 53 ms; batch 64: 683 -> 312 ms; ``python -m
@@ -36,25 +36,19 @@ import torch.nn.functional as F
 UPCAST_MAX_BATCH = 2  # see the table above
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """Attention of ``q`` ``[B, H, D]`` over ``k``, ``v`` ``[B, L, KV, D]`` (``H`` a multiple of ``KV``;
+    ``mask`` boolean, broadcastable to ``[B, KV, H // KV, L]``, True = attend) through SDPA in their own
+    dtype (a float32 cache, and any GPU); ``[B, H, D]``."""
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                          scale=scale, enable_gqa=True).squeeze(2)
+
+
 def upcast_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                           scale: float) -> torch.Tensor:
-    """Attention of ``q`` ``[B, H, D]`` over ``k``, ``v`` ``[B, L, KV, D]`` (``H`` a multiple of ``KV``;
-    ``mask`` boolean, broadcastable to ``[B, KV, H // KV, L]``, True = attend) through SDPA on float32
-    copies of ``q``, ``k``, ``v``; ``[B, H, D]`` in ``v``'s dtype."""
-    return F.scaled_dot_product_attention(q.float().unsqueeze(2), k.transpose(1, 2).float(),
-                                          v.transpose(1, 2).float(), attn_mask=mask, scale=scale,
-                                          enable_gqa=True).squeeze(2).to(v.dtype)
-
-
-def grouped_einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                             scale: float) -> torch.Tensor:
-    """:func:`upcast_sdpa_attention` through two grouped einsums in ``v``'s dtype, softmax in float32."""
-    b, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    grouped = q.reshape(b, kv_heads, heads // kv_heads, dim)
-    scores = torch.einsum("bkgd,blkd->bkgl", grouped, k).float() * scale
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
-    return torch.einsum("bkgl,blkd->bkgd", probs, v).reshape(b, heads, dim)
+    """:func:`sdpa_attention` on float32 copies of ``q``, ``k``, ``v``; ``[B, H, D]`` in ``v``'s dtype."""
+    return sdpa_attention(q.float(), k.float(), v.float(), mask, scale).to(v.dtype)
 
 
 def gather_heads_major(blocks: torch.Tensor, flat_blocks: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +71,9 @@ def gather_heads_major(blocks: torch.Tensor, flat_blocks: torch.Tensor, batch: i
 
 def heads_major_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                           scale: float) -> torch.Tensor:
-    """:func:`grouped_einsum_attention` over ``k``, ``v`` ``[KV, B, L, D]`` (:func:`gather_heads_major`):
-    two batched matmuls over (KV head, sequence), softmax in float32; ``[B, H, D]`` in ``v``'s dtype."""
+    """Attention of ``q`` ``[B, H, D]`` over ``k``, ``v`` ``[KV, B, L, D]`` (:func:`gather_heads_major`;
+    ``mask`` as for :func:`sdpa_attention`) by two batched matmuls over (KV head, sequence), each KV head's
+    query group at once, softmax in float32; ``[B, H, D]`` in ``v``'s dtype."""
     b, heads, dim = q.shape
     kv_heads, _, keys, _ = k.shape
     group = heads // kv_heads

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.compiled_decode import CompiledDecode
-from engine.decode_attention import (UPCAST_MAX_BATCH, gather_heads_major, heads_major_attention,
+from engine.decode_attention import (UPCAST_MAX_BATCH, gather_heads_major, heads_major_attention, sdpa_attention,
                                      upcast_sdpa_attention)
 from engine.kv_cache import KVLayout, PagedKVCache
 from engine.kv_cache_manager import KVCacheManager
@@ -139,13 +139,9 @@ class ModelRunner:
             else:
                 kd = blocks[0].index_select(0, d.flat_blocks).view(b, -1, self.num_kv_heads, self.head_dim)
                 vd = blocks[1].index_select(0, d.flat_blocks).view(b, -1, self.num_kv_heads, self.head_dim)
-                if self.sdpa_decode:
-                    qd = q[:b].unsqueeze(2)  # [B, H, 1, hd]: decode rows come first in the pack
-                    od = F.scaled_dot_product_attention(qd, kd.transpose(1, 2), vd.transpose(1, 2),
-                                                        attn_mask=d.ctx_mask, scale=self.scale,
-                                                        enable_gqa=True).squeeze(2)
-                else:
-                    od = upcast_sdpa_attention(q[:b], kd, vd, d.ctx_mask, self.scale)
+                # decode rows come first in the pack
+                attend = sdpa_attention if self.sdpa_decode else upcast_sdpa_attention
+                od = attend(q[:b], kd, vd, d.ctx_mask, self.scale)
             if not batch.prefills:
                 return od
             out = torch.empty_like(q)

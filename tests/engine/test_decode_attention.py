@@ -1,15 +1,16 @@
-"""The grouped decode attention against SDPA with a padding mask (the path it replaces for 16-bit caches)."""
+"""The decode attention paths for 16-bit caches against float32 SDPA with a padding mask."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.decode_attention import grouped_einsum_attention, upcast_sdpa_attention
+from benchmarks.decode_attention import grouped_einsum_attention
+from engine.decode_attention import gather_heads_major, heads_major_attention, sdpa_attention, upcast_sdpa_attention
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("path", [upcast_sdpa_attention, grouped_einsum_attention])
+@pytest.mark.parametrize("path", [sdpa_attention, upcast_sdpa_attention, grouped_einsum_attention])
 def test_matches_sdpa_with_gqa_and_padding(dtype, tol, batch, path):
     gen = torch.Generator().manual_seed(batch)
     heads, kv_heads, dim, keys = 9, 3, 64, 48
@@ -29,9 +30,7 @@ def test_matches_sdpa_with_gqa_and_padding(dtype, tol, batch, path):
 
 
 @pytest.mark.parametrize("batch", [3, 5])
-def test_heads_major_gather_and_attention_match_the_grouped_path(batch):
-    from engine.decode_attention import gather_heads_major, grouped_einsum_attention, heads_major_attention
-
+def test_heads_major_gather_and_attention_match_the_plain_gather_and_sdpa(batch):
     gen = torch.Generator().manual_seed(batch)
     heads, kv_heads, dim, block_size, num_blocks, per_seq = 6, 2, 16, 4, 40, 3
     blocks = torch.randn(2, num_blocks, block_size, kv_heads, dim, generator=gen).to(torch.bfloat16)
@@ -46,4 +45,4 @@ def test_heads_major_gather_and_attention_match_the_grouped_path(batch):
     v = blocks[1].index_select(0, tables.flatten()).view(batch, keys, kv_heads, dim)
     torch.testing.assert_close(kh, k.permute(2, 0, 1, 3))
     torch.testing.assert_close(heads_major_attention(q, kh, vh, mask, dim**-0.5).float(),
-                               grouped_einsum_attention(q, k, v, mask, dim**-0.5).float(), atol=2e-2, rtol=2e-2)
+                               upcast_sdpa_attention(q, k, v, mask, dim**-0.5).float(), atol=2e-2, rtol=2e-2)
