@@ -16,6 +16,11 @@ Each step it decides which tokens of which sequences the model computes:
    leading full block of its tokens that is cached (shared, not computed):
    its first chunk starts after them, and they cost no budget. A preempted
    sequence finds its own blocks that way when it is readmitted.
+   A prompt does not join a step that already admitted a shorter one when it
+   is longer than both those prompts' tokens and :data:`JOIN_TOKENS`: a
+   step's prompts all finish with its slowest, so a short prompt is never
+   held for a long one that queued after it; the long one leads the next
+   step. The queue's head is always admitted, so nothing starves.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ from dataclasses import dataclass, field
 
 from engine.kv_cache_manager import KVCacheManager
 from engine.sequence import Sequence, SequenceStatus
+
+# Prompts up to this many tokens always share a step (batching short prompts pays:
+# one pass over the weights for all); a longer one waits for the next step rather
+# than make the prompts admitted before it wait for its prefill.
+JOIN_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,7 @@ class Scheduler:
             # sequences that were already running.
             self._stamp_scheduled(out.chunks)
             return out
+        admitted = 0  # tokens of prompts admitted from the queue this step
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
             prefix = None
@@ -110,6 +121,8 @@ class Scheduler:
                 prefix = self.kv.match_prefix(seq.token_ids, tails=True)  # computed here: a cached tail may continue it
             start = seq.num_computed_tokens + (prefix.num_tokens if prefix else 0)
             n = min(seq.num_tokens - start, budget)
+            if admitted and n > max(admitted, JOIN_TOKENS):
+                break  # it would hold the shorter prompts admitted before it: it leads the next step
             if not self.kv.allocate_slots(seq.request_id, start + n, prefix):
                 break
             if prefix is not None:
@@ -122,6 +135,7 @@ class Scheduler:
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
+            admitted += n
         self._stamp_scheduled(out.chunks)
         return out
 

@@ -119,3 +119,30 @@ def test_remove_frees_blocks_wherever_the_sequence_is():
     sched.remove(b)  # waiting
     sched.remove(a)  # running
     assert kv.num_free_blocks == 8 and not sched.has_work()
+
+
+def test_a_long_prompt_behind_a_short_one_leads_the_next_step_instead_of_holding_it():
+    from engine.scheduler import JOIN_TOKENS
+
+    sched = Scheduler(KVCacheManager(512, 16), max_running=8, max_batched_tokens=2048)
+    short, long_, short2 = seq("short", 32), seq("long", JOIN_TOKENS + 700), seq("short2", 40)
+    for s in (short, long_, short2):
+        sched.add(s)
+    plan = sched.schedule()  # the short one alone: the long one would make it wait for its whole prefill
+    assert [c.seq.request_id for c in plan.chunks] == ["short"]
+    run(sched, plan)
+    plan = sched.schedule()  # the long one leads (the queue's head always goes); the short one behind it joins
+    assert [(c.seq.request_id, c.num_tokens) for c in plan.chunks] == [("short", 1), ("long", JOIN_TOKENS + 700),
+                                                                        ("short2", 40)]
+
+
+def test_prompts_up_to_the_join_size_share_a_step():
+    from engine.scheduler import JOIN_TOKENS
+
+    sched = Scheduler(KVCacheManager(512, 16), max_running=8, max_batched_tokens=2048)
+    prompts = [seq("a", 10), seq("b", JOIN_TOKENS), seq("c", JOIN_TOKENS + 10), seq("d", 2 * JOIN_TOKENS + 40)]
+    for s in prompts:
+        sched.add(s)
+    # a (10) lets b (<= JOIN_TOKENS) join; c (longer than JOIN_TOKENS, not than the 266 admitted) joins too;
+    # d (552) is longer than the step's 532 tokens so far: next step.
+    assert [c.seq.request_id for c in sched.schedule().chunks] == ["a", "b", "c"]
