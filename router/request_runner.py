@@ -244,6 +244,9 @@ class RequestRunner:
         self.colocated = colocated
         self.conditional = conditional
         self.retries = 0  # attempts beyond the first, over all requests (a metric)
+        # Attempts bound for a prefill worker that is not chosen yet (reserving decode
+        # blocks first): until then no prefill worker counts as idle for an offload.
+        self._reserving = 0
 
     async def run(self, req: ParsedRequest, trace: RequestTrace,
                   deadline: float | None = None) -> AsyncIterator[TokenChunk]:
@@ -304,7 +307,11 @@ class RequestRunner:
             return
         transfer_id = attempt_id(req.request_id, attempt)
         remaining = (req.params.max_tokens - len(progress.token_ids)) * req.n
-        prefill, decode, reserved = await self._reserve(transfer_id, query, failed, deadline, req.n)
+        self._reserving += 1
+        try:
+            prefill, decode, reserved = await self._reserve(transfer_id, query, failed, deadline, req.n)
+        finally:
+            self._reserving -= 1
         endpoint, kv_start = reserved.endpoint, reserved.cached_tokens
         trace.reserved = time.time()
         trace.path = RequestPath.DISAGGREGATED
@@ -430,7 +437,8 @@ class RequestRunner:
         if not self.conditional.decode_only(len(query.token_ids), cached):
             return None
         if self.conditional.offload_when_prefill_idle:
-            idle = [w for w in self.directory.of_kind("prefill") if w.worker_id not in failed and _idle(w)]
+            idle = [] if self._reserving else [w for w in self.directory.of_kind("prefill")
+                                               if w.worker_id not in failed and _idle(w)]
             prefill_cached = max((self.directory.prefix_index.cached_tokens(w.worker_id, query) for w in idle),
                                  default=None)
             if self.conditional.offload(cached, _decoding(best), prefill_cached):

@@ -129,13 +129,14 @@ def _status(worker_id: str, kind: str, running: int) -> WorkerStatus:
                         step_stats=StepStatsSnapshot(), kv_transfer=KVTransferStats())
 
 
-@pytest.mark.parametrize("decode_running,prefill_running,path", [
-    (0, 0, RequestPath.DECODE_ONLY),      # decode idle: it prefills the short prompt itself
-    (3, 0, RequestPath.DISAGGREGATED),    # decode busy, prefill idle: the prefill worker takes it
-    (3, 1, RequestPath.DECODE_ONLY),      # both busy: the decode worker, as without the option
+@pytest.mark.parametrize("decode_running,prefill_running,reserving,path", [
+    (0, 0, 0, RequestPath.DECODE_ONLY),      # decode idle: it prefills the short prompt itself
+    (3, 0, 0, RequestPath.DISAGGREGATED),    # decode busy, prefill idle: the prefill worker takes it
+    (3, 1, 0, RequestPath.DECODE_ONLY),      # both busy: the decode worker, as without the option
+    (3, 0, 1, RequestPath.DECODE_ONLY),      # another attempt is on its way to the prefill pool (reserving)
 ])
 def test_a_short_prompt_goes_to_an_idle_prefill_worker_while_decode_runs_a_batch(decode_running, prefill_running,
-                                                                                  path):
+                                                                                  reserving, path):
     pushed = KVPushed(META, 40 * 100, 1.3, 1.4)
 
     async def serve(*args):
@@ -150,6 +151,7 @@ def test_a_short_prompt_goes_to_an_idle_prefill_worker_while_decode_runs_a_batch
     p.status, d.status = _status("prefill-0", "prefill", prefill_running), _status("decode-0", "decode", decode_running)
     runner = RequestRunner(Directory(p, d), make_policy("prefix_aware"), make_policy("prefix_aware"),
                            conditional=ConditionalPrefill(max_uncached_tokens=64, offload_when_prefill_idle=True))
+    runner._reserving = reserving
     chunks, trace = run(runner)
     assert [t for c in chunks for t in c.token_ids] == [7, 8]
     assert trace.path is path
