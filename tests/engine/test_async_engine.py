@@ -46,3 +46,29 @@ def test_waiting_without_free_blocks_does_not_busy_spin(tiny_model):
         assert len(asyncio.run(go())) == 3
     finally:
         runner.close()
+
+
+def test_a_parked_kv_is_exported_before_the_next_step_runs(tiny_model):
+    """The step that parks a prompt's KV is followed by its caller's export, not by the
+    next prompt's prefill (which may be long): the hand-off never waits out another step."""
+    engine = LLMEngine(tiny_model, block_size=4, num_blocks=256)
+    runner = AsyncEngine(engine, handoff_wait_s=30.0)  # generous: the assertion is about order, not speed
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+
+    def start(e: LLMEngine):
+        e.add_request("short", params=params, prompt_token_ids=list(range(1, 9)), export_after_prefill=True)
+        e.add_request("long", params=params, prompt_token_ids=[i % 200 + 1 for i in range(400)])  # the next step's
+
+    async def go() -> tuple[int, int]:
+        outs = [out async for out in runner.stream("short", start)]
+        assert outs[-1].kv_ready
+        steps, handoff = await runner.call(lambda e: (e.num_steps, e.export_kv("short")))
+        assert handoff.num_tokens == 8
+        await runner.call(lambda e: (e.release("short"), e.abort_request("long")))
+        return steps, engine.num_steps
+
+    try:
+        steps_at_export, _ = asyncio.run(go())
+        assert steps_at_export == 1, "the long prompt's step ran before the parked KV was exported"
+    finally:
+        runner.close()
