@@ -33,8 +33,10 @@ class WorkerInfo:
     node_id: str
     status: WorkerStatus | None = None  # the last status it reported; None until the first poll answers
     alive: bool = False  # whether the last status poll was answered
-    # Tokens the router itself has sent and not yet seen finish: fresher than
-    # the polled status, so bursts spread out before the next poll.
+    # Work the router itself has placed there and not yet seen finish (prompt
+    # tokens not cached there, tokens to generate), counted from the moment it
+    # chose the worker: fresher than the polled status, so that a burst of
+    # requests spreads out before the next poll.
     inflight_tokens: int = 0
 
     def load(self, cached_tokens: int = 0) -> WorkerLoad:

@@ -302,14 +302,20 @@ class RequestRunner:
         query = PrefixQuery(kv_ids)
         solo = self._decode_only_worker(query, failed)
         if solo is not None:
-            async for ev in self._serve_attempt(solo, req, attempt, progress, trace, RequestPath.DECODE_ONLY):
+            # Its load is the part it computes: the tokens it caches are neither computed nor moved.
+            cached = self.directory.prefix_index.cached_tokens(solo.worker_id, query)
+            async for ev in self._serve_attempt(solo, req, attempt, progress, trace, RequestPath.DECODE_ONLY,
+                                                cached_tokens=cached):
                 yield ev
             return
         transfer_id = attempt_id(req.request_id, attempt)
         remaining = (req.params.max_tokens - len(progress.token_ids)) * req.n
         self._reserving += 1
         try:
-            prefill, decode, reserved = await self._reserve(transfer_id, query, failed, deadline, req.n)
+            # Returns with both workers' inflight_tokens already counting this attempt
+            # (prefill_load, remaining); the finally blocks below release them.
+            prefill, decode, reserved, prefill_load = await self._reserve(transfer_id, query, failed, deadline,
+                                                                          remaining, req.n)
         finally:
             self._reserving -= 1
         endpoint, kv_start = reserved.endpoint, reserved.cached_tokens
@@ -317,8 +323,6 @@ class RequestRunner:
         trace.path = RequestPath.DISAGGREGATED
         trace.decode_cached_tokens = kv_start
         trace.prefill_worker, trace.decode_worker = prefill.worker_id, decode.worker_id
-        prefill.inflight_tokens += kv_tokens
-        decode.inflight_tokens += remaining
         stream = None
         done = False
         ended: set[int] = set()
@@ -327,7 +331,7 @@ class RequestRunner:
                 prefilled = await self._prefill(prefill, decode, transfer_id, req, progress, endpoint, kv_ids,
                                                 kv_start)
             finally:
-                prefill.inflight_tokens -= kv_tokens
+                prefill.inflight_tokens -= prefill_load
             trace.prefill_queued, trace.prefill_start = prefilled.t_received, prefilled.t_prefill_start
             trace.prefill_end = prefilled.t_prefill_end
             trace.prefill_cached_tokens = prefilled.cached_tokens
@@ -445,8 +449,15 @@ class RequestRunner:
                 return None
         return best
 
-    async def _reserve(self, transfer_id: str, query: PrefixQuery, failed: set[str],
-                       deadline: float | None, n: int = 1) -> tuple[WorkerInfo, WorkerInfo, Reserved]:
+    async def _reserve(self, transfer_id: str, query: PrefixQuery, failed: set[str], deadline: float | None,
+                       remaining: int, n: int = 1) -> tuple[WorkerInfo, WorkerInfo, Reserved, int]:
+        """Choose a prefill worker and reserve room on a decode worker; also returns the prefill
+        worker's load from this prompt (its tokens that worker does not cache, by the index).
+
+        On return that load is in the prefill worker's ``inflight_tokens`` and ``remaining`` in
+        the decode worker's; the caller releases both. Each is counted from the moment of
+        choice, not from the reservation's answer: requests that arrive together must see each
+        other's load, or every one of them picks the worker that looked idle before any came."""
         limit = self._wait_limit(deadline)
         delay = 0.005
         kv_tokens = len(query.token_ids)
@@ -456,32 +467,53 @@ class RequestRunner:
             if prefills and decodes:
                 by_id = {w.worker_id: w for w in prefills}
                 prefill = by_id[self.prefill_policy.rank(self.directory.loads(prefills, query))[0]]
-                for worker_id in self.decode_policy.rank(self.directory.loads(list(decodes.values()), query)):
-                    decode = decodes[worker_id]
-                    try:
-                        reserved = await within(
-                            decode.handle.reserve.remote(transfer_id, kv_tokens, prefill.endpoint,
-                                                         self.transfer_timeout_s, query.token_ids, n),
-                            timeout_s=CALL_TIMEOUT_S)
-                    except asyncio.CancelledError:
-                        # The client went away mid-call: the reservation may still
-                        # happen there, so drop it (the worker refuses it if late).
-                        decode.handle.abort.remote(transfer_id)
-                        raise
-                    except Exception as exc:  # dead or stuck worker: skip it for this request
-                        log.warning("reserve on %s failed: %r", worker_id, exc)
-                        failed.add(worker_id)
-                        # A stuck call may still reserve when it runs: drop it
-                        # there (the worker refuses it if it comes later).
-                        decode.handle.abort.remote(transfer_id)
-                        continue
-                    if reserved is not None:
-                        return prefill, decode, reserved
+                prefill_load = kv_tokens - self.directory.prefix_index.cached_tokens(prefill.worker_id, query)
+                prefill.inflight_tokens += prefill_load
+                chosen = False
+                try:
+                    for worker_id in self.decode_policy.rank(self.directory.loads(list(decodes.values()), query)):
+                        decode = decodes[worker_id]
+                        reserved = await self._reserve_on(decode, transfer_id, kv_tokens, prefill, query.token_ids,
+                                                          remaining, n, failed)
+                        if reserved is not None:
+                            chosen = True
+                            return prefill, decode, reserved, prefill_load
+                finally:
+                    if not chosen:
+                        prefill.inflight_tokens -= prefill_load
             if time.monotonic() >= limit:
                 await self._out_of_capacity(limit, deadline, f"no decode worker had room for {kv_tokens} tokens "
                                                              f"of KV within {self.queue_timeout_s:.0f} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+    async def _reserve_on(self, decode: WorkerInfo, transfer_id: str, kv_tokens: int, prefill: WorkerInfo,
+                          token_ids: list[int], remaining: int, n: int, failed: set[str]) -> Reserved | None:
+        """One reservation call on ``decode``: its answer, or ``None`` when it refused (full) or
+        failed (then it joins ``failed``). ``remaining`` is in its ``inflight_tokens`` while the
+        call is out, and stays there if it reserved."""
+        decode.inflight_tokens += remaining
+        reserved = None
+        try:
+            reserved = await within(
+                decode.handle.reserve.remote(transfer_id, kv_tokens, prefill.endpoint, self.transfer_timeout_s,
+                                             token_ids, n),
+                timeout_s=CALL_TIMEOUT_S)
+        except asyncio.CancelledError:
+            # The client went away mid-call: the reservation may still
+            # happen there, so drop it (the worker refuses it if late).
+            decode.handle.abort.remote(transfer_id)
+            raise
+        except Exception as exc:  # dead or stuck worker: skip it for this request
+            log.warning("reserve on %s failed: %r", decode.worker_id, exc)
+            failed.add(decode.worker_id)
+            # A stuck call may still reserve when it runs: drop it
+            # there (the worker refuses it if it comes later).
+            decode.handle.abort.remote(transfer_id)
+        finally:
+            if reserved is None:
+                decode.inflight_tokens -= remaining
+        return reserved
 
     # --------------------------------------------------------------- colocated
     async def _colocated_attempt(self, req: ParsedRequest, attempt: int, progress: _Progress,
@@ -492,12 +524,13 @@ class RequestRunner:
             yield ev
 
     async def _serve_attempt(self, worker: WorkerInfo, req: ParsedRequest, attempt: int, progress: _Progress,
-                             trace: RequestTrace, path: RequestPath) -> AsyncIterator[TokenChunk]:
-        """One ``serve`` call: ``worker`` runs both phases (colocated, or a decode worker on the decode-only path)."""
+                             trace: RequestTrace, path: RequestPath, cached_tokens: int = 0) -> AsyncIterator[TokenChunk]:
+        """One ``serve`` call: ``worker`` runs both phases (colocated, or a decode worker on the decode-only path).
+        ``cached_tokens``: of the prompt, what the router's index says ``worker`` caches (not counted as its load)."""
         request_id = attempt_id(req.request_id, attempt)
         trace.path = path
         trace.prefill_worker = trace.decode_worker = worker.worker_id
-        cost = len(req.prompt_token_ids) + req.params.max_tokens * req.n
+        cost = max(len(req.prompt_token_ids) - cached_tokens, 0) + req.params.max_tokens * req.n
         worker.inflight_tokens += cost
         done = False
         ended: set[int] = set()

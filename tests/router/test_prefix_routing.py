@@ -4,6 +4,8 @@ takes (scripted worker stand-ins; no Ray, no model)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from engine.kv_cache_manager import chain_hashes
@@ -75,8 +77,6 @@ def test_conditional_prefill_offloads_a_short_prompt_only_from_a_busy_decode_to_
 
 
 def run(runner: RequestRunner) -> tuple[list[TokenChunk], RequestTrace]:
-    import asyncio
-
     req = ParsedRequest("req", PROMPT, SamplingParams(max_tokens=2))
     trace = RequestTrace()
 
@@ -156,3 +156,98 @@ def test_a_short_prompt_goes_to_an_idle_prefill_worker_while_decode_runs_a_batch
     assert [t for c in chunks for t in c.token_ids] == [7, 8]
     assert trace.path is path
     assert bool(prefill.calls) == (path is RequestPath.DISAGGREGATED)
+
+
+class _SlowReserve:
+    """A ``reserve`` whose answer comes after a real wait, as over Ray: concurrent requests overlap in it."""
+
+    def __init__(self, actor: Scripted) -> None:
+        self.actor = actor
+
+    def remote(self, *args):
+        self.actor.calls.append(("reserve", args))
+
+        async def later() -> Reserved:
+            await asyncio.sleep(0.02)
+            return Reserved({"reserved": True})
+
+        return asyncio.ensure_future(later())
+
+
+@pytest.mark.parametrize("policy", ["least_loaded", "prefix_aware"])
+def test_requests_arriving_together_spread_over_the_decode_workers_and_release_their_load(policy):
+    # Before the load counted from the moment of choice, all four saw two idle decode workers
+    # while their reservations were out and every one of them went to decode-0.
+    pushed = KVPushed(META, 64, 1.3, 1.4)
+    prefill = Scripted(prefill=lambda *a: prefilled(pushed))
+    decodes = []
+    for i in range(2):
+        d = decode_handle(Ack(2.0, 2.1, 4), TokenChunk((8,), "b", True, "length"))
+        d.reserve = _SlowReserve(d)
+        decodes.append(worker(f"decode-{i}", "decode", d))
+    p = worker("prefill-0", "prefill", prefill)
+    runner = RequestRunner(Directory(p, *decodes), make_policy(policy), make_policy(policy))
+
+    async def go() -> list[RequestTrace]:
+        traces = [RequestTrace() for _ in range(4)]
+
+        async def one(i: int) -> None:
+            req = ParsedRequest(f"req-{i}", PROMPT, SamplingParams(max_tokens=2))
+            async for _ in runner.run(req, traces[i]):
+                pass
+
+        await asyncio.gather(*(one(i) for i in range(4)))
+        return traces
+
+    traces = asyncio.run(go())
+    assert sorted(t.decode_worker for t in traces) == ["decode-0", "decode-0", "decode-1", "decode-1"]
+    assert [w.inflight_tokens for w in (p, *decodes)] == [0, 0, 0]  # every count released
+
+
+def test_a_refused_reservation_releases_its_load_and_the_next_worker_is_tried():
+    pushed = KVPushed(META, 64, 1.3, 1.4)
+    prefill = Scripted(prefill=lambda *a: prefilled(pushed))
+    full = decode_handle()
+    full.reserve.reply = lambda *a: None  # no room
+    room = decode_handle(Ack(2.0, 2.1, 4), TokenChunk((8,), "b", True, "length"))
+    p, d0, d1 = worker("prefill-0", "prefill", prefill), worker("decode-0", "decode", full), \
+        worker("decode-1", "decode", room)
+    runner = RequestRunner(Directory(p, d0, d1), make_policy("least_loaded"), make_policy("least_loaded"))
+    _, trace = run(runner)
+    assert trace.decode_worker == "decode-1" and full.called("reserve")
+    assert (p.inflight_tokens, d0.inflight_tokens, d1.inflight_tokens) == (0, 0, 0)
+
+
+def test_a_cached_prefix_is_not_counted_as_load():
+    # A decode-only request's load is what its worker computes and generates, not what it caches;
+    # a disaggregated one's prefill load likewise leaves out what the prefill worker caches.
+    seen: list[int] = []
+
+    async def serve(*args):
+        seen.append(d.inflight_tokens)
+        yield Ack(1.0, 1.1, 0, 1.05, 1.2, cached_tokens=32)
+        yield TokenChunk((7, 8), "ab", True, "length")
+
+    decode = Scripted(serve=serve)
+    d = worker("decode-0", "decode", decode)
+    directory = Directory(worker("prefill-0", "prefill", Scripted()), d)
+    publish(directory.prefix_index, "decode-0", PROMPT)
+    runner = RequestRunner(directory, make_policy("prefix_aware"), make_policy("prefix_aware"),
+                           conditional=ConditionalPrefill(max_uncached_tokens=8))
+    run(runner)
+    assert seen == [len(PROMPT) - 32 + 2]  # 8 uncached prompt tokens + 2 to generate
+    assert d.inflight_tokens == 0
+
+    loads: list[int] = []
+    pushed = KVPushed(META, 8 * 100, 1.3, 1.4)
+
+    def prefill_call(*args):
+        loads.append(p.inflight_tokens)
+        return prefilled(pushed)
+
+    p = worker("prefill-0", "prefill", Scripted(prefill=prefill_call))
+    directory = Directory(p, worker("decode-0", "decode", decode_handle(Ack(2.0, 2.1, 8),
+                                                                         TokenChunk((8,), "b", True, "length"))))
+    publish(directory.prefix_index, "prefill-0", PROMPT)
+    run(RequestRunner(directory, make_policy("prefix_aware"), make_policy("prefix_aware")))
+    assert loads == [len(PROMPT) - 32] and p.inflight_tokens == 0
