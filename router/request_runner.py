@@ -519,8 +519,9 @@ class RequestRunner:
     async def _colocated_attempt(self, req: ParsedRequest, attempt: int, progress: _Progress,
                                  trace: RequestTrace, failed: set[str],
                                  deadline: float | None) -> AsyncIterator[TokenChunk]:
-        worker = await self._pick(req, progress, failed, deadline)
-        async for ev in self._serve_attempt(worker, req, attempt, progress, trace, RequestPath.COLOCATED):
+        worker, cached = await self._pick(req, progress, failed, deadline)
+        async for ev in self._serve_attempt(worker, req, attempt, progress, trace, RequestPath.COLOCATED,
+                                            cached_tokens=cached):
             yield ev
 
     async def _serve_attempt(self, worker: WorkerInfo, req: ParsedRequest, attempt: int, progress: _Progress,
@@ -559,13 +560,15 @@ class RequestRunner:
                 worker.handle.abort.remote(request_id)
 
     async def _pick(self, req: ParsedRequest, progress: _Progress, failed: set[str],
-                    deadline: float | None) -> WorkerInfo:
+                    deadline: float | None) -> tuple[WorkerInfo, int]:
+        """The colocated worker for this attempt, and how many of its prompt tokens it caches (by the index)."""
         limit = self._wait_limit(deadline)
         query = PrefixQuery(list(req.prompt_token_ids) + progress.token_ids)
         while True:
             workers = {w.worker_id: w for w in self.directory.of_kind("colocated") if w.worker_id not in failed}
             if workers:
-                return workers[self.decode_policy.rank(self.directory.loads(list(workers.values()), query))[0]]
+                best = workers[self.decode_policy.rank(self.directory.loads(list(workers.values()), query))[0]]
+                return best, self.directory.prefix_index.cached_tokens(best.worker_id, query)
             if time.monotonic() >= limit:
                 await self._out_of_capacity(limit, deadline, "no live colocated worker")
             await asyncio.sleep(0.1)

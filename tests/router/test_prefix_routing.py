@@ -251,3 +251,18 @@ def test_a_cached_prefix_is_not_counted_as_load():
     publish(directory.prefix_index, "prefill-0", PROMPT)
     run(RequestRunner(directory, make_policy("prefix_aware"), make_policy("prefix_aware")))
     assert loads == [len(PROMPT) - 32] and p.inflight_tokens == 0
+
+
+def test_a_colocated_worker_is_charged_only_what_it_does_not_cache():
+    seen: list[int] = []
+
+    async def serve(*args):
+        seen.append(c.inflight_tokens)
+        yield Ack(1.0, 1.1, 0, 1.05, 1.2, cached_tokens=32)
+        yield TokenChunk((7, 8), "ab", True, "length")
+
+    c = worker("colocated-0", "colocated", Scripted(serve=serve))
+    directory = Directory(c)
+    publish(directory.prefix_index, "colocated-0", PROMPT)
+    run(RequestRunner(directory, make_policy("prefix_aware"), make_policy("prefix_aware"), colocated=True))
+    assert seen == [len(PROMPT) - 32 + 2] and c.inflight_tokens == 0
