@@ -25,7 +25,7 @@ client does; ``Settings.replay_answers``), so that the decode worker's cached
 blocks of the previous answer can match; the answers are greedy, hence the
 same on both arms, and the input lengths are the server's (no longer exact).
 Reported per workload and arm: TTFT p50 (all requests; for multi-turn also
-turns 2-5), its reduction from ``off``, the mean KV bytes moved per request
+turns 2-5 and each turn), its reduction from ``off``, the mean KV bytes moved per request
 and the bytes the cache saved (``off``'s mean minus ``on``'s; the router's
 per-request ``transfer_bytes_saved`` counts only the partial transfers), the
 requests that took the decode-only path, and each pool's prefix-cache hit
@@ -165,6 +165,9 @@ def summarize(records: list[RequestRecord], before: dict[str, tuple[int, int]],
         "num_ok": len(ok), "num_requests": len(records),
         "ttft_p50_ms": p50(ok),
         "ttft_p50_turns_2_5_ms": p50(later_turns) if later_turns else None,
+        # Turn number (1-based) -> TTFT p50: the saving grows with the history a turn carries.
+        "ttft_p50_by_turn_ms": {t + 1: p50([r for r in ok if r.turn == t])
+                                for t in sorted({r.turn for r in ok if r.turn is not None})},
         "ttft_ms_by_request": [r.ttft_s * 1000.0 if r.ttft_s is not None else None for r in records],
         "transfer_bytes_mean": mean("transfer_bytes"),
         "transfer_bytes_saved_partial_mean": mean("transfer_bytes_saved"),
@@ -279,6 +282,9 @@ def render_markdown(result: dict[str, Any]) -> str:
                         if arms["ttft_p50_turns_2_5_reduction"] is not None else "")
                      + f"; KV bytes saved per request {_f(arms.get('transfer_bytes_saved_mean'))}"
                      + f"; decode-side hit rate {_f(arms['on']['hit_rate'].get('decode'), '.0%')}.")
+        by_turn = _by_turn(arms["off"], arms["on"])
+        if by_turn:
+            lines.append(f"- `{w}`: TTFT p50 by turn, off -> on: {by_turn}.")
     policies = {w: arms for w, arms in result.get("policies", {}).items() if arms}
     if policies:
         conc = result["settings"].get("policy_concurrency")
@@ -300,6 +306,17 @@ def render_markdown(result: dict[str, Any]) -> str:
                 lines.append(f"- `{w}`: prefix_aware TTFT p50 {_f(arms['ttft_p50_reduction'], '.0%')} lower than "
                              "least_loaded.")
     return "\n".join(lines) + "\n"
+
+
+def _by_turn(off: dict[str, Any], on: dict[str, Any]) -> str:
+    """``turn 1 a -> b ms (-x%), ...`` for the turns both arms have (JSON keys may be strings)."""
+    off_t = {int(k): v for k, v in (off.get("ttft_p50_by_turn_ms") or {}).items()}
+    on_t = {int(k): v for k, v in (on.get("ttft_p50_by_turn_ms") or {}).items()}
+    parts = []
+    for t in sorted(set(off_t) & set(on_t)):
+        change = on_t[t] / off_t[t] - 1.0 if off_t[t] and on_t[t] is not None else None
+        parts.append(f"turn {t} {_f(off_t[t])} -> {_f(on_t[t])} ms ({_f(change, '+.0%')})")
+    return ", ".join(parts)
 
 
 def _row(w: str, arm: str, s: dict[str, Any], extra: str) -> str:

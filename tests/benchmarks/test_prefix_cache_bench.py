@@ -3,6 +3,8 @@ that differ only in caching and routing, and its figures come from the records."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks.prefix_cache import FULL, POLICY_ARMS, arm_config, reduction, render_markdown, summarize, ttft_stages
@@ -41,6 +43,7 @@ def test_summary_and_reduction():
     assert s["ttft_p50_ms"] == pytest.approx(400) and s["ttft_p50_turns_2_5_ms"] == pytest.approx(300)
     assert s["transfer_bytes_mean"] == pytest.approx(50) and s["paths"] == {"disaggregated": 3}
     assert s["hit_rate"] == {"prefill": 0.5, "decode": None}
+    assert s["ttft_p50_by_turn_ms"] == {1: pytest.approx(1000), 2: pytest.approx(200), 3: pytest.approx(400)}
     assert reduction(1000.0, 200.0) == pytest.approx(0.8) and reduction(None, 1.0) is None
 
 
@@ -65,3 +68,13 @@ def test_report_has_the_policy_table_and_worker_spread():
     md = render_markdown(result)
     assert "| multi-turn | least_loaded |" in md and "| 2 / 1 |" in md
     assert "prefix_aware TTFT p50 0% lower than least_loaded" in md
+
+
+def test_report_shows_the_saving_turn_by_turn():
+    off = summarize([record(0, 1.0, 0), record(1, 2.0, 1), record(2, 1.2, 0), record(3, 2.2, 1)], {}, {})
+    on = summarize([record(0, 1.0, 0), record(1, 0.5, 1), record(2, 1.2, 0), record(3, 0.7, 1)], {}, {})
+    result = {"model": "m", "load_before": (0, 0, 0), "load_after": (0, 0, 0), "settings": {},
+              "workloads": {"multi-turn": {"off": off, "on": on, "ttft_p50_reduction": 0.5,
+                                           "ttft_p50_turns_2_5_reduction": 0.7}}}
+    text = render_markdown(json.loads(json.dumps(result)))  # as read back from the JSON: string keys
+    assert "turn 1 1100 -> 1100 ms (+0%), turn 2 2100 -> 600 ms (-71%)" in text
