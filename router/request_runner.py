@@ -302,9 +302,8 @@ class RequestRunner:
         query = PrefixQuery(kv_ids)
         solo = self._decode_only_worker(query, failed)
         if solo is not None:
-            # Its load is the part it computes: the tokens it caches are neither computed nor moved.
-            cached = self.directory.prefix_index.cached_tokens(solo.worker_id, query)
-            async for ev in self._serve_attempt(solo, req, attempt, progress, trace, RequestPath.DECODE_ONLY,
+            worker, cached = solo  # its load is the part it computes: cached tokens are neither computed nor moved
+            async for ev in self._serve_attempt(worker, req, attempt, progress, trace, RequestPath.DECODE_ONLY,
                                                 cached_tokens=cached):
                 yield ev
             return
@@ -427,10 +426,10 @@ class RequestRunner:
             await asyncio.sleep(max(0.0, deadline - time.monotonic()) + DEADLINE_GRACE_S)
         raise NoCapacityError(why)
 
-    def _decode_only_worker(self, query: PrefixQuery, failed: set[str]) -> WorkerInfo | None:
+    def _decode_only_worker(self, query: PrefixQuery, failed: set[str]) -> tuple[WorkerInfo, int] | None:
         """The decode worker that should prefill this request itself (conditional
-        disaggregation), or ``None``: the best-ranked live one, if the part of
-        the prompt it does not cache is short or small enough."""
+        disaggregation) and the prompt tokens it caches, or ``None``: the best-ranked
+        live one, if the part of the prompt it does not cache is short or small enough."""
         if not self.conditional.enabled:
             return None
         decodes = {w.worker_id: w for w in self.directory.of_kind("decode") if w.worker_id not in failed}
@@ -447,7 +446,7 @@ class RequestRunner:
                                  default=None)
             if self.conditional.offload(cached, _decoding(best), prefill_cached):
                 return None
-        return best
+        return best, cached
 
     async def _reserve(self, transfer_id: str, query: PrefixQuery, failed: set[str], deadline: float | None,
                        remaining: int, n: int = 1) -> tuple[WorkerInfo, WorkerInfo, Reserved, int]:

@@ -2,7 +2,7 @@
 
 from engine.kv_cache_manager import KVCacheManager
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import JOIN_TOKENS, Scheduler
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -122,8 +122,6 @@ def test_remove_frees_blocks_wherever_the_sequence_is():
 
 
 def test_a_long_prompt_behind_a_short_one_leads_the_next_step_instead_of_holding_it():
-    from engine.scheduler import JOIN_TOKENS
-
     sched = Scheduler(KVCacheManager(512, 16), max_running=8, max_batched_tokens=2048)
     short, long_, short2 = seq("short", 32), seq("long", JOIN_TOKENS + 700), seq("short2", 40)
     for s in (short, long_, short2):
@@ -137,8 +135,6 @@ def test_a_long_prompt_behind_a_short_one_leads_the_next_step_instead_of_holding
 
 
 def test_prompts_up_to_the_join_size_share_a_step():
-    from engine.scheduler import JOIN_TOKENS
-
     sched = Scheduler(KVCacheManager(512, 16), max_running=8, max_batched_tokens=2048)
     prompts = [seq("a", 10), seq("b", JOIN_TOKENS), seq("c", JOIN_TOKENS + 10), seq("d", 2 * JOIN_TOKENS + 40)]
     for s in prompts:

@@ -218,26 +218,27 @@ def test_a_refused_reservation_releases_its_load_and_the_next_worker_is_tried():
     assert (p.inflight_tokens, d0.inflight_tokens, d1.inflight_tokens) == (0, 0, 0)
 
 
-def test_a_cached_prefix_is_not_counted_as_load():
-    # A decode-only request's load is what its worker computes and generates, not what it caches;
-    # a disaggregated one's prefill load likewise leaves out what the prefill worker caches.
+@pytest.mark.parametrize("kind", ["decode", "colocated"])
+def test_a_worker_serving_both_phases_is_charged_only_what_it_does_not_cache(kind):
+    # A decode-only (or colocated) request's load is what its worker computes and generates,
+    # not the prefix it caches.
     seen: list[int] = []
 
     async def serve(*args):
-        seen.append(d.inflight_tokens)
+        seen.append(w.inflight_tokens)
         yield Ack(1.0, 1.1, 0, 1.05, 1.2, cached_tokens=32)
         yield TokenChunk((7, 8), "ab", True, "length")
 
-    decode = Scripted(serve=serve)
-    d = worker("decode-0", "decode", decode)
-    directory = Directory(worker("prefill-0", "prefill", Scripted()), d)
-    publish(directory.prefix_index, "decode-0", PROMPT)
-    runner = RequestRunner(directory, make_policy("prefix_aware"), make_policy("prefix_aware"),
-                           conditional=ConditionalPrefill(max_uncached_tokens=8))
-    run(runner)
+    w = worker(f"{kind}-0", kind, Scripted(serve=serve))
+    directory = Directory(worker("prefill-0", "prefill", Scripted()), w) if kind == "decode" else Directory(w)
+    publish(directory.prefix_index, w.worker_id, PROMPT)
+    run(RequestRunner(directory, make_policy("prefix_aware"), make_policy("prefix_aware"),
+                      conditional=ConditionalPrefill(max_uncached_tokens=8), colocated=kind == "colocated"))
     assert seen == [len(PROMPT) - 32 + 2]  # 8 uncached prompt tokens + 2 to generate
-    assert d.inflight_tokens == 0
+    assert w.inflight_tokens == 0
 
+
+def test_a_prefill_worker_is_charged_only_what_it_does_not_cache():
     loads: list[int] = []
     pushed = KVPushed(META, 8 * 100, 1.3, 1.4)
 
@@ -252,17 +253,3 @@ def test_a_cached_prefix_is_not_counted_as_load():
     run(RequestRunner(directory, make_policy("prefix_aware"), make_policy("prefix_aware")))
     assert loads == [len(PROMPT) - 32] and p.inflight_tokens == 0
 
-
-def test_a_colocated_worker_is_charged_only_what_it_does_not_cache():
-    seen: list[int] = []
-
-    async def serve(*args):
-        seen.append(c.inflight_tokens)
-        yield Ack(1.0, 1.1, 0, 1.05, 1.2, cached_tokens=32)
-        yield TokenChunk((7, 8), "ab", True, "length")
-
-    c = worker("colocated-0", "colocated", Scripted(serve=serve))
-    directory = Directory(c)
-    publish(directory.prefix_index, "colocated-0", PROMPT)
-    run(RequestRunner(directory, make_policy("prefix_aware"), make_policy("prefix_aware"), colocated=True))
-    assert seen == [len(PROMPT) - 32 + 2] and c.inflight_tokens == 0
