@@ -4,13 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.decode_attention import grouped_einsum_attention
 from engine.decode_attention import gather_heads_major, heads_major_attention, sdpa_attention, upcast_sdpa_attention
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("path", [sdpa_attention, upcast_sdpa_attention, grouped_einsum_attention])
+@pytest.mark.parametrize("path", [sdpa_attention, upcast_sdpa_attention])
 def test_matches_sdpa_with_gqa_and_padding(dtype, tol, batch, path):
     gen = torch.Generator().manual_seed(batch)
     heads, kv_heads, dim, keys = 9, 3, 64, 48
