@@ -244,8 +244,9 @@ class RequestRunner:
         self.colocated = colocated
         self.conditional = conditional
         self.retries = 0  # attempts beyond the first, over all requests (a metric)
-        # Attempts bound for a prefill worker that is not chosen yet (reserving decode
-        # blocks first): until then no prefill worker counts as idle for an offload.
+        # Attempts in _reserve: bound for a prefill worker whose inflight count may not show them
+        # (waiting after a refused reservation, or a prompt that worker caches whole): while any
+        # is, no prefill worker counts as idle for an offload.
         self._reserving = 0
 
     async def run(self, req: ParsedRequest, trace: RequestTrace,
