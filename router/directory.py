@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,19 @@ class WorkerInfo:
     # chose the worker: fresher than the polled status, so that a burst of
     # requests spreads out before the next poll.
     inflight_tokens: int = 0
+    # time.monotonic() when the poll that answered ``status`` was sent, and when this router last
+    # released work there: a status asked before that release may still count that work as running.
+    status_asked_at: float = 0.0
+    released_at: float = 0.0
+
+    def charge(self, tokens: int) -> None:
+        """Count ``tokens`` of work this router has just placed here."""
+        self.inflight_tokens += tokens
+
+    def release(self, tokens: int) -> None:
+        """Stop counting ``tokens`` placed by :meth:`charge` (the work ended, or never started)."""
+        self.inflight_tokens -= tokens
+        self.released_at = time.monotonic()
 
     def load(self, cached_tokens: int = 0) -> WorkerLoad:
         """Its load as the policies see it; ``cached_tokens``: of the request being placed."""
@@ -115,7 +129,9 @@ class WorkerDirectory:
     async def poll_status(self) -> None:
         async def one(w: WorkerInfo) -> None:
             try:
+                asked = time.monotonic()
                 w.status = await within(w.handle.status.remote(), timeout_s=STATUS_TIMEOUT_S)
+                w.status_asked_at = asked
                 w.alive = True
             except Exception:
                 w.alive = False

@@ -223,8 +223,12 @@ def _idle(worker: WorkerInfo) -> bool:
 
 
 def _decoding(worker: WorkerInfo) -> bool:
-    """Sequences of this router's or, at its last poll, of anyone's run there."""
-    return worker.inflight_tokens > 0 or (worker.status is not None and worker.status.running > 0)
+    """Sequences of this router's run there, or did at its last poll, if that poll was asked after this
+    router last released work there (an earlier one may count that finished work as running; another
+    router's sequences then go unseen until the next poll, at most the directory's refresh later)."""
+    st = worker.status
+    return worker.inflight_tokens > 0 or (st is not None and st.running > 0
+                                          and worker.status_asked_at > worker.released_at)
 
 
 class RequestRunner:
@@ -331,7 +335,7 @@ class RequestRunner:
                 prefilled = await self._prefill(prefill, decode, transfer_id, req, progress, endpoint, kv_ids,
                                                 kv_start)
             finally:
-                prefill.inflight_tokens -= prefill_load
+                prefill.release(prefill_load)
             trace.prefill_queued, trace.prefill_start = prefilled.t_received, prefilled.t_prefill_start
             trace.prefill_end = prefilled.t_prefill_end
             trace.prefill_cached_tokens = prefilled.cached_tokens
@@ -364,7 +368,7 @@ class RequestRunner:
                         if done:
                             return
         finally:
-            decode.inflight_tokens -= remaining
+            decode.release(remaining)
             if not done:
                 # Cancelled or failed: drop the attempt on both sides without
                 # waiting (the handler may itself be cancelled).
@@ -468,7 +472,7 @@ class RequestRunner:
                 by_id = {w.worker_id: w for w in prefills}
                 prefill = by_id[self.prefill_policy.rank(self.directory.loads(prefills, query))[0]]
                 prefill_load = kv_tokens - self.directory.prefix_index.cached_tokens(prefill.worker_id, query)
-                prefill.inflight_tokens += prefill_load
+                prefill.charge(prefill_load)
                 chosen = False
                 try:
                     for worker_id in self.decode_policy.rank(self.directory.loads(list(decodes.values()), query)):
@@ -480,7 +484,7 @@ class RequestRunner:
                             return prefill, decode, reserved, prefill_load
                 finally:
                     if not chosen:
-                        prefill.inflight_tokens -= prefill_load
+                        prefill.release(prefill_load)
             if time.monotonic() >= limit:
                 await self._out_of_capacity(limit, deadline, f"no decode worker had room for {kv_tokens} tokens "
                                                              f"of KV within {self.queue_timeout_s:.0f} s")
@@ -492,7 +496,7 @@ class RequestRunner:
         """One reservation call on ``decode``: its answer, or ``None`` when it refused (full) or
         failed (then it joins ``failed``). ``remaining`` is in its ``inflight_tokens`` while the
         call is out, and stays there if it reserved."""
-        decode.inflight_tokens += remaining
+        decode.charge(remaining)
         reserved = None
         try:
             reserved = await within(
@@ -512,7 +516,7 @@ class RequestRunner:
             decode.handle.abort.remote(transfer_id)
         finally:
             if reserved is None:
-                decode.inflight_tokens -= remaining
+                decode.release(remaining)
         return reserved
 
     # --------------------------------------------------------------- colocated
@@ -532,7 +536,7 @@ class RequestRunner:
         trace.path = path
         trace.prefill_worker = trace.decode_worker = worker.worker_id
         cost = max(len(req.prompt_token_ids) - cached_tokens, 0) + req.params.max_tokens * req.n
-        worker.inflight_tokens += cost
+        worker.charge(cost)
         done = False
         ended: set[int] = set()
         stream = worker.handle.serve.remote(request_id, req.prompt_token_ids, req.params,
@@ -554,7 +558,7 @@ class RequestRunner:
                         if done:
                             return
         finally:
-            worker.inflight_tokens -= cost
+            worker.release(cost)
             if not done:
                 ray.cancel(stream)
                 worker.handle.abort.remote(request_id)

@@ -129,14 +129,16 @@ def _status(worker_id: str, kind: str, running: int) -> WorkerStatus:
                         step_stats=StepStatsSnapshot(), kv_transfer=KVTransferStats())
 
 
-@pytest.mark.parametrize("decode_running,prefill_running,reserving,path", [
-    (0, 0, 0, RequestPath.DECODE_ONLY),      # decode idle: it prefills the short prompt itself
-    (3, 0, 0, RequestPath.DISAGGREGATED),    # decode busy, prefill idle: the prefill worker takes it
-    (3, 1, 0, RequestPath.DECODE_ONLY),      # both busy: the decode worker, as without the option
-    (3, 0, 1, RequestPath.DECODE_ONLY),      # another attempt is on its way to the prefill pool (reserving)
+@pytest.mark.parametrize("decode_running,prefill_running,reserving,stale,path", [
+    (0, 0, 0, False, RequestPath.DECODE_ONLY),      # decode idle: it prefills the short prompt itself
+    (3, 0, 0, False, RequestPath.DISAGGREGATED),    # decode busy, prefill idle: the prefill worker takes it
+    (3, 1, 0, False, RequestPath.DECODE_ONLY),      # both busy: the decode worker, as without the option
+    (3, 0, 1, False, RequestPath.DECODE_ONLY),      # another attempt is on its way to the prefill pool (reserving)
+    # the status counting 3 running was asked before this router's work there ended: not busy now
+    (3, 0, 0, True, RequestPath.DECODE_ONLY),
 ])
 def test_a_short_prompt_goes_to_an_idle_prefill_worker_while_decode_runs_a_batch(decode_running, prefill_running,
-                                                                                  reserving, path):
+                                                                                  reserving, stale, path):
     pushed = KVPushed(META, 40 * 100, 1.3, 1.4)
 
     async def serve(*args):
@@ -152,6 +154,11 @@ def test_a_short_prompt_goes_to_an_idle_prefill_worker_while_decode_runs_a_batch
     runner = RequestRunner(Directory(p, d), make_policy("prefix_aware"), make_policy("prefix_aware"),
                            conditional=ConditionalPrefill(max_uncached_tokens=64, offload_when_prefill_idle=True))
     runner._reserving = reserving
+    d.status_asked_at = 1.0
+    d.charge(5)
+    d.release(5)  # this router's last request there ended now, after that poll was asked ...
+    if not stale:
+        d.status_asked_at = d.released_at + 1.0  # ... or a poll asked since then still saw the batch
     chunks, trace = run(runner)
     assert [t for c in chunks for t in c.token_ids] == [7, 8]
     assert trace.path is path
