@@ -13,8 +13,10 @@ after the other, each a deployment of :func:`benchmarks.deployments.make_config`
 with every worker at ``num_cpus`` 0.5 (one torch thread; 4 such workers fill
 the 2 cores):
 
-1. ``autoscaled``: ``pools.autoscale`` with ``ratio: auto``, 2-4 workers,
-   starting at 1:1, short windows (the trace's phases last 30-40 s);
+1. ``autoscaled``: ``pools.autoscale`` with ``ratio: auto``, 2-4 workers
+   (``--workers MIN:MAX``; with MIN = MAX the total is capped and the ratio
+   moves only by switching workers' roles in place), starting at the split
+   :func:`start_split` gives MIN, short windows (the trace's phases last 30-40 s);
 2. then the static splits with the autoscaled arm's *average* worker count
    (rounded; worker-seconds are compared, so the rounding is accounted for):
    every P:D of that total unless ``--static`` names some; the best of them
@@ -65,7 +67,7 @@ from benchmarks.autoscale_report import (AUTOSCALED, DEFAULT_PHASES, LONG_INPUT,
 from benchmarks.common import CpuSampler, log  # noqa: E402
 from benchmarks.loadgen import Scheduled, run_trace  # noqa: E402
 from benchmarks.slo import RequestRecord  # noqa: E402
-from benchmarks.workloads import BenchRequest, WorkloadSpec, generate  # noqa: E402
+from benchmarks.workloads import BenchRequest, WorkloadSpec, generate, range_arg  # noqa: E402
 
 SAMPLE_S = 0.5
 REQUEST_TIMEOUT_S = 300.0
@@ -87,6 +89,18 @@ class Settings:
         ("ratio_window_s", 20.0))
 
 
+def totals(settings: Settings) -> tuple[int, int]:
+    """The autoscaled arm's ``(min_total, max_total)``."""
+    a = dict(settings.autoscale)
+    return int(a["min_total"]), int(a["max_total"])
+
+
+def start_split(total: int) -> str:
+    """The autoscaled arm's first P:D for ``total`` workers: even, or one more decode worker
+    (the trace opens with chat, decode-bound)."""
+    return f"{total // 2}:{total - total // 2}"
+
+
 QUICK_PHASES = tuple(replace(p, duration_s=p.duration_s / 2) for p in DEFAULT_PHASES)
 
 
@@ -100,7 +114,8 @@ def arm_config(arm: str, model: str, settings: Settings):
                   prefill={"num_cpus": WORKER_CPUS, "num_blocks": 256, "max_batched_tokens": 1024},
                   decode={"num_cpus": WORKER_CPUS, "num_blocks": 512, "max_running": 16})
     if arm == AUTOSCALED:
-        cfg = make_config(ratio="1:1", replicas=MIN_TOTAL, autoscale=dict(settings.autoscale), **common)
+        low = totals(settings)[0]
+        cfg = make_config(ratio=start_split(low), replicas=low, autoscale=dict(settings.autoscale), **common)
     else:
         p, d = (int(x) for x in arm.split(":"))
         cfg = make_config(ratio=arm, replicas=p + d, **common)
@@ -229,7 +244,8 @@ def run(settings: Settings, model: str = DEFAULT_MODEL) -> tuple[dict, dict[str,
     result: dict[str, Any] = {"model": model, "settings": {**asdict(settings), "autoscale": dict(settings.autoscale)},
                               "arms": {}}
     records: dict[str, dict[str, list[RequestRecord]]] = {}
-    start_ray(NAMESPACE, num_cpus=int(math.ceil(MAX_TOTAL * WORKER_CPUS)))
+    low, high = totals(settings)
+    start_ray(NAMESPACE, num_cpus=int(math.ceil(high * WORKER_CPUS)))
     others: list[float] = []
     try:
         with CpuSampler() as cpu:
@@ -250,7 +266,7 @@ def run(settings: Settings, model: str = DEFAULT_MODEL) -> tuple[dict, dict[str,
 
             do(AUTOSCALED)
             avg = result["arms"][AUTOSCALED]["runs"][f"{settings.scales[0]:g}"]["avg_workers"]
-            total = min(MAX_TOTAL, max(MIN_TOTAL, round(avg)))
+            total = min(high, max(low, round(avg)))
             static = settings.static or tuple(f"{p}:{total - p}" for p in range(1, total))
             log(f"autoscaled arm averaged {avg:.2f} workers: static splits {static}")
             for arm in static:
@@ -271,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scales", help="rate multipliers, comma-separated (default 1); two or more interpolate a goodput")
     ap.add_argument("--static", help="static P:D splits to run, comma-separated (default: every split of the "
                                      "autoscaled arm's average worker count)")
+    ap.add_argument("--workers", type=range_arg, metavar="MIN:MAX",
+                    help=f"the autoscaled arm's total workers (default {MIN_TOTAL}:{MAX_TOTAL}; MIN = MAX: role "
+                         "switching only)")
     ap.add_argument("--json", metavar="PATH", help="write the figures (no per-request records) to PATH")
     ap.add_argument("--records", metavar="PATH", help="write every request's record to PATH")
     ap.add_argument("--markdown", metavar="PATH")
@@ -283,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, phases=QUICK_PHASES)
     if args.scales:
         settings = replace(settings, scales=tuple(float(x) for x in args.scales.split(",")))
+    if args.workers:
+        if args.workers[0] < MIN_TOTAL:
+            ap.error(f"--workers: at least {MIN_TOTAL} (one worker per pool)")
+        auto = {**dict(settings.autoscale), "min_total": args.workers[0], "max_total": args.workers[1]}
+        settings = replace(settings, autoscale=tuple(auto.items()))
     if args.static:
         settings = replace(settings, static=tuple(x.strip() for x in args.static.split(",")))
     result, records = run(settings, args.model)

@@ -57,7 +57,7 @@ from typing import Any
 from analysis.model_catalog import DEFAULT_MODEL
 from benchmarks.loadgen import FixedConcurrency, run_sweep
 from benchmarks.slo import SLO, RequestRecord
-from benchmarks.workloads import WorkloadSpec, generate
+from benchmarks.workloads import WorkloadSpec, generate, range_arg
 
 ARMS = ("off", "on")
 #: The routing comparison's arms: caching and conditional disaggregation on, 2 decode workers.
@@ -77,7 +77,12 @@ class Settings:
     prefix_tokens: int = 1000
     conversations: int = 4           # multi-turn: 16 turns 2-5 per arm (the median of 8 moved by ~5 points run to run)
     turns: int = 5
-    output_tokens: tuple[int, int] = (16, 16)
+    output_tokens: tuple[int, int] = (16, 16)  # shared-prefix: answer lengths (only TTFT is measured)
+    # multi-turn: answer lengths. They set how fast the history grows, hence what a cache can save:
+    # with 16-token answers a turn's new message (~50 tokens) is a quarter to a third of its whole
+    # prompt. Chat answers run far longer (LMSYS-Chat-1M: 215 tokens on average); 32-96 stays short
+    # of that to keep the run at minutes (benchmarks/README.md).
+    turn_output: tuple[int, int] = (32, 96)
     conditional_tokens: int = 128
     replay_answers: bool = True       # multi-turn: send back the served answers (a chat client's history)
     policies: bool = True             # also compare least_loaded with prefix_aware (POLICY_ARMS)
@@ -121,7 +126,7 @@ def workload(name: str, settings: Settings, conversations: int | None = None) ->
                             short_output=settings.output_tokens)
     conv = conversations or settings.conversations
     return WorkloadSpec(name=name, num_requests=conv * settings.turns, seed=settings.seed,
-                        turns=settings.turns, turn_input=(40, 64), turn_output=settings.output_tokens,
+                        turns=settings.turns, turn_input=(40, 64), turn_output=settings.turn_output,
                         interleave=conv)
 
 
@@ -257,12 +262,26 @@ def _stages(s: dict[str, Any]) -> str:
     return " / ".join(_f(st.get(k)) for k in TTFT_STAGES + ("rest",))
 
 
+def _shape(settings: dict[str, Any]) -> str:
+    """The workloads' sizes, in words (``settings``: :class:`Settings` as a dict, as in the JSON)."""
+    def span(pair) -> str:
+        lo, hi = pair
+        return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+    return (f"Workloads: shared-prefix {settings['shared_prefix_requests']} requests on a "
+            f"{settings['prefix_tokens']}-token prefix, {span(settings['output_tokens'])}-token answers; "
+            f"multi-turn {settings['conversations']} conversations of {settings['turns']} turns, "
+            f"{span(settings['turn_output'])}-token answers"
+            + (", the served answers sent back." if settings.get("replay_answers") else ", stand-in answers."))
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     lines = [f"Model `{result['model']}`; load average before {tuple(round(x, 1) for x in result['load_before'])}, "
              f"after {tuple(round(x, 1) for x in result['load_after'])}.", "",
              "One request in flight; 1 prefill + 1 decode worker. TTFT stages: medians (ms) over turns 2-5 "
              "(multi-turn) or all requests, of queue / prefill queue / prefill / transfer / rest (the first "
              "token's way back).", "",
+             _shape(result["settings"]), "",
              "| workload | arm | ok/n | TTFT p50 ms | TTFT p50 turns 2-5 ms | TTFT stages p50 ms | "
              "KV bytes moved / req | prefill cached tok / req | decode cached tok / req | paths | "
              "hit rate prefill / decode |",
@@ -303,9 +322,14 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines.append("")
         for w, arms in policies.items():
             if arms.get("ttft_p50_reduction") is not None:
-                lines.append(f"- `{w}`: prefix_aware TTFT p50 {_f(arms['ttft_p50_reduction'], '.0%')} lower than "
+                lines.append(f"- `{w}`: prefix_aware TTFT p50 {_lower_or_higher(arms['ttft_p50_reduction'])} than "
                              "least_loaded.")
     return "\n".join(lines) + "\n"
+
+
+def _lower_or_higher(red: float) -> str:
+    """A reduction (0.2 = 20 % lower) in words: ``"20% lower"`` or, when negative, ``"20% higher"``."""
+    return f"{red:.0%} lower" if red >= 0 else f"{-red:.0%} higher"
 
 
 def _by_turn(off: dict[str, Any], on: dict[str, Any]) -> str:
@@ -343,12 +367,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-policies", action="store_true", help="skip the least_loaded vs prefix_aware comparison")
     ap.add_argument("--synthetic-answers", action="store_true",
                     help="multi-turn: keep the workload's stand-in answers (exact lengths) instead of the served ones")
+    ap.add_argument("--turn-output", type=range_arg, default=None, metavar="LO:HI",
+                    help=f"multi-turn: answer lengths in tokens (default {FULL.turn_output[0]}:{FULL.turn_output[1]}; "
+                         "16 is the shape measured before 2026-12-02 07:00)")
     args = ap.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
     if any(w not in WORKLOADS for w in workloads):
         ap.error(f"--workloads: choose from {WORKLOADS}")
     settings = replace(QUICK if args.quick else FULL, policies=not args.no_policies,
                        replay_answers=not args.synthetic_answers)
+    if args.turn_output is not None:
+        settings = replace(settings, turn_output=args.turn_output)
     result = run(settings, workloads, args.model)
     table = render_markdown(result)
     print(table, end="")

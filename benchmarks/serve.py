@@ -32,7 +32,7 @@ import grpc
 from benchmarks.loadgen import (APIS, Arrival, Burst, ConstantRate, FixedConcurrency, Poisson, RunResult,
                                 make_client, run_sweep)
 from benchmarks.slo import ATTAINMENT_TARGET, SLO, Goodput, goodput
-from benchmarks.workloads import WORKLOADS, WorkloadSpec, describe, generate, parse_range
+from benchmarks.workloads import WORKLOADS, WorkloadSpec, describe, generate, range_arg
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_HTTP_URL = "http://127.0.0.1:8000/v1"
@@ -51,13 +51,6 @@ def _ints(text: str) -> list[int]:
     if not vals or any(v < 1 for v in vals):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers >= 1, got {text!r}")
     return vals
-
-
-def _range(text: str) -> tuple[int, int]:
-    try:
-        return parse_range(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,16 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--num-requests", type=int, default=32, help="requests per run (default %(default)s)")
     w.add_argument("--seed", type=int, default=0, help="seeds the workload and Poisson arrivals")
     d = WorkloadSpec()
-    w.add_argument("--short-input", type=_range, default=d.short_input)
-    w.add_argument("--short-output", type=_range, default=d.short_output)
-    w.add_argument("--long-input", type=_range, default=d.long_input)
-    w.add_argument("--long-output", type=_range, default=d.long_output)
+    w.add_argument("--short-input", type=range_arg, default=d.short_input)
+    w.add_argument("--short-output", type=range_arg, default=d.short_output)
+    w.add_argument("--long-input", type=range_arg, default=d.long_input)
+    w.add_argument("--long-output", type=range_arg, default=d.long_output)
     w.add_argument("--long-fraction", type=float, default=d.long_fraction, help="mixed: share of long requests")
     w.add_argument("--prefix-tokens", type=int, default=d.prefix_tokens, help="shared-prefix: common prefix length")
-    w.add_argument("--suffix-input", type=_range, default=d.suffix_input, help="shared-prefix: distinct suffix")
+    w.add_argument("--suffix-input", type=range_arg, default=d.suffix_input, help="shared-prefix: distinct suffix")
     w.add_argument("--turns", type=int, default=d.turns, help="multi-turn: turns per conversation")
-    w.add_argument("--turn-input", type=_range, default=d.turn_input, help="multi-turn: tokens each turn adds")
-    w.add_argument("--turn-output", type=_range, default=d.turn_output, help="multi-turn: answer length")
+    w.add_argument("--turn-input", type=range_arg, default=d.turn_input, help="multi-turn: tokens each turn adds")
+    w.add_argument("--turn-output", type=range_arg, default=d.turn_output, help="multi-turn: answer length")
     w.add_argument("--interleave", type=int, default=d.interleave,
                    help="multi-turn: conversations interleaved turn by turn (default %(default)s)")
     w.add_argument("--replay-answers", action="store_true",

@@ -129,6 +129,16 @@ def parse_range(text: str) -> tuple[int, int]:
     return pair
 
 
+def range_arg(text: str) -> tuple[int, int]:
+    """:func:`parse_range` as an ``argparse`` type (a bad range is a usage error naming the option)."""
+    import argparse
+
+    try:
+        return parse_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def count_raw(tokenizer, text: str) -> int:
     """Tokens of a raw prompt, as the router counts them."""
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0

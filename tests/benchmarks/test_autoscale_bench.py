@@ -109,3 +109,18 @@ def test_committed_plot_is_drawn_from_the_committed_figures(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and rep.plot_digest(out) == rep.figures_digest(result)
     md = rep.render_markdown(result)
     assert "### Headline" in md and rep.AUTOSCALED in md
+
+
+@pytest.mark.parametrize("workers", [(2, 4), (3, 3), (4, 4)])
+def test_the_autoscaled_arm_starts_at_its_minimum_total_and_validates(workers):
+    from benchmarks.autoscale import AUTOSCALED, Settings, arm_config, main, start_split, totals
+
+    auto = {**dict(Settings().autoscale), "min_total": workers[0], "max_total": workers[1]}
+    settings = Settings(autoscale=tuple(auto.items()))
+    assert totals(settings) == workers
+    cfg = arm_config(AUTOSCALED, "builtin:tiny-llama", settings)
+    p, d = (int(x) for x in start_split(workers[0]).split(":"))
+    assert p >= 1 and d >= p and p + d == workers[0]
+    assert cfg.pools.replicas == workers[0] and cfg.pools.autoscale.max_total == workers[1]
+    with pytest.raises(SystemExit):  # one worker cannot hold both pools
+        main(["--workers", "1:3"])

@@ -62,19 +62,24 @@ def test_report_has_the_policy_table_and_worker_spread():
     s = summarize(recs, {}, {"decode": (5, 10)})
     assert s["decode_workers"] == {"d0": 2, "d1": 1}
     result = {"model": "m", "load_before": (0.0, 0.0, 0.0), "load_after": (0.0, 0.0, 0.0),
-              "settings": {"policy_concurrency": 4}, "workloads": {"multi-turn": {"off": s, "on": s,
+              "settings": {**FULL.__dict__, "policy_concurrency": 4}, "workloads": {"multi-turn": {"off": s, "on": s,
               "ttft_p50_reduction": 0.0, "ttft_p50_turns_2_5_reduction": 0.0}},
               "policies": {"multi-turn": {"least_loaded": s, "prefix_aware": s, "ttft_p50_reduction": 0.0}}}
     md = render_markdown(result)
     assert "| multi-turn | least_loaded |" in md and "| 2 / 1 |" in md
     assert "prefix_aware TTFT p50 0% lower than least_loaded" in md
+    result["policies"]["multi-turn"]["ttft_p50_reduction"] = -0.69
+    assert "prefix_aware TTFT p50 69% higher than least_loaded" in render_markdown(result)
 
 
 def test_report_shows_the_saving_turn_by_turn():
     off = summarize([record(0, 1.0, 0), record(1, 2.0, 1), record(2, 1.2, 0), record(3, 2.2, 1)], {}, {})
     on = summarize([record(0, 1.0, 0), record(1, 0.5, 1), record(2, 1.2, 0), record(3, 0.7, 1)], {}, {})
-    result = {"model": "m", "load_before": (0, 0, 0), "load_after": (0, 0, 0), "settings": {},
+    result = {"model": "m", "load_before": (0, 0, 0), "load_after": (0, 0, 0),
+              "settings": {**FULL.__dict__, "turn_output": (32, 96), "output_tokens": (16, 16)},
               "workloads": {"multi-turn": {"off": off, "on": on, "ttft_p50_reduction": 0.5,
                                            "ttft_p50_turns_2_5_reduction": 0.7}}}
     text = render_markdown(json.loads(json.dumps(result)))  # as read back from the JSON: string keys
     assert "turn 1 1100 -> 1100 ms (+0%), turn 2 2100 -> 600 ms (-71%)" in text
+    # The answer lengths set how fast the history grows: the report names them.
+    assert "16-token answers; multi-turn 4 conversations of 5 turns, 32-96-token answers" in text
