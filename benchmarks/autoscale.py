@@ -68,6 +68,8 @@ from benchmarks.common import CpuSampler, log  # noqa: E402
 from benchmarks.loadgen import Scheduled, run_trace  # noqa: E402
 from benchmarks.slo import RequestRecord  # noqa: E402
 from benchmarks.workloads import BenchRequest, WorkloadSpec, generate, range_arg  # noqa: E402
+from cluster.autoscale_policy import ROLES  # noqa: E402
+from worker_common.routing_table import RoutingTable  # noqa: E402
 
 SAMPLE_S = 0.5
 REQUEST_TIMEOUT_S = 300.0
@@ -122,6 +124,13 @@ def arm_config(arm: str, model: str, settings: Settings):
     return cfg
 
 
+def table_sample(t: float, table: RoutingTable) -> dict:
+    """One sample of the routing table at ``t`` s: the live (prefill, decode) workers and the autoscaler's report
+    (kept in this process only: :func:`decisions_and_latencies` reads them)."""
+    live = tuple(len(table.of_kind(role)) for role in ROLES)
+    return {"t": round(t, 2), "live": live, "autoscale": table.autoscale}
+
+
 class Sampler(threading.Thread):
     """Every ``SAMPLE_S``: CPUs held (-> workers), the routing table's live workers and autoscale report."""
 
@@ -146,11 +155,7 @@ class Sampler(threading.Thread):
                 self.stop_ev.wait(SAMPLE_S)
                 continue
             self.workers.append((round(t, 2), round(held / WORKER_CPUS, 2)))
-            live = {"prefill": 0, "decode": 0}
-            for w in table["workers"]:
-                live[w["kind"]] = live.get(w["kind"], 0) + 1
-            self.tables.append({"t": round(t, 2), "live": (live["prefill"], live["decode"]),
-                                "autoscale": table.get("autoscale")})
+            self.tables.append(table_sample(t, table))
             self.stop_ev.wait(SAMPLE_S)
 
     def stop(self) -> None:

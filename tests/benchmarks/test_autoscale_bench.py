@@ -124,3 +124,37 @@ def test_the_autoscaled_arm_starts_at_its_minimum_total_and_validates(workers):
     assert cfg.pools.replicas == workers[0] and cfg.pools.autoscale.max_total == workers[1]
     with pytest.raises(SystemExit):  # one worker cannot hold both pools
         main(["--workers", "1:3"])
+
+
+def _report(decisions: dict[str, int], targets, action="hold", switch_s=None) -> "AutoscaleReport":
+    from observability.autoscale import AutoscaleReport
+
+    return AutoscaleReport(advisory=False, decisions=tuple(decisions.items()), last_action=action,
+                           last_reason=f"why {action}", last_decision_at=0.0, targets=targets, live=targets,
+                           pending=0, capped=0, role_switches=1 if switch_s else 0, switch_failures=0,
+                           last_switch_s=switch_s, last_start_s=None, prefill_share=None, ttft_attainment=None,
+                           tpot_attainment=None)
+
+
+def test_the_sampler_reads_the_pool_managers_routing_table_into_decisions():
+    """The routing table as the pool manager returns it (a frozen value, not a dict) -> samples -> decisions."""
+    from benchmarks.autoscale import decisions_and_latencies, table_sample
+    from kvtransfer.endpoints import InProcEndpoint
+    from worker_common.routing_table import RoutingTable, TableWorker
+
+    def table(kinds: tuple[str, ...], report) -> RoutingTable:
+        workers = tuple(TableWorker(f"w{i}", k, None, InProcEndpoint(worker_id=f"w{i}"), "node")
+                        for i, k in enumerate(kinds))
+        return RoutingTable("inc", 1, {"prefill": kinds.count("prefill"), "decode": kinds.count("decode")}, workers,
+                            report)
+
+    samples = [
+        table_sample(0.0, table(("prefill", "decode", "decode"), _report({"hold": 3}, (1, 2)))),
+        table_sample(0.5, table(("prefill", "decode"), _report({"hold": 3, "rebalance": 1}, (2, 1), "rebalance"))),
+        table_sample(2.0, table(("prefill", "prefill", "decode"),
+                                _report({"hold": 4, "rebalance": 1}, (2, 1), switch_s=1.5))),
+    ]
+    assert [s["live"] for s in samples] == [(1, 2), (1, 1), (2, 1)]
+    decisions, lat = decisions_and_latencies(samples)
+    assert decisions == [{"t": 0.5, "action": "rebalance", "targets": [2, 1], "reason": "why rebalance"}]
+    assert lat["switch_s"] == [1.5] and lat["decision_to_serving_s"] == [1.5]
