@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="multi-turn: keep the workload's stand-in answers (exact lengths) instead of the served ones")
     ap.add_argument("--turn-output", type=range_arg, default=None, metavar="LO:HI",
                     help=f"multi-turn: answer lengths in tokens (default {FULL.turn_output[0]}:{FULL.turn_output[1]}; "
-                         "16 is the shape measured before 2026-12-02 07:00)")
+                         "16 is the shape measured before 2026-12-02 08:00)")
     args = ap.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
     if any(w not in WORKLOADS for w in workloads):
