@@ -81,6 +81,7 @@ class Settings:
     phases: tuple[Phase, ...] = DEFAULT_PHASES
     scales: tuple[float, ...] = (1.0,)   # the trace's rates times each; >= 2 scales give a goodput interpolation
     static: tuple[str, ...] = ()         # P:D splits to run; () = every split of the autoscaled average total
+    static_first: bool = False           # run the static splits before the autoscaled arm (needs ``static``)
     window_s: float = 10.0               # attainment-over-time windows
     seed: int = 0
     autoscale: tuple[tuple[str, Any], ...] = (
@@ -269,12 +270,15 @@ def run(settings: Settings, model: str = DEFAULT_MODEL) -> tuple[dict, dict[str,
                         entry["decisions"], entry["latencies"] = decisions_and_latencies(sampler.tables)
                 entry["goodput"] = arm_goodput(entry["runs"], mean_rate(settings.phases))
 
+            if settings.static_first:  # an order control: does running first cost an arm anything?
+                for arm in settings.static:
+                    do(arm)
             do(AUTOSCALED)
             avg = result["arms"][AUTOSCALED]["runs"][f"{settings.scales[0]:g}"]["avg_workers"]
             total = min(high, max(low, round(avg)))
             static = settings.static or tuple(f"{p}:{total - p}" for p in range(1, total))
             log(f"autoscaled arm averaged {avg:.2f} workers: static splits {static}")
-            for arm in static:
+            for arm in static if not settings.static_first else ():
                 do(arm)
     finally:
         ray.shutdown()
@@ -286,7 +290,8 @@ def run(settings: Settings, model: str = DEFAULT_MODEL) -> tuple[dict, dict[str,
     return result, records
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    """The command line and the :class:`Settings` it asks for."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="phases half as long")
     ap.add_argument("--scales", help="rate multipliers, comma-separated (default 1); two or more interpolate a goodput")
@@ -295,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=range_arg, metavar="MIN:MAX",
                     help=f"the autoscaled arm's total workers (default {MIN_TOTAL}:{MAX_TOTAL}; MIN = MAX: role "
                          "switching only)")
+    ap.add_argument("--advisory", action="store_true",
+                    help="the autoscaled arm decides but changes nothing (pools.autoscale.advisory): a control that "
+                         "costs what the autoscaler's polling costs and nothing else")
+    ap.add_argument("--static-first", action="store_true", help="run the --static splits before the autoscaled arm")
     ap.add_argument("--json", metavar="PATH", help="write the figures (no per-request records) to PATH")
     ap.add_argument("--records", metavar="PATH", help="write every request's record to PATH")
     ap.add_argument("--markdown", metavar="PATH")
@@ -314,6 +323,17 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, autoscale=tuple(auto.items()))
     if args.static:
         settings = replace(settings, static=tuple(x.strip() for x in args.static.split(",")))
+    if args.static_first:
+        if not args.static:
+            ap.error("--static-first needs --static (the default splits follow the autoscaled arm's average)")
+        settings = replace(settings, static_first=True)
+    if args.advisory:
+        settings = replace(settings, autoscale=tuple({**dict(settings.autoscale), "advisory": True}.items()))
+    return args, settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, settings = parse_args(argv)
     result, records = run(settings, args.model)
     # The JSON form first (what the plot is drawn from, so that the PNG's digest is that of the file
     # written next to it), and written before anything renders: a report bug loses no run.

@@ -126,6 +126,20 @@ def test_the_autoscaled_arm_starts_at_its_minimum_total_and_validates(workers):
         main(["--workers", "1:3"])
 
 
+
+def test_the_controls_advisory_and_static_first_reach_the_settings():
+    """--advisory: the autoscaled arm polls and decides but changes nothing; --static-first: the order control."""
+    from benchmarks.autoscale import AUTOSCALED, arm_config, parse_args
+
+    _, settings = parse_args(["--workers", "3:3", "--advisory", "--static", "1:2", "--static-first"])
+    assert settings.static == ("1:2",) and settings.static_first
+    cfg = arm_config(AUTOSCALED, "builtin:tiny-llama", settings)
+    assert cfg.pools.autoscale.advisory and cfg.pools.replicas == 3
+    _, plain = parse_args([])
+    assert not plain.static_first and not arm_config(AUTOSCALED, "builtin:tiny-llama", plain).pools.autoscale.advisory
+    with pytest.raises(SystemExit):  # the default splits follow the autoscaled arm, which would not have run yet
+        parse_args(["--static-first"])
+
 def _report(decisions: dict[str, int], targets, action="hold", switch_s=None) -> "AutoscaleReport":
     from observability.autoscale import AutoscaleReport
 
