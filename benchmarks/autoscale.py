@@ -278,8 +278,9 @@ def run(settings: Settings, model: str = DEFAULT_MODEL) -> tuple[dict, dict[str,
             total = min(high, max(low, round(avg)))
             static = settings.static or tuple(f"{p}:{total - p}" for p in range(1, total))
             log(f"autoscaled arm averaged {avg:.2f} workers: static splits {static}")
-            for arm in static if not settings.static_first else ():
-                do(arm)
+            if not settings.static_first:
+                for arm in static:
+                    do(arm)
     finally:
         ray.shutdown()
     result["comparison"] = compare(result)

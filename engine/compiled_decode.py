@@ -41,8 +41,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.decode_attention import sdpa_attention, upcast_sdpa_attention
-from engine.kv_cache import PagedKVCache
+from engine.decode_attention import grouped_attention, sdpa_attention, upcast_sdpa_attention
+from engine.kv_cache import PagedKVCache, write_layer_kv
 from engine.llama_ops import rms_norm, rotate
 from engine.llama_weights import LayerWeights, LlamaWeights
 
@@ -56,22 +56,9 @@ RECOMPILE_LIMIT = 64  # graphs of decode_layer one process may hold (formats x s
 
 @torch.library.custom_op("splitserve::kv_write", mutates_args=("layer_kv",))
 def kv_write(layer_kv: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write ``k``, ``v`` ``[B, kv_heads, head_dim]`` at ``slots`` of ``layer_kv`` ``[2, slots, kv_heads, head_dim]``,
-    in place (an operator of its own so that a compiled graph mutates the cache instead of copying it)."""
-    layer_kv[0].index_copy_(0, slots, k)
-    layer_kv[1].index_copy_(0, slots, v)
-
-
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """:func:`engine.decode_attention.heads_major_attention`'s arithmetic over the plain gather ``[B, L, KV, D]``
-    (inductor fuses the layout change into the products); ``[B, H, D]`` in ``v``'s dtype."""
-    b, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    grouped = q.view(b, kv_heads, heads // kv_heads, dim)
-    scores = torch.einsum("bkgd,blkd->bkgl", grouped, k).float() * scale
-    probs = torch.softmax(scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf")), dim=-1).to(v.dtype)
-    return torch.einsum("bkgl,blkd->bkgd", probs, v).reshape(b, heads, dim)
+    """:func:`engine.kv_cache.write_layer_kv` as an operator of its own, so that a compiled graph mutates the
+    cache instead of copying it."""
+    write_layer_kv(layer_kv, slots, k, v)
 
 
 def decode_layer(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, flat_blocks: torch.Tensor,
@@ -96,7 +83,7 @@ def decode_layer(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: to
     vd = blocks[1].index_select(0, flat_blocks).view(b, -1, hkv, hd)
     if layer_kv.dtype == torch.float32:  # the exactness reference: SDPA, as the eager runner
         o = sdpa_attention(q, kd, vd, mask, hd**-0.5)
-    elif b == 1:  # shape classes split batch 1 from the rest: this branch costs no recompilation
+    elif b == 1:  # shape classes split batch 1 from the rest: no recompilation (the eager runner upcasts up to 2)
         o = upcast_sdpa_attention(q, kd, vd, mask, hd**-0.5)
     else:
         o = grouped_attention(q, kd, vd, mask, hd**-0.5)

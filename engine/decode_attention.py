@@ -83,3 +83,15 @@ def heads_major_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     probs = torch.softmax(scores.masked_fill(~mask.reshape(1, b, 1, keys), float("-inf")), dim=-1).to(v.dtype)
     out = torch.bmm(probs.view(kv_heads * b, group, keys), v.reshape(kv_heads * b, keys, dim))
     return out.view(kv_heads, b, group, dim).transpose(0, 1).reshape(b, heads, dim)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """:func:`heads_major_attention`'s arithmetic over the plain gather ``[B, L, KV, D]``, for the
+    compiled decode step (inductor fuses the layout change into the products); ``[B, H, D]`` in ``v``'s dtype."""
+    b, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    grouped = q.view(b, kv_heads, heads // kv_heads, dim)
+    scores = torch.einsum("bkgd,blkd->bkgl", grouped, k).float() * scale
+    probs = torch.softmax(scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf")), dim=-1).to(v.dtype)
+    return torch.einsum("bkgl,blkd->bkgd", probs, v).reshape(b, heads, dim)

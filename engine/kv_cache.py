@@ -34,6 +34,13 @@ class KVLayout:
         return [f"{k}: {b[k]!r} != {a[k]!r}" for k in a if a[k] != b[k]]
 
 
+def write_layer_kv(layer_kv: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write ``k``, ``v`` ``[n, kv_heads, head_dim]`` at ``slots`` of one layer's cache
+    ``[2, slots, kv_heads, head_dim]``, in place (the eager forward and the compiled decode step both write here)."""
+    layer_kv[0].index_copy_(0, slots, k)
+    layer_kv[1].index_copy_(0, slots, v)
+
+
 class PagedKVCache:
     """K/V storage for ``num_blocks`` blocks of ``block_size`` tokens.
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from engine.compiled_decode import CompiledDecode
 from engine.decode_attention import (UPCAST_MAX_BATCH, gather_heads_major, heads_major_attention, sdpa_attention,
                                      upcast_sdpa_attention)
-from engine.kv_cache import KVLayout, PagedKVCache
+from engine.kv_cache import KVLayout, PagedKVCache, write_layer_kv
 from engine.kv_cache_manager import KVCacheManager
 from engine.llama_ops import rms_norm, rotate
 from engine.llama_weights import LlamaWeights
@@ -117,8 +117,7 @@ class ModelRunner:
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
             v = qkv[:, self.qk_dim:].view(n, self.num_kv_heads, self.head_dim)
             layer_kv = self.cache.layers[layer_idx]
-            layer_kv[0].index_copy_(0, batch.slots, k)
-            layer_kv[1].index_copy_(0, batch.slots, v)
+            write_layer_kv(layer_kv, batch.slots, k, v)
             o = self._attention(layer_idx, q, k, v, batch)
             h = h + layer.o(o.reshape(n, -1))
             gate, up = layer.gate_up(rms_norm(h, layer.post_norm, w.eps)).chunk(2, dim=-1)

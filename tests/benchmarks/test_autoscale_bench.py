@@ -126,7 +126,6 @@ def test_the_autoscaled_arm_starts_at_its_minimum_total_and_validates(workers):
         main(["--workers", "1:3"])
 
 
-
 def test_the_controls_advisory_and_static_first_reach_the_settings():
     """--advisory: the autoscaled arm polls and decides but changes nothing; --static-first: the order control."""
     from benchmarks.autoscale import AUTOSCALED, arm_config, parse_args
@@ -139,6 +138,7 @@ def test_the_controls_advisory_and_static_first_reach_the_settings():
     assert not plain.static_first and not arm_config(AUTOSCALED, "builtin:tiny-llama", plain).pools.autoscale.advisory
     with pytest.raises(SystemExit):  # the default splits follow the autoscaled arm, which would not have run yet
         parse_args(["--static-first"])
+
 
 def _report(decisions: dict[str, int], targets, action="hold", switch_s=None) -> "AutoscaleReport":
     from observability.autoscale import AutoscaleReport

@@ -67,7 +67,7 @@ def _greedy(engine: LLMEngine, prompts: list[list[int]], max_new: int) -> list[l
 
 def test_compiled_16_bit_decode_agrees_with_the_eager_forward():
     """int4/bfloat16 (the deployment's decode format): batch 1 (SDPA on float32 copies) and batch 2+ (the grouped
-    products) agree with the eager runner's arithmetic, which takes the same paths."""
+    products) agree with the eager runner's arithmetic (the same paths, but for batch 2, which it upcasts)."""
     loaded = load_model(TINY_MODEL, dtype="bfloat16", quantization="int4")
     rng = random.Random(3)
     prompts = [[rng.randrange(0, 256) for _ in range(rng.randrange(3, 40))] for _ in range(5)]
@@ -75,13 +75,13 @@ def test_compiled_16_bit_decode_agrees_with_the_eager_forward():
     kwargs = dict(block_size=4, num_blocks=128, max_running=8, max_batched_tokens=256)
     compiled = LLMEngine(loaded, **kwargs, compile=True)
     eager = LLMEngine(loaded, **kwargs)
-    steps_before = counters["stats"]["unique_graphs"]
+    graphs_before = counters["stats"]["unique_graphs"]
     for batch in (alone, prompts):
         got, ref = _greedy(compiled, batch, 12), _greedy(eager, batch, 12)
         # A random-weight model in bf16 has near-ties; the fused kernels round differently: the first tokens agree.
         assert all(g[:2] == r[:2] for g, r in zip(got, ref)), (got, ref)
         assert sum(g == r for g, r in zip(got, ref)) >= len(batch) - 1
-    assert counters["stats"]["unique_graphs"] == steps_before  # warm-up compiled both shape classes
+    assert counters["stats"]["unique_graphs"] == graphs_before  # warm-up compiled both shape classes
 
 
 def test_the_compiled_graph_writes_the_kv_cache_in_place():
