@@ -41,7 +41,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.decode_attention import grouped_attention, sdpa_attention, upcast_sdpa_attention
+from engine.decode_attention import gather_heads_major, grouped_attention, sdpa_attention, upcast_sdpa_attention
 from engine.kv_cache import PagedKVCache, write_layer_kv
 from engine.llama_ops import rms_norm, rotate
 from engine.llama_weights import LayerWeights, LlamaWeights
@@ -67,20 +67,18 @@ def decode_layer(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: to
     """One layer of a decode step: ``h`` ``[B, hidden]`` in, ``h`` out; K/V of the new tokens written at ``slots``.
 
     The eager runner's decode arithmetic (:class:`engine.model_runner.ModelRunner`), op for op.
-    ``layer_kv`` is ``[2, slots, kv_heads, head_dim]``; ``flat_blocks`` the block tables ``[B, M]``
+    ``layer_kv`` is ``[2, kv_heads, slots, head_dim]``; ``flat_blocks`` the block tables ``[B, M]``
     flattened; ``mask`` ``[B, 1, 1, M * block_size]`` (True: attend).
     """
     b = h.shape[0]
-    hkv, hd = layer_kv.shape[2], layer_kv.shape[3]
+    hkv, hd = layer_kv.shape[1], layer_kv.shape[3]
     qk_dim = (num_heads + hkv) * hd
     qkv = layer.qkv(rms_norm(h, layer.input_norm, eps))
     qk = rotate(qkv[:, :qk_dim].view(b, num_heads + hkv, hd), cos, sin)
     q, k = qk[:, :num_heads], qk[:, num_heads:]
     v = qkv[:, qk_dim:].view(b, hkv, hd)
     kv_write(layer_kv, slots, k, v)
-    blocks = layer_kv.view(2, -1, block_size, hkv, hd)
-    kd = blocks[0].index_select(0, flat_blocks).view(b, -1, hkv, hd)
-    vd = blocks[1].index_select(0, flat_blocks).view(b, -1, hkv, hd)
+    kd, vd = gather_heads_major(layer_kv.view(2, hkv, -1, block_size, hd), flat_blocks, b)
     if layer_kv.dtype == torch.float32:  # the exactness reference: SDPA, as the eager runner
         o = sdpa_attention(q, kd, vd, mask, hd**-0.5)
     elif b == 1:  # shape classes split batch 1 from the rest: no recompilation (the eager runner upcasts up to 2)

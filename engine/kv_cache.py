@@ -36,17 +36,24 @@ class KVLayout:
 
 def write_layer_kv(layer_kv: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Write ``k``, ``v`` ``[n, kv_heads, head_dim]`` at ``slots`` of one layer's cache
-    ``[2, slots, kv_heads, head_dim]``, in place (the eager forward and the compiled decode step both write here)."""
-    layer_kv[0].index_copy_(0, slots, k)
-    layer_kv[1].index_copy_(0, slots, v)
+    ``[2, kv_heads, slots, head_dim]``, in place (the eager forward and the compiled decode step both write here)."""
+    layer_kv[0].index_copy_(1, slots, k.transpose(0, 1))
+    layer_kv[1].index_copy_(1, slots, v.transpose(0, 1))
 
 
 class PagedKVCache:
     """K/V storage for ``num_blocks`` blocks of ``block_size`` tokens.
 
-    One tensor per layer holds K and V for every slot (``[2, slots, kv_heads,
-    head_dim]``), allocated once: requests never grow or allocate tensors.
-    Slot ``s`` belongs to block ``s // block_size``.
+    One tensor per layer holds K and V for every slot, heads-major (``[2,
+    kv_heads, slots, head_dim]``), allocated once: requests never grow or
+    allocate tensors. Slot ``s`` belongs to block ``s // block_size``. Heads
+    outermost makes one head's block ``block_size * head_dim`` contiguous
+    values, so a decode step gathers K and V of every head with one copy of
+    whole blocks, already in the layout the attention products read
+    (:func:`engine.decode_attention.gather_heads_major`; token-major, it took
+    one strided copy per head and was 2.4-2.8x slower per layer at batch 8-32).
+    A hand-off carries tokens in token-major order (:meth:`read_tokens`), so
+    the layout stays this engine's own.
     """
 
     def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, device: str | torch.device = "cpu") -> None:
@@ -56,7 +63,7 @@ class PagedKVCache:
         dtype = getattr(torch, layout.dtype)
         slots = num_blocks * block_size
         self.layers = [
-            torch.zeros(2, slots, layout.num_kv_heads, layout.head_dim, dtype=dtype, device=device)
+            torch.zeros(2, layout.num_kv_heads, slots, layout.head_dim, dtype=dtype, device=device)
             for _ in range(layout.num_layers)
         ]
 
@@ -69,18 +76,18 @@ class PagedKVCache:
         return budget_bytes // cls.bytes_per_block(layout, block_size)
 
     def blocks_view(self, layer: int) -> torch.Tensor:
-        """``[2, num_blocks, block_size, kv_heads, head_dim]`` view of one layer."""
+        """``[2, kv_heads, num_blocks, block_size, head_dim]`` view of one layer."""
         t = self.layers[layer]
-        return t.view(2, self.num_blocks, self.block_size, t.shape[2], t.shape[3])
+        return t.view(2, t.shape[1], self.num_blocks, self.block_size, t.shape[3])
 
     def read_tokens(self, slots: torch.Tensor) -> torch.Tensor:
-        """Copy out ``[layers, 2, len(slots), kv_heads, head_dim]``."""
-        return torch.stack([t[:, slots] for t in self.layers])
+        """Copy out ``[layers, 2, len(slots), kv_heads, head_dim]`` (token-major: the hand-off's order)."""
+        return torch.stack([t.index_select(2, slots).transpose(1, 2) for t in self.layers])
 
     def write_tokens(self, slots: torch.Tensor, data: torch.Tensor) -> None:
         """Inverse of :meth:`read_tokens`."""
         for t, d in zip(self.layers, data):
-            t[:, slots] = d
+            t.index_copy_(2, slots, d.transpose(1, 2))
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks, ``(source, destination)`` pairs (a fork's copy on write), in every layer."""
@@ -91,4 +98,4 @@ class PagedKVCache:
         dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=device)
         for layer in range(len(self.layers)):
             view = self.blocks_view(layer)
-            view[:, dst] = view[:, src]
+            view[:, :, dst] = view[:, :, src]

@@ -128,19 +128,15 @@ class ModelRunner:
     def _attention(self, layer_idx: int, q, k, v, batch: _Batch) -> torch.Tensor:
         if batch.decode is not None:
             d = batch.decode
-            blocks = self.cache.blocks_view(layer_idx)
-            # index_select, not blocks[0][tables]: advanced indexing takes a
-            # slow generic path here (milliseconds instead of microseconds).
             b = d.block_tables.shape[0]
-            if not self.sdpa_decode and b > UPCAST_MAX_BATCH:  # engine.decode_attention: the many-rows path
-                kh, vh = gather_heads_major(blocks, d.flat_blocks, b)
+            # One copy of whole blocks, every head's K and V at once (the cache is heads-major).
+            kh, vh = gather_heads_major(self.cache.blocks_view(layer_idx), d.flat_blocks, b)
+            if self.sdpa_decode:
+                od = sdpa_attention(q[:b], kh, vh, d.ctx_mask, self.scale)  # decode rows come first in the pack
+            elif b > UPCAST_MAX_BATCH:  # engine.decode_attention: the many-rows path
                 od = heads_major_attention(q[:b], kh, vh, d.ctx_mask, self.scale)
             else:
-                kd = blocks[0].index_select(0, d.flat_blocks).view(b, -1, self.num_kv_heads, self.head_dim)
-                vd = blocks[1].index_select(0, d.flat_blocks).view(b, -1, self.num_kv_heads, self.head_dim)
-                # decode rows come first in the pack
-                attend = sdpa_attention if self.sdpa_decode else upcast_sdpa_attention
-                od = attend(q[:b], kd, vd, d.ctx_mask, self.scale)
+                od = upcast_sdpa_attention(q[:b], kh, vh, d.ctx_mask, self.scale)
             if not batch.prefills:
                 return od
             out = torch.empty_like(q)
@@ -152,15 +148,15 @@ class ModelRunner:
             rows = slice(p.row, p.row + p.num_tokens)
             qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
             if p.ctx_slots is None:  # first chunk: the keys are exactly this chunk's
-                kp, vp = k[rows], v[rows]
+                kp, vp = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
                 mask, causal = None, True
-            else:
-                kp, vp = layer_kv[0].index_select(0, p.ctx_slots), layer_kv[1].index_select(0, p.ctx_slots)
-                key_pos = self._positions[:kp.shape[0]]
+            else:  # the cache is heads-major: [KV, keys, hd] as SDPA reads it
+                kp, vp = layer_kv[0].index_select(1, p.ctx_slots), layer_kv[1].index_select(1, p.ctx_slots)
+                key_pos = self._positions[:kp.shape[1]]
                 query_pos = self._positions[p.start:p.start + p.num_tokens]
                 mask, causal = key_pos[None, :] <= query_pos[:, None], False
-            kp = kp.transpose(0, 1).unsqueeze(0)
-            vp = vp.transpose(0, 1).unsqueeze(0)
+            kp = kp.unsqueeze(0)
+            vp = vp.unsqueeze(0)
             op = F.scaled_dot_product_attention(
                 qp, kp, vp, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
             )

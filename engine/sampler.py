@@ -66,7 +66,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
            output_indices: list[int]) -> list[int | SamplingError]:
     """One token per row of ``logits`` ``[S, vocab]``, or the :class:`SamplingError`
     of that row: a row that cannot be sampled never fails the others."""
-    tokens: list[int | SamplingError] = list(logits.argmax(dim=-1).tolist())
+    # float32 first: argmax over a bfloat16 row is 5x slower than the conversion and a float32 argmax
+    # (the conversion is exact, so the token is the same)
+    tokens: list[int | SamplingError] = list(logits.float().argmax(dim=-1).tolist())
     for i, p in enumerate(params):
         if p.greedy:
             continue

@@ -65,7 +65,7 @@ def test_cache_sized_by_bytes(tiny_model):
     per_block = probe.layout.bytes_per_token * 16
     engine = LLMEngine(tiny_model, block_size=16, kv_cache_bytes=10 * per_block + per_block // 2)
     assert engine.stats()["num_blocks"] == 10
-    assert engine.cache.layers[0].shape[1] == 10 * 16
+    assert engine.cache.layers[0].shape[2] == 10 * 16  # [2, kv_heads, slots, head_dim]
     with pytest.raises(ValueError, match="kv_cache_bytes"):
         LLMEngine(tiny_model, kv_cache_bytes=per_block - 1)
     with pytest.raises(ValueError, match="not both"):
