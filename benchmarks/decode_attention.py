@@ -9,9 +9,11 @@ default deployment's decode format), then, in one process:
 
 1. **One layer's attention** (gather from the paged cache included) for each
    batch: SDPA on the 16-bit K/V (the path :mod:`engine.decode_attention`
-   replaced), SDPA on K/V upcast to float32, the grouped einsum and the
-   heads-major gather with batched matmuls — medians
-   of interleaved rounds, in µs, with their ratio to SDPA.
+   replaced), SDPA on K/V upcast to float32, and the batched products
+   (``products``) — each over the heads-major cache's one-copy gather — and
+   the products over the previous token-major cache (one strided gather per
+   head; ``layout gain`` is its time over the heads-major one) — medians of
+   interleaved rounds, in µs, with their ratio to SDPA.
 2. **Whole decode steps** of the engine at each batch (~256 keys of
    context), the runner switched between SDPA and
    the path it picks for a 16-bit cache (:mod:`engine.decode_attention`) on alternate
@@ -35,6 +37,7 @@ import torch
 from benchmarks.engine import Contention, make_engine, random_prompt
 from engine.decode_attention import (UPCAST_MAX_BATCH, gather_heads_major, heads_major_attention, sdpa_attention,
                                      upcast_sdpa_attention)
+from engine.format_names import QUANTIZATIONS
 from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
 
@@ -42,16 +45,16 @@ CONTEXT = 256        # prompt tokens per sequence: the keys each decode step att
 BLOCK_SIZE = 16
 
 
-def grouped_einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                             scale: float) -> torch.Tensor:
-    """:func:`engine.decode_attention.heads_major_attention`'s product over the plain gather ``[B, L, KV, D]``
-    as two grouped einsums (an einsum copies the heads outward once more): the variant it was measured against."""
-    b, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    grouped = q.reshape(b, kv_heads, heads // kv_heads, dim)
-    scores = torch.einsum("bkgd,blkd->bkgl", grouped, k).float() * scale
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
-    return torch.einsum("bkgl,blkd->bkgd", probs, v).reshape(b, heads, dim)
+def token_major_gather(blocks: torch.Tensor, flat: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gather of the cache's previous, token-major layout (``[2, num_blocks, block_size, KV, D]``): one
+    strided copy per (K or V, head) into the heads-major order; the variant the layout change was measured against."""
+    kv_heads, dim = blocks.shape[3], blocks.shape[4]
+    out = torch.empty((2, kv_heads, flat.shape[0], blocks.shape[2], dim), dtype=blocks.dtype)
+    for which in range(2):
+        for h in range(kv_heads):
+            torch.index_select(blocks[which, :, :, h], 0, flat, out=out[which, h])
+    k, v = out.view(2, kv_heads, batch, -1, dim).unbind(0)
+    return k, v
 
 
 def _median_us(fns: dict[str, Callable[[], object]], rounds: int, reps: int) -> dict[str, float]:
@@ -72,33 +75,24 @@ def layer_attention(batch: int, heads: int, kv_heads: int, head_dim: int, rounds
     gen = torch.Generator().manual_seed(batch)
     blocks_per_seq = -(-(CONTEXT + 16) // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq * 2
-    cache_k = torch.randn(num_blocks, BLOCK_SIZE, kv_heads, head_dim, generator=gen).to(torch.bfloat16)
-    cache_v = torch.randn(num_blocks, BLOCK_SIZE, kv_heads, head_dim, generator=gen).to(torch.bfloat16)
+    blocks = torch.randn(2, kv_heads, num_blocks, BLOCK_SIZE, head_dim, generator=gen).to(torch.bfloat16)
+    token_major = blocks.permute(0, 2, 3, 1, 4).contiguous()  # the same K/V in the previous layout
     flat = torch.randperm(num_blocks, generator=gen)[:batch * blocks_per_seq]
     q = torch.randn(batch, heads, head_dim, generator=gen).to(torch.bfloat16)
     keys = blocks_per_seq * BLOCK_SIZE
     mask = (torch.arange(keys)[None, :] < CONTEXT + 4)[:, None, None, :].expand(batch, 1, 1, keys)
     scale = head_dim**-0.5
 
-    def gather():
-        return (cache_k.index_select(0, flat).view(batch, -1, kv_heads, head_dim),
-                cache_v.index_select(0, flat).view(batch, -1, kv_heads, head_dim))
-
-    def timed(path):
+    def timed(path, gather=gather_heads_major, cache=blocks):
         def call():
-            k, v = gather()
+            k, v = gather(cache, flat, batch)
             return path(q, k, v, mask, scale)
         return call
 
-    blocks = torch.stack([cache_k, cache_v])
-
-    def heads_major():
-        k, v = gather_heads_major(blocks, flat, batch)
-        return heads_major_attention(q, k, v, mask, scale)
-
     reps = max(3, 60 // batch)
     return _median_us({"sdpa_bf16": timed(sdpa_attention), "sdpa_fp32": timed(upcast_sdpa_attention),
-                       "grouped_einsum": timed(grouped_einsum_attention), "heads_major": heads_major},
+                       "heads_major": timed(heads_major_attention),
+                       "token_major": timed(heads_major_attention, token_major_gather, token_major)},
                       rounds, reps)
 
 
@@ -128,7 +122,7 @@ def engine_steps(loaded, batch: int, steps: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--quantization", default="int4", choices=("none", "int8", "int4"))
+    parser.add_argument("--quantization", default="int4", choices=QUANTIZATIONS)
     parser.add_argument("--batches", default="1,8,64", help="decode batch sizes, comma-separated")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per layer measurement")
     parser.add_argument("--steps", type=int, default=8, help="timed engine steps per path and batch")
@@ -139,15 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bfloat16 cache, weights {args.quantization}, {torch.get_num_threads()} threads, "
           f"~{CONTEXT} keys; the grouped path upcasts to float32 SDPA up to {UPCAST_MAX_BATCH} rows")
     print("\none layer's attention, gather included (µs, median of interleaved rounds)")
-    print(f"{'batch':>5} {'SDPA bf16':>10} {'SDPA fp32':>10} {'einsum bf16':>12} {'heads-major':>12} "
-          f"{'best vs SDPA bf16':>18} {'others':>7}")
+    print(f"{'batch':>5} {'SDPA bf16':>10} {'SDPA fp32':>10} {'products':>10} {'token-major':>12} "
+          f"{'best vs SDPA bf16':>18} {'layout gain':>12} {'others':>7}")
     for b in batches:
         with Contention() as busy:
             r = layer_attention(b, w.num_heads, w.num_kv_heads, w.head_dim, args.rounds)
-        best = min(r["sdpa_fp32"], r["grouped_einsum"], r["heads_major"])
-        print(f"{b:>5} {r['sdpa_bf16']:>10.0f} {r['sdpa_fp32']:>10.0f} {r['grouped_einsum']:>12.0f} "
-              f"{r['heads_major']:>12.0f} "
-              f"{r['sdpa_bf16'] / best:>17.2f}x {busy.cores or 0:>7.2f}")
+        best = min(r["sdpa_fp32"], r["heads_major"])
+        print(f"{b:>5} {r['sdpa_bf16']:>10.0f} {r['sdpa_fp32']:>10.0f} {r['heads_major']:>10.0f} "
+              f"{r['token_major']:>12.0f} {r['sdpa_bf16'] / best:>17.2f}x "
+              f"{r['token_major'] / r['heads_major']:>11.2f}x {busy.cores or 0:>7.2f}")
     print("\nwhole decode steps (ms, median; the two paths on alternate steps)")
     print(f"{'batch':>5} {'SDPA':>9} {'grouped':>9} {'speed-up':>9} {'others':>7}")
     for b in batches:

@@ -117,8 +117,9 @@ class Settings:
 
 # The weight formats measured after the float32 reference: (dtype, quantization) by label.
 FORMATS = {"bfloat16": ("bfloat16", "none"), "int8/bfloat16": ("bfloat16", "int8"),
-           "int4/bfloat16": ("bfloat16", "int4"), "int8/float32": ("float32", "int8")}
-DEFAULT_FORMATS = ("bfloat16", "int8/bfloat16", "int4/bfloat16")
+           "int4/bfloat16": ("bfloat16", "int4"), "int8/float32": ("float32", "int8"),
+           "w8a8/bfloat16": ("bfloat16", "w8a8")}
+DEFAULT_FORMATS = ("bfloat16", "int8/bfloat16", "int4/bfloat16", "w8a8/bfloat16")
 FORMAT_DECODE_BATCHES = (1, 8, 64)
 
 FULL = Settings(decode_steps=16, prefill_reps=3, mixed_requests=64, mixed_batch=32, peak_reps=5,

@@ -6,7 +6,7 @@ Run from the repository root::
 
 For SmolLM2-135M-Instruct in each format (float32 the reference; bfloat16;
 int8 and int4 weights with bfloat16 activations; int8 with float32
-activations):
+activations; w8a8, int8 weights and per-row int8 activations):
 
 1. **Perplexity** on ``benchmarks/data/coriolanus.txt``: the opening of
    Shakespeare's *Coriolanus* (1608; public domain), 34,867 characters,
@@ -69,6 +69,7 @@ FORMATS = (
     Format("float32", "int8", 0.015),
     Format("bfloat16", "int8", 0.015),
     Format("bfloat16", "int4", 0.05),
+    Format("bfloat16", "w8a8", 0.015),  # int8 weights and int8 activations: int8's bar
 )
 
 PROMPTS = (

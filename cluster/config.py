@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cluster.config_yaml import FieldProblems, describe_error, read_yaml
+from engine.format_names import UNCOMPILABLE_QUANTIZATIONS, ComputeDtype, Quantization
 from kvtransfer.shm_settings import DEFAULT_SAME_NODE, DEFAULT_SHM_POOL_BYTES, MAX_SHM_POOL_BYTES, SAME_NODE_MODES
 from kvtransfer.stream_limits import (DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_STREAM_IDLE_S, MAX_STREAM_IDLE_S,
                                       MAX_STREAMS_PER_PEER)
@@ -101,8 +102,8 @@ class _PoolFormat(Settings):
     Prefill is compute-bound and decode bandwidth-bound, so they may differ; the KV dtype (= dtype)
     must match on both sides of a hand-off (checked in :class:`ClusterConfig`)."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    quantization: Literal["none", "int8", "int4"] | None = None
+    dtype: ComputeDtype | None = None
+    quantization: Quantization | None = None
 
 
 class PrefillPoolConfig(PrefillEngineConfig, _ActorResources, _PoolFormat):
@@ -518,6 +519,16 @@ class ClusterConfig(Settings):
         if p_dtype != d_dtype:
             raise FieldProblems([("prefill.dtype", f"the KV hand-off needs one KV dtype: prefill computes in {p_dtype}, "
                                   f"decode in {d_dtype} (set both pools' dtype alike; quantization may differ)")])
+        return pools
+
+    @field_validator("pools")
+    @classmethod
+    def _compile_traces_the_format(cls, pools: PoolsConfig, info: ValidationInfo) -> PoolsConfig:
+        model = info.data.get("model")
+        if model is not None and pools.decode.compile and \
+                (pools.decode.quantization or model.quantization) in UNCOMPILABLE_QUANTIZATIONS:
+            raise FieldProblems([("decode.compile", "the compiled decode step cannot trace the w8a8 format's "
+                                  "kernel (an fbgemm operator); set compile: false or another quantization")])
         return pools
 
     @field_validator("kvtransfer")

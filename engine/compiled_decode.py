@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.decode_attention import gather_heads_major, grouped_attention, sdpa_attention, upcast_sdpa_attention
+from engine.format_names import UNCOMPILABLE_QUANTIZATIONS
 from engine.kv_cache import PagedKVCache, write_layer_kv
 from engine.llama_ops import rms_norm, rotate
 from engine.llama_weights import LayerWeights, LlamaWeights
@@ -94,6 +95,9 @@ class CompiledDecode:
     """The decode forward of ``weights`` over the paged ``cache``, its layers compiled (module docstring)."""
 
     def __init__(self, weights: LlamaWeights, cache: PagedKVCache) -> None:
+        if weights.fmt.quantization in UNCOMPILABLE_QUANTIZATIONS:
+            raise ValueError(f"compile: the {weights.fmt.quantization} format's kernel cannot be traced by "
+                             "torch.compile; run it eager (compile=False)")
         self.w = weights
         self.cache = cache
         self.compile_seconds: dict[str, float] = {}

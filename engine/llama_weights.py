@@ -23,7 +23,7 @@ from engine.kv_cache import KVLayout
 from engine.quant import ByRows, DenseLinear, Linear, make_linear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HEAD_QUANTIZED_MAX_ROWS = {"int8": 4, "int4": 8}  # a tied quantized LM head's GEMV kernel up to this many rows
+HEAD_QUANTIZED_MAX_ROWS = {"int8": 4, "int4": 8, "w8a8": 1 << 30}  # a tied quantized LM head's GEMV kernel up to this many rows
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class WeightFormat:
     """How the engine holds and computes a model: activation / KV dtype and weight quantization."""
 
     dtype: str = "float32"        # activations, norms, embedding, KV cache
-    quantization: str = "none"    # linear layers' weights: none (in dtype) | int8 | int4
+    quantization: str = "none"    # linear layers' weights: engine.format_names.QUANTIZATIONS
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -14,13 +14,14 @@ on a GPU path.
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-Quantization = Literal["none", "int8", "int4"]
-QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "int4")
+from engine.format_names import QUANTIZATIONS
+
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the first that divides the input width is used
 # The packed int8 kernel is a GEMV at heart (its time grows with the rows): from about 16 rows on,
 # converting the weight to bfloat16 and running one dense GEMM is faster (measured on AVX512-BF16,
@@ -149,6 +150,77 @@ class Int4Linear(Linear):
         return _nbytes(self.packed if self.packed is not None else self.q, self.scale_zero, self.bias)
 
 
+def _vnni_cpu() -> bool:
+    """Whether this CPU has VNNI (an int8 dot product that adds into 32 bits without an int16 step)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
+# Without VNNI, fbgemm's u8 x s8 kernel sums pairs of products in int16 with saturation; 7-bit
+# activations (PyTorch's ``reduce_range``) keep every pair below 2**15.
+W8A8_ACTIVATION_LEVELS = 127 if _vnni_cpu() else 63
+
+
+class W8A8Linear(Linear):
+    """int8 weights (symmetric, one scale per output channel) and int8 activations (symmetric, one scale
+    per row, taken at each call): an int8 x int8 GEMM with 32-bit sums (fbgemm's kernels, VNNI where the
+    CPU has it), de-quantized to float32.
+
+    Rows are divided by their own absolute maximum before the call, so the kernel's one fixed input scale
+    is a per-row scale: each row's result does not depend on the other rows of the batch. The int8
+    products run 2-3x faster than the weight-only kernels from 8 rows on (3072 x 576, one thread:
+    77-88 µs vs 182 int4, 233 bf16 dense) and level with int4 at one row. Off the CPU (no fbgemm) the same
+    arithmetic runs de-quantized: correct, not fast.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                 packed: bool | None = None) -> None:
+        """``packed``: through fbgemm's kernel (default: on the CPU) or the de-quantized arithmetic."""
+        w = weight.float()
+        self.out_features, self.in_features = w.shape
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127)
+        self.levels = W8A8_ACTIVATION_LEVELS
+        self.compute_dtype = compute_dtype
+        self.bias = None if bias is None else bias.to(compute_dtype)
+        if weight.device.type == "cpu" if packed is None else packed:
+            with warnings.catch_warnings():  # PyTorch marks its quantized-tensor constructors deprecated;
+                warnings.simplefilter("ignore")  # this one is still the only way into fbgemm's prepacking
+                qweight = torch.quantize_per_channel(q * scale[:, None], scale.double(),
+                                                     torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+            self.qweight = self.scale = None
+        else:
+            self.packed = None
+            self.qweight, self.scale = q.to(torch.int8), scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        row_max = x2.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
+        if self.packed is not None:
+            # levels + 1 is the zero point: the unit-range rows land on [1, 2 * levels + 1] of uint8
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                x2 / row_max, 1.0 / self.levels, self.levels + 1, self.packed) * row_max
+        else:
+            xq = torch.round(x2 / row_max * self.levels) * (row_max / self.levels)
+            y = F.linear(xq, self.qweight.float() * self.scale[:, None])
+        return self._add_bias(y.to(x.dtype).view(*shape[:-1], self.out_features))
+
+    @property
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features + self.out_features * 4 + _nbytes(self.bias)
+
+    def dequantized(self) -> torch.Tensor:
+        if self.packed is not None:
+            qweight, _ = self.packed.unpack()
+            return qweight.dequantize()
+        return self.qweight.float() * self.scale[:, None]
+
+
 class ByRows(Linear):
     """One weight held two ways, chosen by the number of rows: ``few`` (a quantized GEMV kernel) up to
     ``max_rows`` rows, else ``many`` (a dense GEMM). Used for a tied LM head: ``many`` is the embedding
@@ -186,6 +258,8 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: s
         return DenseLinear(weight.to(compute_dtype).contiguous(), None if bias is None else bias.to(compute_dtype))
     if quantization == "int8":
         return Int8Linear(weight, bias, compute_dtype)
+    if quantization == "w8a8":
+        return W8A8Linear(weight, bias, compute_dtype)
     if quantization == "int4":
         group = int4_group_size(weight.shape[1])
         if group is None:

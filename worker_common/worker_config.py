@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engine.format_names import ComputeDtype, Quantization
 from kvtransfer.faults import TransferFaults
 from kvtransfer.shm_settings import DEFAULT_SAME_NODE, DEFAULT_SHM_POOL_BYTES
 from kvtransfer.stream_limits import DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_STREAM_IDLE_S
@@ -40,10 +41,10 @@ class ModelConfig(Settings):
     name: str = "builtin:smollm2-135m-instruct"  # builtin:<name>, a local HF dir or a .gguf file
     # Activations, norms, embedding and KV cache. float32 is the exactness reference (token-identical
     # to transformers' generate()); a pool may override it (pools.<kind>.dtype).
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: ComputeDtype = "float32"
     # Weight-only quantization of the linear layers: int8 per output channel, int4 per group of 32
     # input channels (PyTorch's packed CPU kernels). A pool may override it (pools.<kind>.quantization).
-    quantization: Literal["none", "int8", "int4"] = "none"
+    quantization: Quantization = "none"
     max_model_len: int | None = Field(None, ge=2)  # None: the model's own context length
 
     def for_pool(self, dtype: str | None, quantization: str | None) -> ModelConfig:

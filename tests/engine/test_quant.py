@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.quant import DenseLinear, Int4Linear, Int8Linear, int4_group_size, make_linear
+from engine.quant import DenseLinear, Int4Linear, Int8Linear, W8A8Linear, int4_group_size, make_linear
 
 
 def _weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -50,8 +50,9 @@ def test_formats_shrink_the_weight_and_dense_is_plain():
     w = _weight(128, 256)
     dense = make_linear(w, None, "none", torch.float32)
     assert isinstance(dense, DenseLinear) and torch.equal(dense(torch.eye(256))[:, :3], w.T[:, :3])
-    sizes = {q: make_linear(w, None, q, torch.float32).nbytes for q in ("none", "int8", "int4")}
+    sizes = {q: make_linear(w, None, q, torch.float32).nbytes for q in ("none", "int8", "int4", "w8a8")}
     assert sizes["int8"] < sizes["none"] / 3 and sizes["int4"] < sizes["int8"] * 0.65
+    assert sizes["w8a8"] == sizes["int8"] + 128 * 2  # int8 weight, float32 (not bfloat16) channel scales
     with pytest.raises(ValueError, match="quantization"):
         make_linear(w, None, "int3", torch.float32)
 
@@ -77,3 +78,50 @@ def test_by_rows_takes_the_quantized_kernel_for_few_rows_only():
     assert torch.equal(head(x[:4]), few(x[:4]))                 # 4 rows: the int8 kernel
     assert torch.equal(head(x), F.linear(x, w.bfloat16()))     # 6 rows: the dense weight
     assert head.nbytes == few.nbytes
+
+
+def _w8a8_reference(lin: W8A8Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What the format computes, in plain float64: each row rounded to ``levels`` steps of its own
+    absolute maximum, times the de-quantized weight."""
+    x = x.double()
+    row_max = x.abs().amax(-1, keepdim=True)
+    xq = torch.round(x / row_max * lin.levels) * row_max / lin.levels
+    y = xq @ lin.dequantized().double().T
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_kernel_computes_per_row_quantized_activations_times_int8_weights(dtype):
+    w, bias = _weight(96, 128, seed=5), torch.randn(96)
+    lin = make_linear(w, bias, "w8a8", dtype)
+    assert isinstance(lin, W8A8Linear) and lin.packed is not None  # fbgemm's packed weight on the CPU
+    assert (lin.dequantized() - w).abs().max() <= w.abs().amax() / 127  # half a step per channel at most
+    x = torch.randn(7, 128).to(dtype)
+    y = lin(x)
+    assert y.dtype == dtype and y.shape == (7, 96)
+    # The kernel's arithmetic is exact in int32; what is left is the output's rounding to dtype.
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.double(), _w8a8_reference(lin, x.float(), bias), atol=tol, rtol=tol)
+
+
+def test_w8a8_rows_do_not_depend_on_each_other():
+    """Per-row activation scales: a row gives the same result alone as in any batch, even next to a row
+    a thousand times larger (a per-tensor scale would flatten the small one to a few steps)."""
+    lin = make_linear(_weight(64, 128, seed=6), None, "w8a8", torch.float32)
+    x = torch.randn(4, 128)
+    x[1] *= 1000.0
+    together = lin(x)
+    for i in range(4):
+        torch.testing.assert_close(lin(x[i:i + 1]), together[i:i + 1], atol=0, rtol=0)
+    rel = (together[0] - x[0] @ lin.dequantized().T).norm() / together[0].norm()
+    assert rel < 0.02
+
+
+def test_w8a8_off_the_cpu_path_computes_the_same_arithmetic():
+    """The path a GPU takes (no fbgemm): the de-quantized weight and the same per-row rounding."""
+    w = _weight(32, 64, seed=7)
+    cpu = W8A8Linear(w, None, torch.float32)
+    plain = W8A8Linear(w, None, torch.float32, packed=False)
+    assert plain.packed is None and torch.equal(plain.dequantized(), cpu.dequantized())
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(plain(x), cpu(x), atol=1e-4, rtol=1e-4)

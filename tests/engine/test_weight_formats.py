@@ -8,7 +8,7 @@ import torch
 
 from engine.llm_engine import LLMEngine, run_to_completion
 from engine.model_loader import TINY_MODEL, load_model
-from engine.quant import DenseLinear, Int4Linear, Int8Linear
+from engine.quant import DenseLinear, Int4Linear, Int8Linear, W8A8Linear
 from engine.sampling_params import SamplingParams
 
 PROMPTS = [[5, 6, 7, 8, 9, 10] * 5, list(range(40, 100)), [3] * 17]
@@ -37,7 +37,8 @@ def test_float32_weights_are_fused_views_of_the_hf_module(tiny_model):
 
 
 @pytest.mark.parametrize(("dtype", "quantization", "linear"), [
-    ("bfloat16", "none", DenseLinear), ("float32", "int8", Int8Linear), ("bfloat16", "int4", Int4Linear)])
+    ("bfloat16", "none", DenseLinear), ("float32", "int8", Int8Linear), ("bfloat16", "int4", Int4Linear),
+    ("bfloat16", "w8a8", W8A8Linear)])
 def test_each_format_generates_and_shrinks(tiny_model, dtype, quantization, linear):
     loaded = load_model(TINY_MODEL, dtype=dtype, quantization=quantization)
     assert loaded.fmt.dtype == dtype and loaded.fmt.quantization == quantization
@@ -65,3 +66,9 @@ def test_unknown_formats_are_refused():
         load_model(TINY_MODEL, quantization="int2")
     with pytest.raises(ValueError, match="dtype"):
         load_model(TINY_MODEL, dtype="float8")
+
+
+def test_the_compiled_decode_step_refuses_the_format_it_cannot_trace(tiny_model):
+    loaded = load_model(TINY_MODEL, dtype="bfloat16", quantization="w8a8")
+    with pytest.raises(ValueError, match="w8a8 format's kernel cannot be traced"):
+        LLMEngine(loaded, num_blocks=8, compile=True)

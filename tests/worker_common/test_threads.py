@@ -52,5 +52,7 @@ def test_pool_formats_override_the_model_and_share_one_kv_dtype():
     # KV moves as raw bytes of one dtype: a prefill pool in another dtype is refused by name.
     with pytest.raises(Exception, match="pools.prefill.dtype: the KV hand-off needs one KV dtype"):
         parse_config({"pools": {"prefill": {"dtype": "bfloat16"}}})
+    with pytest.raises(Exception, match="pools.decode.compile: the compiled decode step cannot trace the w8a8"):
+        parse_config({"model": {"dtype": "bfloat16"}, "pools": {"decode": {"quantization": "w8a8", "compile": True}}})
     colocated = parse_config({"pools": {"mode": "colocated", "decode": {"dtype": "bfloat16"}}})
     assert pool_specs(colocated)[0].model.dtype == "bfloat16"
