@@ -19,11 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.format_names import COMPUTE_DTYPES
 from engine.kv_cache import KVLayout
 from engine.quant import ByRows, DenseLinear, Linear, make_linear
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HEAD_QUANTIZED_MAX_ROWS = {"int8": 4, "int4": 8, "w8a8": 1 << 30}  # a tied quantized LM head's GEMV kernel up to this many rows
+DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
+# A tied quantized LM head's GEMV kernel up to this many rows, the embedding's dense GEMM above; w8a8's
+# int8 GEMM beats the dense one at every row count (49152 x 576, one thread: 0.6 ms vs 2.9 at 1 row,
+# 7.2 vs 10.0 at 64), so its head is never split.
+HEAD_QUANTIZED_MAX_ROWS = {"int8": 4, "int4": 8}
 
 
 @dataclass(frozen=True)
@@ -159,12 +163,12 @@ def build_weights(model, fmt: WeightFormat, num_positions: int) -> LlamaWeights:
         lm_head = DenseLinear(model.lm_head.weight.data.to(dtype), None)
     else:
         lm_head = make_linear(model.lm_head.weight.data, None, fmt.quantization, dtype)
-        if tied:
+        if tied and fmt.quantization in HEAD_QUANTIZED_MAX_ROWS:
             # Past a few rows the quantized head's GEMV kernel loses to a dense GEMM over the embedding
             # matrix, which is kept (in dtype) anyway; measured crossover on AVX512-BF16: ~4 rows for int8,
             # ~8 for int4 (49152 x 576: int8 2.4 ms at 1 row, 6.4 at 8, 49 at 64; bf16 dense 4.3 / 4.9 / 13).
             lm_head = ByRows(lm_head, DenseLinear(embed), HEAD_QUANTIZED_MAX_ROWS[fmt.quantization])
-        else:
+        elif not tied:
             model.lm_head.weight.data = torch.empty(0, dtype=model.lm_head.weight.dtype)
     if embed.data_ptr() != decoder.embed_tokens.weight.data_ptr():
         decoder.embed_tokens.weight.data = embed  # the HF module keeps no second copy in another dtype

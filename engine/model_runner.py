@@ -155,10 +155,8 @@ class ModelRunner:
                 key_pos = self._positions[:kp.shape[1]]
                 query_pos = self._positions[p.start:p.start + p.num_tokens]
                 mask, causal = key_pos[None, :] <= query_pos[:, None], False
-            kp = kp.unsqueeze(0)
-            vp = vp.unsqueeze(0)
             op = F.scaled_dot_product_attention(
-                qp, kp, vp, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
+                qp, kp.unsqueeze(0), vp.unsqueeze(0), attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
             )
             out[rows] = op[0].transpose(0, 1)
         return out

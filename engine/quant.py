@@ -1,5 +1,6 @@
-"""Weight formats of the engine's linear layers: dense (float32 / bfloat16) and
-weight-only int8 (per output channel) or int4 (per group of input channels).
+"""Weight formats of the engine's linear layers: dense (float32 / bfloat16),
+weight-only int8 (per output channel) or int4 (per group of input channels),
+and w8a8 (int8 weights and int8 activations, :class:`W8A8Linear`).
 
 Each format is a :class:`Linear` that holds its weight once, in its own
 layout, and computes ``x @ W.T (+ bias)`` in the activations' dtype. On the
@@ -14,6 +15,7 @@ on a GPU path.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -70,13 +72,19 @@ class DenseLinear(Linear):
         return _nbytes(self.weight, self.bias)
 
 
+def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantization with one scale per output channel: ``(q, scale)`` with
+    ``weight ≈ q * scale[:, None]`` (``q`` int8, ``scale`` float32)."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale
+
+
 class Int8Linear(Linear):
     """Symmetric int8 weights with one scale per output channel: ``W ≈ q * scale[:, None]``."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
-        w = weight.float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.qweight, scale = int8_per_channel(weight)
         self.kernel_dtype = torch.bfloat16 if weight.device.type == "cpu" else compute_dtype
         self.scale = scale.to(self.kernel_dtype)
         self.bias = None if bias is None else bias.to(compute_dtype)
@@ -150,18 +158,17 @@ class Int4Linear(Linear):
         return _nbytes(self.packed if self.packed is not None else self.q, self.scale_zero, self.bias)
 
 
-def _vnni_cpu() -> bool:
-    """Whether this CPU has VNNI (an int8 dot product that adds into 32 bits without an int16 step)."""
+@functools.cache
+def w8a8_activation_levels() -> int:
+    """Steps on each side of zero for w8a8 activations on this CPU: 127 with VNNI (an int8 dot product
+    that adds into 32 bits); without it fbgemm's u8 x s8 kernel sums pairs of products in int16 with
+    saturation, and 7-bit activations (63, PyTorch's ``reduce_range``) keep every pair below 2**15.
+    Read once, when the first w8a8 layer is built (no import-time I/O)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
-
-
-# Without VNNI, fbgemm's u8 x s8 kernel sums pairs of products in int16 with saturation; 7-bit
-# activations (PyTorch's ``reduce_range``) keep every pair below 2**15.
-W8A8_ACTIVATION_LEVELS = 127 if _vnni_cpu() else 63
+        return 63
+    return 127 if any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8")) else 63
 
 
 class W8A8Linear(Linear):
@@ -179,23 +186,21 @@ class W8A8Linear(Linear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
                  packed: bool | None = None) -> None:
         """``packed``: through fbgemm's kernel (default: on the CPU) or the de-quantized arithmetic."""
-        w = weight.float()
-        self.out_features, self.in_features = w.shape
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127)
-        self.levels = W8A8_ACTIVATION_LEVELS
+        self.out_features, self.in_features = weight.shape
+        q, scale = int8_per_channel(weight)
+        self.levels = w8a8_activation_levels()
         self.compute_dtype = compute_dtype
         self.bias = None if bias is None else bias.to(compute_dtype)
         if weight.device.type == "cpu" if packed is None else packed:
             with warnings.catch_warnings():  # PyTorch marks its quantized-tensor constructors deprecated;
                 warnings.simplefilter("ignore")  # this one is still the only way into fbgemm's prepacking
-                qweight = torch.quantize_per_channel(q * scale[:, None], scale.double(),
+                qweight = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(),
                                                      torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
             self.packed = torch.ops.quantized.linear_prepack(qweight, None)
             self.qweight = self.scale = None
         else:
             self.packed = None
-            self.qweight, self.scale = q.to(torch.int8), scale
+            self.qweight, self.scale = q, scale
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
