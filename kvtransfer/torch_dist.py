@@ -196,9 +196,11 @@ class TorchDistTransport(TransportBase):
         except BadRecord as e:  # forged or altered: refuse it before it can steer a gloo op
             why = self._refuse_record(t, e)
         if why is not None:  # fails t; the sender reads the refusal before it joins a group or posts a send
-            self._fail(t, why)
+            # The refusal is written before t is failed, so whoever sees t FAILED
+            # also finds the refusal in the store (a test did see the old "go").
             store.delete_key(f"kv/x/{t.transfer_id}")
             store_put(store, dkey, {"s": "rfail", "why": why}, self._seal)
+            self._fail(t, why)
             with self._pairs_lock:
                 pair = self._recv_pairs.get(t.scratch["sender"])
             if pair is not None:  # the sender may have posted its sends already: they must not match a later recv
