@@ -1,4 +1,4 @@
-"""Decode attention over a 16-bit paged cache: the grouped path against SDPA, side by side in one run.
+"""Decode attention over a 16-bit paged cache: the in-place kernel, the grouped path and SDPA, side by side in one run.
 
 Run from the repository root::
 
@@ -12,13 +12,16 @@ default deployment's decode format), then, in one process:
    replaced), SDPA on K/V upcast to float32, and the batched products
    (``products``) — each over the heads-major cache's one-copy gather — and
    the products over the previous token-major cache (one strided gather per
-   head; ``layout gain`` is its time over the heads-major one) — medians of
-   interleaved rounds, in µs, with their ratio to SDPA.
+   head; ``layout gain`` is its time over the heads-major one), and the
+   kernel that reads the paged cache in place (``in place``,
+   :mod:`engine.paged_attention`; no gather) — medians of interleaved
+   rounds, in µs, with the ratios of the best gather path to SDPA and of the
+   kernel to the best gather path.
 2. **Whole decode steps** of the engine at each batch (~256 keys of
-   context), the runner switched between SDPA and
-   the path it picks for a 16-bit cache (:mod:`engine.decode_attention`) on alternate
-   steps of the same requests, so both see the same machine: median ms/step
-   and the speed-up.
+   context), the runner switched between SDPA, the gather path it picks for
+   a 16-bit cache without the kernel (:mod:`engine.decode_attention`) and
+   the in-place kernel, in turn on successive steps of the same requests, so
+   all see the same machine: median ms/step and the speed-ups.
 
 The machine is shared: each phase prints how many cores other processes used
 meanwhile (``other_cpu_cores``); compare figures from one run only.
@@ -39,6 +42,7 @@ from engine.decode_attention import (UPCAST_MAX_BATCH, gather_heads_major, heads
                                      upcast_sdpa_attention)
 from engine.format_names import QUANTIZATIONS
 from engine.model_loader import load_model
+from engine.paged_attention import paged_decode_kernel
 from engine.sampling_params import SamplingParams
 
 CONTEXT = 256        # prompt tokens per sequence: the keys each decode step attends to
@@ -71,7 +75,7 @@ def _median_us(fns: dict[str, Callable[[], object]], rounds: int, reps: int) -> 
 
 
 def layer_attention(batch: int, heads: int, kv_heads: int, head_dim: int, rounds: int) -> dict[str, float]:
-    """One layer's decode attention at ``batch`` rows, four ways (module docstring, 1)."""
+    """One layer's decode attention at ``batch`` rows, five ways (four without the kernel; module docstring, 1)."""
     gen = torch.Generator().manual_seed(batch)
     blocks_per_seq = -(-(CONTEXT + 16) // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq * 2
@@ -89,17 +93,22 @@ def layer_attention(batch: int, heads: int, kv_heads: int, head_dim: int, rounds
             return path(q, k, v, mask, scale)
         return call
 
-    reps = max(3, 60 // batch)
-    return _median_us({"sdpa_bf16": timed(sdpa_attention), "sdpa_fp32": timed(upcast_sdpa_attention),
-                       "heads_major": timed(heads_major_attention),
-                       "token_major": timed(heads_major_attention, token_major_gather, token_major)},
-                      rounds, reps)
+    paths = {"sdpa_bf16": timed(sdpa_attention), "sdpa_fp32": timed(upcast_sdpa_attention),
+             "heads_major": timed(heads_major_attention),
+             "token_major": timed(heads_major_attention, token_major_gather, token_major)}
+    kernel = paged_decode_kernel()
+    if kernel is not None:  # in place: the block tables and lengths are all it is given
+        layer_kv = blocks.view(2, kv_heads, num_blocks * BLOCK_SIZE, head_dim)
+        tables, lens = flat.view(batch, blocks_per_seq), torch.full((batch,), CONTEXT + 4)
+        paths["in_place"] = lambda: kernel(q, layer_kv, tables, lens, BLOCK_SIZE, scale)
+    return _median_us(paths, rounds, max(3, 60 // batch))
 
 
 def engine_steps(loaded, batch: int, steps: int) -> dict[str, float]:
-    """Median ms of whole decode steps with SDPA and with the grouped path, on alternate steps."""
-    engine = make_engine(loaded, batch, CONTEXT + 2 * steps + 16, batch * CONTEXT)
-    params = SamplingParams(max_tokens=2 * steps + 8, ignore_eos=True)
+    """Median ms of whole decode steps through SDPA, the grouped gather path and (where it builds) the in-place
+    kernel, in turn on successive steps."""
+    engine = make_engine(loaded, batch, CONTEXT + 3 * steps + 16, batch * CONTEXT)
+    params = SamplingParams(max_tokens=3 * steps + 8, ignore_eos=True)  # three paths, `steps` steps each
     for i in range(batch):
         engine.add_request(f"b{batch}-{i}", params=params,
                            prompt_token_ids=random_prompt(random.Random(i), CONTEXT, loaded.config.vocab_size))
@@ -107,16 +116,20 @@ def engine_steps(loaded, batch: int, steps: int) -> dict[str, float]:
         pass
     for _ in range(2):
         engine.step()
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for i in range(2 * steps):
-        use_sdpa = i % 2 == 0
-        engine.runner.sdpa_decode = use_sdpa
+    kernel = engine.runner.paged_decode
+    paths = {"sdpa_ms": (True, None), "grouped_ms": (False, None)}  # (runner.sdpa_decode, runner.paged_decode)
+    if kernel is not None:
+        paths["in_place_ms"] = (False, kernel)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for i in range(len(paths) * steps):
+        name = list(paths)[i % len(paths)]
+        engine.runner.sdpa_decode, engine.runner.paged_decode = paths[name]
         t0 = time.perf_counter()
         outs = engine.step()
-        times[use_sdpa].append(time.perf_counter() - t0)
+        times[name].append(time.perf_counter() - t0)
         if len(outs) != batch:
             raise RuntimeError(f"decode step at batch {batch} produced {len(outs)} tokens")
-    return {"sdpa_ms": 1e3 * statistics.median(times[True]), "grouped_ms": 1e3 * statistics.median(times[False])}
+    return {name: 1e3 * statistics.median(v) for name, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,29 +139,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,8,64", help="decode batch sizes, comma-separated")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per layer measurement")
     parser.add_argument("--steps", type=int, default=8, help="timed engine steps per path and batch")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if paged_decode_kernel() is None:
+        print("the in-place kernel did not build here (see the warning above): its columns are left out")
     loaded = load_model(dtype="bfloat16", quantization=args.quantization)
     w = loaded.weights
     print(f"bfloat16 cache, weights {args.quantization}, {torch.get_num_threads()} threads, "
           f"~{CONTEXT} keys; the grouped path upcasts to float32 SDPA up to {UPCAST_MAX_BATCH} rows")
     print("\none layer's attention, gather included (µs, median of interleaved rounds)")
-    print(f"{'batch':>5} {'SDPA bf16':>10} {'SDPA fp32':>10} {'products':>10} {'token-major':>12} "
-          f"{'best vs SDPA bf16':>18} {'layout gain':>12} {'others':>7}")
+    print(f"{'batch':>5} {'SDPA bf16':>10} {'SDPA fp32':>10} {'products':>10} {'token-major':>12} {'in place':>9} "
+          f"{'best gather vs SDPA bf16':>25} {'layout gain':>12} {'in place vs best gather':>24} {'others':>7}")
     for b in batches:
         with Contention() as busy:
             r = layer_attention(b, w.num_heads, w.num_kv_heads, w.head_dim, args.rounds)
         best = min(r["sdpa_fp32"], r["heads_major"])
+        in_place = r.get("in_place")
         print(f"{b:>5} {r['sdpa_bf16']:>10.0f} {r['sdpa_fp32']:>10.0f} {r['heads_major']:>10.0f} "
-              f"{r['token_major']:>12.0f} {r['sdpa_bf16'] / best:>17.2f}x "
-              f"{r['token_major'] / r['heads_major']:>11.2f}x {busy.cores or 0:>7.2f}")
-    print("\nwhole decode steps (ms, median; the two paths on alternate steps)")
-    print(f"{'batch':>5} {'SDPA':>9} {'grouped':>9} {'speed-up':>9} {'others':>7}")
+              f"{r['token_major']:>12.0f} {_or_dash(in_place, '.0f'):>9} {r['sdpa_bf16'] / best:>24.2f}x "
+              f"{r['token_major'] / r['heads_major']:>11.2f}x "
+              f"{_or_dash(in_place and best / in_place, '.2f', 'x'):>24} {busy.cores or 0:>7.2f}")
+    print("\nwhole decode steps (ms, median; the paths in turn on successive steps)")
+    print(f"{'batch':>5} {'SDPA':>9} {'grouped':>9} {'in place':>9} {'grouped vs SDPA':>16} "
+          f"{'in place vs grouped':>20} {'others':>7}")
     for b in batches:
         with Contention() as busy:
             r = engine_steps(loaded, b, args.steps)
-        print(f"{b:>5} {r['sdpa_ms']:>9.1f} {r['grouped_ms']:>9.1f} {r['sdpa_ms'] / r['grouped_ms']:>8.2f}x "
-              f"{busy.cores or 0:>7.2f}")
+        in_place = r.get("in_place_ms")
+        print(f"{b:>5} {r['sdpa_ms']:>9.1f} {r['grouped_ms']:>9.1f} {_or_dash(in_place, '.1f'):>9} "
+              f"{r['sdpa_ms'] / r['grouped_ms']:>15.2f}x "
+              f"{_or_dash(in_place and r['grouped_ms'] / in_place, '.2f', 'x'):>20} {busy.cores or 0:>7.2f}")
+
+
+def _or_dash(value: float | None, spec: str, suffix: str = "") -> str:
+    """``value`` formatted, or "-" where there is none (no kernel)."""
+    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from engine.kv_cache import KVLayout, PagedKVCache, write_layer_kv
 from engine.kv_cache_manager import KVCacheManager
 from engine.llama_ops import rms_norm, rotate
 from engine.llama_weights import LlamaWeights
+from engine.paged_attention import paged_decode_kernel
 from engine.scheduler import ScheduledChunk
 
 
@@ -50,6 +51,7 @@ class _Decode:
     block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
     flat_blocks: torch.Tensor   # block_tables.flatten()
     ctx_mask: torch.Tensor      # [B, 1, 1, max_blocks * block_size], True = attend
+    context_lens: torch.Tensor  # [B] int64: keys each sequence attends to (its new token's included)
 
 
 @dataclass
@@ -74,7 +76,8 @@ def kv_layout_of(model) -> KVLayout:
 class ModelRunner:
     """Runs a Llama-family model's :class:`LlamaWeights` over packed steps with a paged KV cache."""
 
-    def __init__(self, weights: LlamaWeights, cache: PagedKVCache, compile_decode: bool = False) -> None:
+    def __init__(self, weights: LlamaWeights, cache: PagedKVCache, compile_decode: bool = False,
+                 paged_kernel: bool = True) -> None:
         if weights.kv_layout != cache.layout:
             raise ValueError(f"KV cache layout {cache.layout} does not match the weights' {weights.kv_layout}")
         self.w = weights
@@ -91,6 +94,9 @@ class ModelRunner:
         # A 16-bit cache on the CPU decodes through engine.decode_attention (SDPA's CPU kernel is slow for
         # one query in 16 bits); float32, the exactness reference, and other devices keep SDPA.
         self.sdpa_decode = cache.layout.dtype == "float32" or weights.device.type != "cpu"
+        # A 16-bit CPU cache is read in place by engine.paged_attention's kernel (no gather), where it builds;
+        # paged_kernel=False keeps the gather path (the benchmarks compare the two).
+        self.paged_decode = paged_decode_kernel() if paged_kernel and not self.sdpa_decode else None
         # Decode-only steps through one compiled graph per batch bucket; CPU only (the inductor C++
         # backend is what was measured; any other device keeps the eager forward).
         self.compiled = CompiledDecode(weights, cache) if compile_decode and weights.device.type == "cpu" else None
@@ -126,23 +132,36 @@ class ModelRunner:
         return batch.sample_chunks, w.lm_head(last)
 
     def _attention(self, layer_idx: int, q, k, v, batch: _Batch) -> torch.Tensor:
+        out = None
         if batch.decode is not None:
-            d = batch.decode
-            b = d.block_tables.shape[0]
-            # One copy of whole blocks, every head's K and V at once (the cache is heads-major).
-            kh, vh = gather_heads_major(self.cache.blocks_view(layer_idx), d.flat_blocks, b)
-            if self.sdpa_decode:
-                od = sdpa_attention(q[:b], kh, vh, d.ctx_mask, self.scale)  # decode rows come first in the pack
-            elif b > UPCAST_MAX_BATCH:  # engine.decode_attention: the many-rows path
-                od = heads_major_attention(q[:b], kh, vh, d.ctx_mask, self.scale)
-            else:
-                od = upcast_sdpa_attention(q[:b], kh, vh, d.ctx_mask, self.scale)
+            od = self._decode_attention(layer_idx, q[:batch.decode.block_tables.shape[0]], batch.decode)
             if not batch.prefills:
                 return od
             out = torch.empty_like(q)
-            out[:b] = od
-        else:
-            out = torch.empty_like(q)
+            out[:od.shape[0]] = od  # decode rows come first in the pack
+        return self._prefill_attention(layer_idx, q, k, v, batch, torch.empty_like(q) if out is None else out)
+
+    def _decode_attention(self, layer_idx: int, q: torch.Tensor, d: _Decode) -> torch.Tensor:
+        """Attention of the decode rows ``q`` ``[B, H, D]`` over their sequences' paged K/V."""
+        if self.paged_decode is not None:  # in place: each sequence's blocks read where they lie
+            return self.paged_decode(q, self.cache.layers[layer_idx], d.block_tables, d.context_lens,
+                                     self.block_size, self.scale)
+        # One copy of whole blocks, every head's K and V at once (the cache is heads-major).
+        b = q.shape[0]
+        kh, vh = gather_heads_major(self.cache.blocks_view(layer_idx), d.flat_blocks, b)
+        if self.sdpa_decode:
+            return sdpa_attention(q, kh, vh, d.ctx_mask, self.scale)
+        if b > UPCAST_MAX_BATCH:  # engine.decode_attention: the many-rows path
+            return heads_major_attention(q, kh, vh, d.ctx_mask, self.scale)
+        return upcast_sdpa_attention(q, kh, vh, d.ctx_mask, self.scale)
+
+    def _prefill_attention(self, layer_idx: int, q, k, v, batch: _Batch, out: torch.Tensor) -> torch.Tensor:
+        """Each prefill chunk's attention into its rows of ``out``, causally, over what its sequence has computed.
+
+        A later chunk reads its sequence's earlier keys by one ``index_select`` per K and V: beside the
+        chunk's own matmuls that copy is small (it is the decode rows, one query each, for which a gather
+        per step cost as much as the attention itself).
+        """
         layer_kv = self.cache.layers[layer_idx]
         for p in batch.prefills:
             rows = slice(p.row, p.row + p.num_tokens)
@@ -177,7 +196,7 @@ class ModelRunner:
             padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
             ctx = torch.tensor([c.start + 1 for c in decodes])
             mask = self._slot_range(max_blocks * bs)[None, :] < ctx[:, None]
-            decode = _Decode(padded, padded.flatten(), mask[:, None, None, :])
+            decode = _Decode(padded, padded.flatten(), mask[:, None, None, :], ctx)
         for c in decodes:
             tok_pos = c.start
             if c.samples:  # a one-token prefill chunk can also land here
