@@ -1,5 +1,10 @@
 """Attention of one new token per sequence over its gathered paged K/V, heads-major.
 
+On the CPU a 16-bit cache is read in place by :mod:`engine.paged_attention`'s
+kernel instead, where it builds; the paths here serve a float32 cache (the
+exactness reference), other devices, the compiled decode step, and a CPU
+where the kernel cannot be built.
+
 The paged cache is heads-major (:class:`engine.kv_cache.PagedKVCache`), so
 :func:`gather_heads_major` copies each sequence's blocks for K, V and every
 head with one ``index_select`` of whole blocks, into ``[KV, B, L, D]``: the

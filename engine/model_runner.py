@@ -5,8 +5,10 @@ lengths) are packed into one ``[num_tokens, hidden]`` tensor: the linear
 layers, norms and MLPs run once over the pack, with no padding. Only
 attention is per sequence kind:
 
-- decoding sequences (one new token each) attend together: their blocks
-  are gathered through a padded block-table tensor and masked by length;
+- decoding sequences (one new token each) attend together: on the CPU with a
+  16-bit cache a kernel reads each one's blocks in place through its block
+  table (:mod:`engine.paged_attention`); otherwise their blocks are gathered
+  through a padded block-table tensor and masked by length;
 - prefill chunks attend one sequence at a time, causally, to everything the
   sequence has computed so far (earlier chunks are read back from the cache).
 
