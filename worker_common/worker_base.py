@@ -17,6 +17,7 @@ from analysis.machine_peaks import MachinePeaks, measure_peaks_fast
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
 from engine.model_loader import LoadedModel, load_model
+from engine.passing_thread import in_passing_thread
 from kvtransfer.endpoints import Endpoint
 from kvtransfer.factory import make_transport
 from kvtransfer.ray_transport import KVTransferActorMixin
@@ -52,15 +53,21 @@ class WorkerBase(KVTransferActorMixin):
         # Before the model loads: torch's thread pool is sized by the first parallel op.
         self.threads = apply_worker_threads(threads)
         log.info("%s computes on %d torch threads", worker_id, self.threads)
-        if preloaded is None:
-            # Peaks measured here, on this worker's own cores, so its MBU/MFU compare like with like.
-            preloaded = Preloaded(load_model(model.name, dtype=model.dtype, max_model_len=model.max_model_len,
+
+        def build() -> tuple[Preloaded, LLMEngine]:
+            ready = preloaded
+            if ready is None:
+                # Peaks measured here, on this worker's own cores, so its MBU/MFU compare like with like.
+                ready = Preloaded(load_model(model.name, dtype=model.dtype, max_model_len=model.max_model_len,
                                              quantization=model.quantization),
                                   measure_peaks_fast() if measure_peaks else None)
-        self.preloaded = preloaded
-        loaded = preloaded.model
+            return ready, LLMEngine(ready.model, peaks=ready.peaks, **engine_args)
+
+        # The load's torch work runs on a thread that ends with it, so that the engine's step
+        # thread is this process's only OpenMP team (engine.passing_thread says why it matters).
+        self.preloaded, engine = in_passing_thread(build, name=f"{worker_id}-load")
+        loaded = self.preloaded.model
         self._limits = ModelLimits(model.name, loaded.max_model_len, int(loaded.config.vocab_size))
-        engine = LLMEngine(loaded, peaks=preloaded.peaks, **engine_args)
         self.layout = engine.layout
         self.engine = AsyncEngine(engine, batch_wait_s=batch_wait_s)
         self.lease_s = handoff.lease_s

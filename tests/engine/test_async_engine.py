@@ -1,11 +1,15 @@
-"""The engine's stepping thread: it sleeps, rather than spins, while requests wait for blocks."""
+"""The engine's stepping thread: it runs every engine call between steps, and sleeps, rather than
+spins, while requests wait for blocks."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
-from engine.async_engine import AsyncEngine
+import pytest
+
+from engine.async_engine import AsyncEngine, EngineClosedError
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -72,3 +76,90 @@ def test_a_parked_kv_is_exported_before_the_next_step_runs(tiny_model):
         assert steps_at_export == 1, "the long prompt's step ran before the parked KV was exported"
     finally:
         runner.close()
+
+
+def test_every_engine_call_runs_on_the_step_thread(tiny_model):
+    """Steps and calls share one thread: the process keeps one OpenMP team (see engine.async_engine)."""
+    engine = LLMEngine(tiny_model, block_size=4, num_blocks=64)
+    runner = AsyncEngine(engine)
+    step_threads: set[int] = set()
+    step = engine.step
+
+    def recorded_step():
+        step_threads.add(threading.get_ident())
+        return step()
+
+    engine.step = recorded_step
+
+    async def go() -> set[int]:
+        call_threads = {await runner.call(lambda e: threading.get_ident())}
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        outs = [o async for o in runner.stream("r", lambda e: (call_threads.add(threading.get_ident()),
+                                                               e.add_request("r", params=params,
+                                                                             prompt_token_ids=[1, 2, 3])))]
+        assert outs[-1].finished
+        return call_threads
+
+    try:
+        call_threads = asyncio.run(go())
+        assert step_threads and call_threads == step_threads == {runner._thread.ident}
+        assert runner._thread.ident != threading.get_ident()
+    finally:
+        runner.close()
+
+
+def test_a_failing_call_reaches_its_caller_and_the_thread_goes_on(tiny_model):
+    runner = AsyncEngine(LLMEngine(tiny_model, block_size=4, num_blocks=16))
+
+    def boom(e: LLMEngine) -> None:
+        raise ValueError("bad call")
+
+    async def go() -> int:
+        with pytest.raises(ValueError, match="bad call"):
+            await runner.call(boom)
+        return await runner.call(lambda e: e.kv.block_size)
+
+    try:
+        assert asyncio.run(go()) == 4
+    finally:
+        runner.close()
+
+
+def test_a_call_cancelled_before_it_starts_does_not_run(tiny_model):
+    """A caller that gives up (its task cancelled) while an earlier call still runs leaves nothing behind."""
+    runner = AsyncEngine(LLMEngine(tiny_model, block_size=4, num_blocks=16))
+    ran: list[str] = []
+    release = threading.Event()
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        first = loop.create_task(runner.call(lambda e: (release.wait(10), ran.append("first"))))
+        await asyncio.sleep(0.1)  # the step thread is inside the first call
+        second = loop.create_task(runner.call(lambda e: ran.append("second")))
+        await asyncio.sleep(0.1)
+        second.cancel()
+        await asyncio.sleep(0.1)  # the cancellation reaches the queued call
+        release.set()
+        await first
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        await runner.call(lambda e: None)  # the queue has been worked past the cancelled call
+
+    try:
+        asyncio.run(go())
+        assert ran == ["first"]
+    finally:
+        runner.close()
+
+
+def test_calls_after_close_are_refused(tiny_model):
+    runner = AsyncEngine(LLMEngine(tiny_model, block_size=4, num_blocks=16))
+
+    async def go() -> None:
+        assert await runner.call(lambda e: 1) == 1
+        runner.close()
+        with pytest.raises(EngineClosedError):
+            await asyncio.wait_for(runner.call(lambda e: 2), timeout=10)
+
+    asyncio.run(go())
+    assert not runner._thread.is_alive()
