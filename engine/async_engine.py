@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -65,7 +65,6 @@ class AsyncEngine:
         self.engine = engine
         self.batch_wait_s = batch_wait_s
         self.handoff_wait_s = handoff_wait_s
-        self._lock = threading.Lock()
         # Calls waiting for the step thread, in arrival order (deque appends and pops are atomic).
         self._calls: deque[tuple[Callable[[LLMEngine], Any], concurrent.futures.Future]] = deque()
         self._calls_done = 0  # engine calls completed (read and written by the step thread only)
@@ -98,18 +97,21 @@ class AsyncEngine:
             self._refuse_calls()
         return await asyncio.wrap_future(done)
 
-    def _run_calls(self) -> None:
-        """Run every queued call (on the step thread)."""
+    def _claim_calls(self) -> Iterator[tuple[Callable[[LLMEngine], Any], concurrent.futures.Future]]:
+        """Take the queued calls in order, each marked running; skip those whose caller gave up."""
         while True:
             try:
                 fn, done = self._calls.popleft()
             except IndexError:
                 return
-            if not done.set_running_or_notify_cancel():
-                continue  # its caller gave up before it started
+            if done.set_running_or_notify_cancel():
+                yield fn, done
+
+    def _run_calls(self) -> None:
+        """Run every queued call (on the step thread)."""
+        for fn, done in self._claim_calls():
             try:
-                with self._lock:
-                    result = fn(self.engine)
+                result = fn(self.engine)
             except BaseException as exc:  # noqa: BLE001 - the caller gets it, the step thread goes on
                 done.set_exception(exc)
             else:
@@ -118,13 +120,8 @@ class AsyncEngine:
 
     def _refuse_calls(self) -> None:
         """Fail every queued call with :class:`EngineClosedError` (after close)."""
-        while True:
-            try:
-                _, done = self._calls.popleft()
-            except IndexError:
-                return
-            if done.set_running_or_notify_cancel():
-                done.set_exception(EngineClosedError("engine is closed"))
+        for _, done in self._claim_calls():
+            done.set_exception(EngineClosedError("engine is closed"))
 
     async def stream(self, request_id: str, start: Callable[[LLMEngine], Any]) -> AsyncIterator[RequestOutput]:
         """Run ``start(engine)`` (which adds ``request_id``), then yield its outputs.
@@ -204,11 +201,10 @@ class AsyncEngine:
                 self._run_calls()
             idle = False
             try:
-                with self._lock:
-                    steps_before = self.engine.num_steps
-                    outputs = self.engine.step()
-                    ran = self.engine.num_steps != steps_before
-                    self.steps += 1
+                steps_before = self.engine.num_steps
+                outputs = self.engine.step()
+                ran = self.engine.num_steps != steps_before
+                self.steps += 1
             except Exception as exc:  # never let one bad step kill the loop
                 log.exception("engine step failed")
                 self._fail_all(exc)
@@ -251,10 +247,9 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def _fail_all(self, exc: Exception) -> None:
-        with self._lock:
-            ids = [s.request_id for s in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting)]
-            for rid in ids:
-                self.engine.abort_request(rid)
+        ids = [s.request_id for s in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting)]
+        for rid in ids:
+            self.engine.abort_request(rid)
         for rid in ids:
             self._deliver(rid, EngineStepError(f"engine step failed: {exc!r}"))
 
