@@ -150,7 +150,7 @@ class CompiledDecode:
         flat = tables.flatten()
         h = w.embed.index_select(0, torch.tensor(token_ids, dtype=torch.long))
         cos = w.rope_cos.index_select(0, pos)[:, None, :]
-        sin = w.rope_sin.index_select(0, pos)[:, None, :]
+        sin = w.rope_sin_signed.index_select(0, pos)[:, None, :]
         for t, dim in ((h, 0), (cos, 0), (sin, 0), (slot, 0), (flat, 0), (mask, 0), (mask, 3)):
             torch._dynamo.maybe_mark_dynamic(t, dim)
         key = self.shape_class(b)

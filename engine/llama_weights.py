@@ -21,6 +21,7 @@ import torch
 
 from engine.format_names import COMPUTE_DTYPES
 from engine.kv_cache import KVLayout
+from engine.llama_ops import signed_sin
 from engine.quant import ByRows, DenseLinear, Linear, make_linear
 
 DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
@@ -72,7 +73,7 @@ class LlamaWeights:
     final_norm: torch.Tensor
     lm_head: Linear
     rope_cos: torch.Tensor     # [max_positions, head_dim], dtype
-    rope_sin: torch.Tensor
+    rope_sin_signed: torch.Tensor  # sin with its first half negated (engine.llama_ops.rotate)
 
     @property
     def kv_layout(self) -> KVLayout:
@@ -178,5 +179,5 @@ def build_weights(model, fmt: WeightFormat, num_positions: int) -> LlamaWeights:
         fmt=fmt, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, eps=float(cfg.rms_norm_eps),
         embed=embed, layers=layers, final_norm=decoder.norm.weight.data.to(dtype), lm_head=lm_head,
-        rope_cos=cos, rope_sin=sin,
+        rope_cos=cos, rope_sin_signed=signed_sin(sin),
     )

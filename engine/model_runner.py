@@ -116,7 +116,7 @@ class ModelRunner:
         h = w.embed.index_select(0, batch.token_ids)
         n = h.shape[0]
         cos = w.rope_cos.index_select(0, batch.positions)[:, None, :]  # [n, 1, hd]: broadcast over heads
-        sin = w.rope_sin.index_select(0, batch.positions)[:, None, :]
+        sin = w.rope_sin_signed.index_select(0, batch.positions)[:, None, :]
         heads_qk = self.num_heads + self.num_kv_heads
         for layer_idx, layer in enumerate(w.layers):
             qkv = layer.qkv(rms_norm(h, layer.input_norm, w.eps))
@@ -248,7 +248,7 @@ def sequence_logits(weights: LlamaWeights, token_ids: torch.Tensor) -> torch.Ten
     h = w.embed.index_select(0, token_ids)
     positions = torch.arange(n, device=token_ids.device)
     cos = w.rope_cos.index_select(0, positions)[:, None, :]
-    sin = w.rope_sin.index_select(0, positions)[:, None, :]
+    sin = w.rope_sin_signed.index_select(0, positions)[:, None, :]
     hq, hkv, hd = w.num_heads, w.num_kv_heads, w.head_dim
     qk_dim = (hq + hkv) * hd
     for layer in w.layers:

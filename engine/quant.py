@@ -91,6 +91,9 @@ class Int8Linear(Linear):
         self.out_features, self.in_features = weight.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == self.kernel_dtype and x.device.type == "cpu" and x.shape[0] < INT8_PACKED_MAX_ROWS:
+            # A decode pack (2-D, the kernel's dtype): one kernel call (see Int4Linear.__call__).
+            return self._add_bias(torch._weight_int8pack_mm(x, self.qweight, self.scale))
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.device.type == "cpu" and x2.shape[0] < INT8_PACKED_MAX_ROWS:
@@ -138,6 +141,11 @@ class Int4Linear(Linear):
         self.bias = None if bias is None else bias.to(compute_dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.dim() == 2 and x.dtype == self.kernel_dtype:
+            # The runner's packs are 2-D and already in the kernel's dtype: one kernel call, none of the
+            # reshapes and no-op casts below (at batch 1 those Python-level calls cost as much as a small GEMV).
+            y = torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_zero)
+            return self._add_bias(y if y.shape[1] == self.out_features else y[:, :self.out_features])
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.kernel_dtype)
         if self.packed is not None:
