@@ -15,9 +15,10 @@ attention is per sequence kind:
 The forward is the engine's own Llama forward over
 :class:`~engine.llama_weights.LlamaWeights` (fused QKV and gate/up
 projections in the loaded format, a precomputed rotary table): about a
-dozen operations per layer. Its float32 arithmetic is the reference's
-(``transformers``' RMSNorm, rotary and MLP formulas, op for op), which keeps
-greedy output token-identical to ``generate()``.
+dozen operations per layer. Its float32 arithmetic is bit-identical to the
+reference's (``transformers``' RMSNorm, rotary and MLP formulas,
+:mod:`engine.llama_ops`), which keeps greedy output token-identical to
+``generate()``.
 """
 
 from __future__ import annotations
