@@ -151,15 +151,15 @@ class RayHead:
             return self.process.poll() is None
         if self.pid is None:
             return False
-        try:
-            os.kill(self.pid, 0)
-            return True
-        except OSError:
-            return False
+        return pid_running(self.pid)
 
-    def stop(self, timeout_s: float = 60.0) -> None:
-        """SIGTERM this head's process group (``ray start --block`` then stops
-        the Ray processes it started); SIGKILL whatever is left after ``timeout_s``."""
+    def stop(self, timeout_s: float = 60.0, grace_s: float = 10.0) -> None:
+        """SIGTERM this head's process group (``ray start --block`` then stops the Ray processes it
+        started), and SIGKILL the group once the leader has exited or ``grace_s`` has passed.
+
+        Ray's own shutdown stops one kind of process after another, waiting on each: ~35 s on two cores,
+        its GCS and autoscaler monitor last. Nothing of a head outlives it here (the deployment was
+        drained before), so after the grace the rest is killed; ``timeout_s`` bounds the whole stop."""
         if not self.alive() or self.pid is None:
             return
         try:
@@ -167,21 +167,38 @@ class RayHead:
         except ProcessLookupError:
             return
         deadline = time.monotonic() + timeout_s
+        self._wait_exit(time.monotonic() + min(grace_s, timeout_s))
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # what Ray's shutdown has not stopped yet
+        except ProcessLookupError:
+            pass
+        self._wait_exit(deadline)
+
+    def _wait_exit(self, deadline: float) -> None:
         while self.alive() and time.monotonic() < deadline:
             if self.process is not None:
                 try:
-                    self.process.wait(timeout=0.5)
+                    self.process.wait(timeout=0.2)
                 except subprocess.TimeoutExpired:
                     pass
             else:
-                time.sleep(0.5)
-        if self.alive():
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            if self.process is not None:
-                self.process.wait(timeout=30)
+                time.sleep(0.2)
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a head started by an earlier command is not
+    our child, so its exit status may wait a while for whoever reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
 
 
 def head_answers(gcs_address: str, env: dict[str, str] | None = None) -> bool:
