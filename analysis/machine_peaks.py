@@ -66,30 +66,41 @@ def measure_bandwidth(copy_bytes: int = COPY_BYTES, reps: int = 3) -> float:
     return 2 * src.numel() * 4 / seconds
 
 
-def measure_matmul_flops(n: int = MATMUL_N, reps: int = 3) -> float:
-    """Float32 FLOP/s of an ``n x n @ n x n`` matmul (``2 n^3`` FLOPs)."""
+def measure_matmul_flops(n: int = MATMUL_N, reps: int = 3, dtype: str = "float32") -> float:
+    """FLOP/s of an ``n x n @ n x n`` matmul (``2 n^3`` FLOPs) in ``dtype`` (``float32`` or ``bfloat16``:
+    on a CPU with AVX512-BF16 or AMX the 16-bit peak is several times the float32 one, so a 16-bit
+    format's compute fraction must be taken against its own)."""
     import torch
 
+    tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen)
-    b = torch.randn(n, n, generator=gen)
-    out = torch.empty(n, n)
+    a = torch.randn(n, n, generator=gen).to(tdtype)
+    b = torch.randn(n, n, generator=gen).to(tdtype)
+    out = torch.empty(n, n, dtype=tdtype)
     seconds = best_time(lambda: torch.mm(a, b, out=out), reps)
     return 2 * n**3 / seconds
 
 
-def measure_peaks(reps: int = 3, copy_bytes: int = COPY_BYTES, matmul_n: int = MATMUL_N) -> MachinePeaks:
-    """Copy bandwidth and float32 matmul FLOP/s now; each the best of ``reps`` (plus a warm-up)."""
+def peak_dtype(compute_dtype: str) -> str:
+    """The matmul dtype whose peak bounds a model computing in ``compute_dtype``: bfloat16 for the 16-bit
+    dtypes (float16's CPU matmuls are not faster than bfloat16's), float32 otherwise."""
+    return "bfloat16" if compute_dtype in ("bfloat16", "float16") else "float32"
+
+
+def measure_peaks(reps: int = 3, copy_bytes: int = COPY_BYTES, matmul_n: int = MATMUL_N,
+                  dtype: str = "float32") -> MachinePeaks:
+    """Copy bandwidth and ``dtype`` matmul FLOP/s now; each the best of ``reps`` (plus a warm-up)."""
     return MachinePeaks(bandwidth_bytes_per_s=measure_bandwidth(copy_bytes, reps),
-                        flops_per_s=measure_matmul_flops(matmul_n, reps))
+                        flops_per_s=measure_matmul_flops(matmul_n, reps, dtype))
 
 
-def measure_peaks_fast() -> MachinePeaks:
+def measure_peaks_fast(dtype: str = "float32") -> MachinePeaks:
     """A cheaper :func:`measure_peaks` (well under 0.5 s) for a worker's start-up.
 
     Smaller copy and matmul and fewer repetitions (~0.25 s on a 2-core
     CPU). It is noisier and may read lower than the full measurement (a
     small matmul reaches less of the BLAS peak), so MBU / MFU gauges based
-    on it err high; reports that compare runs should use :func:`measure_peaks`.
+    on it err high; reports that compare runs should use :func:`measure_peaks`. ``dtype``: the
+    matmuls' (a worker passes its model's compute dtype, so its MFU is against its own kernels' peak).
     """
-    return measure_peaks(reps=FAST_REPS, copy_bytes=FAST_COPY_BYTES, matmul_n=FAST_MATMUL_N)
+    return measure_peaks(reps=FAST_REPS, copy_bytes=FAST_COPY_BYTES, matmul_n=FAST_MATMUL_N, dtype=dtype)

@@ -80,8 +80,9 @@ import torch
 
 from analysis.cost_model import ModelDims
 from analysis.machine_peaks import COPY_BYTES, MATMUL_N
+from analysis.machine_peaks import measure_matmul_flops
 from analysis.machine_peaks import measure_peaks as measure_machine_peaks
-from benchmarks.engine_report import (CONTENTION_WARN_CORES, DECODE_PROMPT_LEN, PREFILL_LEN, TARGET_MIXED_RATIO,
+from benchmarks.engine_report import (COMPUTE_PEAK_KEYS, CONTENTION_WARN_CORES, DECODE_PROMPT_LEN, PREFILL_LEN, TARGET_MIXED_RATIO,
                                       finish_roofline, mark_decode_targets, render)
 from engine.format_cost import FormatCost
 from engine.kv_cache_manager import blocks_needed
@@ -196,8 +197,9 @@ def measure_peaks(reps: int, quiet_wait_s: float = 0.0) -> dict[str, float | Non
     wait_for_quiet(quiet_wait_s)
     with Contention() as busy:
         peaks = measure_machine_peaks(reps=reps, copy_bytes=COPY_BYTES, matmul_n=MATMUL_N)
+        bf16_flops = measure_matmul_flops(MATMUL_N, reps, "bfloat16")
     return {"bandwidth_gbps": peaks.bandwidth_bytes_per_s / 1e9, "matmul_gflops": peaks.flops_per_s / 1e9,
-            "other_cpu_cores": busy.cores}
+            "matmul_bf16_gflops": bf16_flops / 1e9, "other_cpu_cores": busy.cores}
 
 
 # ------------------------------------------------------------------ model cost
@@ -576,13 +578,13 @@ def run_sections(settings: Settings) -> dict[str, Any]:
 
     log("measuring machine peaks again")
     end_peaks = measure_peaks(settings.peak_reps, settings.quiet_wait_s)
-    peaks = {k: max(start_peaks[k], end_peaks[k]) for k in ("bandwidth_gbps", "matmul_gflops")}
+    peaks = {k: max(start_peaks[k], end_peaks[k]) for k in ("bandwidth_gbps", *COMPUTE_PEAK_KEYS.values())}
     finish_roofline(decode, peaks)
     finish_roofline(prefill, peaks)
     mark_decode_targets(decode)
-    for f in formats:
-        finish_roofline(f["decode"], peaks)
-        finish_roofline(f["prefill"], peaks)
+    for f in formats:  # compute against the peak of the format's activation dtype
+        finish_roofline(f["decode"], peaks, FORMATS[f["format"]][0])
+        finish_roofline(f["prefill"], peaks, FORMATS[f["format"]][0])
         mark_decode_targets(f["decode"])
     machine = {
         **peaks,

@@ -23,11 +23,19 @@ TARGET_MIXED_RATIO = 3.0            # engine / generate() useful tokens per seco
 CONTENTION_WARN_CORES = 0.25  # other processes' CPU use (in cores) above which a figure is flagged
 
 
-def roofline(nbytes: float, flops: float, seconds: float, peaks: dict[str, float]) -> dict[str, Any]:
-    """Roofline time of (bytes, FLOPs) on ``peaks`` and the fraction ``seconds`` achieves."""
+# The machine-peak key of each compute dtype's matmul FLOP/s: a format's compute fractions are taken against
+# the peak of the dtype its kernels compute in (bfloat16 for every 16-bit and quantized format here).
+COMPUTE_PEAK_KEYS = {"float32": "matmul_gflops", "bfloat16": "matmul_bf16_gflops"}
+
+
+def roofline(nbytes: float, flops: float, seconds: float, peaks: dict[str, float],
+             dtype: str = "float32") -> dict[str, Any]:
+    """Roofline time of (bytes, FLOPs) on ``peaks`` (compute: the ``dtype`` matmul peak) and the fraction
+    ``seconds`` achieves."""
+    flops_per_s = peaks[COMPUTE_PEAK_KEYS[dtype]] * 1e9
     bw_s = nbytes / (peaks["bandwidth_gbps"] * 1e9)
-    compute_s = flops / (peaks["matmul_gflops"] * 1e9)
-    roof_s, bound = roofline_seconds(nbytes, flops, peaks["bandwidth_gbps"] * 1e9, peaks["matmul_gflops"] * 1e9)
+    compute_s = flops / flops_per_s
+    roof_s, bound = roofline_seconds(nbytes, flops, peaks["bandwidth_gbps"] * 1e9, flops_per_s)
     return {
         "bytes": nbytes,
         "flops": flops,
@@ -38,14 +46,15 @@ def roofline(nbytes: float, flops: float, seconds: float, peaks: dict[str, float
         "fraction_of_compute_roofline": compute_s / seconds,
         "achieved_gbps": nbytes / seconds / 1e9,
         "achieved_gflops": flops / seconds / 1e9,
+        "compute_dtype": dtype,
     }
 
 
-def finish_roofline(entries: list[dict[str, Any]], peaks: dict[str, float]) -> None:
-    """Replace each entry's raw ``_cost`` by its roofline figures against ``peaks``."""
+def finish_roofline(entries: list[dict[str, Any]], peaks: dict[str, float], dtype: str = "float32") -> None:
+    """Replace each entry's raw ``_cost`` by its roofline figures against ``peaks`` (compute: ``dtype``'s)."""
     for e in entries:
         nbytes, flops, seconds = e.pop("_cost")
-        e.update(roofline(nbytes, flops, seconds, peaks))
+        e.update(roofline(nbytes, flops, seconds, peaks, dtype))
 
 
 def mark_decode_targets(decode: list[dict[str, Any]]) -> None:
@@ -106,7 +115,8 @@ def render(result: dict[str, Any]) -> str:
         f"  copy bandwidth {m['bandwidth_gbps']:.1f} GB/s (start {m['samples'][0]['bandwidth_gbps']:.1f}, "
         f"end {m['samples'][1]['bandwidth_gbps']:.1f}); "
         f"fp32 matmul {m['matmul_gflops']:.1f} GFLOP/s (start {m['samples'][0]['matmul_gflops']:.1f}, "
-        f"end {m['samples'][1]['matmul_gflops']:.1f})",
+        f"end {m['samples'][1]['matmul_gflops']:.1f})"
+        + (f"; bf16 matmul {m['matmul_bf16_gflops']:.1f} GFLOP/s" if "matmul_bf16_gflops" in m else ""),
         f"  other processes' CPU use: {cores(m['other_cpu_cores'])} cores over the run, "
         f"{cores(m['samples'][0]['other_cpu_cores'])} / {cores(m['samples'][1]['other_cpu_cores'])} "
         "during the start / end peak measurements"
@@ -187,6 +197,7 @@ def _format_row(label: str, decode: list[dict[str, Any]], prefill: list[dict[str
             f"{b8['tokens_per_s']:.0f}" if b8 else "-", f"{b64['tokens_per_s']:.0f}" if b64 else "-",
             pct(b64["fraction_of_compute_roofline"]) if b64 else "-",
             f"{prefill[0]['tokens_per_s']:.0f}" if prefill else "-",
+            pct(prefill[0]["fraction_of_compute_roofline"]) if prefill else "-",
             "-" if mixed_tps is None else f"{mixed_tps:.1f}", "-" if ratio is None else f"{ratio:.2f}x"]
 
 
@@ -207,9 +218,10 @@ def render_formats(result: dict[str, Any]) -> list[str]:
     return [
         "",
         "Weight formats (decode prompt 256 tokens; roofline fractions for the bytes each format reads; "
-        "compute against the float32 matmul peak; mixed workload vs float32 generate())",
+        "compute against the matmul peak of the format's activation dtype, float32 or bfloat16; "
+        "mixed workload vs float32 generate())",
         format_table(["format", "weights MB", "RSS MB", "b1 ms/tok", "b1 of bw", "b8 tok/s", "b64 tok/s",
-                      "b64 of compute", "prefill tok/s", "mixed tok/s", "vs generate"], rows),
+                      "b64 of compute", "prefill tok/s", "prefill of compute", "mixed tok/s", "vs generate"], rows),
         f"  targets: batch 1 >= {pct(TARGET_DECODE_B1_BANDWIDTH)} of bandwidth, batch 64 >= "
         f"{pct(TARGET_DECODE_B64_COMPUTE)} of compute, mixed >= {TARGET_MIXED_RATIO:.0f}x generate(); "
         "RSS: a fresh process after loading the model (interpreter and libraries included)",

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from analysis.machine_peaks import MachinePeaks, measure_peaks_fast
+from analysis.machine_peaks import MachinePeaks, measure_peaks_fast, peak_dtype
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
 from engine.model_loader import LoadedModel, load_model
@@ -57,10 +57,11 @@ class WorkerBase(KVTransferActorMixin):
         def build() -> tuple[Preloaded, LLMEngine]:
             ready = preloaded
             if ready is None:
-                # Peaks measured here, on this worker's own cores, so its MBU/MFU compare like with like.
+                # Peaks measured here, on this worker's own cores and in its compute dtype (a bfloat16
+                # matmul peaks at ~2.3x float32's here), so its MBU/MFU compare like with like.
                 ready = Preloaded(load_model(model.name, dtype=model.dtype, max_model_len=model.max_model_len,
                                              quantization=model.quantization),
-                                  measure_peaks_fast() if measure_peaks else None)
+                                  measure_peaks_fast(peak_dtype(model.dtype)) if measure_peaks else None)
             return ready, LLMEngine(ready.model, peaks=ready.peaks, **engine_args)
 
         # The load's torch work runs on a thread that ends with it, so that the engine's step

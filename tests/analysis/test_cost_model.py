@@ -175,3 +175,11 @@ def test_fast_peaks_are_positive_and_quick():
     peaks = measure_peaks(reps=1, copy_bytes=8 * 1024 * 1024, matmul_n=256)
     assert time.perf_counter() - t0 < 5   # generous: the machine is shared
     assert peaks.bandwidth_bytes_per_s > 1e8 and peaks.flops_per_s > 1e8
+
+
+def test_a_16_bit_model_is_measured_against_the_bfloat16_matmul_peak():
+    from analysis.machine_peaks import peak_dtype
+
+    assert [peak_dtype(d) for d in ("float32", "bfloat16", "float16")] == ["float32", "bfloat16", "bfloat16"]
+    peaks = measure_peaks(reps=1, copy_bytes=8 * 1024 * 1024, matmul_n=256, dtype="bfloat16")
+    assert peaks.flops_per_s > 1e8

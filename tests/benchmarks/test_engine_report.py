@@ -7,8 +7,8 @@ import pytest
 from benchmarks.engine_report import (CONTENTION_WARN_CORES, contention_warning, finish_roofline,
                                       mark_decode_targets, render, roofline)
 
-# 10 GB/s and 100 GFLOP/s: ridge point 10 FLOP/byte.
-PEAKS = {"bandwidth_gbps": 10.0, "matmul_gflops": 100.0}
+# 10 GB/s and 100 GFLOP/s: ridge point 10 FLOP/byte (bfloat16 matmuls: 400 GFLOP/s).
+PEAKS = {"bandwidth_gbps": 10.0, "matmul_gflops": 100.0, "matmul_bf16_gflops": 400.0}
 
 
 def test_roofline_by_hand():
@@ -21,6 +21,14 @@ def test_roofline_by_hand():
     assert r["fraction_of_compute_roofline"] == pytest.approx(0.05)
     assert r["achieved_gbps"] == pytest.approx(5.0) and r["achieved_gflops"] == pytest.approx(5.0)
     assert roofline(1e8, 1e11, 2.0, PEAKS)["bound"] == "compute"   # 1000 FLOP/byte, above the ridge
+
+
+def test_a_bfloat16_formats_compute_fraction_is_against_the_bfloat16_peak():
+    # 4e10 FLOPs in 1 s: 40 % of the float32 peak, 10 % of the bfloat16 one.
+    assert roofline(1e6, 4e10, 1.0, PEAKS)["fraction_of_compute_roofline"] == pytest.approx(0.4)
+    r = roofline(1e6, 4e10, 1.0, PEAKS, "bfloat16")
+    assert r["fraction_of_compute_roofline"] == pytest.approx(0.1) and r["compute_dtype"] == "bfloat16"
+    assert r["roofline_ms"] == pytest.approx(100.0)  # 4e10 FLOPs at 400 GFLOP/s
 
 
 def decode_entry(batch: int, nbytes: float, flops: float, seconds: float, others: float | None = 0.0) -> dict:
@@ -77,8 +85,8 @@ def test_formats_table_reads_each_formats_own_bytes():
     decode = [decode_entry(1, 2.5e8, 1e9, 0.05), decode_entry(64, 2.5e8, 64e9, 1.0)]
     prefill = [{"batch": 1, "prompt_len": 512, "reps": 2, "ms": 250.0, "ms_min": 240.0, "tokens_per_s": 2048.0,
                 "other_cpu_cores": 0.0, "_cost": (2.5e8, 50e9, 0.25)}]
-    finish_roofline(decode, PEAKS)
-    finish_roofline(prefill, PEAKS)
+    finish_roofline(decode, PEAKS, "bfloat16")
+    finish_roofline(prefill, PEAKS, "bfloat16")
     mark_decode_targets(decode)
     result["formats"] = [{"format": "int8/bfloat16", "model": {"weight_bytes_read": 2.5e8}, "decode": decode,
                           "prefill": prefill, "mixed_ratio_vs_generate": 4.0, "meets_mixed_target": True,
@@ -86,8 +94,9 @@ def test_formats_table_reads_each_formats_own_bytes():
     result["resident_mb"] = {"float32": 900.0, "int8/bfloat16": 420.0}
     text = render(result)
     row = next(line for line in text.splitlines() if line.lstrip().startswith("int8/bfloat16"))
-    # 0.025 s of bandwidth roofline (2.5e8 B at 10 GB/s) in 0.05 s = 50%; 64e9 FLOPs at 100 GFLOP/s in 1 s = 64%.
-    for cell in ("250", "420", "50.0", "50%", "64%", "2048", "114.4", "4.00x"):
+    # 0.025 s of bandwidth roofline (2.5e8 B at 10 GB/s) in 0.05 s = 50%; 64e9 FLOPs at the bf16 peak
+    # (400 GFLOP/s) in 1 s = 16%; the prefill's 50e9 FLOPs in 0.25 s = 50%.
+    for cell in ("250", "420", "50.0", "50%", "16%", "2048", "114.4", "4.00x"):
         assert cell in row.split(), (cell, row)
     assert "float32" in text and "900" in text
 
