@@ -82,8 +82,8 @@ from analysis.cost_model import ModelDims
 from analysis.machine_peaks import COPY_BYTES, MATMUL_N
 from analysis.machine_peaks import measure_matmul_flops
 from analysis.machine_peaks import measure_peaks as measure_machine_peaks
-from benchmarks.engine_report import (COMPUTE_PEAK_KEYS, CONTENTION_WARN_CORES, DECODE_PROMPT_LEN, PREFILL_LEN, TARGET_MIXED_RATIO,
-                                      finish_roofline, mark_decode_targets, render)
+from benchmarks.engine_report import (COMPUTE_PEAK_KEYS, CONTENTION_WARN_CORES, DECODE_PROMPT_LEN, PREFILL_LEN,
+                                      TARGET_MIXED_RATIO, finish_roofline, mark_decode_targets, render)
 from engine.format_cost import FormatCost
 from engine.kv_cache_manager import blocks_needed
 from engine.llm_engine import LLMEngine, RequestOutput, run_to_completion
