@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from analysis.cost_model import roofline_seconds
+from analysis.machine_peaks import peak_dtype
 
 DECODE_PROMPT_LEN = 256
 PREFILL_LEN = 512
@@ -23,8 +24,8 @@ TARGET_MIXED_RATIO = 3.0            # engine / generate() useful tokens per seco
 CONTENTION_WARN_CORES = 0.25  # other processes' CPU use (in cores) above which a figure is flagged
 
 
-# The machine-peak key of each compute dtype's matmul FLOP/s: a format's compute fractions are taken against
-# the peak of the dtype its kernels compute in (bfloat16 for every 16-bit and quantized format here).
+# The machine-peak key of each peak dtype's matmul FLOP/s; which peak bounds a compute dtype is
+# analysis.machine_peaks.peak_dtype's to say (the workers' MFU uses the same mapping).
 COMPUTE_PEAK_KEYS = {"float32": "matmul_gflops", "bfloat16": "matmul_bf16_gflops"}
 
 
@@ -32,7 +33,7 @@ def roofline(nbytes: float, flops: float, seconds: float, peaks: dict[str, float
              dtype: str = "float32") -> dict[str, Any]:
     """Roofline time of (bytes, FLOPs) on ``peaks`` (compute: the ``dtype`` matmul peak) and the fraction
     ``seconds`` achieves."""
-    flops_per_s = peaks[COMPUTE_PEAK_KEYS[dtype]] * 1e9
+    flops_per_s = peaks[COMPUTE_PEAK_KEYS[peak_dtype(dtype)]] * 1e9
     bw_s = nbytes / (peaks["bandwidth_gbps"] * 1e9)
     compute_s = flops / flops_per_s
     roof_s, bound = roofline_seconds(nbytes, flops, peaks["bandwidth_gbps"] * 1e9, flops_per_s)
