@@ -102,11 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     connect_ray(cfg.ray)
     if args.teardown:
-        from cluster.pool_manager import kill_named_actors
+        from cluster.pool_manager import kill_named_actors, named_actors
 
         killed = kill_named_actors(cfg.ray.namespace)
         print(f"splitserve: killed {len(killed)} leftover actors of namespace {cfg.ray.namespace!r}: "
               f"{', '.join(sorted(killed)) or 'none'}", flush=True)
+        survivors = named_actors(cfg.ray.namespace)
+        if survivors:
+            print(f"splitserve: still alive after the teardown: {', '.join(sorted(survivors))}", file=sys.stderr)
+            return 1
         return 0
     try:
         asyncio.run(serve(cfg))

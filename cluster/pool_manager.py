@@ -56,6 +56,8 @@ PING_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 600.0  # model loading on a busy 2-core machine is slow
 RETRY_BASE_S = 1.0  # a failed worker start is retried after 1, 2, 4, ... s
 RETRY_MAX_S = 60.0
+KILL_WAIT_S = 60.0  # how long a teardown waits for killed actors to be gone
+KILL_RESEND_S = 5.0  # a kill not yet acted on is sent again after this long
 WORKER_NAME = re.compile(r"(prefill|decode|colocated)-(\d+)")
 
 
@@ -74,17 +76,37 @@ def named_actors(namespace: str) -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace]
 
 
-def kill_named_actors(namespace: str) -> list[str]:
+def kill_named_actors(namespace: str, timeout_s: float = KILL_WAIT_S) -> list[str]:
     """Kill every named actor of ``namespace`` (the deployment's pool manager, routers and
-    workers: all detached, so nothing else ends them); return their names."""
-    killed = []
-    for name in named_actors(namespace):
-        try:
-            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
-            killed.append(name)
-        except ValueError:
-            pass  # gone meanwhile
-    return killed
+    workers: all detached, so nothing else ends them) and wait until none is listed; return
+    their names.
+
+    ``ray.kill`` only sends the request: a caller that exits at once (``cluster.launch
+    --teardown``) could leave before the GCS acted on it, and on a loaded machine a death takes
+    seconds to be recorded. So the kill is re-sent to whatever is still listed every
+    :data:`KILL_RESEND_S` until the namespace is empty; after ``timeout_s`` the survivors are
+    logged (not raised: a teardown kills what it can).
+    """
+    killed: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = named_actors(namespace)
+        if not alive:
+            break
+        if time.monotonic() > deadline:
+            log.warning("actors of namespace %r still listed %.0f s after their kill: %s",
+                        namespace, timeout_s, ", ".join(sorted(alive)))
+            break
+        for name in alive:
+            try:
+                ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+                killed.add(name)
+            except ValueError:
+                pass  # gone meanwhile
+        resend_at = time.monotonic() + KILL_RESEND_S
+        while time.monotonic() < min(resend_at, deadline) and set(named_actors(namespace)) & set(alive):
+            time.sleep(0.2)
+    return sorted(killed)
 
 
 class WorkerStartError(RuntimeError):
