@@ -231,7 +231,8 @@ WORKER_METRICS: tuple[WorkerMetric, ...] = (
     _one(W_MODEL_FLOPS, _COUNTER, "FLOPs the engine steps computed, by the cost model.", "step_stats.flops"),
     _one(W_PEAK_BW, _GAUGE, "Memory bandwidth peak measured when the worker started.",
          "step_stats.peak_bandwidth_bytes_per_s"),
-    _one(W_PEAK_FLOPS, _GAUGE, "FLOP/s peak measured when the worker started.", "step_stats.peak_flops_per_s"),
+    _one(W_PEAK_FLOPS, _GAUGE, "Matmul FLOP/s peak in the model's compute dtype, measured when the worker "
+         "started (the MFU gauge's denominator).", "step_stats.peak_flops_per_s"),
     WorkerMetric(W_XFER_BYTES, _COUNTER, "KV bytes moved by the transfer backend.",
                  (("sent", "kv_transfer.bytes_sent"), ("received", "kv_transfer.bytes_received")), "direction"),
     WorkerMetric(W_XFER_CHUNKS, _COUNTER, "KV transfer chunks moved.",
