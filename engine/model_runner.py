@@ -33,7 +33,7 @@ from engine.decode_attention import (UPCAST_MAX_BATCH, gather_heads_major, heads
                                      upcast_sdpa_attention)
 from engine.kv_cache import KVLayout, PagedKVCache, write_layer_kv
 from engine.kv_cache_manager import KVCacheManager
-from engine.llama_ops import rms_norm, rotate
+from engine.llama_ops import add_rms_norm, rms_norm, rotate
 from engine.llama_weights import LlamaWeights
 from engine.paged_attention import paged_decode_kernel
 from engine.scheduler import ScheduledChunk
@@ -119,8 +119,13 @@ class ModelRunner:
         cos = w.rope_cos.index_select(0, batch.positions)[:, None, :]  # [n, 1, hd]: broadcast over heads
         sin = w.rope_sin_signed.index_select(0, batch.positions)[:, None, :]
         heads_qk = self.num_heads + self.num_kv_heads
+        residual = None  # the last layer's MLP output, added to h inside the next norm (one fused call)
         for layer_idx, layer in enumerate(w.layers):
-            qkv = layer.qkv(rms_norm(h, layer.input_norm, w.eps))
+            if residual is None:
+                x = rms_norm(h, layer.input_norm, w.eps)
+            else:
+                h, x = add_rms_norm(h, residual, layer.input_norm, w.eps)
+            qkv = layer.qkv(x)
             # Rotary on q and k together: one pass over both.
             qk = rotate(qkv[:, :self.qk_dim].view(n, heads_qk, self.head_dim), cos, sin)
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
@@ -128,9 +133,10 @@ class ModelRunner:
             layer_kv = self.cache.layers[layer_idx]
             write_layer_kv(layer_kv, batch.slots, k, v)
             o = self._attention(layer_idx, q, k, v, batch)
-            h = h + layer.o(o.reshape(n, -1))
-            gate, up = layer.gate_up(rms_norm(h, layer.post_norm, w.eps)).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
+            h, x = add_rms_norm(h, layer.o(o.reshape(n, -1)), layer.post_norm, w.eps)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            residual = layer.down(F.silu(gate) * up)
+        h = h + residual
         last = rms_norm(h.index_select(0, batch.sample_rows), w.final_norm, w.eps)
         return batch.sample_chunks, w.lm_head(last)
 
