@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.cpu_kernels import load_cpu_kernels
+from engine.kv_cache import write_layer_kv
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +21,13 @@ FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
 def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``transformers``' LlamaRMSNorm: op for op in float32 (the exactness reference). A 16-bit ``h`` goes
-    through the project's fused CPU kernel (:func:`fused_norms`: one call, ~4 us at batch 1), else torch's
+    through the project's fused CPU kernel (:func:`fused_cpu_ops`: one call, ~4 us at batch 1), else torch's
     ``rms_norm`` and the weight's product (two calls, ~22 us); both compute in float32 and round where
     transformers rounds (the normalized row, then its product with the weight), so they agree bit for bit."""
     if h.dtype == torch.float32:
         variance = h.pow(2).mean(-1, keepdim=True)
         return weight * (h * torch.rsqrt(variance + eps))
-    fused = _fused_for(h, weight)
+    fused = _fused_for(h, weight) if h.is_contiguous() else None
     if fused is not None:
         return fused.rms_norm(h, weight, eps)
     return F.rms_norm(h, (h.shape[-1],), None, eps) * weight  # rounded before the weight, as transformers
@@ -37,28 +38,49 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     """The residual add and the next norm: ``(h + delta, rms_norm(h + delta))``. With the fused CPU kernel
     ``h`` is updated in place (the caller must own it) and both happen in one call; the sum is rounded to
     ``h``'s dtype exactly as ``h + delta`` is."""
-    fused = _fused_for(h, weight)
+    fused = _fused_for(h, weight) if h.is_contiguous() else None
     if fused is not None and delta.dtype == h.dtype and delta.is_contiguous() and delta.shape == h.shape:
         return h, fused.add_rms_norm(h, delta, weight, eps)
     h = h + delta
     return h, rms_norm(h, weight, eps)
 
 
+def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, layer_kv: torch.Tensor,
+                  slots: torch.Tensor, heads: int, kv_heads: int, head_dim: int) \
+        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotary on the q and k heads of ``qkv`` ``[n, (heads + 2 kv_heads) * head_dim]`` (:func:`rotate`, with
+    ``cos`` / ``sin_signed`` ``[n, 1, head_dim]``), and the rotated k and the v written at ``slots`` of one
+    layer's cache (:func:`engine.kv_cache.write_layer_kv`); returns ``(q, k, v)``, each ``[n, heads, head_dim]``
+    shaped. A 16-bit CPU step does it all in one call of the fused kernel, rounded as the operators round."""
+    n = qkv.shape[0]
+    qk_dim = (heads + kv_heads) * head_dim
+    v = qkv[:, qk_dim:].view(n, kv_heads, head_dim)
+    fused = _fused_for(qkv, cos) if qkv.dim() == 2 and qkv.stride(-1) == 1 and layer_kv.dtype == qkv.dtype \
+        and layer_kv.is_contiguous() and cos.is_contiguous() and sin_signed.is_contiguous() else None
+    if fused is not None:
+        qk = fused.rope_write_kv(qkv, cos, sin_signed, layer_kv, slots, heads, kv_heads)
+    else:
+        qk = rotate(qkv[:, :qk_dim].view(n, heads + kv_heads, head_dim), cos, sin_signed)
+        write_layer_kv(layer_kv, slots, qk[:, heads:], v)
+    return qk[:, :heads], qk[:, heads:], v
+
+
 def _fused_for(h: torch.Tensor, weight: torch.Tensor):
-    """The fused norm operators when they apply to ``h`` (16-bit, CPU, contiguous, eager), else None."""
-    if h.dtype not in FUSED_DTYPES or h.device.type != "cpu" or not h.is_contiguous() or weight.dtype != h.dtype \
+    """The fused operators when they apply to ``h`` and ``weight`` (16-bit, one dtype, CPU, eager), else None;
+    each caller checks the layout its operator needs."""
+    if h.dtype not in FUSED_DTYPES or h.device.type != "cpu" or weight.dtype != h.dtype \
             or torch.compiler.is_compiling():  # the compiled decode step keeps torch's operators
         return None
-    return fused_norms()
+    return fused_cpu_ops()
 
 
 @functools.cache
-def fused_norms():
-    """``torch.ops.splitserve_cpu`` when its RMSNorm operators are built here (:mod:`engine.cpu_kernels`),
-    else None and one warning (torch's ``rms_norm`` computes the same, in more calls)."""
+def fused_cpu_ops():
+    """``torch.ops.splitserve_cpu`` when its fused operators (RMSNorm, rotary + KV write) are built here
+    (:mod:`engine.cpu_kernels`), else None and one warning (torch's operators compute the same, in more calls)."""
     problem = load_cpu_kernels()
     if problem is not None:
-        log.warning("fused RMSNorm kernel unavailable, torch's rms_norm is used instead: %s", problem)
+        log.warning("fused RMSNorm / rotary kernels unavailable, torch's operators are used instead: %s", problem)
         return None
     return torch.ops.splitserve_cpu
 

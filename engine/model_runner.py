@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from engine.compiled_decode import CompiledDecode
 from engine.decode_attention import (UPCAST_MAX_BATCH, gather_heads_major, heads_major_attention, sdpa_attention,
                                      upcast_sdpa_attention)
-from engine.kv_cache import KVLayout, PagedKVCache, write_layer_kv
+from engine.kv_cache import KVLayout, PagedKVCache
 from engine.kv_cache_manager import KVCacheManager
-from engine.llama_ops import add_rms_norm, rms_norm, rotate
+from engine.llama_ops import add_rms_norm, rms_norm, rope_write_kv, rotate
 from engine.llama_weights import LlamaWeights
 from engine.paged_attention import paged_decode_kernel
 from engine.scheduler import ScheduledChunk
@@ -91,7 +91,6 @@ class ModelRunner:
         self.num_kv_heads = weights.num_kv_heads
         self.head_dim = weights.head_dim
         self.q_dim = self.num_heads * self.head_dim
-        self.qk_dim = (self.num_heads + self.num_kv_heads) * self.head_dim
         self.scale = self.head_dim**-0.5
         self._positions = torch.arange(weights.rope_cos.shape[0])  # reused: no per-step arange
         # A 16-bit cache on the CPU decodes through engine.decode_attention (SDPA's CPU kernel is slow for
@@ -118,20 +117,15 @@ class ModelRunner:
         n = h.shape[0]
         cos = w.rope_cos.index_select(0, batch.positions)[:, None, :]  # [n, 1, hd]: broadcast over heads
         sin = w.rope_sin_signed.index_select(0, batch.positions)[:, None, :]
-        heads_qk = self.num_heads + self.num_kv_heads
         residual = None  # the last layer's MLP output, added to h inside the next norm (one fused call)
         for layer_idx, layer in enumerate(w.layers):
             if residual is None:
                 x = rms_norm(h, layer.input_norm, w.eps)
             else:
                 h, x = add_rms_norm(h, residual, layer.input_norm, w.eps)
-            qkv = layer.qkv(x)
-            # Rotary on q and k together: one pass over both.
-            qk = rotate(qkv[:, :self.qk_dim].view(n, heads_qk, self.head_dim), cos, sin)
-            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-            v = qkv[:, self.qk_dim:].view(n, self.num_kv_heads, self.head_dim)
-            layer_kv = self.cache.layers[layer_idx]
-            write_layer_kv(layer_kv, batch.slots, k, v)
+            # Rotary on q and k together, and this step's K/V into the cache (one fused call when 16-bit on CPU).
+            q, k, v = rope_write_kv(layer.qkv(x), cos, sin, self.cache.layers[layer_idx], batch.slots,
+                                    self.num_heads, self.num_kv_heads, self.head_dim)
             o = self._attention(layer_idx, q, k, v, batch)
             h, x = add_rms_norm(h, layer.o(o.reshape(n, -1)), layer.post_norm, w.eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)

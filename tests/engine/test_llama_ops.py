@@ -8,7 +8,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from engine import llama_ops
-from engine.llama_ops import add_rms_norm, rms_norm, rotate, signed_sin
+from engine.llama_ops import add_rms_norm, rms_norm, rope_write_kv, rotate, signed_sin
 
 
 @pytest.fixture
@@ -28,10 +28,10 @@ def test_rms_norm_is_transformers_bit_for_bit_in_float32(gen):
 def norm_path(request, monkeypatch) -> str:
     """Each 16-bit RMSNorm path: the project's fused CPU kernel, and torch's operators where it cannot build."""
     if request.param == "fused kernel":
-        if llama_ops.fused_norms() is None:
+        if llama_ops.fused_cpu_ops() is None:
             pytest.skip("the CPU kernels did not build here (see the log)")
     else:
-        monkeypatch.setattr(llama_ops, "fused_norms", lambda: None)
+        monkeypatch.setattr(llama_ops, "fused_cpu_ops", lambda: None)
     return request.param
 
 
@@ -70,7 +70,7 @@ def test_add_rms_norm_is_the_residual_add_then_the_norm(gen, norm_path):
 
 
 def test_both_16_bit_paths_agree_and_a_float32_residual_is_not_fused(gen):
-    if llama_ops.fused_norms() is None:
+    if llama_ops.fused_cpu_ops() is None:
         pytest.skip("the CPU kernels did not build here (see the log)")
     h = (torch.randn(4, 576, generator=gen) * 3).bfloat16()
     w = _hf_norm(gen).weight.data
@@ -96,3 +96,37 @@ def test_rotate_is_transformers_rotary_bit_for_bit(gen, dtype):
     q_ours = rotate(q[0].transpose(0, 1), cos[0][:, None], signed_sin(sin[0])[:, None])
     k_ours = rotate(k[0].transpose(0, 1), cos[0][:, None], signed_sin(sin[0])[:, None])
     assert torch.equal(q_ours, q_ref[0].transpose(0, 1)) and torch.equal(k_ours, k_ref[0].transpose(0, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_write_kv_matches_rotate_and_write_layer_kv(gen, dtype, norm_path):
+    from engine.kv_cache import write_layer_kv
+
+    n, heads, kv_heads, hd, slots_in_cache = 6, 9, 3, 64, 40
+    # The qkv projection's output may be a column slice of a padded kernel output: a row stride > width.
+    padded = torch.randn(n, (heads + 2 * kv_heads) * hd + 16, generator=gen).to(dtype)
+    qkv = padded[:, :(heads + 2 * kv_heads) * hd]
+    positions = torch.tensor([0, 3, 7, 8, 20, 31])
+    angles = torch.randn(64, hd, generator=gen)
+    cos = angles.cos().to(dtype).index_select(0, positions)[:, None, :]
+    sin = signed_sin(angles.sin().to(dtype)).index_select(0, positions)[:, None, :]
+    slots = torch.tensor([5, 17, 2, 39, 0, 11])
+    cache_ours = torch.zeros(2, kv_heads, slots_in_cache, hd, dtype=dtype)
+    cache_ref = cache_ours.clone()
+    q, k, v = rope_write_kv(qkv, cos, sin, cache_ours, slots, heads, kv_heads, hd)
+    qk_ref = rotate(qkv[:, :(heads + kv_heads) * hd].reshape(n, heads + kv_heads, hd), cos, sin)
+    v_ref = qkv[:, (heads + kv_heads) * hd:].reshape(n, kv_heads, hd)
+    write_layer_kv(cache_ref, slots, qk_ref[:, heads:], v_ref)
+    assert torch.equal(q, qk_ref[:, :heads]) and torch.equal(k, qk_ref[:, heads:]) and torch.equal(v, v_ref)
+    assert torch.equal(cache_ours, cache_ref)  # the same slots written, nothing else touched
+
+
+def test_the_fused_rotary_refuses_a_slot_outside_the_cache(gen):
+    if llama_ops.fused_cpu_ops() is None:
+        pytest.skip("the CPU kernels did not build here (see the log)")
+    qkv = torch.randn(1, 15 * 64, generator=gen).bfloat16()
+    cos = torch.ones(1, 1, 64).bfloat16()
+    cache = torch.zeros(2, 3, 8, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.splitserve_cpu.rope_write_kv(qkv, cos, cos, cache, torch.tensor([8]), 9, 3)
+    assert not cache.any()
