@@ -38,8 +38,8 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     """The residual add and the next norm: ``(h + delta, rms_norm(h + delta))``. With the fused CPU kernel
     ``h`` is updated in place (the caller must own it) and both happen in one call; the sum is rounded to
     ``h``'s dtype exactly as ``h + delta`` is."""
-    fused = _fused_for(h, weight) if h.is_contiguous() else None
-    if fused is not None and delta.dtype == h.dtype and delta.is_contiguous() and delta.shape == h.shape:
+    fused = _fused_for(h, delta, weight) if h.is_contiguous() and delta.is_contiguous() else None
+    if fused is not None and delta.shape == h.shape:
         return h, fused.add_rms_norm(h, delta, weight, eps)
     h = h + delta
     return h, rms_norm(h, weight, eps)
@@ -55,8 +55,10 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
     n = qkv.shape[0]
     qk_dim = (heads + kv_heads) * head_dim
     v = qkv[:, qk_dim:].view(n, kv_heads, head_dim)
-    fused = _fused_for(qkv, cos) if qkv.dim() == 2 and qkv.stride(-1) == 1 and layer_kv.dtype == qkv.dtype \
-        and layer_kv.is_contiguous() and cos.is_contiguous() and sin_signed.is_contiguous() else None
+    # The kernel reads rows of qkv (a column slice of a padded output is fine) and whole cos/sin/cache tensors.
+    rows_readable = qkv.dim() == 2 and qkv.stride(-1) == 1
+    whole = all(t.is_contiguous() for t in (cos, sin_signed, layer_kv))
+    fused = _fused_for(qkv, cos, sin_signed, layer_kv) if rows_readable and whole else None
     if fused is not None:
         qk = fused.rope_write_kv(qkv, cos, sin_signed, layer_kv, slots, heads, kv_heads)
     else:
@@ -65,10 +67,11 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
     return qk[:, :heads], qk[:, heads:], v
 
 
-def _fused_for(h: torch.Tensor, weight: torch.Tensor):
-    """The fused operators when they apply to ``h`` and ``weight`` (16-bit, one dtype, CPU, eager), else None;
-    each caller checks the layout its operator needs."""
-    if h.dtype not in FUSED_DTYPES or h.device.type != "cpu" or weight.dtype != h.dtype \
+def _fused_for(*tensors: torch.Tensor):
+    """The fused operators when they apply to ``tensors`` (one 16-bit dtype, CPU, eager), else None; each
+    caller checks the layout its operator needs."""
+    dtype = tensors[0].dtype
+    if dtype not in FUSED_DTYPES or any(t.dtype != dtype or t.device.type != "cpu" for t in tensors) \
             or torch.compiler.is_compiling():  # the compiled decode step keeps torch's operators
         return None
     return fused_cpu_ops()
