@@ -4,11 +4,12 @@ and w8a8 (int8 weights and int8 activations, :class:`W8A8Linear`).
 
 Each format is a :class:`Linear` that holds its weight once, in its own
 layout, and computes ``x @ W.T (+ bias)`` in the activations' dtype. On the
-CPU the quantized formats use PyTorch's own packed kernels
-(``torch._weight_int8pack_mm``, ``torch._weight_int4pack_mm_for_cpu``); those
-kernels are fast with bfloat16 activations only (float32 activations take a
-slow path, 10-50x), so a quantized linear fed float32 computes in bfloat16
-and returns float32. On any other device the quantized formats de-quantize
+CPU int8 uses PyTorch's own packed kernel (``torch._weight_int8pack_mm``) and
+int4 the project's AVX512-VNNI kernel (``engine/csrc/int4_linear.cpp``: integer
+dot products, 3-4.5x torch's ``_weight_int4pack_mm_for_cpu``, which stays the
+kernel of CPUs without VNNI); torch's kernels are fast with bfloat16
+activations only (float32 activations take a slow path, 10-50x), so a
+quantized linear fed float32 computes in bfloat16 and returns float32. On any other device the quantized formats de-quantize
 on the fly with plain tensor ops (correct, not fast): nothing CPU-only runs
 on a GPU path.
 """
@@ -111,15 +112,75 @@ class Int8Linear(Linear):
         return self.qweight.float() * self.scale.float()[:, None]
 
 
+INT4_KERNELS = ("vnni", "torch", "dequantize")
+
+
+@functools.cache
+def int4_vnni_available() -> bool:
+    """Whether the project's AVX512-VNNI int4 kernel (``engine/csrc/int4_linear.cpp``) is built and usable."""
+    from engine.cpu_kernels import load_cpu_kernels
+
+    if load_cpu_kernels() is not None or not torch.ops.splitserve_cpu.int4_vnni_available():
+        return False
+    # The output's shape for tracers (torch.compile of the decode step calls the kernel as an opaque op).
+    torch.library.register_fake("splitserve_cpu::int4_linear")(
+        lambda x, packed, scales, n_out: x.new_empty((x.shape[0], n_out)))
+    return True
+
+
+def int4_kernel_for(device: torch.device, group_size: int) -> str:
+    """The int4 kernel a layer on ``device`` gets: ``vnni`` (the project's integer-dot kernel: CPU,
+    AVX512-VNNI, groups of 32), else ``torch`` (``_weight_int4pack_mm_for_cpu``) on any other CPU, else
+    ``dequantize`` (plain tensor ops: the GPU path, correct, not fast)."""
+    if device.type != "cpu":
+        return "dequantize"
+    return "vnni" if group_size == 32 and int4_vnni_available() else "torch"
+
+
+def pack_int4_blocks(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``vnni`` kernel's layout of ``W = q * scale + minimum`` (``q`` [n, k] in [0, 15], ``n`` a multiple
+    of 16; ``scale``, ``minimum`` [n, k / 32]): ``packed`` uint8 [n / 16, k / 8, 64] where byte ``4r + i``
+    of chunk ``c`` holds ``q[r][8c + i]`` (low nibble) and ``q[r][8c + 4 + i]`` (high nibble) of the
+    block's 16 rows, and ``scales`` bfloat16 [n / 16, k / 32, 2, 16] (the rows' scales, then minimums)."""
+    n, k = q.shape
+    blocks = n // 16
+    q5 = q.to(torch.uint8).view(blocks, 16, k // 8, 2, 4)
+    packed = (q5[:, :, :, 0, :] | (q5[:, :, :, 1, :] << 4)).permute(0, 2, 1, 3).reshape(blocks, k // 8, 64)
+    per_block = [t.to(torch.bfloat16).view(blocks, 16, k // 32).permute(0, 2, 1) for t in (scale, minimum)]
+    return packed, torch.stack(per_block, dim=2).contiguous()
+
+
+def unpack_int4_blocks(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [n, k] that :func:`pack_int4_blocks`' layout holds."""
+    blocks, chunks, _ = packed.shape
+    n, k = blocks * 16, chunks * 8
+    nibbles = packed.view(blocks, chunks, 16, 4)
+    q = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=3)  # [blocks, chunks, 16, 2, 4]
+    q = q.permute(0, 2, 1, 3, 4).reshape(n, k // 32, 32).float()
+    scale, minimum = (scales[:, :, i, :].permute(0, 2, 1).reshape(n, k // 32, 1).float() for i in (0, 1))
+    return (q * scale + minimum).view(n, k)
+
+
 class Int4Linear(Linear):
-    """Asymmetric 4-bit weights, one (scale, zero) pair per ``group_size`` input channels:
-    ``W ≈ (q - 8) * scale + zero`` with ``q`` in [0, 15] (the CPU int4 kernel's convention)."""
+    """Asymmetric 4-bit weights, one (scale, minimum) pair per ``group_size`` input channels:
+    ``W ≈ q * scale + minimum`` with ``q`` in [0, 15], held in the layout of the kernel that computes it
+    (:func:`int4_kernel_for`; ``kernel`` forces one):
+
+    - ``vnni``: the project's kernel (:func:`pack_int4_blocks`); activations are quantized to int8 per group
+      of 32 inside it and the products summed as integers (3-4.5x torch's kernel on AVX512-VNNI, one
+      thread, 1 to 128 rows; ``benchmarks.quality`` measures the format with it).
+    - ``torch``: ``_weight_int4pack_mm_for_cpu`` (bfloat16 activations, float products).
+    - ``dequantize``: the weight re-expanded per call (devices without a packed kernel).
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
-                 group_size: int) -> None:
+                 group_size: int, kernel: str | None = None) -> None:
         n, k = weight.shape
         if k % group_size:
             raise ValueError(f"int4: in_features {k} is not a multiple of the group size {group_size}")
+        self.kernel = kernel or int4_kernel_for(weight.device, group_size)
+        if self.kernel not in INT4_KERNELS or (self.kernel == "vnni" and group_size != 32):
+            raise ValueError(f"int4: kernel must be one of {INT4_KERNELS} (vnni: groups of 32), got {self.kernel!r}")
         self.out_features, self.in_features, self.group_size = n, k, group_size
         padded_n = -(-n // INT4_N_MULTIPLE) * INT4_N_MULTIPLE
         w = torch.zeros(padded_n, k, dtype=torch.float32, device=weight.device)
@@ -128,42 +189,59 @@ class Int4Linear(Linear):
         lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
         scale = ((hi - lo) / 15.0).clamp(min=1e-12)
         q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(padded_n, k)
-        zero = lo + 8.0 * scale  # so that (q - 8) * scale + zero == lo + q * scale
         self.kernel_dtype = torch.bfloat16 if weight.device.type == "cpu" else compute_dtype
-        # [k / group, n, 2]: the layout _weight_int4pack_mm_for_cpu takes.
-        self.scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(self.kernel_dtype)
-        if weight.device.type == "cpu":
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            self.q = None
+        self.packed = self.scales = self.scale_zero = self.q = None
+        if self.kernel == "vnni":
+            self.packed, self.scales = pack_int4_blocks(q, scale, lo)
         else:
-            self.packed = None
-            self.q = q.to(torch.uint8)  # one value per byte: the de-quantizing path
+            # [k / group, n, 2] with W = (q - 8) * scale + zero: torch's int4 kernel's convention.
+            zero = lo + 8.0 * scale
+            self.scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(self.kernel_dtype)
+            if self.kernel == "torch":
+                self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            else:
+                self.q = q.to(torch.uint8)  # one value per byte
         self.bias = None if bias is None else bias.to(compute_dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.dim() == 2 and x.dtype == self.kernel_dtype:
-            # The runner's packs are 2-D and already in the kernel's dtype: one kernel call, none of the
-            # reshapes and no-op casts below (at batch 1 those Python-level calls cost as much as a small GEMV).
-            y = torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_zero)
+        if x.dim() == 2 and (self.kernel == "vnni" or x.dtype == self.kernel_dtype):
+            # The runner's packs are 2-D and in a dtype the kernel takes: one kernel call, none of the reshapes
+            # and no-op casts below (at batch 1 those Python-level calls cost as much as a small GEMV).
+            y = self._matmul(x.contiguous())
             return self._add_bias(y if y.shape[1] == self.out_features else y[:, :self.out_features])
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(self.kernel_dtype)
-        if self.packed is not None:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
-        else:
-            y = F.linear(x2, self._dequantize(self.q).to(self.kernel_dtype))
-        y = y[:, : self.out_features]
+        x2 = x.reshape(-1, shape[-1])
+        y = self._matmul(x2.contiguous() if self.kernel == "vnni" else x2.to(self.kernel_dtype))[:, : self.out_features]
         return self._add_bias(y.to(x.dtype).reshape(*shape[:-1], self.out_features))
 
-    def _dequantize(self, q: torch.Tensor) -> torch.Tensor:
-        n, k = q.shape
-        sz = self.scale_zero.float().transpose(0, 1)  # [n, k / group, 2]
-        g = q.float().view(n, k // self.group_size, self.group_size)
-        return ((g - 8.0) * sz[..., :1] + sz[..., 1:]).view(n, k)
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "vnni":
+            return torch.ops.splitserve_cpu.int4_linear(x2, self.packed, self.scales, self.out_features)
+        if self.kernel == "torch":
+            return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
+        return F.linear(x2, self.dequantized(padded=True).to(self.kernel_dtype))
+
+    def dequantized(self, padded: bool = False) -> torch.Tensor:
+        """The weight this layer computes with, in float32 ([out, in]; ``padded``: with the zero rows that
+        round the output rows up to a multiple of 16)."""
+        if self.kernel == "vnni":
+            w = unpack_int4_blocks(self.packed, self.scales)
+        else:
+            if self.kernel == "torch":
+                # torch keeps no unpacking operator for its CPU layout: the identity through its own kernel
+                # (so rounded to bfloat16, the kernel's output dtype)
+                eye = torch.eye(self.in_features, dtype=self.kernel_dtype)
+                w = torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scale_zero).float().T
+            else:
+                n, k = self.q.shape
+                sz = self.scale_zero.float().transpose(0, 1)  # [n, k / group, 2]
+                g = self.q.float().view(n, k // self.group_size, self.group_size)
+                w = ((g - 8.0) * sz[..., :1] + sz[..., 1:]).view(n, k)
+        return w if padded else w[: self.out_features]
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.packed if self.packed is not None else self.q, self.scale_zero, self.bias)
+        return _nbytes(self.packed if self.packed is not None else self.q, self.scales, self.scale_zero, self.bias)
 
 
 @functools.cache

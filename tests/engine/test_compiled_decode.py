@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
@@ -15,6 +16,7 @@ from torch._inductor.utils import run_and_get_code
 from engine.compiled_decode import CompiledDecode
 from engine.llm_engine import LLMEngine, run_to_completion
 from engine.model_loader import TINY_MODEL, load_model
+from engine.quant import Int4Linear, int4_vnni_available
 from engine.sampling_params import SamplingParams
 from worker_common.worker_config import DecodeEngineConfig
 from tests.reference import Comparison, compare_greedy
@@ -65,10 +67,16 @@ def _greedy(engine: LLMEngine, prompts: list[list[int]], max_new: int) -> list[l
     return [done[f"r{i}"].token_ids for i in range(len(prompts))]
 
 
-def test_compiled_16_bit_decode_agrees_with_the_eager_forward():
+def test_compiled_16_bit_decode_agrees_with_the_eager_forward(monkeypatch):
     """int4/bfloat16 (the deployment's decode format): batch 1 (SDPA on float32 copies) and batch 2+ (the grouped
-    products) agree with the eager runner's arithmetic (the same paths, but for batch 2, which it upcasts)."""
+    products) agree with the eager runner's arithmetic (the same paths, but for batch 2, which it upcasts).
+
+    On torch's int4 kernel (float products): the VNNI kernel quantizes activations to int8, which turns the
+    compiled graph's other roundings into flipped near-ties of this random model from the first decode step;
+    that kernel's compiled call is checked exactly below."""
+    monkeypatch.setattr("engine.quant.int4_kernel_for", lambda device, group_size: "torch")
     loaded = load_model(TINY_MODEL, dtype="bfloat16", quantization="int4")
+    assert loaded.weights.layers[0].qkv.kernel == "torch"
     rng = random.Random(3)
     prompts = [[rng.randrange(0, 256) for _ in range(rng.randrange(3, 40))] for _ in range(5)]
     alone = prompts[:1]
@@ -97,3 +105,18 @@ def test_the_compiled_graph_writes_the_kv_cache_in_place():
     code = "\n".join(codes)
     assert f"empty_strided_cpu(({slots}," not in code, "the compiled decode layer copies the KV cache"
     assert "kv_write" in code
+
+
+@pytest.mark.skipif(not int4_vnni_available(), reason="no AVX512-VNNI kernel here")
+def test_the_vnni_int4_kernel_compiles_to_the_same_numbers_and_decodes_alone_like_eager():
+    """The project's int4 operator traces (its fake gives the output shape) and computes bit for bit what it
+    computes eagerly; a compiled batch-1 decode on it gives the eager engine's tokens."""
+    lin = Int4Linear(torch.randn(96, 64) * 0.05, None, torch.bfloat16, 32, kernel="vnni")
+    x = torch.randn(3, 64).bfloat16()
+    assert torch.equal(torch.compile(lambda t: lin(t) * 2, dynamic=False)(x), lin(x) * 2)
+    loaded = load_model(TINY_MODEL, dtype="bfloat16", quantization="int4")
+    assert loaded.weights.layers[0].qkv.kernel == "vnni"
+    kwargs = dict(block_size=4, num_blocks=128, max_running=8, max_batched_tokens=256)
+    prompt = [[random.Random(3).randrange(0, 256) for _ in range(17)]]
+    got = _greedy(LLMEngine(loaded, **kwargs, compile=True), prompt, 12)
+    assert got == _greedy(LLMEngine(loaded, **kwargs), prompt, 12)

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.quant import DenseLinear, Int4Linear, Int8Linear, W8A8Linear, int4_group_size, make_linear
+from engine.quant import (DenseLinear, Int4Linear, Int8Linear, W8A8Linear, int4_group_size, int4_vnni_available,
+                          make_linear, pack_int4_blocks, unpack_int4_blocks)
 
 
 def _weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -25,20 +26,77 @@ def test_int8_kernel_matches_its_dequantized_weight():
     assert (lin.dequantized() - w).abs().max() <= w.abs().amax() / 127  # half a step per channel at most
 
 
+KERNELS = [pytest.param("vnni", marks=pytest.mark.skipif(not int4_vnni_available(), reason="no AVX512-VNNI kernel here")),
+           "torch", "dequantize"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n", [96, 100])  # 100: not a multiple of 16, padded
-def test_int4_kernel_matches_its_dequantized_weight(n):
+def test_int4_kernel_matches_its_dequantized_weight(n, kernel):
     w, x = _weight(n, 64, seed=n), torch.randn(3, 64)
     bias = torch.randn(n)
-    lin = make_linear(w, bias, "int4", torch.bfloat16)
-    assert isinstance(lin, Int4Linear) and lin.group_size == 32
-    q = torch.round((w.view(n, 2, 32) - w.view(n, 2, 32).amin(-1, keepdim=True))
-                    / lin.scale_zero[:, :n, 0].float().T[..., None]).clamp(0, 15)
-    deq = lin._dequantize(torch.cat([q.view(n, 64), torch.zeros(lin.scale_zero.shape[1] - n, 64)]))[:n]
+    lin = Int4Linear(w, bias, torch.bfloat16, 32, kernel=kernel)
+    assert lin.kernel == kernel and lin.group_size == 32
+    deq = lin.dequantized()
+    assert deq.shape == (n, 64)
     y = lin(x.bfloat16())
     assert y.dtype == torch.bfloat16 and y.shape == (3, n)
-    torch.testing.assert_close(y.float(), x @ deq.T + bias, atol=0.1, rtol=0.02)  # bf16 in and out
+    # bf16 in and out (and, for vnni, int8 activations: ~0.4 % of a group's largest value)
+    torch.testing.assert_close(y.float(), x @ deq.T + bias, atol=0.1, rtol=0.02)
     group_range = w.view(n, 2, 32).amax(-1) - w.view(n, 2, 32).amin(-1)
-    assert ((deq - w).abs().view(n, 2, 32).amax(-1) <= group_range / 15).all()  # within one step of its group
+    step = group_range / 15 + (0.02 if kernel == "torch" else 0.0)  # torch's layout unpacks through bf16
+    assert ((deq - w).abs().view(n, 2, 32).amax(-1) <= step).all()  # within one step of its group
+
+
+def test_make_linear_picks_the_vnni_kernel_where_it_is_built():
+    lin = make_linear(_weight(96, 64), None, "int4", torch.bfloat16)
+    assert isinstance(lin, Int4Linear) and lin.kernel == ("vnni" if int4_vnni_available() else "torch")
+    with pytest.raises(ValueError, match="kernel"):
+        Int4Linear(_weight(96, 64), None, torch.bfloat16, 32, kernel="avx9")
+
+
+def test_int4_block_layout_round_trips():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (32, 96), generator=g)
+    scale, minimum = torch.rand(32, 3, generator=g), -torch.rand(32, 3, generator=g)
+    packed, scales = pack_int4_blocks(q, scale, minimum)
+    assert packed.shape == (2, 12, 64) and packed.dtype == torch.uint8 and scales.shape == (2, 3, 2, 16)
+    # byte 4r + i of chunk c: row r's weights 8c + i (low nibble) and 8c + 4 + i (high nibble)
+    assert packed[1, 5, 4 * 7 + 2].item() == q[16 + 7, 42].item() | (q[16 + 7, 46].item() << 4)
+    expect = q.float().view(32, 3, 32) * scale.bfloat16().float()[..., None] + minimum.bfloat16().float()[..., None]
+    assert torch.equal(unpack_int4_blocks(packed, scales), expect.view(32, 96))
+
+
+@pytest.mark.skipif(not int4_vnni_available(), reason="no AVX512-VNNI kernel here")
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])  # tiles of 4 rows, and the remainders
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vnni_kernel_computes_its_documented_formula(rows, dtype):
+    """y = sum_g scale * sx * dot(q, round(x / sx)) + minimum * sum(x), sx = max|x| / 127 per group of 32."""
+    w, x = _weight(48, 96, seed=rows), torch.randn(rows, 96).to(dtype)
+    x[0, :32] = 0.0  # an all-zero group: sx = 0, contributes nothing but its minimum * 0
+    lin = Int4Linear(w, None, dtype, 32, kernel="vnni")
+    y = torch.ops.splitserve_cpu.int4_linear(x, lin.packed, lin.scales, 48)
+    assert y.dtype == dtype and y.shape == (rows, 48)
+    xg = x.double().view(rows, 3, 32)
+    sx = xg.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(sx > 0, torch.round(xg / torch.where(sx > 0, sx, 1.0)), 0.0) * sx  # the de-quantized int8 x
+    minimum = lin.scales[:, :, 1, :].permute(0, 2, 1).reshape(48, 3).double()  # [rows of W, groups]
+    scaled_q = lin.dequantized().double() - minimum.repeat_interleave(32, dim=1)
+    ref = xq.view(rows, 96) @ scaled_q.T + xg.sum(-1) @ minimum.T  # the minimum meets the exact sum of x
+    tol = 2e-3 if dtype == torch.bfloat16 else 1e-5  # the output's rounding; float32 sums in another order
+    torch.testing.assert_close(y.double(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.skipif(not int4_vnni_available(), reason="no AVX512-VNNI kernel here")
+def test_vnni_kernel_refuses_what_its_layout_cannot_hold():
+    lin = Int4Linear(_weight(48, 96), None, torch.bfloat16, 32, kernel="vnni")
+    op = torch.ops.splitserve_cpu.int4_linear
+    with pytest.raises(RuntimeError, match="n_out 64 does not fit 3 blocks"):
+        op(torch.randn(1, 96).bfloat16(), lin.packed, lin.scales, 64)
+    with pytest.raises(RuntimeError, match="packed must be uint8"):
+        op(torch.randn(1, 64).bfloat16(), lin.packed, lin.scales, 48)
+    with pytest.raises(RuntimeError, match="x must be bfloat16, float16 or float32"):
+        op(torch.randn(1, 96).double(), lin.packed, lin.scales, 48)
 
 
 def test_int4_falls_back_to_int8_where_no_group_divides_the_width():

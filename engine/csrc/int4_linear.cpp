@@ -1,0 +1,207 @@
+// 4-bit weight GEMM/GEMV on AVX512-VNNI: y = x @ W.T with W in 4 bits per weight (one scale and one
+// minimum per 32 input channels), x quantized to int8 per 32 channels on entry.
+//
+// Why not torch's _weight_int4pack_mm_for_cpu: it de-quantizes every weight to float and multiplies in
+// float, which costs several vector instructions per 16 weights. At batch 1 that kept SmolLM2-135M's
+// decode step at ~10 GB/s of weights on one thread; from batch 8 on it is compute-bound (a batch-8 step
+// 3.5x a batch-1 step). Here the multiply is an integer dot product (vpdpbusd: 64 multiply-adds of a u8
+// weight nibble by an s8 activation per instruction), the way llama.cpp's Q4 x Q8 dots work, and the
+// float work is once per group of 32 weights, not per weight.
+//
+// Weight layout (packed by engine/quant.py, `Int4Linear`): output rows in blocks of 16; a block's weights
+// are K/8 chunks of 64 bytes, chunk c holding input channels 8c..8c+7 of the 16 rows: byte 4r+i has
+// q[r][8c+i] in its low nibble and q[r][8c+4+i] in its high nibble. So one 64-byte load, masked and
+// shifted, gives two vectors whose 32-bit lane r holds four consecutive weights of row r, and a dot with
+// four activation bytes broadcast to every lane advances 16 rows at once with no horizontal sums.
+// Scales: per block and group, 16 scales then 16 minimums (bfloat16), so W[r][k] = q * scale + minimum.
+//
+//   y[m][r] = sum_g scale[g][r] * sx[m][g] * dot(q[r][g], xq[m][g]) + minimum[g][r] * sum(x[m][g])
+//
+// with xq = round(x / sx), sx = max|x| / 127 per group of 32 (the activation error is ~0.4 % of a
+// group's largest value; benchmarks.quality measures what it does to perplexity).
+//
+// Built with the other kernels into one library (engine/cpu_kernels.py, -march=native); on a CPU without
+// AVX512-VNNI the operator refuses and `int4_vnni_available()` says false (engine/quant.py then keeps
+// torch's int4 kernel).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define SPLITSERVE_INT4_VNNI 1
+#endif
+
+namespace {
+
+constexpr int64_t kGroup = 32;      // input channels per scale (and per activation scale)
+constexpr int64_t kRows = 16;       // output rows per block (one 512-bit vector of int32 / float lanes)
+constexpr int64_t kChunkBytes = 64; // one block's 8 input channels
+constexpr int kMaxTile = 4;         // activation rows sharing one pass over a weight block
+
+bool available() {
+#ifdef SPLITSERVE_INT4_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
+
+// x rows quantized per group: xq (int8), the group's scale and its exact float sum.
+template <typename T>
+void quantize_rows(const T* x, int64_t m, int64_t k, int8_t* xq, float* sx, float* xsum) {
+  const int64_t groups = k / kGroup;
+  at::parallel_for(0, m * groups, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row = i / groups, g = i % groups;
+      const T* src = x + row * k + g * kGroup;
+      float v[kGroup];
+      float amax = 0.f, sum = 0.f;
+      for (int64_t j = 0; j < kGroup; ++j) {
+        v[j] = static_cast<float>(src[j]);
+        amax = std::max(amax, std::fabs(v[j]));
+        sum += v[j];
+      }
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* dst = xq + row * k + g * kGroup;
+      for (int64_t j = 0; j < kGroup; ++j) dst[j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+      sx[i] = amax / 127.f;
+      xsum[i] = sum;
+    }
+  });
+}
+
+#ifdef SPLITSERVE_INT4_VNNI
+inline __m512 bf16_to_float(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// One block of 16 output rows for `Tile` activation rows: out[t][0..15] (float).
+template <int Tile>
+inline void block_tile(const uint8_t* w, const c10::BFloat16* scales, const int8_t* xq, const float* sx,
+                       const float* xsum, int64_t k, float out[][kRows]) {
+  const int64_t groups = k / kGroup;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 acc[Tile];
+  for (int t = 0; t < Tile; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i lo_acc[Tile], hi_acc[Tile];
+    for (int t = 0; t < Tile; ++t) lo_acc[t] = hi_acc[t] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < kGroup / 8; ++c) {
+      const __m512i packed = _mm512_loadu_si512(w + (g * (kGroup / 8) + c) * kChunkBytes);
+      const __m512i lo = _mm512_and_si512(packed, nibble);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+      for (int t = 0; t < Tile; ++t) {
+        const int8_t* xs = xq + t * k + g * kGroup + c * 8;
+        int32_t first, second;
+        std::memcpy(&first, xs, 4);
+        std::memcpy(&second, xs + 4, 4);
+        lo_acc[t] = _mm512_dpbusd_epi32(lo_acc[t], lo, _mm512_set1_epi32(first));
+        hi_acc[t] = _mm512_dpbusd_epi32(hi_acc[t], hi, _mm512_set1_epi32(second));
+      }
+    }
+    const __m512 scale = bf16_to_float(scales + g * 2 * kRows);
+    const __m512 minimum = bf16_to_float(scales + g * 2 * kRows + kRows);
+    for (int t = 0; t < Tile; ++t) {
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[t], hi_acc[t]));
+      acc[t] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(sx[t * groups + g])), acc[t]);
+      acc[t] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(xsum[t * groups + g]), acc[t]);
+    }
+  }
+  for (int t = 0; t < Tile; ++t) _mm512_storeu_ps(out[t], acc[t]);
+}
+
+template <typename T>
+void gemm(const int8_t* xq, const float* sx, const float* xsum, const uint8_t* w, const c10::BFloat16* scales,
+          int64_t m, int64_t k, int64_t n_blocks, int64_t n_out, T* y) {
+  const int64_t groups = k / kGroup;
+  const int64_t block_bytes = k / 8 * kChunkBytes;
+  const int64_t block_scales = groups * 2 * kRows;
+  // A thread takes whole blocks; a block is 16 rows x k weights (4.5 KB for k = 576).
+  at::parallel_for(0, n_blocks, 4, [&](int64_t begin, int64_t end) {
+    float out[kMaxTile][kRows];
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* wb = w + b * block_bytes;
+      const c10::BFloat16* sb = scales + b * block_scales;
+      for (int64_t row = 0; row < m; row += kMaxTile) {
+        const int tile = static_cast<int>(std::min<int64_t>(kMaxTile, m - row));
+        const int8_t* xt = xq + row * k;
+        const float* st = sx + row * groups;
+        const float* ht = xsum + row * groups;
+        switch (tile) {
+          case 4: block_tile<4>(wb, sb, xt, st, ht, k, out); break;
+          case 3: block_tile<3>(wb, sb, xt, st, ht, k, out); break;
+          case 2: block_tile<2>(wb, sb, xt, st, ht, k, out); break;
+          default: block_tile<1>(wb, sb, xt, st, ht, k, out); break;
+        }
+        const int64_t cols = std::min<int64_t>(kRows, n_out - b * kRows);
+        for (int t = 0; t < tile; ++t) {
+          T* dst = y + (row + t) * n_out + b * kRows;
+          for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<T>(out[t][j]);
+        }
+      }
+    }
+  });
+}
+#endif
+
+template <typename T>
+at::Tensor run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t n_out) {
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t n_blocks = packed.size(0);
+  at::Tensor y = at::empty({m, n_out}, x.options());
+  if (m == 0) return y;
+  std::vector<int8_t> xq(m * k);
+  std::vector<float> sx(m * (k / kGroup)), xsum(m * (k / kGroup));
+  quantize_rows(x.data_ptr<T>(), m, k, xq.data(), sx.data(), xsum.data());
+#ifdef SPLITSERVE_INT4_VNNI
+  gemm(xq.data(), sx.data(), xsum.data(), packed.data_ptr<uint8_t>(), scales.data_ptr<c10::BFloat16>(), m, k,
+       n_blocks, n_out, y.data_ptr<T>());
+#endif
+  return y;
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t n_out) {
+  TORCH_CHECK(available(), "int4_linear: this library was built for a CPU without AVX512-VNNI");
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu(),
+              "int4_linear: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int4_linear: x must be a contiguous [rows, in_features] matrix");
+  const int64_t k = x.size(1);
+  TORCH_CHECK(k % kGroup == 0, "int4_linear: in_features must be a multiple of ", kGroup, ", got ", k);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
+                  packed.size(1) == k / 8 && packed.size(2) == kChunkBytes,
+              "int4_linear: packed must be uint8 [blocks, in_features / 8, 64], contiguous");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() && scales.dim() == 4 &&
+                  scales.size(0) == packed.size(0) && scales.size(1) == k / kGroup && scales.size(2) == 2 &&
+                  scales.size(3) == kRows,
+              "int4_linear: scales must be bfloat16 [blocks, in_features / 32, 2, 16], contiguous");
+  TORCH_CHECK(n_out > (packed.size(0) - 1) * kRows && n_out <= packed.size(0) * kRows,
+              "int4_linear: n_out ", n_out, " does not fit ", packed.size(0), " blocks of 16 rows");
+  switch (x.scalar_type()) {
+    case at::kBFloat16: return run<c10::BFloat16>(x, packed, scales, n_out);
+    case at::kHalf: return run<c10::Half>(x, packed, scales, n_out);
+    case at::kFloat: return run<float>(x, packed, scales, n_out);
+    default: TORCH_CHECK(false, "int4_linear: x must be bfloat16, float16 or float32");
+  }
+}
+
+bool int4_vnni_available() { return available(); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(splitserve_cpu, m) {
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, int n_out) -> Tensor");
+  m.def("int4_vnni_available() -> bool", &int4_vnni_available);
+}
+
+TORCH_LIBRARY_IMPL(splitserve_cpu, CPU, m) { m.impl("int4_linear", &int4_linear); }
