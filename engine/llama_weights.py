@@ -22,7 +22,7 @@ import torch
 from engine.format_names import COMPUTE_DTYPES
 from engine.kv_cache import KVLayout
 from engine.llama_ops import signed_sin
-from engine.quant import ByRows, DenseLinear, Int4Linear, Linear, make_linear
+from engine.quant import ByRows, DenseLinear, Int8GroupLinear, Linear, int4_vnni_available, make_linear
 
 DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
 # A tied quantized LM head's GEMV kernel up to this many rows, the embedding's dense GEMM above; w8a8's
@@ -162,12 +162,17 @@ def build_weights(model, fmt: WeightFormat, num_positions: int) -> LlamaWeights:
         lm_head: Linear = DenseLinear(embed, None)
     elif fmt.quantization == "none":
         lm_head = DenseLinear(model.lm_head.weight.data.to(dtype), None)
+    elif fmt.quantization in ("int8", "int4") and embed.device.type == "cpu" and int4_vnni_available():
+        # The head in int8 per group of 32 on the VNNI kernel: a Q4 GGUF stores its tied embedding / head as
+        # Q8_0, which this grid holds without loss (int4 lost it: benchmarks.quality's int4/bf16 perplexity
+        # +5.4 % with an int4 head, +0.96 % with a dense one), and the kernel beats the dense GEMM at every
+        # row count, so the head is never split by rows.
+        lm_head = Int8GroupLinear(model.lm_head.weight.data, None, dtype)
+        if not tied:
+            model.lm_head.weight.data = torch.empty(0, dtype=model.lm_head.weight.dtype)
     else:
         lm_head = make_linear(model.lm_head.weight.data, None, fmt.quantization, dtype)
-        # The int4 VNNI kernel beats the dense GEMM at every row count (49152 x 576, one thread, measured
-        # on a busy host: 0.5 vs 7.4 ms at 1 row, 3.7 vs 11.0 at 16, 12.5 vs 23.6 at 64): never split.
-        vnni_head = isinstance(lm_head, Int4Linear) and lm_head.kernel == "vnni"
-        if tied and fmt.quantization in HEAD_QUANTIZED_MAX_ROWS and not vnni_head:
+        if tied and fmt.quantization in HEAD_QUANTIZED_MAX_ROWS:
             # Past a few rows the quantized head's GEMV kernel loses to a dense GEMM over the embedding
             # matrix, which is kept (in dtype) anyway; measured crossover on AVX512-BF16: ~4 rows for int8,
             # ~8 for int4 (49152 x 576: int8 2.4 ms at 1 row, 6.4 at 8, 49 at 64; bf16 dense 4.3 / 4.9 / 13).

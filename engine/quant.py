@@ -125,6 +125,8 @@ def int4_vnni_available() -> bool:
     # The output's shape for tracers (torch.compile of the decode step calls the kernel as an opaque op).
     torch.library.register_fake("splitserve_cpu::int4_linear")(
         lambda x, packed, scales, n_out: x.new_empty((x.shape[0], n_out)))
+    torch.library.register_fake("splitserve_cpu::int8_group_linear")(
+        lambda x, packed, scales, offsets, n_out: x.new_empty((x.shape[0], n_out)))
     return True
 
 
@@ -181,6 +183,8 @@ class Int4Linear(Linear):
         self.kernel = kernel or int4_kernel_for(weight.device, group_size)
         if self.kernel not in INT4_KERNELS or (self.kernel == "vnni" and group_size != 32):
             raise ValueError(f"int4: kernel must be one of {INT4_KERNELS} (vnni: groups of 32), got {self.kernel!r}")
+        if self.kernel == "vnni" and not int4_vnni_available():
+            raise ValueError("int4: the vnni kernel is not built for this CPU (see engine.cpu_kernels)")
         self.out_features, self.in_features, self.group_size = n, k, group_size
         padded_n = -(-n // INT4_N_MULTIPLE) * INT4_N_MULTIPLE
         w = torch.zeros(padded_n, k, dtype=torch.float32, device=weight.device)
@@ -242,6 +246,50 @@ class Int4Linear(Linear):
     @property
     def nbytes(self) -> int:
         return _nbytes(self.packed if self.packed is not None else self.q, self.scales, self.scale_zero, self.bias)
+
+
+class Int8GroupLinear(Linear):
+    """Symmetric int8 weights with one scale per 32 input channels (GGUF's Q8_0 grid, so a Q8_0 tensor, like
+    a Q4 GGUF's tied embedding / LM head, is held without loss), computed by the project's AVX512-VNNI kernel
+    (``int8_group_linear`` in ``engine/csrc/int4_linear.cpp``: activations int8 per group of 32, integer
+    dots). CPU with :func:`int4_vnni_available` only; :func:`make_head` picks it."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
+        n, k = weight.shape
+        if k % 32:
+            raise ValueError(f"int8 groups: in_features {k} is not a multiple of 32")
+        if not int4_vnni_available():
+            raise ValueError("int8 groups: the vnni kernel is not built for this CPU (see engine.cpu_kernels)")
+        self.out_features, self.in_features = n, k
+        padded_n = -(-n // INT4_N_MULTIPLE) * INT4_N_MULTIPLE
+        w = torch.zeros(padded_n, k, dtype=torch.float32)
+        w[:n] = weight.float()
+        groups = w.view(padded_n, k // 32, 32)
+        scale = (groups.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)  # [padded_n, k / 32]
+        q = torch.round(groups / scale[..., None]).clamp(-127, 127).to(torch.int8)
+        blocks = padded_n // 16
+        self.packed = q.view(blocks, 16, k // 4, 4).permute(0, 2, 1, 3).reshape(blocks, k // 4, 64).contiguous()
+        self.scales = scale.view(blocks, 16, k // 32).permute(0, 2, 1).contiguous()
+        self.offsets = (128 * q.sum(dim=-1, dtype=torch.int32)).view(blocks, 16, k // 32).permute(0, 2, 1).contiguous()
+        self.bias = None if bias is None else bias.to(compute_dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        y = torch.ops.splitserve_cpu.int8_group_linear(x2, self.packed, self.scales, self.offsets, self.out_features)
+        return self._add_bias(y.view(*shape[:-1], self.out_features))
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [out, in] this layer computes with."""
+        blocks, chunks, _ = self.packed.shape
+        n, k = blocks * 16, chunks * 4
+        q = self.packed.view(blocks, chunks, 16, 4).permute(0, 2, 1, 3).reshape(n, k // 32, 32).float()
+        scale = self.scales.permute(0, 2, 1).reshape(n, k // 32, 1)
+        return (q * scale).view(n, k)[: self.out_features]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.packed, self.scales, self.offsets, self.bias)
 
 
 @functools.cache

@@ -153,7 +153,92 @@ void gemm(const int8_t* xq, const float* sx, const float* xsum, const uint8_t* w
     }
   });
 }
+
+// int8 weights, one scale per 32 input channels (GGUF's Q8_0 grid: the tied embedding / LM head of a Q4
+// GGUF is stored so, and 4 bits lose it). vpdpbusd multiplies u8 by s8, so the activations enter as
+// u8 (xq + 128) against the s8 weights, and 128 * (the group's weight sum, precomputed) comes off the
+// integer sum. Layout: blocks of 16 rows, chunks of 4 input channels: byte 4r + i of chunk c is w[r][4c + i].
+template <int Tile>
+inline void block_tile_int8(const int8_t* w, const float* scales, const int32_t* offsets, const int8_t* xq,
+                            const float* sx, int64_t k, float out[][kRows]) {
+  const int64_t groups = k / kGroup;
+  const __m512i to_unsigned = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  __m512 acc[Tile];
+  for (int t = 0; t < Tile; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    // Two integer sums per row (even and odd chunks): two independent vpdpbusd chains hide its latency.
+    __m512i even[Tile], odd[Tile];
+    const __m512i offset = _mm512_loadu_si512(offsets + g * kRows);
+    for (int t = 0; t < Tile; ++t) {
+      even[t] = _mm512_sub_epi32(_mm512_setzero_si512(), offset);
+      odd[t] = _mm512_setzero_si512();
+    }
+    for (int64_t c = 0; c < kGroup / 4; c += 2) {
+      const __m512i w0 = _mm512_loadu_si512(w + (g * (kGroup / 4) + c) * kChunkBytes);
+      const __m512i w1 = _mm512_loadu_si512(w + (g * (kGroup / 4) + c + 1) * kChunkBytes);
+      for (int t = 0; t < Tile; ++t) {
+        int32_t four[2];
+        std::memcpy(four, xq + t * k + g * kGroup + c * 4, 8);
+        // s8 -> u8 + 128 (the offset takes the 128s off)
+        even[t] = _mm512_dpbusd_epi32(even[t], _mm512_xor_si512(_mm512_set1_epi32(four[0]), to_unsigned), w0);
+        odd[t] = _mm512_dpbusd_epi32(odd[t], _mm512_xor_si512(_mm512_set1_epi32(four[1]), to_unsigned), w1);
+      }
+    }
+    const __m512 scale = _mm512_loadu_ps(scales + g * kRows);
+    for (int t = 0; t < Tile; ++t) {
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even[t], odd[t]));
+      acc[t] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(sx[t * groups + g])), acc[t]);
+    }
+  }
+  for (int t = 0; t < Tile; ++t) _mm512_storeu_ps(out[t], acc[t]);
+}
+
+template <typename T>
+void gemm_int8(const int8_t* xq, const float* sx, const int8_t* w, const float* scales, const int32_t* offsets,
+               int64_t m, int64_t k, int64_t n_blocks, int64_t n_out, T* y) {
+  const int64_t groups = k / kGroup;
+  at::parallel_for(0, n_blocks, 4, [&](int64_t begin, int64_t end) {
+    float out[kMaxTile][kRows];
+    for (int64_t b = begin; b < end; ++b) {
+      const int8_t* wb = w + b * (k / 4) * kChunkBytes;
+      const float* sb = scales + b * groups * kRows;
+      const int32_t* ob = offsets + b * groups * kRows;
+      for (int64_t row = 0; row < m; row += kMaxTile) {
+        const int tile = static_cast<int>(std::min<int64_t>(kMaxTile, m - row));
+        const int8_t* xt = xq + row * k;
+        const float* st = sx + row * groups;
+        switch (tile) {
+          case 4: block_tile_int8<4>(wb, sb, ob, xt, st, k, out); break;
+          case 3: block_tile_int8<3>(wb, sb, ob, xt, st, k, out); break;
+          case 2: block_tile_int8<2>(wb, sb, ob, xt, st, k, out); break;
+          default: block_tile_int8<1>(wb, sb, ob, xt, st, k, out); break;
+        }
+        const int64_t cols = std::min<int64_t>(kRows, n_out - b * kRows);
+        for (int t = 0; t < tile; ++t) {
+          T* dst = y + (row + t) * n_out + b * kRows;
+          for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<T>(out[t][j]);
+        }
+      }
+    }
+  });
+}
 #endif
+
+template <typename T>
+at::Tensor run_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                    const at::Tensor& offsets, int64_t n_out) {
+  const int64_t m = x.size(0), k = x.size(1);
+  at::Tensor y = at::empty({m, n_out}, x.options());
+  if (m == 0) return y;
+  std::vector<int8_t> xq(m * k);
+  std::vector<float> sx(m * (k / kGroup)), xsum(m * (k / kGroup));
+  quantize_rows(x.data_ptr<T>(), m, k, xq.data(), sx.data(), xsum.data());
+#ifdef SPLITSERVE_INT4_VNNI
+  gemm_int8(xq.data(), sx.data(), packed.data_ptr<int8_t>(), scales.data_ptr<float>(), offsets.data_ptr<int32_t>(),
+            m, k, packed.size(0), n_out, y.data_ptr<T>());
+#endif
+  return y;
+}
 
 template <typename T>
 at::Tensor run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t n_out) {
@@ -195,13 +280,44 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   }
 }
 
+at::Tensor int8_group_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                             const at::Tensor& offsets, int64_t n_out) {
+  TORCH_CHECK(available(), "int8_group_linear: this library was built for a CPU without AVX512-VNNI");
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu() && offsets.device().is_cpu(),
+              "int8_group_linear: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int8_group_linear: x must be a contiguous [rows, in_features] matrix");
+  const int64_t k = x.size(1);
+  TORCH_CHECK(k % kGroup == 0, "int8_group_linear: in_features must be a multiple of ", kGroup, ", got ", k);
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 3 &&
+                  packed.size(1) == k / 4 && packed.size(2) == kChunkBytes,
+              "int8_group_linear: packed must be int8 [blocks, in_features / 4, 64], contiguous");
+  const std::vector<int64_t> per_group{packed.size(0), k / kGroup, kRows};
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.sizes() == per_group,
+              "int8_group_linear: scales must be float32 [blocks, in_features / 32, 16], contiguous");
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.is_contiguous() && offsets.sizes() == per_group,
+              "int8_group_linear: offsets must be int32 [blocks, in_features / 32, 16], contiguous");
+  TORCH_CHECK(n_out > (packed.size(0) - 1) * kRows && n_out <= packed.size(0) * kRows,
+              "int8_group_linear: n_out ", n_out, " does not fit ", packed.size(0), " blocks of 16 rows");
+  switch (x.scalar_type()) {
+    case at::kBFloat16: return run_int8<c10::BFloat16>(x, packed, scales, offsets, n_out);
+    case at::kHalf: return run_int8<c10::Half>(x, packed, scales, offsets, n_out);
+    case at::kFloat: return run_int8<float>(x, packed, scales, offsets, n_out);
+    default: TORCH_CHECK(false, "int8_group_linear: x must be bfloat16, float16 or float32");
+  }
+}
+
 bool int4_vnni_available() { return available(); }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(splitserve_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, int n_out) -> Tensor");
+  // offsets: 128 x each group's weight sum (the u8 activations' +128 taken off the integer sums)
+  m.def("int8_group_linear(Tensor x, Tensor packed, Tensor scales, Tensor offsets, int n_out) -> Tensor");
   m.def("int4_vnni_available() -> bool", &int4_vnni_available);
 }
 
-TORCH_LIBRARY_IMPL(splitserve_cpu, CPU, m) { m.impl("int4_linear", &int4_linear); }
+TORCH_LIBRARY_IMPL(splitserve_cpu, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int8_group_linear", &int8_group_linear);
+}

@@ -208,6 +208,12 @@ def test_imported_and_exported_requests_carry_their_own_timestamps(tiny_model):
     assert dst.step_stats().decode_tokens == params.max_tokens - 1
 
 
+def _held_bytes(lin) -> int:
+    """The bytes of every weight-format tensor a quantized layer holds (whichever of them its kernel uses)."""
+    names = ("qweight", "scale", "packed", "scale_zero", "scales", "offsets", "q")
+    return sum(t.numel() * t.element_size() for t in (getattr(lin, n, None) for n in names) if t is not None)
+
+
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_quantized_engine_counts_the_bytes_its_format_reads(tiny_model, quantization):
     """An int8/int4 engine's steps charge the projections' and LM head's bytes as held (weights,
@@ -220,11 +226,9 @@ def test_quantized_engine_counts_the_bytes_its_format_reads(tiny_model, quantiza
     while engine.has_unfinished():
         engine.step()
     w, dims, nb = loaded.weights, ModelDims.from_hf_config(loaded.config), dtype_bytes(engine.layout.dtype)
-    held = sum(t.numel() * t.element_size() for lin in (w.lm_head.few if hasattr(w.lm_head, "few") else w.lm_head,)
-               for t in ((lin.qweight, lin.scale) if quantization == "int8" or not hasattr(lin, "packed")
-                         else (lin.packed, lin.scale_zero if lin.scales is None else lin.scales)))
-    held += sum(t.numel() * t.element_size() for layer in w.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
-                for t in ((lin.qweight, lin.scale) if not hasattr(lin, "packed") else (lin.packed, lin.scale_zero if lin.scales is None else lin.scales)))
+    head = w.lm_head.few if hasattr(w.lm_head, "few") else w.lm_head
+    held = _held_bytes(head) + sum(_held_bytes(lin) for layer in w.layers
+                                   for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
     held += sum(t.numel() * t.element_size() for layer in w.layers for t in (layer.input_norm, layer.post_norm))
     held += w.final_norm.numel() * w.final_norm.element_size()
     kv = dims.kv_bytes_per_token(nb)
