@@ -22,6 +22,10 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // One cache value as float32, in a form the compiler vectorizes inside the dot and axpy loops, so a key
@@ -130,6 +134,127 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& layer_kv, cons
   });
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define SPLITSERVE_BF16_DECODE 1
+// bfloat16 cache, head size 64, G query heads per KV head: the same attention with the per-key work in
+// registers. Scores: two vdpbf16ps per key and query head (the bf16 products are exact in float32, summed in
+// float32 as above, in another order), instead of widening the key row once per query head. Values: the row
+// widened once and added into G x 4 float32 accumulators that stay in registers (the generic loop widened it
+// per query head and kept the sums in memory). ~2x fewer instructions a key; the softmax is the generic one.
+inline __m512 widen16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline __m512bh load_bf16x32(const c10::BFloat16* p) {
+  return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
+}
+
+template <int G>
+void decode_attention_bf16_d64(const at::Tensor& q, const at::Tensor& layer_kv, const at::Tensor& block_tables,
+                               const at::Tensor& context_lens, int64_t block_size, double scale, at::Tensor& out) {
+  constexpr int64_t dim = 64;
+  const int64_t batch = q.size(0), heads = q.size(1);
+  const int64_t kv_heads = layer_kv.size(1), slots = layer_kv.size(2);
+  const int64_t max_blocks = block_tables.size(1), num_blocks = slots / block_size;
+  using T = c10::BFloat16;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = layer_kv.data_ptr<T>();
+  const T* vp = kp + kv_heads * slots * dim;
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    float result[G][dim];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / kv_heads, h = item % kv_heads;
+      const int64_t len = lens[b];
+      const int64_t* table = tables + b * max_blocks;
+      TORCH_CHECK(len >= 1 && len <= max_blocks * block_size,
+                  "paged_decode_attention: context length ", len, " of sequence ", b, " is < 1 or beyond its table");
+      const int64_t used_blocks = (len + block_size - 1) / block_size;
+      for (int64_t j = 0; j < used_blocks; ++j)
+        TORCH_CHECK(table[j] >= 0 && table[j] < num_blocks,
+                    "paged_decode_attention: block ", table[j], " of sequence ", b, " is out of range");
+      __m512bh qv[G][2];
+      for (int g = 0; g < G; ++g) {
+        const T* src = qp + (b * heads + h * G + g) * dim;
+        qv[g][0] = load_bf16x32(src);
+        qv[g][1] = load_bf16x32(src + 32);
+      }
+      scores.resize(G * len);
+      const T* kh = kp + h * slots * dim;
+      const T* vh = vp + h * slots * dim;
+      for (int64_t j = 0, t = 0; j < used_blocks; ++j) {
+        const T* block_k = kh + table[j] * block_size * dim;
+        const T* next_k = j + 1 < used_blocks ? kh + table[j + 1] * block_size * dim : block_k;
+        for (int64_t o = 0; o < block_size && t < len; ++o, ++t) {
+          prefetch_row(next_k + o * dim, dim);
+          const __m512bh k0 = load_bf16x32(block_k + o * dim), k1 = load_bf16x32(block_k + o * dim + 32);
+          for (int g = 0; g < G; ++g) {
+            const __m512 d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), qv[g][0], k0), qv[g][1], k1);
+            scores[g * len + t] = _mm512_reduce_add_ps(d) * fscale;
+          }
+        }
+      }
+      for (int g = 0; g < G; ++g) {  // softmax per query head, float32
+        float* s = scores.data() + g * len;
+        float top = s[0];
+        for (int64_t t = 1; t < len; ++t) top = std::max(top, s[t]);
+        float total = 0.f;
+        for (int64_t t = 0; t < len; ++t) {
+          s[t] = std::exp(s[t] - top);
+          total += s[t];
+        }
+        const float inv = 1.f / total;
+        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+      }
+      __m512 acc[G][4];
+      for (int g = 0; g < G; ++g)
+        for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_ps();
+      for (int64_t j = 0, t = 0; j < used_blocks; ++j) {
+        const T* block_v = vh + table[j] * block_size * dim;
+        const T* next_v = j + 1 < used_blocks ? vh + table[j + 1] * block_size * dim : block_v;
+        for (int64_t o = 0; o < block_size && t < len; ++o, ++t) {
+          prefetch_row(next_v + o * dim, dim);
+          const T* r = block_v + o * dim;
+          const __m512 v[4] = {widen16(r), widen16(r + 16), widen16(r + 32), widen16(r + 48)};
+          for (int g = 0; g < G; ++g) {
+            const __m512 p = _mm512_set1_ps(scores[g * len + t]);
+            for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_fmadd_ps(p, v[i], acc[g][i]);
+          }
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        for (int i = 0; i < 4; ++i) _mm512_storeu_ps(result[g] + 16 * i, acc[g][i]);
+        T* dst = op + (b * heads + h * G + g) * dim;
+        for (int64_t i = 0; i < dim; ++i) dst[i] = static_cast<T>(result[g][i]);
+      }
+    }
+  });
+}
+#endif
+
+// The register-resident bfloat16 path where it applies (head size 64, at most 4 query heads per KV head).
+bool bf16_fast_path(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, const at::Tensor& lens,
+                    int64_t block_size, double scale, at::Tensor& out) {
+#ifdef SPLITSERVE_BF16_DECODE
+  if (q.scalar_type() != at::kBFloat16 || q.size(2) != 64) return false;
+  switch (q.size(1) / kv.size(1)) {
+    case 1: decode_attention_bf16_d64<1>(q, kv, tables, lens, block_size, scale, out); return true;
+    case 2: decode_attention_bf16_d64<2>(q, kv, tables, lens, block_size, scale, out); return true;
+    case 3: decode_attention_bf16_d64<3>(q, kv, tables, lens, block_size, scale, out); return true;
+    case 4: decode_attention_bf16_d64<4>(q, kv, tables, lens, block_size, scale, out); return true;
+    default: return false;
+  }
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 void by_head_size(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, const at::Tensor& lens,
                   int64_t block_size, double scale, at::Tensor& out) {
@@ -160,7 +285,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& layer_k
   auto out = at::empty_like(qc);
   switch (q.scalar_type()) {
     case at::kFloat: by_head_size<float>(qc, kv, tables, lens, block_size, scale, out); break;
-    case at::kBFloat16: by_head_size<c10::BFloat16>(qc, kv, tables, lens, block_size, scale, out); break;
+    case at::kBFloat16:
+      if (!bf16_fast_path(qc, kv, tables, lens, block_size, scale, out))
+        by_head_size<c10::BFloat16>(qc, kv, tables, lens, block_size, scale, out);
+      break;
     case at::kHalf: by_head_size<c10::Half>(qc, kv, tables, lens, block_size, scale, out); break;
     default: TORCH_CHECK(false, "paged_decode_attention: float32, bfloat16 or float16 only");
   }
