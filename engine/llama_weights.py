@@ -28,7 +28,7 @@ DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
 # A tied quantized LM head's GEMV kernel up to this many rows, the embedding's dense GEMM above; w8a8's
 # int8 GEMM beats the dense one at every row count (49152 x 576, one thread: 0.6 ms vs 2.9 at 1 row,
 # 7.2 vs 10.0 at 64), so its head is never split.
-HEAD_QUANTIZED_MAX_ROWS = {"int8": 4, "int4": 8}
+HEAD_QUANTIZED_MAX_ROWS = {"int8": 4}
 
 
 @dataclass(frozen=True)
@@ -170,12 +170,16 @@ def build_weights(model, fmt: WeightFormat, num_positions: int) -> LlamaWeights:
         lm_head = Int8GroupLinear(model.lm_head.weight.data, None, dtype)
         if not tied:
             model.lm_head.weight.data = torch.empty(0, dtype=model.lm_head.weight.dtype)
+    elif fmt.quantization == "int4" and tied:
+        # No VNNI kernel (a GPU, an older CPU): the dense head over the embedding, which is kept anyway. An
+        # int4 head fails int4's quality bar (+5.4 % perplexity, above), so it is never used for a tied head.
+        lm_head = DenseLinear(embed, None)
     else:
         lm_head = make_linear(model.lm_head.weight.data, None, fmt.quantization, dtype)
         if tied and fmt.quantization in HEAD_QUANTIZED_MAX_ROWS:
             # Past a few rows the quantized head's GEMV kernel loses to a dense GEMM over the embedding
-            # matrix, which is kept (in dtype) anyway; measured crossover on AVX512-BF16: ~4 rows for int8,
-            # ~8 for int4 (49152 x 576: int8 2.4 ms at 1 row, 6.4 at 8, 49 at 64; bf16 dense 4.3 / 4.9 / 13).
+            # matrix, which is kept (in dtype) anyway; measured crossover on AVX512-BF16: ~4 rows for int8
+            # (49152 x 576: int8 2.4 ms at 1 row, 6.4 at 8, 49 at 64; bf16 dense 4.3 / 4.9 / 13).
             lm_head = ByRows(lm_head, DenseLinear(embed), HEAD_QUANTIZED_MAX_ROWS[fmt.quantization])
         elif not tied:
             model.lm_head.weight.data = torch.empty(0, dtype=model.lm_head.weight.dtype)
