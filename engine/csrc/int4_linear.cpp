@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -80,10 +81,57 @@ void quantize_rows(const T* x, int64_t m, int64_t k, int8_t* xq, float* sx, floa
   });
 }
 
+// x [m, k] quantized per group, held for one call: xq int8 [m, k], the groups' scales and exact sums [m, k / 32].
+struct QuantizedRows {
+  std::vector<int8_t> xq;
+  std::vector<float> sx, xsum;
+};
+
+template <typename T>
+QuantizedRows quantize(const at::Tensor& x) {
+  const int64_t m = x.size(0), k = x.size(1);
+  QuantizedRows rows{std::vector<int8_t>(m * k), std::vector<float>(m * (k / kGroup)),
+                     std::vector<float>(m * (k / kGroup))};
+  quantize_rows(x.data_ptr<T>(), m, k, rows.xq.data(), rows.sx.data(), rows.xsum.data());
+  return rows;
+}
+
 #ifdef SPLITSERVE_INT4_VNNI
 inline __m512 bf16_to_float(const c10::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// Calls f(std::integral_constant<int, n>{}) for n = tile in 1..kMaxTile: the tile kernels are unrolled per size.
+template <typename F>
+inline void with_tile(int tile, F&& f) {
+  switch (tile) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+// Both kernels' outer loop: blocks of 16 output rows shared among the threads (a thread takes whole blocks),
+// activation rows in tiles of up to kMaxTile; tile(b, row, size, out) fills out[0..size) with block b's 16
+// sums for activation rows row..row+size-1, stored here in y's dtype.
+template <typename T, typename Tile>
+void blocks_by_tiles(int64_t m, int64_t n_blocks, int64_t n_out, T* y, const Tile& tile) {
+  at::parallel_for(0, n_blocks, 4, [&](int64_t begin, int64_t end) {
+    float out[kMaxTile][kRows];
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t row = 0; row < m; row += kMaxTile) {
+        const int size = static_cast<int>(std::min<int64_t>(kMaxTile, m - row));
+        tile(b, row, size, out);
+        const int64_t cols = std::min<int64_t>(kRows, n_out - b * kRows);
+        for (int t = 0; t < size; ++t) {
+          T* dst = y + (row + t) * n_out + b * kRows;
+          for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<T>(out[t][j]);
+        }
+      }
+    }
+  });
 }
 
 // One block of 16 output rows for `Tile` activation rows: out[t][0..15] (float).
@@ -125,32 +173,13 @@ template <typename T>
 void gemm(const int8_t* xq, const float* sx, const float* xsum, const uint8_t* w, const c10::BFloat16* scales,
           int64_t m, int64_t k, int64_t n_blocks, int64_t n_out, T* y) {
   const int64_t groups = k / kGroup;
-  const int64_t block_bytes = k / 8 * kChunkBytes;
+  const int64_t block_bytes = k / 8 * kChunkBytes;  // 16 rows x k weights (4.5 KB for k = 576)
   const int64_t block_scales = groups * 2 * kRows;
-  // A thread takes whole blocks; a block is 16 rows x k weights (4.5 KB for k = 576).
-  at::parallel_for(0, n_blocks, 4, [&](int64_t begin, int64_t end) {
-    float out[kMaxTile][kRows];
-    for (int64_t b = begin; b < end; ++b) {
-      const uint8_t* wb = w + b * block_bytes;
-      const c10::BFloat16* sb = scales + b * block_scales;
-      for (int64_t row = 0; row < m; row += kMaxTile) {
-        const int tile = static_cast<int>(std::min<int64_t>(kMaxTile, m - row));
-        const int8_t* xt = xq + row * k;
-        const float* st = sx + row * groups;
-        const float* ht = xsum + row * groups;
-        switch (tile) {
-          case 4: block_tile<4>(wb, sb, xt, st, ht, k, out); break;
-          case 3: block_tile<3>(wb, sb, xt, st, ht, k, out); break;
-          case 2: block_tile<2>(wb, sb, xt, st, ht, k, out); break;
-          default: block_tile<1>(wb, sb, xt, st, ht, k, out); break;
-        }
-        const int64_t cols = std::min<int64_t>(kRows, n_out - b * kRows);
-        for (int t = 0; t < tile; ++t) {
-          T* dst = y + (row + t) * n_out + b * kRows;
-          for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<T>(out[t][j]);
-        }
-      }
-    }
+  blocks_by_tiles(m, n_blocks, n_out, y, [&](int64_t b, int64_t row, int size, float out[][kRows]) {
+    with_tile(size, [&](auto n) {
+      block_tile<decltype(n)::value>(w + b * block_bytes, scales + b * block_scales, xq + row * k, sx + row * groups,
+                                     xsum + row * groups, k, out);
+    });
   });
 }
 
@@ -197,29 +226,11 @@ template <typename T>
 void gemm_int8(const int8_t* xq, const float* sx, const int8_t* w, const float* scales, const int32_t* offsets,
                int64_t m, int64_t k, int64_t n_blocks, int64_t n_out, T* y) {
   const int64_t groups = k / kGroup;
-  at::parallel_for(0, n_blocks, 4, [&](int64_t begin, int64_t end) {
-    float out[kMaxTile][kRows];
-    for (int64_t b = begin; b < end; ++b) {
-      const int8_t* wb = w + b * (k / 4) * kChunkBytes;
-      const float* sb = scales + b * groups * kRows;
-      const int32_t* ob = offsets + b * groups * kRows;
-      for (int64_t row = 0; row < m; row += kMaxTile) {
-        const int tile = static_cast<int>(std::min<int64_t>(kMaxTile, m - row));
-        const int8_t* xt = xq + row * k;
-        const float* st = sx + row * groups;
-        switch (tile) {
-          case 4: block_tile_int8<4>(wb, sb, ob, xt, st, k, out); break;
-          case 3: block_tile_int8<3>(wb, sb, ob, xt, st, k, out); break;
-          case 2: block_tile_int8<2>(wb, sb, ob, xt, st, k, out); break;
-          default: block_tile_int8<1>(wb, sb, ob, xt, st, k, out); break;
-        }
-        const int64_t cols = std::min<int64_t>(kRows, n_out - b * kRows);
-        for (int t = 0; t < tile; ++t) {
-          T* dst = y + (row + t) * n_out + b * kRows;
-          for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<T>(out[t][j]);
-        }
-      }
-    }
+  blocks_by_tiles(m, n_blocks, n_out, y, [&](int64_t b, int64_t row, int size, float out[][kRows]) {
+    with_tile(size, [&](auto n) {
+      block_tile_int8<decltype(n)::value>(w + b * (k / 4) * kChunkBytes, scales + b * groups * kRows,
+                                          offsets + b * groups * kRows, xq + row * k, sx + row * groups, k, out);
+    });
   });
 }
 #endif
@@ -230,12 +241,10 @@ at::Tensor run_int8(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   const int64_t m = x.size(0), k = x.size(1);
   at::Tensor y = at::empty({m, n_out}, x.options());
   if (m == 0) return y;
-  std::vector<int8_t> xq(m * k);
-  std::vector<float> sx(m * (k / kGroup)), xsum(m * (k / kGroup));
-  quantize_rows(x.data_ptr<T>(), m, k, xq.data(), sx.data(), xsum.data());
+  const QuantizedRows rows = quantize<T>(x);
 #ifdef SPLITSERVE_INT4_VNNI
-  gemm_int8(xq.data(), sx.data(), packed.data_ptr<int8_t>(), scales.data_ptr<float>(), offsets.data_ptr<int32_t>(),
-            m, k, packed.size(0), n_out, y.data_ptr<T>());
+  gemm_int8(rows.xq.data(), rows.sx.data(), packed.data_ptr<int8_t>(), scales.data_ptr<float>(),
+            offsets.data_ptr<int32_t>(), m, k, packed.size(0), n_out, y.data_ptr<T>());
 #endif
   return y;
 }
@@ -243,15 +252,12 @@ at::Tensor run_int8(const at::Tensor& x, const at::Tensor& packed, const at::Ten
 template <typename T>
 at::Tensor run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t n_out) {
   const int64_t m = x.size(0), k = x.size(1);
-  const int64_t n_blocks = packed.size(0);
   at::Tensor y = at::empty({m, n_out}, x.options());
   if (m == 0) return y;
-  std::vector<int8_t> xq(m * k);
-  std::vector<float> sx(m * (k / kGroup)), xsum(m * (k / kGroup));
-  quantize_rows(x.data_ptr<T>(), m, k, xq.data(), sx.data(), xsum.data());
+  const QuantizedRows rows = quantize<T>(x);
 #ifdef SPLITSERVE_INT4_VNNI
-  gemm(xq.data(), sx.data(), xsum.data(), packed.data_ptr<uint8_t>(), scales.data_ptr<c10::BFloat16>(), m, k,
-       n_blocks, n_out, y.data_ptr<T>());
+  gemm(rows.xq.data(), rows.sx.data(), rows.xsum.data(), packed.data_ptr<uint8_t>(), scales.data_ptr<c10::BFloat16>(),
+       m, k, packed.size(0), n_out, y.data_ptr<T>());
 #endif
   return y;
 }

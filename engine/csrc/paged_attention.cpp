@@ -44,6 +44,33 @@ inline void prefetch_row(const T* row, int64_t dim) {
   for (int64_t i = 0; i < dim; i += kLine) __builtin_prefetch(row + i);
 }
 
+// Checked per sequence, rather than by reductions before the loop: a bad index must never read outside the
+// cache, and the check costs nothing beside the keys it guards.
+inline void check_sequence(int64_t b, int64_t len, const int64_t* table, int64_t max_blocks, int64_t block_size,
+                           int64_t num_blocks) {
+  TORCH_CHECK(len >= 1 && len <= max_blocks * block_size,
+              "paged_decode_attention: context length ", len, " of sequence ", b, " is < 1 or beyond its table");
+  for (int64_t j = 0; j < (len + block_size - 1) / block_size; ++j)  // the blocks the loops read
+    TORCH_CHECK(table[j] >= 0 && table[j] < num_blocks,
+                "paged_decode_attention: block ", table[j], " of sequence ", b, " is out of range");
+}
+
+// Softmax of `rows` rows of `len` scores in place, float32.
+inline void softmax_rows(float* scores, int64_t rows, int64_t len) {
+  for (int64_t g = 0; g < rows; ++g) {
+    float* s = scores + g * len;
+    float top = s[0];  // not -inf: built with -ffast-math, which assumes finite values
+    for (int64_t t = 1; t < len; ++t) top = std::max(top, s[t]);
+    float total = 0.f;
+    for (int64_t t = 0; t < len; ++t) {
+      s[t] = std::exp(s[t] - top);
+      total += s[t];
+    }
+    const float inv = 1.f / total;
+    for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+  }
+}
+
 // kDim: the head size as a compile-time constant (the common ones: the loops are unrolled and vectorized
 // without remainders, 1.45x faster at 64 than with the size read at run time), or 0 for any other size.
 template <typename T, int64_t kDim>
@@ -67,13 +94,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& layer_kv, cons
       const int64_t b = item / kv_heads, h = item % kv_heads;
       const int64_t len = lens[b];
       const int64_t* table = tables + b * max_blocks;
-      // Checked here, per sequence, rather than by reductions before the loop: a bad index must never
-      // read outside the cache, and the check costs nothing beside the keys it guards.
-      TORCH_CHECK(len >= 1 && len <= max_blocks * block_size,
-                  "paged_decode_attention: context length ", len, " of sequence ", b, " is < 1 or beyond its table");
-      for (int64_t j = 0; j < (len + block_size - 1) / block_size; ++j)  // the blocks the loops below read
-        TORCH_CHECK(table[j] >= 0 && table[j] < num_blocks,
-                    "paged_decode_attention: block ", table[j], " of sequence ", b, " is out of range");
+      check_sequence(b, len, table, max_blocks, block_size, num_blocks);
       for (int64_t g = 0; g < group; ++g) {  // the group's queries, float32
         const T* src = qp + (b * heads + h * group + g) * dim;
         for (int64_t i = 0; i < dim; ++i) qf[g * dim + i] = widen(src[i]);
@@ -99,18 +120,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& layer_kv, cons
           }
         }
       }
-      for (int64_t g = 0; g < group; ++g) {  // softmax per query head, float32
-        float* s = scores.data() + g * len;
-        float top = s[0];  // not -inf: built with -ffast-math, which assumes finite values
-        for (int64_t t = 1; t < len; ++t) top = std::max(top, s[t]);
-        float total = 0.f;
-        for (int64_t t = 0; t < len; ++t) {
-          s[t] = std::exp(s[t] - top);
-          total += s[t];
-        }
-        const float inv = 1.f / total;
-        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
-      }
+      softmax_rows(scores.data(), group, len);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0, t = 0; j < used_blocks; ++j) {
         const T* block_v = vh + table[j] * block_size * dim;
@@ -173,12 +183,8 @@ void decode_attention_bf16_d64(const at::Tensor& q, const at::Tensor& layer_kv, 
       const int64_t b = item / kv_heads, h = item % kv_heads;
       const int64_t len = lens[b];
       const int64_t* table = tables + b * max_blocks;
-      TORCH_CHECK(len >= 1 && len <= max_blocks * block_size,
-                  "paged_decode_attention: context length ", len, " of sequence ", b, " is < 1 or beyond its table");
+      check_sequence(b, len, table, max_blocks, block_size, num_blocks);
       const int64_t used_blocks = (len + block_size - 1) / block_size;
-      for (int64_t j = 0; j < used_blocks; ++j)
-        TORCH_CHECK(table[j] >= 0 && table[j] < num_blocks,
-                    "paged_decode_attention: block ", table[j], " of sequence ", b, " is out of range");
       __m512bh qv[G][2];
       for (int g = 0; g < G; ++g) {
         const T* src = qp + (b * heads + h * G + g) * dim;
@@ -200,18 +206,7 @@ void decode_attention_bf16_d64(const at::Tensor& q, const at::Tensor& layer_kv, 
           }
         }
       }
-      for (int g = 0; g < G; ++g) {  // softmax per query head, float32
-        float* s = scores.data() + g * len;
-        float top = s[0];
-        for (int64_t t = 1; t < len; ++t) top = std::max(top, s[t]);
-        float total = 0.f;
-        for (int64_t t = 0; t < len; ++t) {
-          s[t] = std::exp(s[t] - top);
-          total += s[t];
-        }
-        const float inv = 1.f / total;
-        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
-      }
+      softmax_rows(scores.data(), G, len);
       __m512 acc[G][4];
       for (int g = 0; g < G; ++g)
         for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_ps();
