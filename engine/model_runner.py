@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.compiled_decode import CompiledDecode
+from engine.decode_layers import DecodeLayers
 from engine.decode_attention import (UPCAST_MAX_BATCH, gather_heads_major, heads_major_attention, sdpa_attention,
                                      upcast_sdpa_attention)
 from engine.kv_cache import KVLayout, PagedKVCache
@@ -80,7 +81,7 @@ class ModelRunner:
     """Runs a Llama-family model's :class:`LlamaWeights` over packed steps with a paged KV cache."""
 
     def __init__(self, weights: LlamaWeights, cache: PagedKVCache, compile_decode: bool = False,
-                 paged_kernel: bool = True) -> None:
+                 paged_kernel: bool = True, fused_layers: bool = True) -> None:
         if weights.kv_layout != cache.layout:
             raise ValueError(f"KV cache layout {cache.layout} does not match the weights' {weights.kv_layout}")
         self.w = weights
@@ -102,6 +103,11 @@ class ModelRunner:
         # Decode-only steps through one compiled graph per batch bucket; CPU only (the inductor C++
         # backend is what was measured; any other device keeps the eager forward).
         self.compiled = CompiledDecode(weights, cache) if compile_decode and weights.device.type == "cpu" else None
+        # Decode-only steps' layers in one C++ call where every operator is the project's own (int4 on the
+        # vnni kernel, the paged kernel): the same operators as the loop below, without its Python work.
+        # fused_layers=False keeps the loop (the tests and benchmarks compare the two).
+        self.fused_layers = DecodeLayers.for_weights(weights, cache) \
+            if fused_layers and self.paged_decode is not None and self.compiled is None else None
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], kv: KVCacheManager) -> tuple[list[ScheduledChunk], torch.Tensor]:
@@ -117,6 +123,10 @@ class ModelRunner:
         n = h.shape[0]
         cos = w.rope_cos.index_select(0, batch.positions)[:, None, :]  # [n, 1, hd]: broadcast over heads
         sin = w.rope_sin_signed.index_select(0, batch.positions)[:, None, :]
+        if self.fused_layers is not None and batch.decode is not None and not batch.prefills:
+            h = self.fused_layers(h, cos, sin, batch.slots, batch.decode.block_tables, batch.decode.context_lens)
+            last = rms_norm(h.index_select(0, batch.sample_rows), w.final_norm, w.eps)
+            return batch.sample_chunks, w.lm_head(last)
         residual = None  # the last layer's MLP output, added to h inside the next norm (one fused call)
         for layer_idx, layer in enumerate(w.layers):
             if residual is None:
