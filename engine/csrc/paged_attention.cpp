@@ -55,18 +55,30 @@ inline void check_sequence(int64_t b, int64_t len, const int64_t* table, int64_t
                 "paged_decode_attention: block ", table[j], " of sequence ", b, " is out of range");
 }
 
-// Softmax of `rows` rows of `len` scores in place, float32.
-inline void softmax_rows(float* scores, int64_t rows, int64_t len) {
+// exp(score - row max) of `rows` rows of `len` scores in place, float32; each row's max and sum of
+// exponentials into `top` and `total` (the softmax's numerator and denominator).
+inline void exp_rows(float* scores, int64_t rows, int64_t len, float* top, float* total) {
   for (int64_t g = 0; g < rows; ++g) {
     float* s = scores + g * len;
-    float top = s[0];  // not -inf: built with -ffast-math, which assumes finite values
-    for (int64_t t = 1; t < len; ++t) top = std::max(top, s[t]);
-    float total = 0.f;
+    float m = s[0];  // not -inf: built with -ffast-math, which assumes finite values
+    for (int64_t t = 1; t < len; ++t) m = std::max(m, s[t]);
+    float sum = 0.f;
     for (int64_t t = 0; t < len; ++t) {
-      s[t] = std::exp(s[t] - top);
-      total += s[t];
+      s[t] = std::exp(s[t] - m);
+      sum += s[t];
     }
-    const float inv = 1.f / total;
+    top[g] = m;
+    total[g] = sum;
+  }
+}
+
+// Softmax of `rows` rows of `len` scores in place, float32.
+inline void softmax_rows(float* scores, int64_t rows, int64_t len) {
+  std::vector<float> top(rows), total(rows);
+  exp_rows(scores, rows, len, top.data(), total.data());
+  for (int64_t g = 0; g < rows; ++g) {
+    float* s = scores + g * len;
+    const float inv = 1.f / total[g];
     for (int64_t t = 0; t < len; ++t) s[t] *= inv;
   }
 }
@@ -160,6 +172,94 @@ inline __m512bh load_bf16x32(const c10::BFloat16* p) {
   return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
 }
 
+// One (sequence, KV head)'s keys [t0, t1) for its G query heads: the row max and sum of exp(score - max)
+// per query head, and the values weighted by those exponentials (not yet divided by the sum), so that
+// partial results over several key ranges combine exactly as a softmax over all of them.
+template <int G>
+struct KeyRangeResult {
+  float top[G];
+  float total[G];
+  float acc[G][64];
+};
+
+template <int G>
+void attend_key_range(const __m512bh (&qv)[G][2], const c10::BFloat16* kh, const c10::BFloat16* vh,
+                      const int64_t* table, int64_t block_size, int64_t t0, int64_t t1, float fscale,
+                      std::vector<float>& scores, KeyRangeResult<G>& out) {
+  using T = c10::BFloat16;
+  constexpr int64_t dim = 64;
+  const int64_t len = t1 - t0;
+  scores.resize(G * len);
+  // Keys block by block: the slot of key t is table[t / block_size] * block_size + t % block_size, and
+  // two 64-bit divisions per key cost more than its dot products.
+  for (int64_t t = t0; t < t1;) {
+    const int64_t j = t / block_size, last_block = (t1 - 1) / block_size;
+    const T* block_k = kh + table[j] * block_size * dim;
+    const T* next_k = j < last_block ? kh + table[j + 1] * block_size * dim : block_k;
+    for (int64_t o = t % block_size; o < block_size && t < t1; ++o, ++t) {
+      prefetch_row(next_k + o * dim, dim);
+      const __m512bh k0 = load_bf16x32(block_k + o * dim), k1 = load_bf16x32(block_k + o * dim + 32);
+      for (int g = 0; g < G; ++g) {
+        const __m512 d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), qv[g][0], k0), qv[g][1], k1);
+        scores[g * len + (t - t0)] = _mm512_reduce_add_ps(d) * fscale;
+      }
+    }
+  }
+  exp_rows(scores.data(), G, len, out.top, out.total);
+  __m512 acc[G][4];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_ps();
+  for (int64_t t = t0; t < t1;) {
+    const int64_t j = t / block_size, last_block = (t1 - 1) / block_size;
+    const T* block_v = vh + table[j] * block_size * dim;
+    const T* next_v = j < last_block ? vh + table[j + 1] * block_size * dim : block_v;
+    for (int64_t o = t % block_size; o < block_size && t < t1; ++o, ++t) {
+      prefetch_row(next_v + o * dim, dim);
+      const T* r = block_v + o * dim;
+      const __m512 v[4] = {widen16(r), widen16(r + 16), widen16(r + 32), widen16(r + 48)};
+      for (int g = 0; g < G; ++g) {
+        const __m512 p = _mm512_set1_ps(scores[g * len + (t - t0)]);
+        for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_fmadd_ps(p, v[i], acc[g][i]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out.acc[g] + 16 * i, acc[g][i]);
+}
+
+// The G output rows of one (sequence, KV head) from its parts' results: exp(top_s - top) rescales each part
+// to the overall max, then the weighted values are divided by the softmax's sum and rounded once.
+template <int G>
+void store_pair(const KeyRangeResult<G>* r, int64_t splits, c10::BFloat16* dst) {
+  constexpr int64_t dim = 64;
+  for (int g = 0; g < G; ++g) {
+    float top = r[0].top[g];  // part 0 always has keys (a context length is >= 1)
+    for (int64_t s = 1; s < splits; ++s)
+      if (r[s].total[g] > 0.f) top = std::max(top, r[s].top[g]);
+    float result[dim] = {};
+    float total = 0.f;
+    for (int64_t s = 0; s < splits; ++s) {
+      if (r[s].total[g] == 0.f) continue;  // a part past a short sequence's end
+      const float w = s == 0 && top == r[0].top[g] ? 1.f : std::exp(r[s].top[g] - top);
+      total += w * r[s].total[g];
+      for (int64_t i = 0; i < dim; ++i) result[i] += w * r[s].acc[g][i];
+    }
+    const float inv = 1.f / total;
+    for (int64_t i = 0; i < dim; ++i) dst[g * dim + i] = static_cast<c10::BFloat16>(result[i] * inv);
+  }
+}
+
+// How many key ranges each (sequence, KV head) is split into: with fewer pairs than twice the threads (batch
+// 1: 3 pairs on 2 threads, one thread did two and the other one) the keys are divided too, so that every
+// thread reads about as much of the cache; ranges are whole blocks, at least 4 of them each.
+inline int64_t key_splits(int64_t pairs, int64_t max_len, int64_t block_size) {
+  const int64_t threads = at::get_num_threads();
+  if (pairs >= 2 * threads) return 1;
+  const int64_t wanted = (2 * threads + pairs - 1) / pairs;
+  const int64_t blocks = (max_len + block_size - 1) / block_size;
+  return std::max<int64_t>(1, std::min(wanted, blocks / 4));
+}
+
 template <int G>
 void decode_attention_bf16_d64(const at::Tensor& q, const at::Tensor& layer_kv, const at::Tensor& block_tables,
                                const at::Tensor& context_lens, int64_t block_size, double scale, at::Tensor& out) {
@@ -175,61 +275,42 @@ void decode_attention_bf16_d64(const at::Tensor& q, const at::Tensor& layer_kv, 
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
   const float fscale = static_cast<float>(scale);
+  for (int64_t b = 0; b < batch; ++b)  // before any thread reads: a bad table never reaches the loops
+    check_sequence(b, lens[b], tables + b * max_blocks, max_blocks, block_size, num_blocks);
+  const int64_t pairs = batch * kv_heads;
+  const int64_t splits = key_splits(pairs, *std::max_element(lens, lens + batch), block_size);
+  std::vector<KeyRangeResult<G>> parts(pairs * splits);
 
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pairs * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    float result[G][dim];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / kv_heads, h = item % kv_heads;
+      const int64_t pair = item / splits, part = item % splits;
+      const int64_t b = pair / kv_heads, h = pair % kv_heads;
       const int64_t len = lens[b];
-      const int64_t* table = tables + b * max_blocks;
-      check_sequence(b, len, table, max_blocks, block_size, num_blocks);
-      const int64_t used_blocks = (len + block_size - 1) / block_size;
+      // This part's keys: a share of the sequence's blocks (the last parts of a short sequence get none).
+      const int64_t per_part = ((len + block_size - 1) / block_size + splits - 1) / splits * block_size;
+      const int64_t t0 = std::min(len, part * per_part), t1 = std::min(len, t0 + per_part);
+      KeyRangeResult<G>& r = parts[item];
+      if (t0 == t1) {
+        for (int g = 0; g < G; ++g) r.total[g] = 0.f;
+        continue;
+      }
       __m512bh qv[G][2];
       for (int g = 0; g < G; ++g) {
         const T* src = qp + (b * heads + h * G + g) * dim;
         qv[g][0] = load_bf16x32(src);
         qv[g][1] = load_bf16x32(src + 32);
       }
-      scores.resize(G * len);
-      const T* kh = kp + h * slots * dim;
-      const T* vh = vp + h * slots * dim;
-      for (int64_t j = 0, t = 0; j < used_blocks; ++j) {
-        const T* block_k = kh + table[j] * block_size * dim;
-        const T* next_k = j + 1 < used_blocks ? kh + table[j + 1] * block_size * dim : block_k;
-        for (int64_t o = 0; o < block_size && t < len; ++o, ++t) {
-          prefetch_row(next_k + o * dim, dim);
-          const __m512bh k0 = load_bf16x32(block_k + o * dim), k1 = load_bf16x32(block_k + o * dim + 32);
-          for (int g = 0; g < G; ++g) {
-            const __m512 d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), qv[g][0], k0), qv[g][1], k1);
-            scores[g * len + t] = _mm512_reduce_add_ps(d) * fscale;
-          }
-        }
-      }
-      softmax_rows(scores.data(), G, len);
-      __m512 acc[G][4];
-      for (int g = 0; g < G; ++g)
-        for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_ps();
-      for (int64_t j = 0, t = 0; j < used_blocks; ++j) {
-        const T* block_v = vh + table[j] * block_size * dim;
-        const T* next_v = j + 1 < used_blocks ? vh + table[j + 1] * block_size * dim : block_v;
-        for (int64_t o = 0; o < block_size && t < len; ++o, ++t) {
-          prefetch_row(next_v + o * dim, dim);
-          const T* r = block_v + o * dim;
-          const __m512 v[4] = {widen16(r), widen16(r + 16), widen16(r + 32), widen16(r + 48)};
-          for (int g = 0; g < G; ++g) {
-            const __m512 p = _mm512_set1_ps(scores[g * len + t]);
-            for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_fmadd_ps(p, v[i], acc[g][i]);
-          }
-        }
-      }
-      for (int g = 0; g < G; ++g) {
-        for (int i = 0; i < 4; ++i) _mm512_storeu_ps(result[g] + 16 * i, acc[g][i]);
-        T* dst = op + (b * heads + h * G + g) * dim;
-        for (int64_t i = 0; i < dim; ++i) dst[i] = static_cast<T>(result[g][i]);
-      }
+      attend_key_range<G>(qv, kp + h * slots * dim, vp + h * slots * dim, tables + b * max_blocks, block_size, t0,
+                          t1, fscale, scores, r);
+      if (splits == 1) store_pair<G>(&r, 1, op + (b * heads + h * G) * dim);
     }
   });
+  if (splits == 1) return;
+  for (int64_t pair = 0; pair < pairs; ++pair) {  // fewer pairs than twice the threads: a few dozen rows
+    const int64_t b = pair / kv_heads, h = pair % kv_heads;
+    store_pair<G>(parts.data() + pair * splits, splits, op + (b * heads + h * G) * dim);
+  }
 }
 #endif
 

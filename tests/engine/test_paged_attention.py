@@ -41,6 +41,27 @@ def test_matches_sdpa_over_scattered_blocks_of_different_lengths(dtype, tol, bat
     torch.testing.assert_close(out.float(), reference(q, cache, tables, lens, block_size, scale), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("lens", [[700], [700, 20], [700, 5]])
+def test_keys_split_across_threads_combine_to_the_same_attention(threads, lens):
+    """Fewer (sequence, KV head) pairs than twice the threads: each pair's keys are split into ranges whose
+    partial softmaxes are combined (bfloat16, head size 64); a short sequence's later ranges are empty."""
+    gen = torch.Generator().manual_seed(len(lens))
+    heads, kv_heads, dim, block_size, num_blocks = 9, 3, 64, 16, 160
+    cache = scattered_cache(gen, torch.bfloat16, kv_heads, dim, block_size, num_blocks)
+    max_blocks = -(-max(lens) // block_size)
+    tables = torch.randperm(num_blocks, generator=gen)[:len(lens) * max_blocks].view(len(lens), max_blocks)
+    q = torch.randn(len(lens), heads, dim, generator=gen).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = kernel(q, cache, tables, torch.tensor(lens), block_size, dim**-0.5)
+    finally:
+        torch.set_num_threads(before)
+    want = reference(q, cache, tables, torch.tensor(lens), block_size, dim**-0.5)
+    torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=1e-2)
+
+
 def test_keys_past_a_sequences_length_and_blocks_outside_its_table_are_never_read():
     gen = torch.Generator().manual_seed(7)
     block_size, dim, num_blocks = 4, 16, 16
