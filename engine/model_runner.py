@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.compiled_decode import CompiledDecode
-from engine.decode_layers import DecodeLayers
 from engine.decode_attention import (UPCAST_MAX_BATCH, gather_heads_major, heads_major_attention, sdpa_attention,
                                      upcast_sdpa_attention)
+from engine.decode_layers import DecodeLayers
 from engine.kv_cache import KVLayout, PagedKVCache
 from engine.kv_cache_manager import KVCacheManager
 from engine.llama_ops import add_rms_norm, rms_norm, rope_write_kv, rotate
@@ -105,7 +105,7 @@ class ModelRunner:
         self.compiled = CompiledDecode(weights, cache) if compile_decode and weights.device.type == "cpu" else None
         # Decode-only steps' layers in one C++ call where every operator is the project's own (int4 on the
         # vnni kernel, the paged kernel): the same operators as the loop below, without its Python work.
-        # fused_layers=False keeps the loop (the tests and benchmarks compare the two).
+        # fused_layers=False keeps the loop.
         self.fused_layers = DecodeLayers.for_weights(weights, cache) \
             if fused_layers and self.paged_decode is not None and self.compiled is None else None
 
@@ -125,8 +125,7 @@ class ModelRunner:
         sin = w.rope_sin_signed.index_select(0, batch.positions)[:, None, :]
         if self.fused_layers is not None and batch.decode is not None and not batch.prefills:
             h = self.fused_layers(h, cos, sin, batch.slots, batch.decode.block_tables, batch.decode.context_lens)
-            last = rms_norm(h.index_select(0, batch.sample_rows), w.final_norm, w.eps)
-            return batch.sample_chunks, w.lm_head(last)
+            return batch.sample_chunks, self._logits(h, batch)
         residual = None  # the last layer's MLP output, added to h inside the next norm (one fused call)
         for layer_idx, layer in enumerate(w.layers):
             if residual is None:
@@ -140,9 +139,12 @@ class ModelRunner:
             h, x = add_rms_norm(h, layer.o(o.reshape(n, -1)), layer.post_norm, w.eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             residual = layer.down(F.silu(gate) * up)
-        h = h + residual
-        last = rms_norm(h.index_select(0, batch.sample_rows), w.final_norm, w.eps)
-        return batch.sample_chunks, w.lm_head(last)
+        return batch.sample_chunks, self._logits(h + residual, batch)
+
+    def _logits(self, h: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """The sampling rows of the last layer's output ``h``: final norm, then the LM head."""
+        w = self.w
+        return w.lm_head(rms_norm(h.index_select(0, batch.sample_rows), w.final_norm, w.eps))
 
     def _attention(self, layer_idx: int, q, k, v, batch: _Batch) -> torch.Tensor:
         out = None
