@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in (
-    "paged_attention.cpp", "rms_norm.cpp", "rotary_kv.cpp", "int4_linear.cpp", "decode_layers.cpp"))
+    "paged_attention.cpp", "rms_norm.cpp", "rotary_kv.cpp", "int4_linear.cpp", "decode_layers.cpp",
+    "swiglu.cpp"))
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 LDFLAGS = ("-lmvec",)  # glibc's vector math library: the exponentials of the softmax, 16 at a time
 

@@ -34,7 +34,7 @@ from engine.decode_attention import (UPCAST_MAX_BATCH, gather_heads_major, heads
 from engine.decode_layers import DecodeLayers
 from engine.kv_cache import KVLayout, PagedKVCache
 from engine.kv_cache_manager import KVCacheManager
-from engine.llama_ops import add_rms_norm, rms_norm, rope_write_kv, rotate
+from engine.llama_ops import add_rms_norm, rms_norm, rope_write_kv, rotate, silu_mul
 from engine.llama_weights import LlamaWeights
 from engine.paged_attention import paged_decode_kernel
 from engine.scheduler import ScheduledChunk
@@ -137,8 +137,7 @@ class ModelRunner:
                                     self.num_heads, self.num_kv_heads, self.head_dim)
             o = self._attention(layer_idx, q, k, v, batch)
             h, x = add_rms_norm(h, layer.o(o.reshape(n, -1)), layer.post_norm, w.eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            residual = layer.down(F.silu(gate) * up)
+            residual = layer.down(silu_mul(layer.gate_up(x)))
         return batch.sample_chunks, self._logits(h + residual, batch)
 
     def _logits(self, h: torch.Tensor, batch: _Batch) -> torch.Tensor:
@@ -272,6 +271,5 @@ def sequence_logits(weights: LlamaWeights, token_ids: torch.Tensor) -> torch.Ten
         o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=hd**-0.5,
                                            enable_gqa=True)
         h = h + layer.o(o[0].transpose(0, 1).reshape(n, -1))
-        gate, up = layer.gate_up(rms_norm(h, layer.post_norm, w.eps)).chunk(2, dim=-1)
-        h = h + layer.down(F.silu(gate) * up)
+        h = h + layer.down(silu_mul(layer.gate_up(rms_norm(h, layer.post_norm, w.eps))))
     return w.lm_head(rms_norm(h, w.final_norm, w.eps))

@@ -10,7 +10,7 @@
 //   qkv = int4_linear(x); q = rope_write_kv(qkv, cos, sin, cache, slots)[:, :H]
 //   o = int4_linear(paged_decode_attention(q, cache, block_tables, context_lens).view(n, H * D))
 //   h += o; x = rms_norm(h)
-//   gate, up = int4_linear(x).chunk(2); residual = int4_linear(silu(gate) * up)
+//   residual = int4_linear(silu_mul(int4_linear(x)))             (silu(gate) * up)
 //   ... and after the last layer h + residual is returned.
 //
 //   decode_layers(h [n, hidden], norms [2 L: input, post per layer], packed, scales [4 L: qkv, o, gate_up,
@@ -33,6 +33,7 @@ using c10::TypedOperatorHandle;
 struct Operators {
   TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)> int4_linear;
   TypedOperatorHandle<at::Tensor(at::Tensor, at::Tensor, double)> rms_norm;
+  TypedOperatorHandle<at::Tensor(const at::Tensor&)> silu_mul;
   TypedOperatorHandle<at::Tensor(at::Tensor, at::Tensor, at::Tensor, double)> add_rms_norm;
   TypedOperatorHandle<at::Tensor(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t)>
       rope_write_kv;
@@ -50,6 +51,7 @@ const Operators& operators() {
         find("splitserve_cpu::int4_linear")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(),
         find("splitserve_cpu::rms_norm").typed<at::Tensor(at::Tensor, at::Tensor, double)>(),
+        find("splitserve_cpu::silu_mul").typed<at::Tensor(const at::Tensor&)>(),
         find("splitserve_cpu::add_rms_norm").typed<at::Tensor(at::Tensor, at::Tensor, at::Tensor, double)>(),
         find("splitserve_cpu::rope_write_kv")
             .typed<at::Tensor(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t)>(),
@@ -79,7 +81,6 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList norms, at::Tenso
   TORCH_CHECK(h_in.dim() == 2 && n_out[kGateUp] % 2 == 0, "decode_layers: h must be [n, hidden]");
   const Operators& op = operators();
   const int64_t n = h_in.size(0);
-  const int64_t half = n_out[kGateUp] / 2;
   auto linear = [&](const at::Tensor& x, int64_t layer, Projection p) {
     const int64_t i = kProjections * layer + p;
     return op.int4_linear.call(x, packed[i], scales[i], n_out[p]);
@@ -93,8 +94,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList norms, at::Tenso
     at::Tensor attn = op.paged_decode_attention.call(qk.narrow(1, 0, heads), layer_kvs[l], block_tables,
                                                      context_lens, block_size, scale);
     x = op.add_rms_norm.call(h, linear(attn.view({n, -1}), l, kO), norms[2 * l + 1], eps);
-    at::Tensor gate_up = linear(x, l, kGateUp);
-    residual = linear(at::mul(at::silu(gate_up.narrow(1, 0, half)), gate_up.narrow(1, half, half)), l, kDown);
+    residual = linear(op.silu_mul.call(linear(x, l, kGateUp)), l, kDown);
   }
   return at::add(h, residual);
 }

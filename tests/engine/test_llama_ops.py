@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from engine import llama_ops
-from engine.llama_ops import add_rms_norm, rms_norm, rope_write_kv, rotate, signed_sin
+from engine.llama_ops import add_rms_norm, rms_norm, rope_write_kv, rotate, signed_sin, silu_mul
 
 
 @pytest.fixture
@@ -130,3 +131,28 @@ def test_the_fused_rotary_refuses_a_slot_outside_the_cache(gen):
     with pytest.raises(RuntimeError, match="outside the cache"):
         torch.ops.splitserve_cpu.rope_write_kv(qkv, cos, cos, cache, torch.tensor([8]), 9, 3)
     assert not cache.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_silu_mul_rounds_as_torchs_silu_then_multiply(gen, dtype, norm_path):
+    """silu(gate) * up from a gate/up output (and a column slice of a wider one): each 16-bit path against
+    torch's operators, equal but where an exponential's last float32 bit moved a rounding (rare)."""
+    wide = (torch.randn(37, 2 * 1536 + 64, generator=gen) * 4).to(dtype)
+    for gate_up in (wide[:, :2 * 1536].contiguous(), wide[:, :2 * 1536]):
+        got = silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        want = F.silu(gate) * up
+        assert got.dtype == dtype and got.shape == (37, 1536)
+        assert (got == want).float().mean().item() > 0.999
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -6, atol=1e-3)
+    f32 = torch.randn(3, 8, generator=gen)
+    assert torch.equal(silu_mul(f32), F.silu(f32[:, :4]) * f32[:, 4:])
+
+
+def test_the_fused_silu_mul_refuses_what_it_cannot_read(gen):
+    if llama_ops.fused_cpu_ops() is None:
+        pytest.skip("the CPU kernels did not build here (see the log)")
+    with pytest.raises(RuntimeError, match="unit column stride"):
+        torch.ops.splitserve_cpu.silu_mul(torch.zeros(4, 7, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bfloat16 or float16 only"):
+        torch.ops.splitserve_cpu.silu_mul(torch.zeros(4, 8))
