@@ -45,6 +45,7 @@ from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.sequence import sample_request_id
 from kvtransfer.base import TransferStatus
 from kvtransfer.endpoints import Endpoint
+from worker_common.chunk_coalescer import coalesced
 from worker_common.messages import Ack, DecodeEvent, ErrorReason, KVHandoffMeta, Reserved, TokenChunk, WorkerError
 from worker_common.transfer_wait import wait_transfer
 from worker_common.worker_base import Preloaded, WorkerBase
@@ -68,6 +69,7 @@ class DecodeWorker(WorkerBase):
         self._samples: dict[str, int] = {}  # transfer_id -> its number of samples (n > 1), while it is here
         self.tokens_generated = 0
         self.kv_imports = 0
+        self.stream_interval_s = engine.stream_interval_ms / 1000
 
     def status(self) -> WorkerStatus:
         return replace(super().status(), tokens_generated=self.tokens_generated, kv_imports=self.kv_imports,
@@ -196,8 +198,14 @@ class DecodeWorker(WorkerBase):
         except InvalidRequestError as e:
             yield WorkerError(ErrorReason.INVALID_REQUEST, e.reason, field=e.field)
 
-    async def _run(self, request_id: str, indices: list[int], params: SamplingParams, t_called: float,
-                   num_kv_tokens: int, start) -> AsyncIterator[DecodeEvent]:
+    def _run(self, request_id: str, indices: list[int], params: SamplingParams, t_called: float,
+             num_kv_tokens: int, start) -> AsyncIterator[DecodeEvent]:
+        """:meth:`_outputs`, each sample's chunks merged to at most one per ``stream_interval_ms``."""
+        return coalesced(self._outputs(request_id, indices, params, t_called, num_kv_tokens, start),
+                         self.stream_interval_s)
+
+    async def _outputs(self, request_id: str, indices: list[int], params: SamplingParams, t_called: float,
+                       num_kv_tokens: int, start) -> AsyncIterator[DecodeEvent]:
         """Stream the outputs of samples ``indices`` of one request from the engine, ack first;
         keeps the counters. A request the engine fails on its own ends with a ``REQUEST_FAILED``
         :class:`WorkerError`."""

@@ -54,6 +54,11 @@ class RequestFailedError(RuntimeError):
     """One request failed on its own (the engine's ``finish_reason == "error"``); its blocks are free."""
 
 
+def _put_all(routed: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in routed:
+        queue.put_nowait(item)
+
+
 class AsyncEngine:
     """Owns the stepping thread of one engine.
 
@@ -216,8 +221,7 @@ class AsyncEngine:
                 idle = self._sleep_until_woken()
                 continue
             calls_before = self._calls_done
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_step(outputs)
             handoffs = sum(1 for out in outputs if out.kv_ready)
             if handoffs:
                 self._wait_for_calls(calls_before + handoffs)
@@ -240,6 +244,13 @@ class AsyncEngine:
         self._wake.wait(timeout=IDLE_POLL_S)
         self._wake.clear()
         return True
+
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs to their streams in one hand-over to the event loop (one wake-up,
+        not one per running request)."""
+        routed = [(queue, out) for out in outputs if (queue := self._queues.get(out.request_id)) is not None]
+        if routed and self._loop is not None:
+            self._loop.call_soon_threadsafe(_put_all, routed)
 
     def _deliver(self, request_id: str, item: Any) -> None:
         queue = self._queues.get(request_id)

@@ -89,6 +89,9 @@ class DecodeEngineConfig(Settings):
     # engine.compiled_decode): a few fused kernels per layer instead of ~20 operators. The first
     # step of each batch class compiles (seconds to a minute on a small CPU; cached on disk after).
     compile: bool = False
+    # Send each request's tokens at most this often (ms): the tokens of the steps in between leave as one
+    # chunk (worker_common.chunk_coalescer). 0: a chunk per step. The first and last chunk never wait.
+    stream_interval_ms: float = Field(0.0, ge=0, le=1000)
 
     @model_validator(mode="before")
     @classmethod
@@ -101,7 +104,7 @@ class DecodeEngineConfig(Settings):
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments of :class:`engine.llm_engine.LLMEngine`."""
-        return self.model_dump(exclude={"threads"})
+        return self.model_dump(exclude={"threads", "stream_interval_ms"})
 
 
 AUTO_HOST = "auto"  # kvtransfer.host: each node's own address, as Ray registered the node
