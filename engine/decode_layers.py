@@ -6,7 +6,7 @@ same order, from C++: the logits are bit for bit the eager runner's, the per-lay
 
 It applies where every operator it calls is the project's own: a CPU, a 16-bit KV cache read by the paged
 kernel, and every projection an :class:`~engine.quant.Int4Linear` on the ``vnni`` kernel without a bias (the
-int4 formats on an AVX512-VNNI CPU, the default deployment's). Elsewhere :meth:`DecodeLayers.for_weights`
+int4 formats on an AVX512-VNNI or AVX2 CPU, the default deployment's). Elsewhere :meth:`DecodeLayers.for_weights`
 returns None and the runner keeps its Python loop.
 """
 

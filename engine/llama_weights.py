@@ -171,7 +171,7 @@ def build_weights(model, fmt: WeightFormat, num_positions: int) -> LlamaWeights:
         if not tied:
             model.lm_head.weight.data = torch.empty(0, dtype=model.lm_head.weight.dtype)
     elif fmt.quantization == "int4" and tied:
-        # No VNNI kernel (a GPU, an older CPU): the dense head over the embedding, which is kept anyway. An
+        # No integer-dot kernel (a GPU, a CPU without AVX2): the dense head over the embedding, which is kept anyway. An
         # int4 head fails int4's quality bar (+5.4 % perplexity, above), so it is never used for a tied head.
         lm_head = DenseLinear(embed, None)
     else:

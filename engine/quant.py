@@ -5,9 +5,9 @@ and w8a8 (int8 weights and int8 activations, :class:`W8A8Linear`).
 Each format is a :class:`Linear` that holds its weight once, in its own
 layout, and computes ``x @ W.T (+ bias)`` in the activations' dtype. On the
 CPU int8 uses PyTorch's own packed kernel (``torch._weight_int8pack_mm``) and
-int4 the project's AVX512-VNNI kernel (``engine/csrc/int4_linear.cpp``: integer
-dot products, 3-4.5x torch's ``_weight_int4pack_mm_for_cpu``, which stays the
-kernel of CPUs without VNNI); torch's kernels are fast with bfloat16
+int4 the project's integer-dot kernel (``engine/csrc/int4_linear.cpp``: AVX512-VNNI
+or AVX2; 3-4.5x torch's ``_weight_int4pack_mm_for_cpu`` on AVX512-VNNI, 2.6-6x on
+AVX2, which stays the kernel of CPUs with neither); torch's kernels are fast with bfloat16
 activations only (float32 activations take a slow path, 10-50x), so a
 quantized linear fed float32 computes in bfloat16 and returns float32. On any other device the quantized formats de-quantize
 on the fly with plain tensor ops (correct, not fast): nothing CPU-only runs
@@ -117,7 +117,8 @@ INT4_KERNELS = ("vnni", "torch", "dequantize")
 
 @functools.cache
 def int4_vnni_available() -> bool:
-    """Whether the project's AVX512-VNNI int4 kernel (``engine/csrc/int4_linear.cpp``) is built and usable."""
+    """Whether the project's integer-dot int4 kernel (``engine/csrc/int4_linear.cpp``: AVX512-VNNI, or AVX2) is
+    built and usable. Named for the first; the ``vnni`` kernel and layout below mean either."""
     from engine.cpu_kernels import load_cpu_kernels
 
     if load_cpu_kernels() is not None or not torch.ops.splitserve_cpu.int4_vnni_available():
@@ -132,7 +133,7 @@ def int4_vnni_available() -> bool:
 
 def int4_kernel_for(device: torch.device, group_size: int) -> str:
     """The int4 kernel a layer on ``device`` gets: ``vnni`` (the project's integer-dot kernel: CPU,
-    AVX512-VNNI, groups of 32), else ``torch`` (``_weight_int4pack_mm_for_cpu``) on any other CPU, else
+    AVX512-VNNI or AVX2, groups of 32), else ``torch`` (``_weight_int4pack_mm_for_cpu``) on any other CPU, else
     ``dequantize`` (plain tensor ops: the GPU path, correct, not fast)."""
     if device.type != "cpu":
         return "dequantize"
@@ -250,8 +251,8 @@ class Int4Linear(Linear):
 
 class Int8GroupLinear(Linear):
     """Symmetric int8 weights with one scale per 32 input channels (GGUF's Q8_0 grid, so a Q8_0 tensor, like
-    a Q4 GGUF's tied embedding / LM head, is held without loss), computed by the project's AVX512-VNNI kernel
-    (``int8_group_linear`` in ``engine/csrc/int4_linear.cpp``: activations int8 per group of 32, integer
+    a Q4 GGUF's tied embedding / LM head, is held without loss), computed by the project's integer-dot kernel
+    (AVX512-VNNI or AVX2; ``int8_group_linear`` in ``engine/csrc/int4_linear.cpp``: activations int8 per group of 32, integer
     dots). CPU with :func:`int4_vnni_available` only; :func:`make_head` picks it."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:

@@ -1,4 +1,4 @@
-// 4-bit weight GEMM/GEMV on AVX512-VNNI: y = x @ W.T with W in 4 bits per weight (one scale and one
+// 4-bit weight GEMM/GEMV on AVX512-VNNI or AVX2: y = x @ W.T with W in 4 bits per weight (one scale and one
 // minimum per 32 input channels), x quantized to int8 per 32 channels on entry.
 //
 // Why not torch's _weight_int4pack_mm_for_cpu: it de-quantizes every weight to float and multiplies in
@@ -20,9 +20,10 @@
 // with xq = round(x / sx), sx = max|x| / 127 per group of 32 (the activation error is ~0.4 % of a
 // group's largest value; benchmarks.quality measures what it does to perplexity).
 //
-// Built with the other kernels into one library (engine/cpu_kernels.py, -march=native); on a CPU without
-// AVX512-VNNI the operator refuses and `int4_vnni_available()` says false (engine/quant.py then keeps
-// torch's int4 kernel).
+// Built with the other kernels into one library (engine/cpu_kernels.py, -march=native): with AVX512-VNNI
+// each dot is one vpdpbusd over 16 rows; with AVX2 only, two instructions over 8 rows (same layout, same
+// results). On a CPU with neither the operator refuses and `int4_vnni_available()` (named for the first
+// kind) says false; engine/quant.py then keeps torch's int4 kernel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -39,7 +40,12 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
-#define SPLITSERVE_INT4_VNNI 1
+#define SPLITSERVE_INT4_VNNI 1  // 512-bit vpdpbusd
+#define SPLITSERVE_INT_DOT 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SPLITSERVE_INT4_AVX2 1  // 256-bit vpmaddubsw + vpmaddwd in place of vpdpbusd (Zen 2/3, Intel before Ice Lake)
+#define SPLITSERVE_INT_DOT 1
 #endif
 
 namespace {
@@ -50,7 +56,7 @@ constexpr int64_t kChunkBytes = 64; // one block's 8 input channels
 constexpr int kMaxTile = 4;         // activation rows sharing one pass over a weight block
 
 bool available() {
-#ifdef SPLITSERVE_INT4_VNNI
+#ifdef SPLITSERVE_INT_DOT
   return true;
 #else
   return false;
@@ -96,12 +102,7 @@ QuantizedRows quantize(const at::Tensor& x) {
   return rows;
 }
 
-#ifdef SPLITSERVE_INT4_VNNI
-inline __m512 bf16_to_float(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
+#ifdef SPLITSERVE_INT_DOT
 // Calls f(std::integral_constant<int, n>{}) for n = tile in 1..kMaxTile: the tile kernels are unrolled per size.
 template <typename F>
 inline void with_tile(int tile, F&& f) {
@@ -132,6 +133,12 @@ void blocks_by_tiles(int64_t m, int64_t n_blocks, int64_t n_out, T* y, const Til
       }
     }
   });
+}
+
+#ifdef SPLITSERVE_INT4_VNNI
+inline __m512 bf16_to_float(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
 // One block of 16 output rows for `Tile` activation rows: out[t][0..15] (float).
@@ -167,20 +174,6 @@ inline void block_tile(const uint8_t* w, const c10::BFloat16* scales, const int8
     }
   }
   for (int t = 0; t < Tile; ++t) _mm512_storeu_ps(out[t], acc[t]);
-}
-
-template <typename T>
-void gemm(const int8_t* xq, const float* sx, const float* xsum, const uint8_t* w, const c10::BFloat16* scales,
-          int64_t m, int64_t k, int64_t n_blocks, int64_t n_out, T* y) {
-  const int64_t groups = k / kGroup;
-  const int64_t block_bytes = k / 8 * kChunkBytes;  // 16 rows x k weights (4.5 KB for k = 576)
-  const int64_t block_scales = groups * 2 * kRows;
-  blocks_by_tiles(m, n_blocks, n_out, y, [&](int64_t b, int64_t row, int size, float out[][kRows]) {
-    with_tile(size, [&](auto n) {
-      block_tile<decltype(n)::value>(w + b * block_bytes, scales + b * block_scales, xq + row * k, sx + row * groups,
-                                     xsum + row * groups, k, out);
-    });
-  });
 }
 
 // int8 weights, one scale per 32 input channels (GGUF's Q8_0 grid: the tied embedding / LM head of a Q4
@@ -222,6 +215,107 @@ inline void block_tile_int8(const int8_t* w, const float* scales, const int32_t*
   for (int t = 0; t < Tile; ++t) _mm512_storeu_ps(out[t], acc[t]);
 }
 
+#endif  // SPLITSERVE_INT4_VNNI
+
+#ifdef SPLITSERVE_INT4_AVX2
+// AVX2 has no vpdpbusd: vpmaddubsw multiplies u8 by s8 and adds neighbours into s16, vpmaddwd by ones adds
+// those into the 32-bit lane, the same four-byte dot per lane. Exact while a pair fits s16: int4 weights
+// (<= 15 * 127 * 2) and the int8 head's |w| * x (<= 128 * 127 * 2) do, so the integer sums, and the float
+// work after them done in the same order, are the VNNI kernel's: both give the same outputs.
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+
+inline __m256 bf16_to_float8(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// block_tile on 256-bit vectors: a 64-byte chunk is rows 0-7 in its first 32 bytes and rows 8-15 in the
+// rest, so each half of the block is a pass of 8 rows (one pass at a time keeps the accumulators of a
+// 4-row tile within AVX2's 16 registers).
+template <int Tile>
+inline void block_tile(const uint8_t* w, const c10::BFloat16* scales, const int8_t* xq, const float* sx,
+                       const float* xsum, int64_t k, float out[][kRows]) {
+  const int64_t groups = k / kGroup;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[Tile];
+    for (int t = 0; t < Tile; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256i dots[Tile];
+      for (int t = 0; t < Tile; ++t) dots[t] = _mm256_setzero_si256();
+      for (int64_t c = 0; c < kGroup / 8; ++c) {
+        const __m256i packed = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(w + (g * (kGroup / 8) + c) * kChunkBytes + 32 * half));
+        const __m256i lo = _mm256_and_si256(packed, nibble);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+        for (int t = 0; t < Tile; ++t) {
+          const int8_t* xs = xq + t * k + g * kGroup + c * 8;
+          int32_t first, second;
+          std::memcpy(&first, xs, 4);
+          std::memcpy(&second, xs + 4, 4);
+          dots[t] = dot_u8s8(dot_u8s8(dots[t], lo, _mm256_set1_epi32(first)), hi, _mm256_set1_epi32(second));
+        }
+      }
+      const __m256 scale = bf16_to_float8(scales + g * 2 * kRows + 8 * half);
+      const __m256 minimum = bf16_to_float8(scales + g * 2 * kRows + kRows + 8 * half);
+      for (int t = 0; t < Tile; ++t) {
+        const __m256 dot = _mm256_cvtepi32_ps(dots[t]);
+        acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(sx[t * groups + g])), acc[t]);
+        acc[t] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(xsum[t * groups + g]), acc[t]);
+      }
+    }
+    for (int t = 0; t < Tile; ++t) _mm256_storeu_ps(out[t] + 8 * half, acc[t]);
+  }
+}
+
+// block_tile_int8 on AVX2: s8 x s8 as |w| (u8) x (x with w's sign), so no +128 offset (`offsets` unused).
+template <int Tile>
+inline void block_tile_int8(const int8_t* w, const float* scales, const int32_t* /*offsets*/, const int8_t* xq,
+                            const float* sx, int64_t k, float out[][kRows]) {
+  const int64_t groups = k / kGroup;
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[Tile];
+    for (int t = 0; t < Tile; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256i dots[Tile];
+      for (int t = 0; t < Tile; ++t) dots[t] = _mm256_setzero_si256();
+      for (int64_t c = 0; c < kGroup / 4; ++c) {
+        const __m256i wv = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(w + (g * (kGroup / 4) + c) * kChunkBytes + 32 * half));
+        const __m256i magnitude = _mm256_abs_epi8(wv);  // |-128| reads as 128 unsigned
+        for (int t = 0; t < Tile; ++t) {
+          int32_t four;
+          std::memcpy(&four, xq + t * k + g * kGroup + c * 4, 4);
+          dots[t] = dot_u8s8(dots[t], magnitude, _mm256_sign_epi8(_mm256_set1_epi32(four), wv));
+        }
+      }
+      const __m256 scale = _mm256_loadu_ps(scales + g * kRows + 8 * half);
+      for (int t = 0; t < Tile; ++t) {
+        const __m256 dot = _mm256_cvtepi32_ps(dots[t]);
+        acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(sx[t * groups + g])), acc[t]);
+      }
+    }
+    for (int t = 0; t < Tile; ++t) _mm256_storeu_ps(out[t] + 8 * half, acc[t]);
+  }
+}
+#endif  // SPLITSERVE_INT4_AVX2
+
+template <typename T>
+void gemm(const int8_t* xq, const float* sx, const float* xsum, const uint8_t* w, const c10::BFloat16* scales,
+          int64_t m, int64_t k, int64_t n_blocks, int64_t n_out, T* y) {
+  const int64_t groups = k / kGroup;
+  const int64_t block_bytes = k / 8 * kChunkBytes;  // 16 rows x k weights (4.5 KB for k = 576)
+  const int64_t block_scales = groups * 2 * kRows;
+  blocks_by_tiles(m, n_blocks, n_out, y, [&](int64_t b, int64_t row, int size, float out[][kRows]) {
+    with_tile(size, [&](auto n) {
+      block_tile<decltype(n)::value>(w + b * block_bytes, scales + b * block_scales, xq + row * k, sx + row * groups,
+                                     xsum + row * groups, k, out);
+    });
+  });
+}
+
 template <typename T>
 void gemm_int8(const int8_t* xq, const float* sx, const int8_t* w, const float* scales, const int32_t* offsets,
                int64_t m, int64_t k, int64_t n_blocks, int64_t n_out, T* y) {
@@ -242,7 +336,7 @@ at::Tensor run_int8(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   at::Tensor y = at::empty({m, n_out}, x.options());
   if (m == 0) return y;
   const QuantizedRows rows = quantize<T>(x);
-#ifdef SPLITSERVE_INT4_VNNI
+#ifdef SPLITSERVE_INT_DOT
   gemm_int8(rows.xq.data(), rows.sx.data(), packed.data_ptr<int8_t>(), scales.data_ptr<float>(),
             offsets.data_ptr<int32_t>(), m, k, packed.size(0), n_out, y.data_ptr<T>());
 #endif
@@ -255,7 +349,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
   at::Tensor y = at::empty({m, n_out}, x.options());
   if (m == 0) return y;
   const QuantizedRows rows = quantize<T>(x);
-#ifdef SPLITSERVE_INT4_VNNI
+#ifdef SPLITSERVE_INT_DOT
   gemm(rows.xq.data(), rows.sx.data(), rows.xsum.data(), packed.data_ptr<uint8_t>(), scales.data_ptr<c10::BFloat16>(),
        m, k, packed.size(0), n_out, y.data_ptr<T>());
 #endif
@@ -263,7 +357,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t n_out) {
-  TORCH_CHECK(available(), "int4_linear: this library was built for a CPU without AVX512-VNNI");
+  TORCH_CHECK(available(), "int4_linear: this library was built for a CPU without AVX512-VNNI or AVX2");
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu(),
               "int4_linear: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int4_linear: x must be a contiguous [rows, in_features] matrix");
@@ -288,7 +382,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 
 at::Tensor int8_group_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                              const at::Tensor& offsets, int64_t n_out) {
-  TORCH_CHECK(available(), "int8_group_linear: this library was built for a CPU without AVX512-VNNI");
+  TORCH_CHECK(available(), "int8_group_linear: this library was built for a CPU without AVX512-VNNI or AVX2");
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu() && offsets.device().is_cpu(),
               "int8_group_linear: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int8_group_linear: x must be a contiguous [rows, in_features] matrix");
