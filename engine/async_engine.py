@@ -248,14 +248,16 @@ class AsyncEngine:
     def _deliver_step(self, outputs: list[RequestOutput]) -> None:
         """A step's outputs to their streams in one hand-over to the event loop (one wake-up,
         not one per running request)."""
-        routed = [(queue, out) for out in outputs if (queue := self._queues.get(out.request_id)) is not None]
-        if routed and self._loop is not None:
-            self._loop.call_soon_threadsafe(_put_all, routed)
+        self._deliver_all([(out.request_id, out) for out in outputs])
 
     def _deliver(self, request_id: str, item: Any) -> None:
-        queue = self._queues.get(request_id)
-        if queue is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(queue.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, Any]]) -> None:
+        """Each item to its request's stream, if one is open, in one call on the event loop."""
+        routed = [(queue, item) for rid, item in items if (queue := self._queues.get(rid)) is not None]
+        if routed and self._loop is not None:
+            self._loop.call_soon_threadsafe(_put_all, routed)
 
     def _fail_all(self, exc: Exception) -> None:
         ids = [s.request_id for s in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting)]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
 from dataclasses import replace
 from typing import TypeVar
 
@@ -88,16 +87,18 @@ class ChunkCoalescer:
         return out
 
 
-async def coalesced(events: AsyncIterator[E], interval_s: float) -> AsyncIterator[E]:
+def coalesced(events: AsyncIterator[E], interval_s: float) -> AsyncIterator[E]:
     """``events`` (one request's stream) with its :class:`TokenChunk` s merged by a
     :class:`ChunkCoalescer` of ``interval_s``; any other event passes at once, after
     the chunks held before it. A held chunk leaves when its interval is up even if
-    ``events`` is silent meanwhile. Closing this stream closes ``events``."""
+    ``events`` is silent meanwhile. Closing this stream closes ``events``.
+    Interval 0: ``events`` itself (no extra hop per event)."""
     if interval_s <= 0:
-        async with aclosing(events):
-            async for ev in events:
-                yield ev
-        return
+        return events
+    return _coalesced(events, interval_s)
+
+
+async def _coalesced(events: AsyncIterator[E], interval_s: float) -> AsyncIterator[E]:
     hold = ChunkCoalescer(interval_s)
     pending: asyncio.Future | None = None  # the next event being awaited, kept across a timed-out wait
     try:
