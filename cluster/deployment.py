@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.config import ClusterConfig
 from cluster.local_ray import free_port
-from cluster.pool_manager import PoolManager, PoolSpec, kill_named_actors
+from cluster.pool_manager import POOL_MANAGER_NAME, PoolManager, PoolSpec, kill_named_actors
 from cluster.preflight import preflight
 from cluster.router_replica import (READY_TIMEOUT_S, RouterReplica, RouterSettings, RouterStats, RunningRouter,
                                     router_actor_name, start_router)
@@ -42,7 +42,6 @@ from worker_common.timeouts import within
 from worker_common.worker_config import DecodeEngineConfig, HandoffSettings, PrefillEngineConfig
 
 log = logging.getLogger(__name__)
-POOL_MANAGER_NAME = "pool_manager"
 SUPERVISE_INTERVAL_S = 2.0
 
 

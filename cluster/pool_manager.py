@@ -58,6 +58,8 @@ RETRY_BASE_S = 1.0  # a failed worker start is retried after 1, 2, 4, ... s
 RETRY_MAX_S = 60.0
 KILL_WAIT_S = 60.0  # how long a teardown waits for killed actors to be gone
 KILL_RESEND_S = 5.0  # a kill not yet acted on is sent again after this long
+KILL_QUIET_S = 2.0  # after a teardown's kills, the namespace must stay empty this long
+POOL_MANAGER_NAME = "pool_manager"  # the deployment's one pool manager actor, in its namespace
 WORKER_NAME = re.compile(r"(prefill|decode|colocated)-(\d+)")
 
 
@@ -81,22 +83,38 @@ def kill_named_actors(namespace: str, timeout_s: float = KILL_WAIT_S) -> list[st
     workers: all detached, so nothing else ends them) and wait until none is listed; return
     their names.
 
-    ``ray.kill`` only sends the request: a caller that exits at once (``cluster.launch
+    The pool manager goes first, and is waited for: alive, it replaces the workers the teardown
+    kills. ``ray.kill`` only sends the request: a caller that exits at once (``cluster.launch
     --teardown``) could leave before the GCS acted on it, and on a loaded machine a death takes
     seconds to be recorded. So the kill is re-sent to whatever is still listed every
-    :data:`KILL_RESEND_S` until the namespace is empty; after ``timeout_s`` the survivors are
-    logged (not raised: a teardown kills what it can).
+    :data:`KILL_RESEND_S` until the namespace is empty, and the namespace must then stay empty for
+    :data:`KILL_QUIET_S` (a worker the manager asked for just before it died can still register
+    its name after that); after ``timeout_s`` the survivors are logged (not raised: a teardown
+    kills what it can).
     """
     killed: set[str] = set()
     deadline = time.monotonic() + timeout_s
+    if not _kill_until_gone(namespace, {POOL_MANAGER_NAME}, deadline, killed):
+        return sorted(killed)
+    while _kill_until_gone(namespace, None, deadline, killed):
+        quiet_until = min(time.monotonic() + KILL_QUIET_S, deadline)
+        while time.monotonic() < quiet_until and not named_actors(namespace):
+            time.sleep(0.2)
+        if not named_actors(namespace):
+            break
+    return sorted(killed)
+
+
+def _kill_until_gone(namespace: str, only: set[str] | None, deadline: float, killed: set[str]) -> bool:
+    """Kill the named actors of ``namespace`` (those in ``only``, or all) until none of them is
+    listed, adding their names to ``killed``; False when ``deadline`` passed first."""
     while True:
-        alive = named_actors(namespace)
+        alive = [name for name in named_actors(namespace) if only is None or name in only]
         if not alive:
-            break
+            return True
         if time.monotonic() > deadline:
-            log.warning("actors of namespace %r still listed %.0f s after their kill: %s",
-                        namespace, timeout_s, ", ".join(sorted(alive)))
-            break
+            log.warning("actors of namespace %r still listed after their kill: %s", namespace, ", ".join(sorted(alive)))
+            return False
         for name in alive:
             try:
                 ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
@@ -106,7 +124,6 @@ def kill_named_actors(namespace: str, timeout_s: float = KILL_WAIT_S) -> list[st
         resend_at = time.monotonic() + KILL_RESEND_S
         while time.monotonic() < min(resend_at, deadline) and set(named_actors(namespace)) & set(alive):
             time.sleep(0.2)
-    return sorted(killed)
 
 
 class WorkerStartError(RuntimeError):

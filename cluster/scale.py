@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_ray_env()  # token auth and loopback, before ray is imported
     import ray
 
-    from cluster.deployment import POOL_MANAGER_NAME
+    from cluster.pool_manager import POOL_MANAGER_NAME
 
     ray.init(address=args.address, namespace=args.namespace, logging_level="WARNING")
     try:

@@ -20,9 +20,9 @@ import yaml
 
 from benchmarks.deployments import make_config, running
 from cluster import pool_manager as pm_module
-from cluster.deployment import POOL_MANAGER_NAME, pool_specs
+from cluster.deployment import pool_specs
 from cluster.local_ray import free_port
-from cluster.pool_manager import PoolManager, WorkerStartError, named_actors
+from cluster.pool_manager import POOL_MANAGER_NAME, PoolManager, WorkerStartError, named_actors
 from cluster.router_replica import ROUTER_NAME_PREFIX
 from kvtransfer.endpoints import InProcEndpoint
 from router.client import Client
