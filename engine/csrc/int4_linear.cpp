@@ -48,7 +48,7 @@
 #define SPLITSERVE_INT_DOT 1
 #endif
 // Decode reads every weight once a step from DRAM, and one thread's hardware prefetcher alone leaves bandwidth
-// unused (Zen 3, one thread: ~8 GB/s of weights against 14 GB/s of plain reads); the AVX2 kernels also ask for
+// unused (Zen 3, one thread: ~11 GB/s of weights in a decode step against 14 GB/s of plain reads); the AVX2 kernels also ask for
 // the cache line this many bytes ahead.
 #ifndef SPLITSERVE_PF
 #define SPLITSERVE_PF 1024

@@ -67,7 +67,7 @@ def test_a_lost_kill_is_sent_again_until_the_namespace_is_empty(monkeypatch):
 def test_a_worker_registered_after_the_namespace_emptied_is_killed_too(monkeypatch):
     gcs = StandInGcs([pm.POOL_MANAGER_NAME, "decode-0"], lost=0, late="prefill-1")
     patch(monkeypatch, gcs)
-    assert pm.kill_named_actors("ns", timeout_s=10) == ["decode-0", "pool_manager", "prefill-1"]
+    assert pm.kill_named_actors("ns", timeout_s=10) == ["decode-0", pm.POOL_MANAGER_NAME, "prefill-1"]
     assert gcs.alive == set()
 
 
